@@ -1,0 +1,271 @@
+"""The objective contract: signals, the packed batch, the base class and the registry.
+
+An objective is a dataclass whose fields are its hyper-parameters. It declares which signals
+the loop must compute (``signals()``), which per-token statistics the loss core must produce
+(``core_options()``), and writes its loss over those statistics (``loss(stats, batch)``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from denser.kernels.stats import LossOutput, TokenStats
+
+
+class Signal(str, Enum):
+    """What the loop can compute for an objective, and computes only when declared."""
+
+    REWARDS = "rewards"
+    ADVANTAGES = "advantages"
+    OLD_LOGP = "old_logp"
+    REF_LOGP = "ref_logp"
+    TEACHER = "teacher"
+    ENTROPY = "entropy"
+
+    def __str__(self) -> str:  # StrEnum behaviour on Python 3.10 too
+        return self.value
+
+
+@dataclass
+class PolicyBatch:
+    """One micro-batch of packed completion tokens, and what the objective needs of it.
+
+    Tokens are packed: ``N`` completion tokens, the tokens of one completion contiguous,
+    ``seq_ids[i]`` in ``[0, num_seqs)`` naming the completion token ``i`` belongs to.
+    Per-sequence tensors are ``[num_seqs]``; per-token tensors are ``[N]``.
+
+    ``global_tokens`` and ``global_seqs`` are the loss normalisers: the number of loss tokens and
+    sequences in the *whole* optimiser step (all gradient-accumulation micro-batches on all
+    processes), so that summing micro-batch losses gives the loss of the full batch.
+    ``norm_length`` is the constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO): usually
+    the generation budget ``max_new_tokens``.
+    """
+
+    seq_ids: Tensor
+    num_seqs: int
+    global_tokens: float
+    global_seqs: float
+    token_mask: Tensor | None = None  # [N] bool: tokens that count in the loss (default: all)
+    rewards: Tensor | None = None  # [S]
+    advantages: Tensor | None = None  # [S] group advantages (or [N] per-token)
+    old_logp: Tensor | None = None  # [N] behaviour-policy log-probs
+    ref_logp: Tensor | None = None  # [N] frozen reference log-probs
+    teacher_mask: Tensor | None = None  # [S] bool: the sample has a teacher context
+    norm_length: float = 1.0
+    step: int = 0  # optimiser step, for schedules
+    total_steps: int = 1
+    extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # per-token [N] tensors an objective prepares
+
+    def __post_init__(self) -> None:
+        if self.seq_ids.dim() != 1:
+            raise ValueError(f"PolicyBatch.seq_ids must be 1-D [N], got shape {tuple(self.seq_ids.shape)}")
+        if self.token_mask is None:
+            self.token_mask = torch.ones_like(self.seq_ids, dtype=torch.bool)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seq_ids.numel())
+
+    @property
+    def seq_lens(self) -> Tensor:
+        """Loss tokens per sequence, ``[num_seqs]`` float (from the whole micro-batch)."""
+        if "_seq_lens" not in self.extras:
+            self.extras["_seq_lens"] = torch.zeros(self.num_seqs, device=self.seq_ids.device).index_add_(
+                0, self.seq_ids, self.token_mask.float()
+            )
+        return self.extras["_seq_lens"]
+
+    def token_advantages(self) -> Tensor:
+        """Advantages broadcast to tokens ``[N]``."""
+        if self.advantages is None:
+            raise ValueError("this objective needs advantages but the batch has none (declare Signal.ADVANTAGES)")
+        if self.advantages.numel() == self.num_tokens and self.advantages.numel() != self.num_seqs:
+            return self.advantages
+        return self.advantages[self.seq_ids]
+
+    def token_slice(self, start: int, stop: int) -> "PolicyBatch":
+        """The tokens ``[start, stop)`` with per-sequence tensors and normalisers untouched.
+
+        Per-sequence quantities that need every token of a sequence (``seq_lens``) are computed
+        on the full batch first, so a chunk sees the same normalisers as the whole.
+        """
+        _ = self.seq_lens  # materialise on the full batch before slicing
+        per_token = lambda t: None if t is None or t.numel() != self.num_tokens else t[start:stop]  # noqa: E731
+        adv = self.advantages
+        if adv is not None and adv.numel() == self.num_tokens and adv.numel() != self.num_seqs:
+            adv = adv[start:stop]
+        extras = {k: (v if k == "_seq_lens" else v[start:stop]) for k, v in self.extras.items()}
+        return dataclasses.replace(
+            self,
+            seq_ids=self.seq_ids[start:stop],
+            token_mask=self.token_mask[start:stop],
+            old_logp=per_token(self.old_logp),
+            ref_logp=per_token(self.ref_logp),
+            advantages=adv,
+            extras=extras,
+        )
+
+
+class Objective:
+    """Base class of every objective. Subclasses are dataclasses registered by name.
+
+    ``separable`` tells the fused loss core how it may evaluate the loss chunk by chunk while a
+    chunk's logits are still in memory (DESIGN.md, Contract 1b):
+      "token":    the loss is a sum of per-token terms with normalisers fixed in the batch;
+      "sequence": a sum of per-sequence terms (chunks must end on sequence boundaries);
+      None:       not separable; the core computes all statistics first, then the loss.
+    """
+
+    name: ClassVar[str] = ""
+    separable: ClassVar[Literal["token", "sequence"] | None] = "token"
+
+    def signals(self) -> frozenset[Signal]:
+        """The signals the loop must compute for this objective (may depend on fields)."""
+        raise NotImplementedError
+
+    def core_options(self) -> dict[str, Any]:
+        """Keyword options for ``token_stats``: which statistics to compute and how.
+
+        Keys: ``need_entropy`` (bool), ``need_divergence`` (bool), ``alpha``, ``topk``,
+        ``add_tail``. The default asks for the sampled-token log-prob only.
+        """
+        return {"need_entropy": Signal.ENTROPY in self.signals(), "need_divergence": False}
+
+    def prepare(self, batch: PolicyBatch) -> PolicyBatch:
+        """Called once per micro-batch before any chunking (e.g. to draw a random token mask)."""
+        return batch
+
+    def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
+        raise NotImplementedError
+
+
+# --------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register_objective(name: str):
+    """Class decorator: register a dataclass objective under ``name``.
+
+    The class is made a dataclass if it is not one already; every field is a hyper-parameter
+    and becomes a CLI flag (document it with ``field(metadata={"help": ...})``).
+    """
+
+    def decorate(cls):
+        if not isinstance(cls, type) or not issubclass(cls, Objective):
+            raise TypeError(f"@register_objective({name!r}) must decorate a subclass of denser.objectives.Objective")
+        if name in _REGISTRY:
+            raise ValueError(
+                f"an objective named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
+                "pick another name"
+            )
+        if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
+            cls = dataclass(cls)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def unregister_objective(name: str) -> None:
+    """Remove a registered objective (for tests and interactive sessions)."""
+    _REGISTRY.pop(name, None)
+
+
+def objective_class(name: str) -> type[Objective]:
+    _load_builtins()
+    if name not in _REGISTRY:
+        known = ", ".join(sorted(_REGISTRY))
+        raise ValueError(f"unknown objective {name!r}; registered objectives: {known}")
+    return _REGISTRY[name]
+
+
+def objective_fields(cls_or_obj) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls_or_obj) if f.init]
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def get_objective(name: str, **overrides) -> Objective:
+    """Instantiate the objective registered as ``name`` with hyper-parameter ``overrides``.
+
+    Raises ``ValueError`` naming the problem for an unknown name, an unknown field or a value of
+    the wrong type.
+    """
+    cls = objective_class(name)
+    fields = {f.name: f for f in objective_fields(cls)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"objective {name!r} has no field(s) {', '.join(unknown)}; its fields are: {', '.join(fields)}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {k: coerce_field_value(name, k, hints.get(k, Any), v) for k, v in overrides.items()}
+    return cls(**values)
+
+
+def coerce_field_value(objective: str, field_name: str, annotation, value):
+    """Check ``value`` against a field's annotation, converting int to float where lossless."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    where = f"objective {objective!r} field {field_name!r}"
+    if annotation is Any:
+        return value
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce_field_value(objective, field_name, arg, value)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"{where} got {value!r} of type {type(value).__name__}; expected {annotation}")
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where} must be a float, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where} must be an int, got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where} must be a bool (true/false), got {value!r} ({type(value).__name__})")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where} must be a string, got {value!r} ({type(value).__name__})")
+        return value
+    return value
+
+
+def list_objectives() -> list[tuple[str, str, frozenset[Signal]]]:
+    """``(name, one-line doc, signals with default fields)`` for every registered objective."""
+    _load_builtins()
+    rows = []
+    for name in sorted(_REGISTRY):
+        cls = _REGISTRY[name]
+        doc = (cls.__doc__ or "").strip().splitlines()
+        rows.append((name, doc[0] if doc else "", cls().signals()))
+    return rows
+
+
+def _load_builtins() -> None:
+    import denser.objectives  # noqa: F401  (registers the built-in families on import)
