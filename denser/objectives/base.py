@@ -46,6 +46,15 @@ class PolicyBatch:
     processes), so that summing micro-batch losses gives the loss of the full batch.
     ``norm_length`` is the constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO): usually
     the generation budget ``max_new_tokens``.
+    ``global_teacher_tokens`` and ``global_teacher_seqs`` are the same counts restricted to the
+    samples that have a teacher context (``teacher_mask``): the normalisers of a distillation
+    loss, which averages over distilled tokens only. ``None`` falls back to ``global_tokens`` /
+    ``global_seqs`` (the distillation loss is then scaled by the fraction of samples with a teacher).
+    ``normaliser_counts(batch)`` in ``denser.objectives.common`` gives a micro-batch's share of all
+    four counts; the loop sums them over micro-batches and processes.
+    ``micro_batch`` numbers the micro-batches of one optimiser step across processes
+    (``rank * accumulation_steps + i``) so that random draws in ``Objective.prepare`` (token
+    masks) differ between micro-batches and are reproducible.
     """
 
     seq_ids: Tensor
@@ -62,12 +71,29 @@ class PolicyBatch:
     step: int = 0  # optimiser step, for schedules
     total_steps: int = 1
     extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # per-token [N] tensors an objective prepares
+    global_teacher_tokens: float | None = None  # loss tokens of samples with a teacher, whole step
+    global_teacher_seqs: float | None = None  # samples with a teacher, whole step
+    micro_batch: int = 0  # index of this micro-batch in the step (across processes), for random draws
+    # True: ``advantages`` is per-token [N]; False: per-sequence [S]; None: inferred from its size
+    # on the full micro-batch (and then kept, so a chunk of tokens is never mistaken for sequences).
+    token_level_advantages: bool | None = None
 
     def __post_init__(self) -> None:
         if self.seq_ids.dim() != 1:
             raise ValueError(f"PolicyBatch.seq_ids must be 1-D [N], got shape {tuple(self.seq_ids.shape)}")
         if self.token_mask is None:
             self.token_mask = torch.ones_like(self.seq_ids, dtype=torch.bool)
+        if self.token_level_advantages is None and self.advantages is not None:
+            n, s = self.num_tokens, self.num_seqs
+            if self.advantages.numel() == s:
+                self.token_level_advantages = False
+            elif self.advantages.numel() == n:
+                self.token_level_advantages = True
+            else:
+                raise ValueError(
+                    f"PolicyBatch.advantages has {self.advantages.numel()} elements; expected one per sequence "
+                    f"({s}) or one per token ({n})"
+                )
 
     @property
     def num_tokens(self) -> int:
@@ -82,11 +108,25 @@ class PolicyBatch:
             )
         return self.extras["_seq_lens"]
 
+    @property
+    def seq_starts(self) -> Tensor:
+        """``[N]`` bool: the first token (in packed order) of each sequence of the full micro-batch.
+
+        Lets a per-sequence metric be written over tokens and still count each sequence once when
+        the tokens are split into chunks: ``Metric.of(per_seq[seq_ids], batch.seq_starts)``.
+        """
+        if "_seq_starts" not in self.extras:
+            starts = torch.ones_like(self.seq_ids, dtype=torch.bool)
+            if self.seq_ids.numel() > 1:
+                starts[1:] = self.seq_ids[1:] != self.seq_ids[:-1]
+            self.extras["_seq_starts"] = starts
+        return self.extras["_seq_starts"]
+
     def token_advantages(self) -> Tensor:
         """Advantages broadcast to tokens ``[N]``."""
         if self.advantages is None:
             raise ValueError("this objective needs advantages but the batch has none (declare Signal.ADVANTAGES)")
-        if self.advantages.numel() == self.num_tokens and self.advantages.numel() != self.num_seqs:
+        if self.token_level_advantages:
             return self.advantages
         return self.advantages[self.seq_ids]
 
@@ -96,12 +136,12 @@ class PolicyBatch:
         Per-sequence quantities that need every token of a sequence (``seq_lens``) are computed
         on the full batch first, so a chunk sees the same normalisers as the whole.
         """
-        _ = self.seq_lens  # materialise on the full batch before slicing
+        _ = self.seq_lens, self.seq_starts  # materialise on the full batch before slicing
         per_token = lambda t: None if t is None or t.numel() != self.num_tokens else t[start:stop]  # noqa: E731
         adv = self.advantages
-        if adv is not None and adv.numel() == self.num_tokens and adv.numel() != self.num_seqs:
+        if adv is not None and self.token_level_advantages:
             adv = adv[start:stop]
-        extras = {k: (v if k == "_seq_lens" else v[start:stop]) for k, v in self.extras.items()}
+        extras = {k: (v if k in _PER_SEQUENCE_EXTRAS else v[start:stop]) for k, v in self.extras.items()}
         return dataclasses.replace(
             self,
             seq_ids=self.seq_ids[start:stop],
@@ -111,6 +151,9 @@ class PolicyBatch:
             advantages=adv,
             extras=extras,
         )
+
+
+_PER_SEQUENCE_EXTRAS = frozenset({"_seq_lens"})  # cached [S] tensors that chunks share unsliced
 
 
 class Objective:
@@ -137,6 +180,14 @@ class Objective:
         ``add_tail``. The default asks for the sampled-token log-prob only.
         """
         return {"need_entropy": Signal.ENTROPY in self.signals(), "need_divergence": False}
+
+    def advantages(self, rewards: Tensor, num_generations: int) -> Tensor:
+        """Per-sequence advantages ``[S]`` from rewards ``[S]`` (groups of ``num_generations``
+        consecutive samples). The loop calls it when the objective declares ``Signal.ADVANTAGES``.
+        Default: mean-centred and std-normalised within each group (GRPO)."""
+        from denser.objectives.common import group_advantages
+
+        return group_advantages(rewards, num_generations)
 
     def prepare(self, batch: PolicyBatch) -> PolicyBatch:
         """Called once per micro-batch before any chunking (e.g. to draw a random token mask)."""

@@ -1,0 +1,222 @@
+"""SDPO: self-distillation policy optimisation (Huebotter et al. 2026; the SDPO and SDPO-CL code).
+
+The teacher is the policy itself (live, EMA or frozen weights) conditioned on a successful
+sibling's answer and/or the environment's feedback; it scores the student's own completion, and
+the student is pulled towards it token by token:
+
+    per token t of a sample with a teacher context:
+        full / topk:    l_t = D_alpha(p_teacher,t || p_student,t)        (``stats.divergence``)
+        sampled_token:  l_t = sg[logp_s(y_t) - logp_t(y_t)] * logp_s(y_t)
+        weighted by     w_t = sg[min(exp(logp_t - old_logp_t), is_clip)]   (IS correction)
+    loss = aggregate(w * l, loss_agg_mode) over the distilled tokens, normalised by the step's
+           tokens (or sequences) *of samples with a teacher* (``batch.global_teacher_tokens``).
+
+``sampled_token`` is the reverse KL estimated on the sampled token only, written as the SDPO code
+writes it: a REINFORCE surrogate whose gradient ``(logp_s(y) - logp_t(y)) grad logp_s(y)`` is the
+score-function gradient of KL(p_s || p_t) (the ``grad logp_s`` term of the estimator has zero
+mean and is dropped). Its value is therefore not the KL; the ``distill_loss`` metric reports the
+estimate ``logp_s(y) - logp_t(y)``. It needs the teacher's log-prob of each sampled token:
+the loop puts it in ``batch.extras["teacher_logp"]`` (``[N]``, detached, same temperature), e.g.
+``token_stats(teacher_hidden, teacher_weight, targets).logp`` under ``torch.no_grad()``; in that
+mode the core computes no divergence (``need_divergence=False``). When ``teacher_logp`` is present
+in the other modes it feeds the ``teacher_gap`` metric.
+
+Samples without a teacher context (``teacher_mask`` False) contribute nothing; a micro-batch in
+which no sample has one gives an exact 0 loss that still has a gradient graph.
+``mask_ratio`` (SDPO-CL) drops a random fraction of the distilled tokens, drawn in ``prepare``;
+kept tokens are weighted by ``1 / (1 - mask_ratio)`` so the loss stays an unbiased estimate of
+the unmasked one (SDPO-CL averages over the kept tokens, which is the same in expectation).
+
+Teacher defaults follow the SDPO repository's ``actor.yaml`` (``self_distillation``): EMA teacher
+at rate 0.05, alpha 0.5, top-100 with a tail bucket, IS clip 2, success threshold 0.5, no
+reprompting on self-success, thinking removed from demonstrations, feedback included.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from denser.kernels.stats import LossOutput, Metric, TokenStats
+from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
+from denser.objectives.common import AGG_MODES, AggMode, aggregate, behaviour_log_ratio, require, token_keep_mask
+
+TEACHER_LOGP = "teacher_logp"  # batch.extras key: the teacher's log-prob of each sampled token [N]
+TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 = dropped, else 1/keep_prob
+
+
+@dataclass
+class TeacherOptions:
+    """How the loop builds and updates the teacher; shared by every objective that distils."""
+
+    teacher: Literal["live", "ema", "frozen"] = field(
+        default="ema",
+        metadata={
+            "help": "teacher weights: 'live' = the current policy, 'ema' = exponential moving average of the "
+            "policy, 'frozen' = the initial policy"
+        },
+    )
+    teacher_update_rate: float = field(
+        default=0.05, metadata={"help": "EMA rate: teacher <- (1 - rate) * teacher + rate * policy after each step"}
+    )
+    success_threshold: float = field(
+        default=0.5, metadata={"help": "a sibling whose reward is >= this is a successful demonstration for the teacher"}
+    )
+    dont_reprompt_on_self_success: bool = field(
+        default=True, metadata={"help": "a sample that succeeded itself gets no teacher built from a sibling's success"}
+    )
+    remove_thinking: bool = field(
+        default=True, metadata={"help": "strip <think>...</think> from a demonstration before putting it in the teacher context"}
+    )
+    include_feedback: bool = field(
+        default=True, metadata={"help": "put the environment's feedback on a failed attempt in the teacher context"}
+    )
+    feedback_only_without_solution: bool = field(
+        default=True, metadata={"help": "use the feedback only when no successful demonstration is available"}
+    )
+
+    def check_teacher_options(self, name: str) -> None:
+        require(self.teacher in ("live", "ema", "frozen"), name, f"teacher={self.teacher!r} must be 'live', 'ema' or 'frozen'")
+        require(0.0 <= self.teacher_update_rate <= 1.0, name, f"teacher_update_rate={self.teacher_update_rate} must be in [0, 1]")
+
+
+@register_objective("sdpo")
+@dataclass
+class SDPO(Objective, TeacherOptions):
+    """SDPO: distil the policy conditioned on a successful sibling and/or feedback into the policy, token by token."""
+
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "divergence: 0 = forward KL(teacher||student), 1 = reverse KL(student||teacher), between = generalised JSD"},
+    )
+    distill_mode: Literal["full", "topk", "sampled_token"] = field(
+        default="topk",
+        metadata={
+            "help": "'full' vocabulary, the student's 'topk' ids (with add_tail), or 'sampled_token' (reverse KL on "
+            "the sampled token only; needs alpha=1 and batch.extras['teacher_logp'])"
+        },
+    )
+    topk: int = field(default=100, metadata={"help": "support size of distill_mode='topk'"})
+    add_tail: bool = field(
+        default=True, metadata={"help": "top-k: append a bucket with the remaining mass (else renormalise over the top-k)"}
+    )
+    is_clip: float | None = field(
+        default=2.0,
+        metadata={"help": "importance weight min(exp(logp - old_logp), is_clip), detached; none disables the weight"},
+    )
+    mask_ratio: float = field(
+        default=0.0,
+        metadata={"help": "fraction of distilled tokens dropped at random each step (SDPO-CL); kept ones are weighted 1/(1-mask_ratio)"},
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step and micro-batch)"})
+    loss_agg_mode: AggMode = field(
+        default="token-mean",
+        metadata={"help": "aggregation over the distilled tokens: token-mean (SDPO), seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm"},
+    )
+    use_old_logp: bool = field(
+        default=False,
+        metadata={
+            "help": "declare behaviour log-probs (Signal.OLD_LOGP) for the IS weight; off: fully on-policy, "
+            "old_logp = logp.detach() and the weight is 1"
+        },
+    )
+
+    separable = "token"
+
+    def __post_init__(self) -> None:
+        name = self.name or "sdpo"
+        require(0.0 <= self.alpha <= 1.0, name, f"alpha={self.alpha} must be in [0, 1]")
+        require(self.distill_mode in ("full", "topk", "sampled_token"), name,
+                f"distill_mode={self.distill_mode!r} must be 'full', 'topk' or 'sampled_token'")
+        require(self.distill_mode != "sampled_token" or self.alpha == 1.0, name,
+                f"distill_mode='sampled_token' is the reverse KL on the sampled token and needs alpha=1.0, got alpha={self.alpha}")
+        require(self.topk >= 1, name, f"topk={self.topk} must be >= 1")
+        require(self.is_clip is None or self.is_clip > 0, name, f"is_clip={self.is_clip} must be > 0 (or None)")
+        require(0.0 <= self.mask_ratio < 1.0, name, f"mask_ratio={self.mask_ratio} must be in [0, 1)")
+        require(self.loss_agg_mode in AGG_MODES, name, f"loss_agg_mode={self.loss_agg_mode!r} must be one of {AGG_MODES}")
+        self.check_teacher_options(name)
+
+    def signals(self) -> frozenset[Signal]:
+        out = {Signal.REWARDS, Signal.TEACHER}
+        if self.use_old_logp:
+            out.add(Signal.OLD_LOGP)
+        return frozenset(out)
+
+    def core_options(self) -> dict[str, Any]:
+        return {
+            "need_entropy": False,
+            "need_divergence": self.distill_mode != "sampled_token",
+            "alpha": self.alpha,
+            "topk": self.topk if self.distill_mode == "topk" else None,
+            "add_tail": self.add_tail,
+        }
+
+    def prepare(self, batch: PolicyBatch) -> PolicyBatch:
+        """Draw the ``mask_ratio`` token dropout once per micro-batch (before chunking)."""
+        if self.mask_ratio <= 0.0:
+            return batch
+        keep_prob = 1.0 - self.mask_ratio
+        keep = token_keep_mask(batch, keep_prob, self.seed, "sdpo_mask")
+        weight = keep.float() / keep_prob
+        if TOKEN_WEIGHT in batch.extras:
+            weight = batch.extras[TOKEN_WEIGHT] * weight
+        return dataclasses.replace(batch, extras={**batch.extras, TOKEN_WEIGHT: weight})
+
+    def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
+        logp = stats.logp
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        if batch.teacher_mask is None:
+            has_teacher_seq = torch.ones(batch.num_seqs, dtype=torch.bool, device=logp.device)
+        else:
+            has_teacher_seq = batch.teacher_mask.to(device=logp.device, dtype=torch.bool)
+        has_teacher = has_teacher_seq[batch.seq_ids]
+        distilled = batch.token_mask & has_teacher
+        weight = batch.extras.get(TOKEN_WEIGHT)
+        if weight is not None:
+            distilled = distilled & (weight > 0)
+
+        teacher_logp = batch.extras.get(TEACHER_LOGP)
+        gap = None  # logp_s(y) - logp_t(y), 0 outside the distilled tokens
+        if teacher_logp is not None:
+            gap = torch.where(distilled, logp.detach() - teacher_logp.to(logp.dtype), zero)
+        if self.distill_mode == "sampled_token":
+            if gap is None:
+                raise ValueError(
+                    f"objective {self.name!r} with distill_mode='sampled_token' needs the teacher's log-prob of each "
+                    f"sampled token in batch.extras[{TEACHER_LOGP!r}] ([N], detached)"
+                )
+            per_token = gap * logp
+            estimate = gap
+        else:
+            if stats.divergence is None:
+                raise ValueError(
+                    f"objective {self.name!r} needs stats.divergence: pass teacher_hidden to the loss core "
+                    "(core_options() asks for need_divergence=True)"
+                )
+            per_token = stats.divergence
+            estimate = stats.divergence.detach()
+
+        metrics = {
+            "distill_loss": Metric.of(estimate, distilled),
+            "teacher_frac": Metric.of(has_teacher.float(), batch.seq_starts),
+            "distilled_frac": Metric.of(distilled.float(), batch.token_mask),
+        }
+        if gap is not None:
+            metrics["teacher_gap"] = Metric.of(-gap, distilled)
+        if self.is_clip is not None:
+            ratio = torch.exp(behaviour_log_ratio(logp, batch)).detach()
+            is_weight = ratio.clamp(max=self.is_clip)
+            per_token = per_token * is_weight
+            metrics["is_weight"] = Metric.of(is_weight, distilled)
+            metrics["is_clip_frac"] = Metric.of((ratio > self.is_clip).float(), distilled)
+        if weight is not None:
+            per_token = per_token * weight.to(per_token.dtype)
+
+        tokens = batch.global_teacher_tokens if batch.global_teacher_tokens is not None else batch.global_tokens
+        seqs = batch.global_teacher_seqs if batch.global_teacher_seqs is not None else batch.global_seqs
+        loss = aggregate(per_token, batch, self.loss_agg_mode, mask=distilled, global_tokens=tokens, global_seqs=seqs)
+        return LossOutput(loss, metrics)
