@@ -1,0 +1,187 @@
+"""SDPO: teacher masking, IS clipping, token dropout, sampled-token mode, batches without teacher."""
+
+import dataclasses
+
+import pytest
+import torch
+from test_objectives_helpers import loss_and_grad, make_case, stats_for
+
+from denser.kernels import token_stats
+from denser.objectives import Signal, get_objective
+from denser.objectives.sdpo import TOKEN_WEIGHT
+
+
+def direct_sdpo(divergence, logp, batch, is_clip, keep=None, scale=1.0):
+    """sum over distilled tokens of D_t * min(exp(logp - old), is_clip) (detached) / teacher tokens."""
+    total = 0.0
+    normaliser = batch.global_teacher_tokens if batch.global_teacher_tokens is not None else batch.global_tokens
+    for i in range(len(batch.seq_ids)):
+        if not batch.token_mask[i] or not batch.teacher_mask[batch.seq_ids[i]]:
+            continue
+        if keep is not None and not keep[i]:
+            continue
+        w = torch.exp(logp[i] - batch.old_logp[i]).detach()
+        if is_clip is not None:
+            w = torch.clamp(w, max=is_clip)
+        else:
+            w = 1.0
+        total = total + divergence[i] * w * scale
+    return total / normaliser
+
+
+@pytest.mark.parametrize("mode, kw", [
+    ("full", dict(alpha=0.5)),
+    ("full", dict(alpha=0.0, is_clip=None)),
+    ("topk", dict(alpha=1.0, topk=4)),
+    ("topk", dict(alpha=0.3, topk=3, add_tail=False, is_clip=1.2)),
+])
+def test_sdpo_matches_direct_formula(gen, mode, kw):
+    case = make_case(gen, old_spread=0.6)
+    case["batch"].global_teacher_tokens = 9.0
+    objective = get_objective("sdpo", distill_mode=mode, **kw)
+    out, grad = loss_and_grad(objective, case)
+    hidden = case["hidden"].clone().requires_grad_()
+    stats = stats_for(objective, case, hidden)
+    expected = direct_sdpo(stats.divergence, stats.logp, case["batch"], objective.is_clip)
+    (expected_grad,) = torch.autograd.grad(expected, hidden)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert torch.allclose(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_is_weight_is_clipped_and_detached(gen):
+    case = make_case(gen, old_spread=1.5)
+    objective = get_objective("sdpo", distill_mode="full", is_clip=1.5)
+    out, grad = loss_and_grad(objective, case)
+    m = out.metric_values()
+    assert m["is_clip_frac"] > 0 and m["is_weight"] <= 1.5
+    # detached: the gradient is that of sum(w * D) with w a constant
+    hidden = case["hidden"].clone().requires_grad_()
+    stats = stats_for(objective, case, hidden)
+    b = case["batch"]
+    w = torch.exp(stats.logp.detach() - b.old_logp).clamp(max=1.5)
+    keep = b.token_mask & b.teacher_mask[b.seq_ids]
+    (expected,) = torch.autograd.grad((stats.divergence * w)[keep].sum() / b.global_tokens, hidden)
+    assert torch.allclose(grad, expected, rtol=1e-4, atol=1e-7)
+    no_weight, _ = loss_and_grad(get_objective("sdpo", distill_mode="full", is_clip=None), case)
+    assert "is_weight" not in no_weight.metrics and no_weight.loss.item() != pytest.approx(out.loss.item())
+
+
+def test_samples_without_teacher_contribute_nothing(gen):
+    case = make_case(gen, teacher_mask=torch.tensor([True, False, True, False]))
+    objective = get_objective("sdpo", distill_mode="full")
+    out, grad = loss_and_grad(objective, case)
+    seq_ids = case["batch"].seq_ids
+    no_teacher_rows = (seq_ids == 1) | (seq_ids == 3)
+    assert torch.all(grad[no_teacher_rows] == 0) and grad[~no_teacher_rows].abs().sum() > 0
+    m = out.metric_values()
+    assert m["teacher_frac"] == pytest.approx(0.5)
+    b = case["batch"]
+    distilled = (b.token_mask & ~no_teacher_rows).sum().item()
+    assert m["distilled_frac"] == pytest.approx(distilled / b.token_mask.sum().item())
+
+
+@pytest.mark.parametrize("mode", ["full", "topk", "sampled_token"])
+def test_batch_without_any_teacher_gives_exact_zero(gen, mode):
+    case = make_case(gen, teacher_mask=torch.zeros(4, dtype=torch.bool))
+    b = case["batch"]
+    b.global_teacher_tokens, b.global_teacher_seqs = 0.0, 0.0
+    b.extras["teacher_logp"] = torch.full_like(b.extras["teacher_logp"], float("nan"))  # garbage: no teacher ran
+    kw = dict(alpha=1.0) if mode == "sampled_token" else dict(topk=4)
+    for agg in ("token-mean", "seq-mean-token-mean"):
+        objective = get_objective("sdpo", distill_mode=mode, loss_agg_mode=agg, **kw)
+        out, grad = loss_and_grad(objective, case)
+        assert out.loss.item() == 0.0 and out.loss.requires_grad
+        assert torch.all(grad == 0)
+        assert out.metric_values()["teacher_frac"] == 0.0
+
+
+def test_teacher_normalisers_are_used_and_fall_back(gen):
+    case = make_case(gen)
+    objective = get_objective("sdpo", distill_mode="full")
+    plain, _ = loss_and_grad(objective, case)
+    b = dataclasses.replace(case["batch"], global_teacher_tokens=4.0)
+    scaled, _ = loss_and_grad(objective, case, b)
+    assert scaled.loss.item() == pytest.approx(plain.loss.item() * b.global_tokens / 4.0, rel=1e-6)
+    seq = get_objective("sdpo", distill_mode="full", loss_agg_mode="seq-mean-token-sum")
+    a, _ = loss_and_grad(seq, case, dataclasses.replace(case["batch"], global_teacher_seqs=2.0))
+    c, _ = loss_and_grad(seq, case)
+    assert a.loss.item() == pytest.approx(c.loss.item() * case["batch"].global_seqs / 2.0, rel=1e-6)
+
+
+def test_mask_ratio_drops_tokens_reproducibly(gen):
+    case = make_case(gen, lens=(20, 20, 20), teacher_mask=torch.ones(3, dtype=torch.bool), masked=())
+    objective = get_objective("sdpo", distill_mode="full", mask_ratio=0.5, seed=3)
+    b1, b2 = objective.prepare(case["batch"]), objective.prepare(case["batch"])
+    w = b1.extras[TOKEN_WEIGHT]
+    assert torch.equal(w, b2.extras[TOKEN_WEIGHT])
+    assert set(w.unique().tolist()) <= {0.0, 2.0} and 10 < (w > 0).sum() < 50
+    assert TOKEN_WEIGHT not in case["batch"].extras  # prepare does not mutate its input
+    later = objective.prepare(dataclasses.replace(case["batch"], step=1))
+    assert not torch.equal(later.extras[TOKEN_WEIGHT], w)
+    out, grad = loss_and_grad(objective, case)
+    dropped = w == 0
+    assert torch.all(grad[dropped] == 0) and torch.all(grad[~dropped].abs().sum(-1) > 0)
+    assert out.metric_values()["distilled_frac"] == pytest.approx((~dropped).float().mean().item())
+    # kept tokens are weighted 1 / (1 - mask_ratio)
+    hidden = case["hidden"].clone().requires_grad_()
+    stats = stats_for(objective, case, hidden)
+    expected = direct_sdpo(stats.divergence, stats.logp, case["batch"], 2.0, keep=~dropped, scale=2.0)
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sampled_token_mode(gen):
+    case = make_case(gen, old_spread=0.0)
+    with pytest.raises(ValueError, match="alpha=1.0"):
+        get_objective("sdpo", distill_mode="sampled_token")
+    objective = get_objective("sdpo", distill_mode="sampled_token", alpha=1.0, is_clip=None)
+    assert objective.core_options()["need_divergence"] is False
+    assert Signal.TEACHER in objective.signals()
+    out, grad = loss_and_grad(objective, case)
+    b = case["batch"]
+    hidden = case["hidden"].clone().requires_grad_()
+    logp = token_stats(hidden, case["weight"], case["targets"], backend="reference").logp
+    keep = b.token_mask & b.teacher_mask[b.seq_ids]
+    gap = logp.detach() - b.extras["teacher_logp"]
+    # gradient of the sampled-token reverse KL: (logp_s - logp_t) * grad logp_s over distilled tokens
+    (expected,) = torch.autograd.grad((gap * logp)[keep].sum() / b.global_tokens, hidden)
+    assert torch.allclose(grad, expected, rtol=1e-5, atol=1e-7)
+    m = out.metric_values()
+    assert m["distill_loss"] == pytest.approx(gap[keep].mean().item(), rel=1e-5)
+    assert m["teacher_gap"] == pytest.approx(-gap[keep].mean().item(), rel=1e-5)
+    del b.extras["teacher_logp"]
+    with pytest.raises(ValueError, match="teacher_logp"):
+        objective.loss(stats_for(objective, case), b)
+
+
+def test_missing_divergence_fails_clearly(gen):
+    case = make_case(gen)
+    objective = get_objective("sdpo", distill_mode="full")
+    stats = token_stats(case["hidden"], case["weight"], case["targets"], backend="reference")
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        objective.loss(stats, case["batch"])
+
+
+def test_defaults_and_options():
+    sdpo = get_objective("sdpo")
+    assert (sdpo.alpha, sdpo.distill_mode, sdpo.topk, sdpo.add_tail, sdpo.is_clip, sdpo.mask_ratio) == (
+        0.5, "topk", 100, True, 2.0, 0.0)
+    assert (sdpo.teacher, sdpo.teacher_update_rate, sdpo.success_threshold) == ("ema", 0.05, 0.5)
+    assert sdpo.dont_reprompt_on_self_success and sdpo.remove_thinking and sdpo.include_feedback
+    assert sdpo.core_options() == {"need_entropy": False, "need_divergence": True, "alpha": 0.5, "topk": 100, "add_tail": True}
+    assert get_objective("sdpo", distill_mode="full").core_options()["topk"] is None
+    assert sdpo.signals() == {Signal.REWARDS, Signal.TEACHER}
+    assert Signal.OLD_LOGP in get_objective("sdpo", use_old_logp=True).signals()
+    assert sdpo.separable == "token"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(alpha=1.5), "alpha"),
+    (dict(mask_ratio=1.0), "mask_ratio"),
+    (dict(is_clip=0.0), "is_clip"),
+    (dict(topk=0), "topk"),
+    (dict(teacher="student"), "teacher"),
+    (dict(teacher_update_rate=2.0), "teacher_update_rate"),
+])
+def test_invalid_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        get_objective("sdpo", **bad)
