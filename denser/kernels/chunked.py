@@ -27,12 +27,30 @@ def default_chunk_size(vocab: int, device: torch.device) -> int:
     return int(max(16, min(8192, budget // (4 * vocab))))
 
 
-def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """Raw logits of one chunk in fp32 (matmul in the input dtype, fp32 accumulation on GPU)."""
+def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, ws: dict | None = None, name: str = "z_s") -> Tensor:
+    """Raw logits of one chunk in fp32 (matmul in the input dtype, fp32 accumulation on GPU).
+
+    With a workspace ``ws`` fp32 logits are written into a buffer reused across chunks: a fresh
+    ``[c, V]`` allocation per chunk costs page faults that dominate the CPU sweeps.
+    """
+    if ws is not None and h.dtype == torch.float32:
+        buf = ws.get(name)
+        rows, vocab = h.shape[0], weight.shape[0]
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != vocab or buf.device != h.device:
+            buf = ws[name] = torch.empty(rows, vocab, device=h.device, dtype=torch.float32)
+        out = buf[:rows]
+        if bias is None:
+            return torch.mm(h, weight.t(), out=out)
+        return torch.addmm(bias, h, weight.t(), out=out)
     z = h @ weight.t()
     if bias is not None:
         z = z + bias
     return z.float()
+
+
+def workspace(sweeps) -> dict:
+    """Keyword arguments giving a sweeps module its reusable scratch buffers, if it takes them."""
+    return {"ws": {}} if getattr(sweeps, "uses_workspace", False) else {}
 
 
 # ----------------------------------------------------------------------------------------- top-k
@@ -80,11 +98,13 @@ class _ChunkedStats(torch.autograd.Function):
         lse_t = torch.empty(n, **f32) if teacher else None
         div = torch.empty(n, **f32) if teacher else None
         aux = torch.empty(n, **f32) if teacher and opts.topk is None and opts.alpha > 0 else None
+        ws = workspace(sweeps)
+        buffers = ws.get("ws")
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            z_s = chunk_logits(hidden[a:b], weight, bias)
-            z_t = chunk_logits(t_hidden[a:b], t_weight, t_bias) if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None)
+            z_s = chunk_logits(hidden[a:b], weight, bias, buffers, "z_s")
+            z_t = chunk_logits(t_hidden[a:b], t_weight, t_bias, buffers, "z_t") if teacher else None
+            out = sweeps.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None, **ws)
             logp[a:b], lse_s[a:b] = out.logp, out.lse_s
             if entropy is not None:
                 entropy[a:b] = out.entropy
@@ -116,6 +136,8 @@ class _ChunkedStats(torch.autograd.Function):
         d_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if (need_b and bias is not None) else None
         from denser.kernels.sweeps import SweepOut
 
+        ws = workspace(sweeps)
+        buffers = ws.get("ws")
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             sl = slice(a, b)
@@ -126,9 +148,9 @@ class _ChunkedStats(torch.autograd.Function):
                 divergence=None if div is None else div[sl],
                 aux=None if aux is None else aux[sl],
             )
-            z_s = chunk_logits(hidden[sl], weight, bias)
+            z_s = chunk_logits(hidden[sl], weight, bias, buffers, "z_s")
             with torch.no_grad():
-                z_t = chunk_logits(t_hidden[sl], t_weight, t_bias) if (t_hidden is not None and g_div is not None) else None
+                z_t = chunk_logits(t_hidden[sl], t_weight, t_bias, buffers, "z_t") if (t_hidden is not None and g_div is not None) else None
             g_lse = support = d_zsk = None
             g_div_full = None
             if g_div is not None and opts.topk is not None:
@@ -137,7 +159,7 @@ class _ChunkedStats(torch.autograd.Function):
                 g_div_full = g_div[sl]
             dz = sweeps.backward_sweep(
                 z_s, z_t if g_div_full is not None else None, targets[sl], saved,
-                g_logp[sl], None if g_ent is None else g_ent[sl], g_div_full, g_lse, opts,
+                g_logp[sl], None if g_ent is None else g_ent[sl], g_div_full, g_lse, opts, **ws,
             )
             if support is not None:
                 dz.scatter_add_(1, support, d_zsk / opts.temperature)

@@ -14,17 +14,25 @@ Notation (DESIGN.md): z = logits / T, p = softmax(z), lse = logsumexp(z), g the 
                  = p_s (log p_s - log p_t - D)          alpha = 1 (reverse KL)
                  = p_s (g - aux), g = (1-a) log(p_s/m)  0 < alpha < 1, aux = sum p_s g
     d lse  / dz  = p_s                                  (used by the top-k divergence)
+
+so every gradient is ``p_s * (k1 * log p_s + k2 * X + c0) + g_logp * onehot(y)`` with per-row
+scalars k1, k2, c0 and X = log p_t (alpha = 1) or log m (0 < alpha < 1), minus ``g_div * p_t``
+at alpha = 0. The generalised JSD uses D = (1-a) sum p_s log p_s + a sum p_t log p_t - sum m log m.
+
+On CPU the cost of these sweeps is memory traffic and page faults, not arithmetic: every
+``[c, V]`` temporary lives in a reusable workspace and the ops run in place.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from denser.kernels.options import CoreOptions
+
+uses_workspace = True  # the drivers pass ``ws=`` (a dict of reusable [c, V] buffers)
 
 
 @dataclass
@@ -36,53 +44,82 @@ class SweepOut:
     entropy: Tensor | None = None
     lse_t: Tensor | None = None
     divergence: Tensor | None = None
-    aux: Tensor | None = None  # sum_u p_s,u g_u of the divergence gradient (alpha in (0, 1]); D itself at alpha = 1
+    aux: Tensor | None = None  # alpha = 1: D; 0 < alpha < 1: (1-a) sum p_s log(p_s / m)
 
 
-def _scaled(z: Tensor, temperature: float) -> Tensor:
-    z = z.float()
-    return z / temperature if temperature != 1.0 else z
+def _buf(ws: dict | None, name: str, like: Tensor) -> Tensor:
+    """A ``like``-shaped fp32 scratch tensor, reused across chunks (the last chunk is shorter)."""
+    if ws is None:
+        return torch.empty(like.shape, device=like.device, dtype=torch.float32)
+    t = ws.get(name)
+    if t is None or t.shape[0] < like.shape[0] or t.shape[1:] != like.shape[1:] or t.device != like.device:
+        t = ws[name] = torch.empty(like.shape, device=like.device, dtype=torch.float32)
+    return t[: like.shape[0]]
 
 
-def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOptions, full_divergence: bool) -> SweepOut:
-    """Statistics of one chunk. ``z_s``/``z_t``: raw logits ``[c, V]``; ``z_t`` may be None.
+def _log_softmax(z: Tensor, out: Tensor) -> tuple[Tensor, Tensor]:
+    """log-softmax into ``out`` and the row lse (one fused ATen pass instead of logsumexp's four)."""
+    torch.ops.aten._log_softmax.out(z, -1, False, out=out)
+    return out, z[:, 0] - out[:, 0]
+
+
+def _rowdot(a: Tensor, b: Tensor, scratch: Tensor) -> Tensor:
+    return torch.mul(a, b, out=scratch).sum(-1)
+
+
+def _scaled_copy(z: Tensor, temperature: float, out: Tensor) -> Tensor:
+    if temperature == 1.0 and z.dtype == torch.float32:
+        return z
+    return torch.mul(z, 1.0 / temperature, out=out)
+
+
+def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOptions, full_divergence: bool,
+                  ws: dict | None = None) -> SweepOut:
+    """Statistics of one chunk. ``z_s``/``z_t``: raw logits ``[c, V]`` (left untouched).
 
     ``full_divergence``: compute the full-vocabulary D_alpha (False for top-k, where the driver
     computes the divergence on the support from ``lse_s`` and ``lse_t``).
     """
     valid = targets != opts.ignore_index
     safe_y = torch.where(valid, targets, torch.zeros_like(targets)).long()
-    zs = _scaled(z_s, opts.temperature)
-    lse_s = torch.logsumexp(zs, dim=-1)
-    logp = torch.where(valid, zs.gather(1, safe_y[:, None]).squeeze(1) - lse_s, 0.0)
+    zs = _scaled_copy(z_s, opts.temperature, _buf(ws, "zs", z_s))
+    logps, lse_s = _log_softmax(zs, _buf(ws, "logps", z_s))
+    logp = torch.where(valid, logps.gather(1, safe_y[:, None]).squeeze(1), 0.0)
     out = SweepOut(logp=logp, lse_s=lse_s)
-    if not opts.need_entropy and z_t is None:
+    need_div = z_t is not None and full_divergence
+    if not opts.need_entropy and not need_div:
+        if z_t is not None:
+            out.lse_t = torch.logsumexp(_scaled_copy(z_t, opts.temperature, _buf(ws, "zt", z_t)), dim=-1)
         return out
 
-    # log p_s; in place only when zs is already a copy (the drivers reuse z_s after the sweep)
-    logps = zs.sub_(lse_s[:, None]) if zs.data_ptr() != z_s.data_ptr() else zs - lse_s[:, None]
-    ps = logps.exp()
+    scratch = _buf(ws, "scratch", z_s)
+    ps = torch.exp(logps, out=_buf(ws, "ps", z_s))
+    s_plogp = _rowdot(ps, logps, scratch)  # sum p_s log p_s = -H
     if opts.need_entropy:
-        out.entropy = torch.where(valid, -(ps * logps).sum(-1), 0.0)
+        out.entropy = torch.where(valid, -s_plogp, 0.0)
     if z_t is None:
         return out
-    zt = _scaled(z_t, opts.temperature)
-    out.lse_t = torch.logsumexp(zt, dim=-1)
-    if not full_divergence:
+    zt = _scaled_copy(z_t, opts.temperature, _buf(ws, "zt", z_t))
+    if not need_div:
+        out.lse_t = torch.logsumexp(zt, dim=-1)
         return out
-    logpt = zt.sub_(out.lse_t[:, None]) if zt.data_ptr() != z_t.data_ptr() else zt - out.lse_t[:, None]
+    logpt, out.lse_t = _log_softmax(zt, _buf(ws, "logpt", z_t))
     a = opts.alpha
-    if a == 0.0:
-        div = (logpt.exp() * (logpt - logps)).sum(-1)
-    elif a == 1.0:
-        div = (ps * (logps - logpt)).sum(-1)
+    if a == 1.0:
+        div = s_plogp - _rowdot(ps, logpt, scratch)
         out.aux = div
     else:
-        log_m = torch.logaddexp(logps + math.log1p(-a), logpt + math.log(a))
-        kl_sm = (ps * (logps - log_m)).sum(-1)
-        kl_tm = (logpt.exp() * (logpt - log_m)).sum(-1)
-        div = (1.0 - a) * kl_sm + a * kl_tm
-        out.aux = (1.0 - a) * kl_sm
+        pt = torch.exp(logpt, out=_buf(ws, "pt", z_t))
+        t_plogp = _rowdot(pt, logpt, scratch)
+        if a == 0.0:
+            div = t_plogp - _rowdot(pt, logps, scratch)
+        else:
+            m = torch.lerp(ps, pt, a, out=_buf(ws, "m", z_t))
+            log_m = torch.log(m, out=scratch)
+            s_plogm = _rowdot(ps, log_m, pt)  # pt no longer needed
+            m_logm = m.mul_(log_m).sum(-1)
+            div = (1.0 - a) * s_plogp + a * t_plogp - m_logm
+            out.aux = (1.0 - a) * (s_plogp - s_plogm)
     out.divergence = torch.where(valid, div, 0.0)
     return out
 
@@ -97,48 +134,62 @@ def backward_sweep(
     g_div: Tensor | None,
     g_lse: Tensor | None,
     opts: CoreOptions,
+    ws: dict | None = None,
 ) -> Tensor:
     """d loss / d raw logits ``[c, V]`` fp32 of one chunk, from per-token upstream gradients.
 
     ``g_div`` is the gradient of the *full-vocabulary* divergence; ``g_lse`` an extra coefficient
     on d lse_s / dz = p_s (the top-k divergence's dependence on the normaliser). ``saved`` holds
-    ``lse_s`` (and ``entropy``, ``lse_t``, ``divergence``, ``aux`` where used). The result may
-    reuse ``z_s``'s storage when ``z_s`` is fp32.
+    ``lse_s`` (and ``entropy``, ``lse_t``, ``aux`` where used). Consumes ``z_s`` and ``z_t``: the
+    result is written into ``z_s``'s storage when it is fp32.
     """
-    valid = targets != opts.ignore_index
-    vf = valid.float()
-    zeros = torch.zeros_like(saved.lse_s)
-    g_logp = zeros if g_logp is None else g_logp.float() * vf
-    coef = -g_logp  # coefficient of p_s
+    valid = (targets != opts.ignore_index).float()
+    zero = torch.zeros_like(saved.lse_s)
+    g_logp = zero if g_logp is None else g_logp.float() * valid
+    ge = None if g_ent is None else g_ent.float() * valid
+    gd = None if (g_div is None or z_t is None) else g_div.float() * valid
+    c0 = -g_logp  # per-row constant inside p_s * (...)
     if g_lse is not None:
-        coef = coef + g_lse.float() * vf
+        c0 = c0 + g_lse.float() * valid
 
-    logps = _scaled(z_s, opts.temperature).sub_(saved.lse_s[:, None])  # reuses z_s storage when fp32 and T=1
-    ps = logps.exp()
-    # dz = p_s * (coef + g_ent*(-(log p_s + H)) + g_div*(divergence term)) + g_logp * onehot(y)
-    inner = coef[:, None].expand_as(ps).clone() if (g_ent is None and g_div is None) else None
-    if inner is None:
-        inner = torch.zeros_like(ps).add_(coef[:, None])
-        if g_ent is not None:
-            ge = g_ent.float() * vf
-            inner.addcmul_(logps + saved.entropy[:, None], ge[:, None], value=-1.0)
-        if g_div is not None and z_t is not None:
-            gd = g_div.float() * vf
+    zs = z_s if z_s.dtype == torch.float32 else z_s.float()
+    if opts.temperature != 1.0:
+        zs.mul_(1.0 / opts.temperature)
+    logps = zs.sub_(saved.lse_s[:, None])
+    ps = torch.exp(logps, out=_buf(ws, "ps", zs))
+    if ge is None and gd is None:
+        dz = ps.mul_(c0[:, None])
+    else:
+        k1 = torch.zeros_like(c0)  # coefficient of log p_s
+        if ge is not None:
+            k1 = k1 - ge
+            c0 = c0 - ge * saved.entropy
+        pt = None
+        if gd is not None:
             a = opts.alpha
-            logpt = _scaled(z_t, opts.temperature).sub_(saved.lse_t[:, None])
+            zt = z_t if z_t.dtype == torch.float32 else z_t.float()
+            if opts.temperature != 1.0:
+                zt.mul_(1.0 / opts.temperature)
+            logpt = zt.sub_(saved.lse_t[:, None])
             if a == 0.0:
-                # p_s - p_t = p_s * 1 - p_t: the p_t part is added after the product below
-                inner.add_(gd[:, None])
+                c0 = c0 + gd
+                pt = logpt.exp_()
             elif a == 1.0:
-                inner.addcmul_(logps - logpt - saved.aux[:, None], gd[:, None])
+                k1 = k1 + gd
+                c0 = c0 - gd * saved.aux
             else:
-                log_m = torch.logaddexp(logps + math.log1p(-a), logpt + math.log(a))
-                g = (logps - log_m).mul_(1.0 - a).sub_(saved.aux[:, None])
-                inner.addcmul_(g, gd[:, None])
-    dz = inner.mul_(ps)
-    if g_div is not None and z_t is not None and opts.alpha == 0.0:
-        dz.sub_(logpt.exp_().mul_((g_div.float() * vf)[:, None]))
-    safe_y = torch.where(valid, targets, torch.zeros_like(targets)).long()
+                k1 = k1 + (1.0 - a) * gd
+                c0 = c0 - gd * saved.aux
+        inner = logps.mul_(k1[:, None])  # in place: log p_s is not needed after this
+        if gd is not None and opts.alpha == 1.0:
+            inner.addcmul_(logpt, gd[:, None], value=-1.0)
+        elif gd is not None and opts.alpha != 0.0:
+            log_m = torch.lerp(ps, logpt.exp_(), opts.alpha, out=logpt).log_()
+            inner.addcmul_(log_m, ((1.0 - opts.alpha) * gd)[:, None], value=-1.0)
+        dz = inner.add_(c0[:, None]).mul_(ps)
+        if pt is not None:
+            dz.addcmul_(pt, gd[:, None], value=-1.0)
+    safe_y = torch.where(valid.bool(), targets, torch.zeros_like(targets)).long()
     dz.scatter_add_(1, safe_y[:, None], g_logp[:, None])
     if opts.temperature != 1.0:
         dz.div_(opts.temperature)

@@ -1,0 +1,1 @@
+"""Benchmarks of the loss core (and, later, the loop). ``python -m bench --help``."""

@@ -1,0 +1,5 @@
+import sys
+
+from bench.loss_core import main
+
+sys.exit(main())
