@@ -108,6 +108,11 @@ def test_metrics_hand_computed():
     terms = [min(t, 3.0) for t in terms]
     expected = sum(terms) / 4 + 0.1 * sum(kl_ref) / 4
     assert out.loss.item() == pytest.approx(expected, rel=1e-6)
+    # positive advantage: only the upper clip can bind (ratios e^-0.5 < 0.8 and e^0.5 > 1.2)
+    positive = PolicyBatch(seq_ids=torch.zeros(2, dtype=torch.long), num_seqs=1, global_tokens=2, global_seqs=1,
+                           advantages=torch.tensor([2.0]), old_logp=torch.tensor([-1.5, -1.5]))
+    m = get_objective("grpo").loss(TokenStats(torch.tensor([-2.0, -1.0])), positive).metric_values()
+    assert (m["clip_frac_low"], m["clip_frac_high"], m["dual_clip_frac"]) == (0.0, 0.5, 0.0)
 
 
 def test_on_policy_without_old_logp_ratio_is_one_and_gradient_is_policy_gradient(gen):
