@@ -1,0 +1,5 @@
+import sys
+
+from denser.cli import main
+
+sys.exit(main())
