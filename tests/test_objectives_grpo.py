@@ -194,3 +194,15 @@ def test_kl_coef_without_ref_logp_fails_clearly(gen):
     batch = dataclasses.replace(case["batch"], ref_logp=None)
     with pytest.raises(ValueError, match="ref_logp"):
         objective.loss(stats_for(objective, case), batch)
+
+
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_garbage_on_masked_tokens_does_not_leak(gen, ratio_level):
+    case = make_case(gen, per_token_adv=True, masked=(2, 5))
+    b = case["batch"]
+    for name in ("advantages", "old_logp", "ref_logp"):
+        getattr(b, name)[2] = float("nan")
+        getattr(b, name)[5] = float("inf")
+    out, grad = loss_and_grad(get_objective("grpo", kl_coef=0.1, ratio_level=ratio_level), case)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all() and grad.abs().sum() > 0
+    assert all(torch.isfinite(m.sum) for m in out.metrics.values())

@@ -190,7 +190,8 @@ class GRPO(Objective):
     def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
         logp = stats.logp
         mask = batch.token_mask
-        advantages = batch.token_advantages().to(logp.dtype)
+        zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+        advantages = torch.where(mask, batch.token_advantages().to(logp.dtype), zero)  # no NaN from masked tokens
         per_token, metrics = clipped_surrogate(
             logp, advantages, batch, clip_low=self.clip_low, clip_high=self.clip_high,
             clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level,
