@@ -282,7 +282,7 @@ def _vocab_splits(n_blocks: int, vocab: int, block_v: int, target_programs: int)
 
 
 def _check_blocks(blocks: Blocks) -> None:
-    for name in ("block_n", "block_v", "block_k"):
+    for name in ("block_n", "fwd_block_v", "block_v", "block_k"):
         size = getattr(blocks, name)
         if size < 16 or size & (size - 1):
             raise ValueError(f"Blocks.{name}={size} must be a power of two >= 16 (tl.dot tiles)")
@@ -317,11 +317,11 @@ class _Launch:
     def strides(self):
         return (self.hidden.stride(0), self.weight.stride(0), self.t_hidden.stride(0), self.t_weight.stride(0))
 
-    def consts(self):
+    def consts(self, block_v: int):
         b = self.blocks
         return dict(HAS_BIAS=self.bias is not None, T_HAS_BIAS=self.t_bias is not None,
                     PRECISION=dot_precision(self.hidden.dtype), UPCAST=INTERPRETED,
-                    BLOCK_N=b.block_n, BLOCK_V=b.block_v, BLOCK_K=b.block_k, num_warps=b.warps, num_stages=b.stages)
+                    BLOCK_N=b.block_n, BLOCK_V=block_v, BLOCK_K=b.block_k, num_warps=b.warps, num_stages=b.stages)
 
 
 def merge_partials(part: Tensor, has_teacher: bool, kl_mode: int) -> dict[str, Tensor]:
@@ -352,11 +352,11 @@ def fused_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opt
     mode = divergence_mode(opts.alpha) if run.has_t else DIV_NONE
     kl_mode = mode if mode in (DIV_REVERSE_KL, DIV_FORWARD_KL) else DIV_NONE
     n_blocks = triton.cdiv(n, blocks.block_n)
-    splits, per = _vocab_splits(n_blocks, v, blocks.block_v, blocks.target_programs)
+    splits, per = _vocab_splits(n_blocks, v, blocks.fwd_block_v, blocks.target_programs)
     part = torch.empty(7, splits, n, device=dev, dtype=torch.float32)
     _forward_kernel[(n_blocks, splits)](
         *run.tensors(), targets, part, n, v, run.k, run.kt, per, *run.strides(), run.inv_t, opts.ignore_index,
-        NEED_ENT=opts.need_entropy, HAS_T=run.has_t, KL_MODE=kl_mode, **run.consts(),
+        NEED_ENT=opts.need_entropy, HAS_T=run.has_t, KL_MODE=kl_mode, **run.consts(blocks.fwd_block_v),
     )
     stats = merge_partials(part, run.has_t, kl_mode)
     if mode == DIV_REVERSE_KL:
@@ -366,7 +366,7 @@ def fused_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opt
         part2 = torch.empty(2, splits, n, device=dev, dtype=torch.float32)
         _jsd_kernel[(n_blocks, splits)](
             *run.tensors(), row, part2, n, v, run.k, run.kt, per, *run.strides(), run.inv_t, run.log1m_a, run.log_a,
-            **run.consts(),
+            **run.consts(blocks.fwd_block_v),
         )
         kl_sm, kl_tm = part2.sum(1).unbind(0)
         stats["aux"] = run.one_m_a * kl_sm
@@ -386,7 +386,7 @@ def fused_backward(run: _Launch, targets, row: Tensor, coef: Tensor, mode: int, 
     f32 = dict(device=dev, dtype=torch.float32)
     common = (n, v, run.k, run.kt)
     scalars = (run.inv_t, opts.ignore_index, run.one_m_a, run.log1m_a, run.log_a)
-    consts = dict(NEED_ENT=need_ent, DIV_MODE=mode, **run.consts())
+    consts = dict(NEED_ENT=need_ent, DIV_MODE=mode, **run.consts(blocks.block_v))
     d_hidden = d_weight = d_bias = None
 
     if need_h:
