@@ -1,0 +1,607 @@
+"""Rollouts: sample completions, record behaviour log-probs, pack them for the loss core.
+
+The loop calls three things here::
+
+    engine = get_rollout_engine("hf", model, tokenizer)          # or HFRolloutEngine(model, tokenizer)
+    rollout = engine.generate(prompt_ids, SamplingParams(num_generations=8, max_new_tokens=48))
+    batch = rollout.pack(indices)                                 # PackedBatch of some samples
+    hidden = completion_hidden_states(model, batch)               # [N, H] -> kernels.fused_loss
+
+Layout
+------
+``rollout`` holds ``S = P * G`` samples for ``P`` prompts and ``G = num_generations``, prompt-major:
+sample ``s`` answers prompt ``s // G`` (``rollout.group_ids``). A completion ends at the first stop
+token (EOS), which is kept as its last token; tokens after it are dropped. A completion that hit
+``max_new_tokens`` without EOS is ``truncated``. Every completion has at least one token.
+
+Packed, a batch of ``B`` samples is ``N = sum(lengths)`` completion tokens, sample after sample:
+``targets[N]`` (the token ids), ``seq_ids[N]`` (``0..B-1``, the sample's row in the batch) and
+``old_logp[N]``, the core's layout (DESIGN.md). For the forward pass, row ``b`` of
+``input_ids[B, C + T]`` is the context (prompt, or a teacher context) left-padded to width ``C``
+followed by the completion right-padded to width ``T``; so completion token ``j`` sits at column
+``C + j`` and the hidden state that predicts it is at column ``C + j - 1``. ``predict_mask[B, C+T]``
+marks exactly those positions, in row-major order == packed order, so
+``hidden_all[predict_mask]`` is ``[N, H]`` aligned with ``targets``.
+
+The teacher of SDPO (and the reference model) runs on *other* contexts with the *same* completion
+tokens: ``rollout.pack(indices, contexts=teacher_contexts)`` or :func:`build_packed_batch` gives
+a batch whose ``targets``/``seq_ids`` are identical to the student's, so their ``[N, H]`` hidden
+states line up token for token.
+
+Behaviour log-probs
+-------------------
+``old_logp`` of a sampled token is ``log_softmax(raw_logits / temperature)[token]`` at the step
+that sampled it, taken from inside ``generate`` by a logits processor that runs *before* the
+temperature / top-k / top-p warpers (transformers applies its own processors first; this engine
+switches all of them off and installs its own, in order). That is exactly the quantity the loss
+core computes at the same temperature over the full vocabulary, so with top-k / top-p off the
+ratio ``exp(logp - old_logp)`` is 1 up to numerics at the first update; with top-k / top-p on,
+``old_logp`` deliberately stays the full-vocabulary value (the truncation is part of the sampler,
+not of the policy being trained), as in TRL and verl.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "SamplingParams",
+    "Rollout",
+    "PackedBatch",
+    "RolloutEngine",
+    "HFRolloutEngine",
+    "register_rollout_engine",
+    "get_rollout_engine",
+    "list_rollout_engines",
+    "build_packed_batch",
+    "completion_hidden_states",
+    "completion_logprobs",
+    "lm_head_params",
+    "truncate_at_stop",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# settings and results
+
+
+@dataclass
+class SamplingParams:
+    """How completions are sampled.
+
+    Attributes:
+        max_new_tokens: generation budget per completion (a completion that uses it all without
+            emitting EOS is ``truncated``).
+        num_generations: completions per prompt (the GRPO group size ``G``).
+        temperature: sampling temperature; also the temperature of the recorded ``old_logp``.
+        top_p: nucleus sampling mass (1.0 = off).
+        top_k: sample among the k most likely tokens (0 = off).
+        do_sample: ``False`` for greedy decoding (evaluation); the sampling knobs are then ignored
+            but ``old_logp`` is still recorded at ``temperature``.
+    """
+
+    max_new_tokens: int = 48
+    num_generations: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    do_sample: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+
+
+@dataclass
+class PackedBatch:
+    """``B`` samples ready for a forward pass and for the loss core (see the module docstring).
+
+    Attributes:
+        input_ids: ``[B, C + T]`` context left-padded to ``C`` + completion right-padded to ``T``.
+        attention_mask: ``[B, C + T]`` 1 on real tokens.
+        position_ids: ``[B, C + T]`` 0-based positions of real tokens (padding gets 0 on the left).
+        predict_mask: ``[B, C + T]`` bool, True where the output predicts a completion token.
+        targets: ``[N]`` completion token ids, packed sample after sample.
+        seq_ids: ``[N]`` row in this batch (``0..B-1``) of each token.
+        lengths: ``[B]`` completion lengths.
+        sample_ids: ``[B]`` index of each row in the rollout it came from (or ``arange(B)``).
+        old_logp: ``[N]`` behaviour log-probs, when known.
+        context_width: ``C``.
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    position_ids: Tensor
+    predict_mask: Tensor
+    targets: Tensor
+    seq_ids: Tensor
+    lengths: Tensor
+    sample_ids: Tensor
+    old_logp: Tensor | None = None
+    context_width: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.targets.numel())
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.lengths.numel())
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        """A copy with every tensor on ``device``."""
+        moved = {
+            f.name: (v.to(device) if isinstance(v, Tensor) else v)
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
+        return PackedBatch(**moved)
+
+
+@dataclass
+class Rollout:
+    """``S = P * G`` sampled completions of ``P`` prompts, prompt-major (sample ``s`` -> prompt ``s // G``).
+
+    Attributes:
+        prompt_ids: ``P`` prompt token id lists (unpadded).
+        completion_ids: ``S`` completion token id lists; each ends with its stop token unless
+            ``truncated``; never empty.
+        texts: ``S`` decoded completions (special tokens, including the stop token, removed).
+        logps: ``S`` fp32 tensors of behaviour log-probs, one per completion token (CPU).
+        truncated: ``[S]`` bool, the completion hit ``max_new_tokens`` without a stop token.
+        num_generations: ``G``.
+        params: the sampling settings used.
+        pad_token_id: the id used for padding in :meth:`pack`.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    logps: list[Tensor]
+    truncated: Tensor
+    num_generations: int
+    params: SamplingParams
+    pad_token_id: int
+
+    @property
+    def num_prompts(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def lengths(self) -> Tensor:
+        """``[S]`` long: completion lengths (including the stop token)."""
+        return torch.tensor([len(c) for c in self.completion_ids], dtype=torch.long)
+
+    @property
+    def group_ids(self) -> Tensor:
+        """``[S]`` long: the prompt index of each sample (``s // G``)."""
+        return torch.arange(self.num_samples) // self.num_generations
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c) for c in self.completion_ids)
+
+    def sample_prompt_ids(self, s: int) -> list[int]:
+        """The prompt token ids sample ``s`` answers."""
+        return self.prompt_ids[s // self.num_generations]
+
+    def behaviour_logp(self, indices: Sequence[int] | None = None) -> Tensor:
+        """``[N]`` packed behaviour log-probs of the given samples (default: all)."""
+        indices = range(self.num_samples) if indices is None else indices
+        parts = [self.logps[i] for i in indices]
+        return torch.cat(parts) if parts else torch.zeros(0)
+
+    def pack(
+        self,
+        indices: Sequence[int] | Tensor | None = None,
+        *,
+        contexts: Sequence[Sequence[int]] | None = None,
+        device: torch.device | str | None = None,
+    ) -> PackedBatch:
+        """Pack samples ``indices`` (default: all, in order) for a forward pass and the loss core.
+
+        Args:
+            indices: which samples, in the order they should appear in the batch (a
+                micro-batch of the rollout).
+            contexts: one context per selected sample to use instead of its prompt (e.g. the SDPO
+                teacher context); the completion tokens, ``targets`` and ``seq_ids`` are unchanged.
+            device: where to put the tensors (default CPU).
+        """
+        if indices is None:
+            indices = list(range(self.num_samples))
+        elif isinstance(indices, Tensor):
+            indices = indices.tolist()
+        indices = [int(i) for i in indices]
+        if contexts is None:
+            contexts = [self.sample_prompt_ids(i) for i in indices]
+        elif len(contexts) != len(indices):
+            raise ValueError(f"pack: {len(contexts)} contexts for {len(indices)} samples")
+        batch = build_packed_batch(
+            contexts,
+            [self.completion_ids[i] for i in indices],
+            pad_token_id=self.pad_token_id,
+            old_logp=self.behaviour_logp(indices),
+            sample_ids=indices,
+        )
+        return batch.to(device) if device is not None else batch
+
+
+# --------------------------------------------------------------------------------------------
+# packing and the hidden-state helper
+
+
+def build_packed_batch(
+    contexts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    old_logp: Tensor | None = None,
+    sample_ids: Sequence[int] | None = None,
+) -> PackedBatch:
+    """Lay out (context, completion) pairs as described in the module docstring.
+
+    Contexts must be non-empty (the first completion token needs a position that predicts it)
+    and completions non-empty.
+    """
+    if len(contexts) != len(completions):
+        raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
+    if len(contexts) == 0:
+        raise ValueError("build_packed_batch needs at least one (context, completion) pair")
+    ctx = [list(map(int, c)) for c in contexts]
+    comp = [list(map(int, c)) for c in completions]
+    for i, (c, y) in enumerate(zip(ctx, comp)):
+        if not c:
+            raise ValueError(f"sample {i}: empty context (a completion needs at least one context token)")
+        if not y:
+            raise ValueError(f"sample {i}: empty completion")
+    B = len(ctx)
+    C = max(len(c) for c in ctx)
+    T = max(len(y) for y in comp)
+    input_ids = torch.full((B, C + T), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros((B, C + T), dtype=torch.long)
+    predict_mask = torch.zeros((B, C + T), dtype=torch.bool)
+    for b, (c, y) in enumerate(zip(ctx, comp)):
+        input_ids[b, C - len(c) : C] = torch.tensor(c)
+        input_ids[b, C : C + len(y)] = torch.tensor(y)
+        attention_mask[b, C - len(c) : C + len(y)] = 1
+        predict_mask[b, C - 1 : C - 1 + len(y)] = True
+    position_ids = (attention_mask.cumsum(1) - 1).clamp_min(0)
+    lengths = torch.tensor([len(y) for y in comp], dtype=torch.long)
+    targets = torch.tensor([t for y in comp for t in y], dtype=torch.long)
+    seq_ids = torch.repeat_interleave(torch.arange(B), lengths)
+    if old_logp is not None and old_logp.numel() != targets.numel():
+        raise ValueError(f"old_logp has {old_logp.numel()} entries for {targets.numel()} completion tokens")
+    return PackedBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        predict_mask=predict_mask,
+        targets=targets,
+        seq_ids=seq_ids,
+        lengths=lengths,
+        sample_ids=torch.tensor(list(sample_ids) if sample_ids is not None else range(B), dtype=torch.long),
+        old_logp=old_logp,
+        context_width=C,
+    )
+
+
+def completion_hidden_states(model: Any, batch: PackedBatch, *, via: str = "decoder") -> Tensor:
+    """Final hidden states ``[N, H]`` at the positions that predict the completion tokens.
+
+    These are the states that feed ``lm_head`` (after the final norm), so
+    ``lm_head(h)[i]`` are the logits of ``batch.targets[i]``. Gradients flow when called
+    outside ``torch.no_grad()`` (the policy); wrap it in ``no_grad`` for the reference model and the
+    teacher. ``batch`` is moved to the model's device if needed.
+
+    Args:
+        model: a Hugging Face causal LM (``...ForCausalLM``), unwrapped.
+        batch: from :meth:`Rollout.pack` or :func:`build_packed_batch`.
+        via: ``"decoder"`` (default) runs ``model.get_decoder()`` (the base model without lm_head)
+            and reads ``last_hidden_state``, so no ``[B, L, V]`` logits are ever computed.
+            ``"forward"`` calls ``model(...)`` itself with ``output_hidden_states=True`` and
+            ``logits_to_keep=1`` and reads ``hidden_states[-1]`` (post-norm in transformers >= 5);
+            use it when the outer module's forward must run (e.g. a wrapper that gathers
+            sharded parameters in its forward).
+    """
+    device = _model_device(model)
+    if batch.input_ids.device != device:
+        batch = batch.to(device)
+    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    if via == "decoder":
+        hidden = model.get_decoder()(**inputs).last_hidden_state
+    elif via == "forward":
+        out = model(**inputs, output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1]
+    else:
+        raise ValueError(f"via must be 'decoder' or 'forward', got {via!r}")
+    return hidden[batch.predict_mask]
+
+
+def completion_logprobs(model: Any, batch: PackedBatch, *, temperature: float = 1.0) -> Tensor:
+    """``[N]`` fp32 ``log_softmax(logits / temperature)[target]`` from a full forward pass.
+
+    Materialises ``[B, L, V]`` logits: a reference for tests and small models; the loop itself
+    uses :func:`completion_hidden_states` and the loss core.
+    """
+    device = _model_device(model)
+    if batch.input_ids.device != device:
+        batch = batch.to(device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits
+    logits = logits[batch.predict_mask].float() / temperature
+    return logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
+
+
+def lm_head_params(model: Any) -> tuple[Tensor, Tensor | None]:
+    """``(weight [V, H], bias [V] or None)`` of the model's output layer, for the loss core."""
+    head = model.get_output_embeddings()
+    return head.weight, getattr(head, "bias", None)
+
+
+def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int] | set[int]) -> tuple[list[int], bool]:
+    """Cut ``tokens`` after the first stop token (kept). Returns ``(tokens, truncated)``:
+    ``truncated`` is True when no stop token occurs."""
+    stops = set(int(t) for t in stop_token_ids)
+    out: list[int] = []
+    for t in tokens:
+        out.append(int(t))
+        if int(t) in stops:
+            return out, False
+    return out, True
+
+
+def _model_device(model: Any) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# engines
+
+
+class RolloutEngine(ABC):
+    """Samples completions for prompts. One engine per policy model.
+
+    Engines that keep their own copy of the weights (an inference server) refresh it in
+    :meth:`update_weights`, which the loop calls after every optimiser step; the HF engine samples
+    from the live policy and needs nothing.
+    """
+
+    name: str = ""
+
+    @abstractmethod
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
+    ) -> Rollout:
+        """Sample ``params.num_generations`` completions for each prompt (token ids, e.g. from
+        :func:`denser.trainers.models.render_prompt`). ``seed`` makes the call reproducible
+        without touching the global RNG; ``None`` uses the global RNG."""
+
+    def update_weights(self, model: Any) -> None:  # noqa: B027 - optional hook
+        """Bring the engine's weights up to date with ``model`` (no-op by default)."""
+
+
+_ENGINES: dict[str, type[RolloutEngine]] = {}
+
+
+def register_rollout_engine(name: str):
+    """Class decorator: make an engine available as ``get_rollout_engine(name, ...)``."""
+
+    def deco(cls: type[RolloutEngine]) -> type[RolloutEngine]:
+        cls.name = name
+        _ENGINES[name] = cls
+        return cls
+
+    return deco
+
+
+def get_rollout_engine(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``"hf"``) for ``model`` and ``tokenizer``."""
+    if name not in _ENGINES:
+        raise ValueError(f"unknown rollout engine {name!r}; known: {', '.join(sorted(_ENGINES))}")
+    return _ENGINES[name](model, tokenizer, **kwargs)
+
+
+def list_rollout_engines() -> list[str]:
+    return sorted(_ENGINES)
+
+
+class _BehaviourLogpRecorder:
+    """A logits processor that records ``log_softmax(raw / T)`` of each sampled token.
+
+    Placed first in the processor list (every built-in processor of ``generate`` is switched
+    off), it sees raw logits. At step ``t`` the token sampled at step ``t-1`` is the last column
+    of ``input_ids``, so only one ``[B, V]`` log-softmax is kept at a time; :meth:`finish` reads
+    the last step's token from the final sequences.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self.prev: Tensor | None = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """``[B, steps]`` log-probs, one column per generated token."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:].to(self.prev.device)).squeeze(1))
+            self.prev = None
+        if not self.steps:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.steps, dim=1)
+
+
+@register_rollout_engine("hf")
+class HFRolloutEngine(RolloutEngine):
+    """Sampling with transformers ``generate`` on the live policy model.
+
+    Args:
+        model: an unwrapped HF causal LM (under accelerate, pass ``accelerator.unwrap_model(model)``).
+        tokenizer: its tokenizer (decodes texts; gives EOS and pad ids).
+        max_batch_size: at most this many sequences per ``generate`` call (default: all at once).
+        stop_token_ids: tokens that end a completion (default: the tokenizer's EOS plus the
+            model's ``generation_config.eos_token_id``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        if stop_token_ids is None:
+            ids: list[int] = []
+            for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+                for t in (src if isinstance(src, (list, tuple)) else [src]):
+                    if t is not None and int(t) not in ids:
+                        ids.append(int(t))
+            stop_token_ids = ids
+        if not stop_token_ids:
+            raise ValueError("HFRolloutEngine needs a stop token: the tokenizer has no eos_token and none was given")
+        self.stop_token_ids = [int(t) for t in stop_token_ids]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
+    ) -> Rollout:
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: render prompts with render_prompt() first")
+        G = params.num_generations
+        flat = [p for p in prompts for _ in range(G)]
+        chunk = self.max_batch_size or len(flat)
+        completions: list[list[int]] = []
+        logps: list[Tensor] = []
+        truncated: list[bool] = []
+        device = _model_device(self.model)
+        rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+               if seed is not None else contextlib.nullcontext())
+        with rng, _eval_mode(self.model), torch.no_grad():
+            if seed is not None:
+                torch.manual_seed(seed)
+            for start in range(0, len(flat), chunk):
+                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device)
+                completions += c
+                logps += lp
+                truncated += tr
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return Rollout(
+            prompt_ids=prompts,
+            completion_ids=completions,
+            texts=texts,
+            logps=logps,
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+            num_generations=G,
+            params=params,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], params: SamplingParams, device: torch.device
+    ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
+        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers.generation.logits_process import (
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, p in enumerate(prompts):
+            input_ids[b, width - len(p) :] = torch.tensor(p)
+            attention_mask[b, width - len(p) :] = 1
+        recorder = _BehaviourLogpRecorder(params.temperature)
+        processors: list[Any] = [recorder]
+        if params.do_sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+        # Every built-in processor off (temperature 1, top_k 0, ...): ours above run alone, in order.
+        sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if params.do_sample else {}
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=params.do_sample,
+            num_beams=1,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+            **sampling,
+        )
+        with _neutral_generation_config(self.model, config):
+            sequences = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=attention_mask.to(device),
+                generation_config=config,
+                logits_processor=LogitsProcessorList(processors),
+            )
+        logp_steps = recorder.finish(sequences).cpu()
+        new = sequences[:, width:].cpu()
+        completions, logps, truncated = [], [], []
+        for b in range(new.shape[0]):
+            tokens, tr = truncate_at_stop(new[b].tolist(), self.stop_token_ids)
+            completions.append(tokens)
+            logps.append(logp_steps[b, : len(tokens)].clone())
+            truncated.append(tr)
+        return completions, logps, truncated
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model: Any, config: Any):
+    """``generate`` fills unset fields from ``model.generation_config`` (repetition penalty,
+    top-k, ... of a checkpoint); swap in ours for the call so nothing else alters the logits."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
