@@ -1,1 +1,34 @@
-"""tasks"""
+"""Verifiable tasks: locally generated datasets, prompts, and rewards with feedback.
+
+    from denser.tasks import get_task, list_tasks, DEFAULT_TASK
+    task = get_task(DEFAULT_TASK, seed=0)
+    task.train, task.eval                      # datasets.Dataset, disjoint questions
+    task.prompt(row) -> chat messages          # render with denser.trainers.models.render_prompt
+    task.score(completion_text, row) -> Score(score, feedback, answer)
+
+Built-in tasks are in :mod:`denser.tasks.builtin`; ``file:PATH`` tasks in
+:mod:`denser.tasks.file_task`; the answer-extraction rule in :mod:`denser.tasks.answers`.
+"""
+
+from denser.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
+from denser.tasks.answers import ANSWER_INSTRUCTION, extract_answer, parse_number
+from denser.tasks.base import Score, Task, get_task, list_tasks, register_task, task_descriptions
+from denser.tasks.file_task import FileTask, FileTaskError
+
+#: the task ``denser train`` uses when none is given (chosen by measuring the embedded model)
+DEFAULT_TASK = "addition"
+
+__all__ = [
+    "ANSWER_INSTRUCTION",
+    "DEFAULT_TASK",
+    "FileTask",
+    "FileTaskError",
+    "Score",
+    "Task",
+    "extract_answer",
+    "get_task",
+    "list_tasks",
+    "parse_number",
+    "register_task",
+    "task_descriptions",
+]

@@ -1,0 +1,212 @@
+"""Tasks: deterministic disjoint splits, answer extraction, rewards with feedback, file tasks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from denser.tasks import DEFAULT_TASK, FileTaskError, Score, Task, extract_answer, get_task, list_tasks, parse_number
+from denser.tasks.base import task_descriptions
+
+BUILTIN = list_tasks()
+
+
+def test_registry_lists_builtin_tasks():
+    assert len(BUILTIN) >= 4
+    assert {"addition", "reverse", "format", "logic"} <= set(BUILTIN)
+    assert DEFAULT_TASK in BUILTIN
+    assert all(task_descriptions()[n] for n in BUILTIN)
+
+
+def test_unknown_task_lists_known_names():
+    with pytest.raises(ValueError) as err:
+        get_task("no_such_task")
+    msg = str(err.value)
+    assert "no_such_task" in msg and all(n in msg for n in BUILTIN) and "file:" in msg
+
+
+def test_inline_options_and_bad_options():
+    task = get_task("arithmetic?seed=3&num_train=10&num_eval=5")
+    assert (task.seed, len(task.train), len(task.eval)) == (3, 10, 5)
+    with pytest.raises(TypeError, match="bad options"):
+        get_task("arithmetic", colour="blue")
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_splits_deterministic_and_disjoint(name):
+    a, b = get_task(name, seed=0), get_task(name, seed=0)
+    assert a.train.to_list() == b.train.to_list() and a.eval.to_list() == b.eval.to_list()
+    assert len(a.train) > 0 and len(a.eval) > 0
+    assert not set(a.train["question"]) & set(a.eval["question"])
+    assert len(set(a.train["question"])) == len(a.train)
+    c = get_task(name, seed=1)
+    assert c.train["question"] != a.train["question"]
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_reward_right_wrong_and_missing(name):
+    task = get_task(name, num_train=20, num_eval=5)
+    for row in task.eval:
+        messages = task.prompt(row)
+        assert messages[-1] == {"role": "user", "content": row["question"]}
+        assert "Answer:" in row["question"]
+        right = task.score(f"Let me think.\nAnswer: {row['answer']}", row)
+        assert right == Score(1.0, None, row["answer"]) and task.is_success(right)
+        assert task.score(f"\\boxed{{{row['answer']}}}", row).score == 1.0
+        wrong = task.score("Answer: zzz 12345 zzz", row)
+        assert wrong.score == 0.0 and not task.is_success(wrong)
+        assert isinstance(wrong.feedback, str) and 0 < len(wrong.feedback) < 200
+        missing = task.score(f"I think it is {row['answer']}", row)
+        assert missing.score == 0.0 and missing.answer is None and "Answer:" in missing.feedback
+        # feedback never gives the solution away
+        assert row["answer"] not in (wrong.feedback or "").split()
+
+
+def test_few_shot_examples_are_outside_the_problem_space():
+    for name in BUILTIN:
+        task = get_task(name, num_train=50, num_eval=10)
+        assert task.examples, name
+        questions = set(task.train["question"]) | set(task.eval["question"])
+        assert all(q not in questions for q, _ in task.examples)
+        # each worked example is itself scored right by the task's reward rule
+        assert all(extract_answer(reply) is not None for _, reply in task.examples)
+        plain = get_task(name, few_shot=False, num_train=50, num_eval=10)
+        assert plain.prompt(plain.eval[0]) == [{"role": "user", "content": plain.eval[0]["question"]}]
+
+
+def test_specific_feedback():
+    add = get_task("addition")
+    row = {"question": "What is 3 + 4?", "answer": "7"}
+    assert add.score("Answer: 9", row).feedback == "Your answer 9 is wrong: it is too high."
+    assert add.score("Answer: 5", row).feedback == "Your answer 5 is wrong: it is too low."
+    assert "not a single number" in add.score("Answer: 3 or 4", row).feedback
+    assert add.score("3 + 4 = 7.\nAnswer: 3 + 4 = 7", row).score == 1.0
+
+    rev = get_task("reverse")
+    row = {"question": "q", "answer": "tac", "word": "cat"}
+    assert "unchanged" in rev.score("Answer: cat", row).feedback
+    assert "wrong order" in rev.score("Answer: atc", row).feedback
+    assert "length" in rev.score("Answer: tacs", row).feedback
+    assert rev.score("Answer: T-A-C", row).score == 1.0
+
+    logic = get_task("logic")
+    row = {"question": "q", "answer": "Ann", "people": "Ann Bob Cid", "ask": "tallest"}
+    assert logic.score("Answer: Ann.", row).score == 1.0
+    assert logic.score("Answer: Bob", row).feedback == "Bob is not the tallest: Ann is taller than Bob."
+    assert "exactly one" in logic.score("Answer: Ann or Bob", row).feedback
+
+    fmt = get_task("format")
+    row = {"question": "q", "answer": "CAT", "word": "cat", "kind": "upper"}
+    assert fmt.score("Answer: CAT", row).score == 1.0
+    assert "capital" in fmt.score("Answer: Cat", row).feedback
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Answer: 7", "7"),
+        ("answer: 7.", "7"),
+        ("**Answer:** 42", "42"),
+        ("Final answer: -3", "-3"),
+        ("The answer is 12.", "12"),
+        ("Answer:\n\n  8", "8"),
+        ("so \\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+        ("Answer: 3\nwait, no.\nAnswer: 5", "5"),  # the last marker wins
+        ("\\boxed{4} ... Answer: 6", "6"),
+        ("Answer: 6 ... \\boxed{4}", "4"),
+        ("Answer: \\boxed{9}", "9"),
+        ("Answer: 'tac'", "tac"),
+        ("no marker 7", None),
+        ("", None),
+        ("the canswer: 5", None),
+    ],
+)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_parse_number():
+    assert parse_number("7") == 7 and parse_number("+7.0") == 7 and parse_number("1,000") == 1000
+    assert parse_number("x = 12") == 12 and parse_number("3 + 4 = 7") == 7
+    assert parse_number("3 or 4") is None and parse_number("seven") is None and parse_number(None) is None
+
+
+def test_too_few_problems_for_eval():
+    with pytest.raises(ValueError, match="distinct problems"):
+        get_task("addition", num_eval=81).train
+
+
+# ---------------------------------------------------------------------------------------- file tasks
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_file_task_exact_numeric_contains(tmp_path):
+    rows = [{"prompt": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(20)]
+    path = _write_jsonl(tmp_path / "d.jsonl", rows)
+    task = get_task(f"file:{path}?reward=numeric&eval_fraction=0.25")
+    assert isinstance(task, Task) and len(task.train) == 15 and len(task.eval) == 5
+    assert not set(task.train["question"]) & set(task.eval["question"])
+    again = get_task(f"file:{path}", reward="numeric", eval_fraction=0.25)
+    assert again.eval["question"] == task.eval["question"]
+    row = task.eval[0]
+    assert task.prompt(row)[-1]["content"].endswith("End with 'Answer: <answer>'.")
+    assert task.score(f"Answer: {row['answer']}.0", row).score == 1.0
+    assert "too high" in task.score(f"Answer: {int(row['answer']) + 1}", row).feedback
+
+    exact = get_task(f"file:{path}", reward="exact")
+    assert exact.score(f"  {row['answer']} ", row).score == 1.0  # no marker: the whole reply
+    assert exact.score("Answer: nope", row).score == 0.0
+
+    contains = get_task(f"file:{path}", reward="contains")
+    assert "Answer" not in contains.prompt(row)[-1]["content"]
+    assert contains.score(f"it is {row['answer']} I think", row).score == 1.0
+    assert contains.score("no idea", row).feedback
+
+
+def test_file_task_split_column_messages_and_parquet(tmp_path):
+    rows = [
+        {"prompt": "a?", "answer": "A", "split": "train"},
+        {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "b?"}], "answer": "B",
+         "split": "train"},
+        {"prompt": "c?", "answer": "C", "split": "test"},
+    ]
+    task = get_task(f"file:{_write_jsonl(tmp_path / 's.jsonl', rows)}")
+    assert task.train["answer"] == ["A", "B"] and task.eval["answer"] == ["C"]
+    assert task.prompt(task.train[1])[0] == {"role": "system", "content": "Be brief."}
+
+    from datasets import Dataset
+
+    pq = tmp_path / "d.parquet"
+    Dataset.from_list([{"prompt": f"q{i}", "answer": i} for i in range(10)]).to_parquet(str(pq))
+    task = get_task(f"file:{pq}", reward="numeric")
+    assert len(task.train) + len(task.eval) == 10 and task.train[0]["answer"].isdigit()
+
+
+def test_file_task_errors(tmp_path):
+    with pytest.raises(FileTaskError, match="does not exist"):
+        get_task(f"file:{tmp_path / 'missing.jsonl'}")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(FileTaskError, match="no rows"):
+        get_task(f"file:{empty}")
+    nocol = _write_jsonl(tmp_path / "nocol.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(FileTaskError, match=r"missing column\(s\) prompt.*found: answer, question"):
+        get_task(f"file:{nocol}")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "answer": "1"}\n{oops\n')
+    with pytest.raises(FileTaskError, match="line 2"):
+        get_task(f"file:{bad}")
+    words = _write_jsonl(tmp_path / "w.jsonl", [{"prompt": "q", "answer": "seven"}])
+    with pytest.raises(FileTaskError, match="not a single number"):
+        get_task(f"file:{words}", reward="numeric")
+    with pytest.raises(FileTaskError, match="unknown reward"):
+        get_task(f"file:{words}", reward="fuzzy")
+    other = tmp_path / "d.txt"
+    other.write_text("x")
+    with pytest.raises(FileTaskError, match="unsupported extension"):
+        get_task(f"file:{other}")
