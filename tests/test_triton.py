@@ -269,7 +269,7 @@ def _fused(inp, blocks, loss_of, **opts):
     return stats, grads
 
 
-@pytest.mark.parametrize("alpha", [0.3, 1.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 def test_fused_vocab_splits_and_waves(gen, alpha):
     """Several vocabulary ranges per token block (merged partial statistics) and fp32 accumulators
     in several waves give the reference's values and gradients, and the same bits every run."""
