@@ -120,6 +120,9 @@ def test_pack_with_other_contexts_keeps_the_token_layout(rollout):
     teacher = rollout.pack(idx, contexts=contexts)
     assert torch.equal(teacher.targets, student.targets) and torch.equal(teacher.seq_ids, student.seq_ids)
     assert teacher.context_width == 37
+    cut = rollout.pack(idx, contexts=contexts, max_context_len=5)
+    assert cut.context_width == 5 and cut.input_ids[1, :5].tolist() == contexts[1][-5:]
+    assert torch.equal(cut.targets, student.targets)
     with pytest.raises(ValueError, match="contexts"):
         rollout.pack(idx, contexts=contexts[:2])
     with pytest.raises(ValueError, match="empty context"):

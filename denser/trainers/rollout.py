@@ -215,6 +215,7 @@ class Rollout:
         indices: Sequence[int] | Tensor | None = None,
         *,
         contexts: Sequence[Sequence[int]] | None = None,
+        max_context_len: int | None = None,
         device: torch.device | str | None = None,
     ) -> PackedBatch:
         """Pack samples ``indices`` (default: all, in order) for a forward pass and the loss core.
@@ -224,6 +225,7 @@ class Rollout:
                 micro-batch of the rollout).
             contexts: one context per selected sample to use instead of its prompt (e.g. the SDPO
                 teacher context); the completion tokens, ``targets`` and ``seq_ids`` are unchanged.
+            max_context_len: keep at most this many context tokens, cutting on the left.
             device: where to put the tensors (default CPU).
         """
         if indices is None:
@@ -241,6 +243,7 @@ class Rollout:
             pad_token_id=self.pad_token_id,
             old_logp=self.behaviour_logp(indices),
             sample_ids=indices,
+            max_context_len=max_context_len,
         )
         return batch.to(device) if device is not None else batch
 
@@ -256,17 +259,25 @@ def build_packed_batch(
     pad_token_id: int,
     old_logp: Tensor | None = None,
     sample_ids: Sequence[int] | None = None,
+    max_context_len: int | None = None,
 ) -> PackedBatch:
     """Lay out (context, completion) pairs as described in the module docstring.
 
     Contexts must be non-empty (the first completion token needs a position that predicts it)
-    and completions non-empty.
+    and completions non-empty. ``max_context_len`` keeps only the last that many tokens of each
+    context (left truncation, e.g. for long teacher contexts). ``sample_ids`` (default
+    ``0..B-1``) is stored so per-sample tensors of the rollout (rewards, advantages) can be
+    gathered for the batch: ``advantages[batch.sample_ids]`` is ``[B]``, indexed by ``seq_ids``.
     """
     if len(contexts) != len(completions):
         raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
     if len(contexts) == 0:
         raise ValueError("build_packed_batch needs at least one (context, completion) pair")
     ctx = [list(map(int, c)) for c in contexts]
+    if max_context_len is not None:
+        if max_context_len < 1:
+            raise ValueError(f"max_context_len must be >= 1, got {max_context_len}")
+        ctx = [c[-max_context_len:] for c in ctx]
     comp = [list(map(int, c)) for c in completions]
     for i, (c, y) in enumerate(zip(ctx, comp)):
         if not c:
