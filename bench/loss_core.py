@@ -20,12 +20,13 @@ import sys
 import time
 from dataclasses import dataclass
 
-CASES = ["floor", "reference", "chunked", "fused-sdpo", "fused-grpo", "liger-jsd"]
+CASES = ["floor", "reference", "chunked", "fused-sdpo", "fused-sdpo-topk", "fused-grpo", "liger-jsd"]
 DESCRIPTIONS = {
     "floor": "4 bare matmuls: student + teacher logits, dH, dW",
     "reference": "token_stats backend=reference (materialised fp32 logits, autograd)",
     "chunked": "token_stats backend=chunked (logits recomputed in backward)",
-    "fused-sdpo": "fused_loss backend=chunked, objective sdpo (gradients in forward)",
+    "fused-sdpo": "fused_loss backend=chunked, sdpo full vocabulary (gradients in forward)",
+    "fused-sdpo-topk": "fused_loss backend=chunked, sdpo top-100 + tail (its default)",
     "fused-grpo": "fused_loss backend=chunked, objective grpo (gradients in forward)",
     "liger-jsd": "Liger-Kernel LigerFusedLinearJSDLoss(compiled=False), peer",
 }
@@ -91,8 +92,12 @@ def _step_fn(case: str, shape: Shape):
         from denser.kernels import fused_loss
         from denser.objectives import PolicyBatch, get_objective
 
-        name = case.split("-", 1)[1]
-        objective = get_objective(name, alpha=shape.alpha) if name == "sdpo" else get_objective(name)
+        name = case.split("-")[1]
+        if name == "sdpo":
+            mode = "topk" if case.endswith("topk") else "full"
+            objective = get_objective("sdpo", alpha=shape.alpha, distill_mode=mode)
+        else:
+            objective = get_objective(name)
         seqs = max(1, shape.n // 256)
         seq_ids = torch.arange(shape.n) * seqs // shape.n
         batch = PolicyBatch(seq_ids=seq_ids, num_seqs=seqs, global_tokens=float(shape.n), global_seqs=float(seqs),
