@@ -92,7 +92,8 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
         with torch.no_grad():
             z_s = chunk_logits(h_detached[a:b], w_detached, b_detached, buffers, "z_s")
             z_t = chunk_logits(teacher_hidden[a:b], teacher_weight, teacher_bias, buffers, "z_t") if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, **ws)
+            out = sweeps.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, **ws,
+                                      **({"keep": True} if ws else {}))
         valid = y != opts.ignore_index
         logp = out.logp.detach().requires_grad_()
         entropy = out.entropy.detach().requires_grad_() if out.entropy is not None else None

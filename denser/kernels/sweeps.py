@@ -45,6 +45,7 @@ class SweepOut:
     lse_t: Tensor | None = None
     divergence: Tensor | None = None
     aux: Tensor | None = None  # alpha = 1: D; 0 < alpha < 1: (1-a) sum p_s log(p_s / m)
+    cache: dict | None = None  # [c, V] tiles of the forward (log p_s, p_s, ...) for a backward on the same chunk
 
 
 def _buf(ws: dict | None, name: str, like: Tensor) -> Tensor:
@@ -74,16 +75,27 @@ def _scaled_copy(z: Tensor, temperature: float, out: Tensor) -> Tensor:
 
 
 def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOptions, full_divergence: bool,
-                  ws: dict | None = None) -> SweepOut:
+                  ws: dict | None = None, keep: bool = False) -> SweepOut:
     """Statistics of one chunk. ``z_s``/``z_t``: raw logits ``[c, V]`` (left untouched).
 
     ``full_divergence``: compute the full-vocabulary D_alpha (False for top-k, where the driver
     computes the divergence on the support from ``lse_s`` and ``lse_t``).
+    ``keep``: leave the tiles the backward needs in ``out.cache`` (``fused_loss`` runs the backward
+    sweep on the same chunk right after, so nothing is recomputed).
     """
+    cache: dict[str, Tensor] = {}
+    out = _forward(z_s, z_t, targets, opts, full_divergence, ws, cache)
+    if keep:
+        out.cache = cache
+    return out
+
+
+def _forward(z_s, z_t, targets, opts: CoreOptions, full_divergence: bool, ws, cache: dict) -> SweepOut:
     valid = targets != opts.ignore_index
     safe_y = torch.where(valid, targets, torch.zeros_like(targets)).long()
     zs = _scaled_copy(z_s, opts.temperature, _buf(ws, "zs", z_s))
     logps, lse_s = _log_softmax(zs, _buf(ws, "logps", z_s))
+    cache["logps"] = logps
     logp = torch.where(valid, logps.gather(1, safe_y[:, None]).squeeze(1), 0.0)
     out = SweepOut(logp=logp, lse_s=lse_s)
     need_div = z_t is not None and full_divergence
@@ -93,7 +105,7 @@ def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOp
         return out
 
     scratch = _buf(ws, "scratch", z_s)
-    ps = torch.exp(logps, out=_buf(ws, "ps", z_s))
+    ps = cache["ps"] = torch.exp(logps, out=_buf(ws, "ps", z_s))
     s_plogp = _rowdot(ps, logps, scratch)  # sum p_s log p_s = -H
     if opts.need_entropy:
         out.entropy = torch.where(valid, -s_plogp, 0.0)
@@ -104,24 +116,32 @@ def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOp
         out.lse_t = torch.logsumexp(zt, dim=-1)
         return out
     logpt, out.lse_t = _log_softmax(zt, _buf(ws, "logpt", z_t))
+    cache["logpt"] = logpt
     a = opts.alpha
     if a == 1.0:
         div = s_plogp - _rowdot(ps, logpt, scratch)
         out.aux = div
     else:
-        pt = torch.exp(logpt, out=_buf(ws, "pt", z_t))
+        pt = cache["pt"] = torch.exp(logpt, out=_buf(ws, "pt", z_t))
         t_plogp = _rowdot(pt, logpt, scratch)
         if a == 0.0:
             div = t_plogp - _rowdot(pt, logps, scratch)
         else:
             m = torch.lerp(ps, pt, a, out=_buf(ws, "m", z_t))
-            log_m = torch.log(m, out=scratch)
-            s_plogm = _rowdot(ps, log_m, pt)  # pt no longer needed
+            log_m = cache["log_m"] = torch.log(m, out=scratch)
+            s_plogm = _rowdot(ps, log_m, cache.pop("pt"))  # p_t's buffer is scratch from here
             m_logm = m.mul_(log_m).sum(-1)
             div = (1.0 - a) * s_plogp + a * t_plogp - m_logm
             out.aux = (1.0 - a) * (s_plogp - s_plogm)
     out.divergence = torch.where(valid, div, 0.0)
     return out
+
+
+def _teacher_logprobs(z_t: Tensor, saved: SweepOut, opts: CoreOptions) -> Tensor:
+    zt = z_t if z_t.dtype == torch.float32 else z_t.float()
+    if opts.temperature != 1.0:
+        zt.mul_(1.0 / opts.temperature)
+    return zt.sub_(saved.lse_t[:, None])
 
 
 def backward_sweep(
@@ -152,43 +172,45 @@ def backward_sweep(
     if g_lse is not None:
         c0 = c0 + g_lse.float() * valid
 
-    zs = z_s if z_s.dtype == torch.float32 else z_s.float()
-    if opts.temperature != 1.0:
-        zs.mul_(1.0 / opts.temperature)
-    logps = zs.sub_(saved.lse_s[:, None])
-    ps = torch.exp(logps, out=_buf(ws, "ps", zs))
+    cache = saved.cache or {}
+    logps = cache.get("logps")
+    if logps is None:  # recompute log p_s from the chunk's logits, in their storage
+        zs = z_s if z_s.dtype == torch.float32 else z_s.float()
+        if opts.temperature != 1.0:
+            zs.mul_(1.0 / opts.temperature)
+        logps = zs.sub_(saved.lse_s[:, None])
+    ps = cache.get("ps")
+    if ps is None:
+        ps = torch.exp(logps, out=_buf(ws, "ps", logps))
     if ge is None and gd is None:
         dz = ps.mul_(c0[:, None])
     else:
+        a = opts.alpha
         k1 = torch.zeros_like(c0)  # coefficient of log p_s
         if ge is not None:
             k1 = k1 - ge
             c0 = c0 - ge * saved.entropy
-        pt = None
+        teacher_term = None  # X of the docstring, or p_t at alpha = 0
         if gd is not None:
-            a = opts.alpha
-            zt = z_t if z_t.dtype == torch.float32 else z_t.float()
-            if opts.temperature != 1.0:
-                zt.mul_(1.0 / opts.temperature)
-            logpt = zt.sub_(saved.lse_t[:, None])
             if a == 0.0:
                 c0 = c0 + gd
-                pt = logpt.exp_()
-            elif a == 1.0:
-                k1 = k1 + gd
-                c0 = c0 - gd * saved.aux
+                teacher_term = cache.get("pt")
+                if teacher_term is None:
+                    teacher_term = _teacher_logprobs(z_t, saved, opts).exp_()
             else:
-                k1 = k1 + (1.0 - a) * gd
+                k1 = k1 + (gd if a == 1.0 else (1.0 - a) * gd)
                 c0 = c0 - gd * saved.aux
+                teacher_term = cache.get("logpt" if a == 1.0 else "log_m")
+                if teacher_term is None:
+                    teacher_term = _teacher_logprobs(z_t, saved, opts)
+                    if a != 1.0:  # log m = log((1-a) p_s + a p_t)
+                        teacher_term = torch.lerp(ps, teacher_term.exp_(), a, out=teacher_term).log_()
         inner = logps.mul_(k1[:, None])  # in place: log p_s is not needed after this
-        if gd is not None and opts.alpha == 1.0:
-            inner.addcmul_(logpt, gd[:, None], value=-1.0)
-        elif gd is not None and opts.alpha != 0.0:
-            log_m = torch.lerp(ps, logpt.exp_(), opts.alpha, out=logpt).log_()
-            inner.addcmul_(log_m, ((1.0 - opts.alpha) * gd)[:, None], value=-1.0)
+        if gd is not None and a != 0.0:
+            inner.addcmul_(teacher_term, (gd if a == 1.0 else (1.0 - a) * gd)[:, None], value=-1.0)
         dz = inner.add_(c0[:, None]).mul_(ps)
-        if pt is not None:
-            dz.addcmul_(pt, gd[:, None], value=-1.0)
+        if gd is not None and a == 0.0:
+            dz.addcmul_(teacher_term, gd[:, None], value=-1.0)
     safe_y = torch.where(valid.bool(), targets, torch.zeros_like(targets)).long()
     dz.scatter_add_(1, safe_y[:, None], g_logp[:, None])
     if opts.temperature != 1.0:
