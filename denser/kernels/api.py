@@ -193,8 +193,13 @@ def fused_loss(
         teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
         teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     resolved = resolve_backend(backend, hidden.device)
+    if resolved.startswith("triton"):
+        from denser.kernels import triton_ops
+
+        # the fully fused path keeps no logits to take gradients in forward from: plain route
+        resolved = triton_ops.fused_loss_path(resolved, hidden, weight, teacher_hidden, chunk_size)
     batch = objective.prepare(batch)
-    if resolved == "reference" or objective.separable is None:
+    if resolved in ("reference", "triton_fused") or objective.separable is None:
         stats = _impl(resolved)(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, core, chunk_size)
         return objective.loss(stats, batch)
     return fused.fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias,
