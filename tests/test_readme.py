@@ -15,7 +15,7 @@ def test_ci_runs_the_readme_test_command():
     test_cmd = [line for block in _bash_blocks() for line in block.splitlines() if "pytest" in line and not line.startswith("#")]
     assert len(test_cmd) == 1, test_cmd
     ci = (ROOT / ".ci" / "run").read_text()
-    assert test_cmd[0].replace("pip install ", "pip install -q ") in ci or test_cmd[0] in ci
+    assert test_cmd[0] in ci.splitlines()
 
 
 def test_main_command_is_denser_train_sdpo():
