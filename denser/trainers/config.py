@@ -7,8 +7,12 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from typing import Literal
+
+from denser.kernels.options import BACKENDS
 
 
 def _f(default, help: str, **kw):
@@ -41,7 +45,7 @@ class TrainConfig:
     eval_size: int = _f(32, "eval-split prompts used by each eval")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
-    backend: str = _f("auto", "loss-core backend: auto | chunked | reference | triton")
+    backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
     teacher_max_context_tokens: int = _f(768, "teacher contexts longer than this are truncated on the left")
@@ -50,23 +54,65 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        problems = []
-        for name in ("steps", "num_generations", "prompts_per_step", "max_new_tokens", "micro_batch_size", "eval_size", "keep_last"):
+        problems = _type_problems(self)
+        if problems:  # wrong types first: the range checks below would fail on them in confusing ways
+            raise ValueError("; ".join(problems))
+        for name in ("steps", "num_generations", "prompts_per_step", "max_new_tokens", "micro_batch_size", "eval_size",
+                     "keep_last", "max_consecutive_skips", "teacher_max_context_tokens"):
             if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("eval_every", "save_every", "warmup_steps", "chunk_size"):
             if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr", "temperature", "top_p", "weight_decay", "adam_beta2", "max_grad_norm"):
+            if not math.isfinite(getattr(self, name)):
+                problems.append(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
         if not self.temperature > 0:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.weight_decay >= 0:
+            problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.adam_beta2 < 1:
+            problems.append(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
+        if not self.max_grad_norm >= 0:
+            problems.append(f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}")
+        if self.backend not in BACKENDS:
+            problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other; pick one")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _type_problems(cfg: TrainConfig) -> list[str]:
+    """Wrong types of fields (a Python caller or a config file): int for int, number for float, ..."""
+    problems = []
+    for name, annotation in typing.get_type_hints(TrainConfig).items():
+        value = getattr(cfg, name)
+        if typing.get_origin(annotation) is Literal:
+            ok, want = value in typing.get_args(annotation), "one of " + ", ".join(map(str, typing.get_args(annotation)))
+        elif annotation is bool:
+            ok, want = isinstance(value, bool), "true or false"
+        elif annotation is int:
+            ok, want = isinstance(value, int) and not isinstance(value, bool), "an int"
+        elif annotation is float:
+            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+            if ok:
+                setattr(cfg, name, float(value))
+        elif annotation is str:
+            ok, want = isinstance(value, str), "a string"
+        else:  # pragma: no cover - every field has one of the types above
+            ok, want = True, ""
+        if not ok:
+            problems.append(f"{_flag(name)} must be {want}, got {value!r} ({type(value).__name__})")
+    return problems
 
 
 def config_fields() -> list[dataclasses.Field]:
