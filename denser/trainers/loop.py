@@ -32,6 +32,15 @@ from denser.trainers.teacher import TeacherSettings, TeacherWeights, teacher_mes
 
 LOOP_SIGNALS = frozenset(Signal)
 TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what a run directory holds (and --overwrite removes)
+# Differences between a run's config.yaml and a --resume that make it another run.
+RESUME_MUST_MATCH = ("objective", "model", "task")
+# Prompts checked against the model's context before any compute (the rest are checked as they are used).
+MAX_PREFLIGHT_PROMPTS = 20_000
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself (too many consecutive non-finite updates); a checkpoint was written."""
 
 
 class PolicyLoss(nn.Module):
@@ -93,15 +102,18 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.task = task if task is not None else get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
+        if task is None:
+            try:
+                task = get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
+            except TypeError as e:  # bad inline options (addition?foo=1)
+                raise ValueError(str(e)) from None
+        self.task = task
+        self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
-        self._prepare_run_dir()
-        set_seed(cfg.seed + self.rank)
+        resume_from = self._check_run_dir()  # refuses another run's directory; writes nothing yet
+        set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
         dtype = getattr(torch, cfg.dtype)
-        resume_from = ckpt.latest_checkpoint(self.run_dir) if cfg.resume else None
-        if cfg.resume and resume_from is None:
-            self.log(f"--resume: no complete checkpoint in {self.run_dir}; starting from step 0")
         policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
                                             dtype=dtype, seed=cfg.seed)
         initial = None
@@ -132,10 +144,13 @@ class Trainer:
             if m is not None:
                 m.to(device)
         self.engine = HFRolloutEngine(self.policy, self.tokenizer)
-        self.start_step, self.metrics_rows = 0, 0
+        self._perms: dict[int, torch.Tensor] = {}
+        self._check_prompt_lengths()
+        self._init_run_dir(fresh=resume_from is None)
+        self.start_step, self.metrics_rows, self.skipped_total, self.consecutive_skips = 0, 0, 0, 0
+        self.finished = False
         if resume_from is not None:
             self._load_state(resume_from)
-        self._perms: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -143,66 +158,157 @@ class Trainer:
         part = getattr(self.objective, "sdpo_part", None)
         return part() if callable(part) else self.objective
 
-    def _prepare_run_dir(self) -> None:
+    def _run_config(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name, "task": self.task.name,
+                "objective_args": dataclasses.asdict(self.objective)}
+
+    def _check_data(self) -> None:
+        name = self.task.name
+        if len(self.task.train) == 0:
+            raise ValueError(f"task {name!r} has no training rows; nothing to train on")
+        if len(self.task.eval) == 0:
+            self.log(f"warning: task {name!r} has no eval rows; eval accuracy will read 0")
+
+    def _check_run_dir(self) -> Path | None:
+        """Refuse a directory that holds another run; with --resume, the checkpoint to resume from.
+
+        Writes nothing: a run that fails its checks before any compute leaves no trace."""
         import yaml
 
         cfg, run = self.cfg, self.run_dir
-        config = {**dataclasses.asdict(cfg), "objective": self.objective.name, "task": self.task.name,
-                  "objective_args": dataclasses.asdict(self.objective)}
+        if run.exists() and not run.is_dir():
+            raise ValueError(f"--output-dir {run} is a file, not a directory")
+        holds = [n for n in RUN_FILES if (run / n).exists()]
+        if holds and not cfg.resume and not cfg.overwrite:
+            raise ValueError(f"{run} already holds a run ({', '.join(holds)}); pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --output-dir")
+        if not cfg.resume:
+            return None
         existing = run / "config.yaml"
-        if existing.exists() and not cfg.resume and not cfg.overwrite:
-            raise ValueError(f"{run} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                             "or choose another --output-dir")
-        if existing.exists() and cfg.resume:
-            old = yaml.safe_load(existing.read_text()) or {}
-            diffs = [f"{k}: {old.get(k)!r} -> {config.get(k)!r}" for k in ("objective", "model", "task")
-                     if old.get(k) != config.get(k)]
+        if existing.exists():
+            try:
+                old = yaml.safe_load(existing.read_text()) or {}
+            except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"--resume: cannot read {existing} ({str(e).splitlines()[0]})") from None
+            if not isinstance(old, dict):
+                raise ValueError(f"--resume: {existing} is not a run config (a mapping)")
+            new = self._run_config()
+            diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)]
             if diffs:
-                raise ValueError(f"--resume: {run} holds a different run ({'; '.join(diffs)}); "
-                                 "resume with the same objective, model and task, or use another --output-dir")
-        if self.accelerator.is_main_process:
-            if existing.exists() and cfg.overwrite:
-                import shutil
+                raise ValueError(f"--resume: {run} holds a different run ({'; '.join(diffs)}); resume with the same "
+                                 f"objective, model and task (e.g. --config {existing} --resume), or use another "
+                                 "--output-dir")
+            ignore = {"resume", "overwrite", "progress", "output_dir"}
+            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                       if k not in ignore and k != "objective_args" and k in old and old[k] != v]
+            old_args = old.get("objective_args") or {}
+            changed += [f"{k} {old_args.get(k)!r} -> {v!r}" for k, v in new["objective_args"].items()
+                        if k in old_args and old_args[k] != v]
+            if changed:
+                self.log(f"--resume: settings changed since the run started: {'; '.join(changed)}")
+        for p in ckpt.incomplete_checkpoints(run):
+            self.log(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
+        latest = ckpt.latest_checkpoint(run)
+        if latest is None:
+            self.log(f"--resume: no complete checkpoint in {run}; starting from step 0")
+            return None
+        step = ckpt.checkpoint_step(latest)
+        if step > cfg.steps:
+            raise ValueError(f"--resume: the newest checkpoint {latest} is at step {step}, beyond --steps {cfg.steps}; "
+                             f"pass --steps {step} or more")
+        return latest
 
-                shutil.rmtree(run)
+    def _init_run_dir(self, fresh: bool) -> None:
+        """Create the run directory and its config.yaml (after every check has passed)."""
+        import shutil
+
+        import yaml
+
+        run = self.run_dir
+        if self.is_main:
+            if self.cfg.overwrite:  # only what a run writes: never the rest of a directory
+                for name in RUN_FILES:
+                    p = run / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
             run.mkdir(parents=True, exist_ok=True)
-            existing.write_text(yaml.safe_dump(config, sort_keys=False))
+            _atomic_write_text(run / "config.yaml", yaml.safe_dump(self._run_config(), sort_keys=False))
+            if fresh and (run / "metrics.jsonl").exists():  # --resume without a checkpoint starts over
+                (run / "metrics.jsonl").unlink()
         self.accelerator.wait_for_everyone()
 
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
         if self.teacher is not None:
+            if self.teacher.mode == "ema" and teacher_state is None:
+                self.log(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
             self.teacher.load_state_dict(teacher_state)
         self.start_step = int(trainer_state["step"])
         self.metrics_rows = int(trainer_state["metrics_rows"])
+        self.skipped_total = int(trainer_state.get("skipped_total", 0))
+        self.consecutive_skips = int(trainer_state.get("consecutive_skips", 0))
+        self.finished = bool(trainer_state.get("finished", False)) and self.start_step >= self.cfg.steps
         self._truncate_metrics(self.metrics_rows)
-        self.log(f"resumed from {path} (step {self.start_step})")
+        # Last, after everything that might draw random numbers: the streams continue where the run left them.
+        ckpt.set_rng_state(state["rng"], self.rank)
+        self.log(f"resumed from {path} (step {self.start_step}, the newest complete checkpoint)")
 
     def _truncate_metrics(self, rows: int) -> None:
+        """Keep the first ``rows`` rows of metrics.jsonl: those written before the checkpoint."""
         path = self.run_dir / "metrics.jsonl"
-        if self.is_main and path.exists():
-            lines = path.read_text().splitlines()[:rows]
-            path.write_text("".join(line + "\n" for line in lines))
+        if self.is_main:
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) < rows:
+                self.log(f"warning: {path} has {len(lines)} rows but the checkpoint counted {rows}; "
+                         "rows written before the checkpoint are missing")
+            if len(lines) > rows:  # rows of steps after the checkpoint (or half a row of a killed write)
+                _atomic_write_text(path, "".join(line + "\n" for line in lines[:rows]))
+        self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------- data
 
     def _rows_for_step(self, step: int) -> list[dict]:
         """Prompts of ``step`` on this process: a function of (seed, step, rank), so a resumed run
         sees exactly the prompts the uninterrupted run would have."""
-        data = self.task.train
-        n, per = len(data), self.cfg.prompts_per_step
+        per = self.cfg.prompts_per_step
         start = (step * self.world + self.rank) * per
-        rows = []
-        for k in range(start, start + per):
-            epoch, pos = divmod(k, n)
-            if epoch not in self._perms:
-                g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-                self._perms[epoch] = torch.randperm(n, generator=g)
-            rows.append(data[int(self._perms[epoch][pos])])
-        return rows
+        return [self.task.train[self._perm_index(k)] for k in range(start, start + per)]
+
+    def _check_prompt_lengths(self) -> None:
+        """Before any compute: every prompt the run will use (up to MAX_PREFLIGHT_PROMPTS) fits the
+        model's context together with --max-new-tokens."""
+        from denser.trainers.models import render_prompt
+
+        limit = getattr(self.policy.config, "max_position_embeddings", None)
+        if not limit:
+            return
+        data, cfg = self.task.train, self.cfg
+        needed = cfg.steps * self.world * cfg.prompts_per_step
+        if needed >= len(data):
+            train_idx = range(min(len(data), MAX_PREFLIGHT_PROMPTS))
+        else:
+            train_idx = sorted({int(self._perm_index(k)) for k in range(min(needed, MAX_PREFLIGHT_PROMPTS))})
+        splits = [("train", data, train_idx), ("eval", self.task.eval, range(min(cfg.eval_size, len(self.task.eval))))]
+        for split, rows, idx in splits:
+            for i in idx:
+                n = len(render_prompt(self.tokenizer, self.task.prompt(rows[i])))
+                if n + cfg.max_new_tokens > limit:
+                    raise ValueError(f"task {self.task.name!r}: the prompt of {split} row {i} has {n} tokens; with "
+                                     f"--max-new-tokens {cfg.max_new_tokens} it exceeds the model's context of {limit} "
+                                     "tokens; shorten or drop that prompt, or lower --max-new-tokens")
+
+    def _perm_index(self, k: int) -> int:
+        """Dataset index of the ``k``-th prompt drawn (over all steps and processes)."""
+        n = len(self.task.train)
+        epoch, pos = divmod(k, n)
+        if epoch not in self._perms:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perms[epoch] = torch.randperm(n, generator=g)
+        return int(self._perms[epoch][pos])
 
     def _prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         from denser.trainers.models import render_prompt
@@ -394,19 +500,49 @@ class Trainer:
                 f.write(json.dumps(row) + "\n")
         self.metrics_rows += 1
 
-    def save(self, step: int) -> Path | None:
-        path = None
+    def _trainer_state(self, step: int, finished: bool) -> dict[str, Any]:
+        return {"step": step, "metrics_rows": self.metrics_rows, "skipped_total": self.skipped_total,
+                "consecutive_skips": self.consecutive_skips, "finished": finished}
+
+    def save(self, step: int, *, finished: bool = False) -> Path | None:
+        """Checkpoint ``step`` (every process takes part: the RNG streams of all of them are stored).
+
+        A failed write (a full disk) leaves the previous checkpoints as they were and raises
+        :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
+        from accelerate.utils import gather_object
+
+        rng = gather_object([ckpt.rng_state()])  # one entry per process, in rank order
+        path, error = None, None
         if self.is_main:
-            path = ckpt.save_checkpoint(
-                self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                scheduler=self.scheduler, trainer_state={"step": step, "metrics_rows": self.metrics_rows},
-                teacher_state=self.teacher.state_dict() if self.teacher else None, keep_last=self.cfg.keep_last)
+            try:
+                _fsync_file(self.run_dir / "metrics.jsonl")  # the rows this checkpoint counts are on disk
+                path = ckpt.save_checkpoint(
+                    self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                    scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
+                    teacher_state=self.teacher.state_dict() if self.teacher else None, keep_last=self.cfg.keep_last,
+                    rng=rng)
+            except OSError as e:
+                error = e
+        failed = self.accelerator.reduce(torch.tensor([float(error is not None)], device=self.accelerator.device),
+                                         reduction="sum")
+        if float(failed[0]) > 0:
+            previous = ckpt.latest_checkpoint(self.run_dir)
+            reason = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
+            keep = (f"the newest complete checkpoint, {previous}, is intact: fix the cause and rerun with --resume"
+                    if previous else "there is no earlier checkpoint")
+            raise ckpt.CheckpointError(f"could not write checkpoint {ckpt.checkpoint_dir(self.run_dir, step)}{reason}; "
+                                       f"the run stopped at step {step}; {keep}")
         self.accelerator.wait_for_everyone()
         return path
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         summary: dict[str, Any] = {"run_dir": str(self.run_dir)}
+        if self.finished:
+            path = ckpt.latest_checkpoint(self.run_dir)
+            self.log(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
+            summary.update(already_complete=True, checkpoint=str(path) if path else None)
+            return summary
         if self.start_step == 0:
             acc = self.evaluate()
             summary["eval_accuracy_before"] = acc
@@ -418,38 +554,63 @@ class Trainer:
 
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
                        unit="step", file=sys.stderr, dynamic_ncols=True)
-        skips = 0
         last = None
-        for step in range(self.start_step, cfg.steps):
-            row = self.step(step)
-            skips = skips + 1 if row["skipped"] else 0
-            if row["skipped"]:
-                self.log(f"warning: step {step + 1}: non-finite loss or gradient norm; update skipped "
-                         f"({skips} in a row)")
-            done = step + 1
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                row["eval_accuracy"] = self.evaluate()
-            self._write_metrics(row)
-            last = row
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(reward=f"{row['reward_mean']:.2f}", loss=f"{row['loss']:.3g}",
-                                **({"acc": f"{row['eval_accuracy']:.2f}"} if "eval_accuracy" in row else {}))
-            if skips >= cfg.max_consecutive_skips:
-                self.save(done)
+        try:
+            for step in range(self.start_step, cfg.steps):
+                row = self.step(step)
+                done = step + 1
+                self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
+                self.skipped_total += row["skipped"]
+                row["skipped_total"] = self.skipped_total
+                if row["skipped"]:
+                    self.log(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
+                             f"({row['grad_norm']}); update skipped, weights unchanged "
+                             f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
+                if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                    row["eval_accuracy"] = self.evaluate()
+                self._write_metrics(row)
+                last = row
                 if bar is not None:
-                    bar.close()
-                raise RuntimeError(f"stopped after {skips} consecutive non-finite updates at step {done}; the last good "
-                                   f"weights are in {ckpt.checkpoint_dir(self.run_dir, done)} (try a lower --lr)")
-            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                self.save(done)
-        if bar is not None:
-            bar.close()
+                    bar.update(1)
+                    bar.set_postfix(reward=f"{row['reward_mean']:.2f}", loss=f"{row['loss']:.3g}",
+                                    **({"acc": f"{row['eval_accuracy']:.2f}"} if "eval_accuracy" in row else {}))
+                if self.consecutive_skips >= cfg.max_consecutive_skips:
+                    path = self.save(done)
+                    good = done - self.consecutive_skips
+                    raise TrainingStopped(
+                        f"stopped at step {done}: {self.consecutive_skips} consecutive updates had a non-finite loss "
+                        f"or gradient norm (--max-consecutive-skips {cfg.max_consecutive_skips}); the weights of the "
+                        f"last good update (step {good}) are saved in {path or ckpt.checkpoint_dir(self.run_dir, done)}; "
+                        "try a lower --lr or check the objective and rewards")
+                if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                    self.save(done)
+        finally:
+            if bar is not None:
+                bar.close()
         acc = self.evaluate()
         self._write_metrics({"step": cfg.steps, "eval_accuracy": acc})
-        path = self.save(cfg.steps)
+        path = self.save(cfg.steps, finished=True)
         summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
         self.log(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
             self.log(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
         return summary
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    if path.exists():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
