@@ -54,7 +54,7 @@ def _parser_for(annotation, where: str):
             if base is float:
                 return float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{where}: {text!r} is not a valid {base.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {base.__name__}") from None
         return text
 
     return parse
@@ -82,6 +82,14 @@ def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, wher
 # -------------------------------------------------------------------------------------- train
 
 
+class TrainArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`CLIError` (one line, exit 2, no usage dump)
+    instead of printing the usage and calling ``sys.exit``; ``--help`` still prints and exits 0."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see: {self.prog} --help)")
+
+
 def _objective_flag_names(objective: str) -> dict[str, str]:
     from denser.trainers.config import TrainConfig
 
@@ -94,47 +102,78 @@ def _objective_flag_names(objective: str) -> dict[str, str]:
 
 
 def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]:
-    """``(run values, objective values)`` from a YAML file; unknown keys and wrong types are errors."""
+    """``(run values, objective values)`` from a YAML file; unknown keys and wrong types are errors.
+
+    The objective is ``objective_hint`` (the command line's ``--objective``) if given, else the
+    file's ``objective``, else ``sdpo``; objective keys may sit at the top level or under
+    ``objective_args`` (as in a run's own config.yaml)."""
+    import difflib
+
     import yaml
 
     from denser.trainers.config import TrainConfig
 
+    where = f"--config {path}"
     if not os.path.isfile(path):
-        raise CLIError(f"--config {path}: no such file")
+        raise CLIError(f"{where}: no such file")
     try:
-        data = yaml.safe_load(open(path)) or {}
-    except yaml.YAMLError as e:
-        raise CLIError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise CLIError(f"{where}: cannot read it ({e.strerror or e})") from None
+    except UnicodeDecodeError:
+        raise CLIError(f"{where}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CLIError(f"{where}: not valid YAML ({first})") from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
-        raise CLIError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+        raise CLIError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
     run_types = typing.get_type_hints(TrainConfig)
-    objective = data.get("objective", objective_hint) or "sdpo"
-    obj_cls = objective_class(objective) if isinstance(objective, str) else None
-    if obj_cls is None:
-        raise CLIError(f"--config {path}: 'objective' must be a name, got {objective!r}")
+    objective = objective_hint or data.get("objective") or "sdpo"
+    if not isinstance(objective, str):
+        raise CLIError(f"{where}: 'objective' must be a name, got {objective!r}")
+    try:
+        obj_cls = objective_class(objective)
+    except ValueError as e:
+        raise CLIError(f"{where}: {e}") from None
     obj_types = typing.get_type_hints(obj_cls)
     obj_names = {f.name for f in objective_fields(obj_cls)}
-    nested = data.pop("objective_args", {}) or {}
+    nested = data.pop("objective_args", None) or {}
     if not isinstance(nested, dict):
-        raise CLIError(f"--config {path}: 'objective_args' must be a mapping")
+        raise CLIError(f"{where}: 'objective_args' must be a mapping of {objective} option: value")
+    valid = sorted(run_types) + sorted(obj_names)
     run_vals, obj_vals = {}, {}
-    for key, value in list(data.items()) + [(k, v) for k, v in nested.items()]:
+    for key, value, in_nested in [(k, v, False) for k, v in data.items()] + [(k, v, True) for k, v in nested.items()]:
         k = str(key).replace("-", "_")
-        if k in run_types and k not in nested:
-            run_vals[k] = coerce_field_value("train", k, run_types[k], value)
+        if k in run_types and not in_nested:
+            run_vals[k] = _coerce_config_value(where, key, "train", k, run_types[k], value)
         elif k in obj_names:
-            obj_vals[k] = coerce_field_value(objective, k, obj_types[k], value)
+            obj_vals[k] = _coerce_config_value(where, key, objective, k, obj_types[k], value)
         else:
-            valid = sorted(run_types) + sorted(obj_names)
-            raise CLIError(f"--config {path}: unknown key {key!r}; valid keys: {', '.join(valid)}")
+            close = difflib.get_close_matches(k, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            section = f"objective_args of {objective!r}" if in_nested else "keys"
+            raise CLIError(f"{where}: unknown key {key!r}{hint}; valid {section}: "
+                           f"{', '.join(sorted(obj_names) if in_nested else valid)}")
     return run_vals, obj_vals
+
+
+def _coerce_config_value(where: str, key, owner: str, name: str, annotation, value):
+    try:
+        return coerce_field_value(owner, name, annotation, value)
+    except (ValueError, TypeError) as e:
+        message = str(e).replace(f"objective {owner!r} field {name!r}", "").strip()
+        raise CLIError(f"{where}: key {str(key)!r} {message}") from None
 
 
 def build_train_parser(objective: str) -> argparse.ArgumentParser:
     from denser.trainers.config import TrainConfig
 
-    p = argparse.ArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.",
-                                epilog=RUN_EPILOG)
+    p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.",
+                            epilog=RUN_EPILOG)
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
     run = p.add_argument_group("run")
     hints = typing.get_type_hints(TrainConfig)
@@ -156,7 +195,7 @@ def parse_train_args(argv: list[str]):
     from denser.objectives import get_objective
     from denser.trainers.config import TrainConfig
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = TrainArgumentParser(prog="denser train", add_help=False)
     pre.add_argument("--objective", default=None)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -185,10 +224,24 @@ def parse_train_args(argv: list[str]):
 
 
 def cmd_train(argv: list[str]) -> int:
+    """Exit codes: 0 done, 2 bad input (before any compute), 1 the run stopped (non-finite updates,
+    a checkpoint that could not be written), 130 interrupted. Each error is one line on stderr."""
     cfg, objective = parse_train_args(argv)
-    from denser.trainers.loop import Trainer
+    from denser.trainers.checkpoint import CheckpointError
+    from denser.trainers.loop import Trainer, TrainingStopped
+    from denser.trainers.models import EmbeddedModelMissingError
 
-    summary = Trainer(cfg, objective).train()
+    try:
+        summary = Trainer(cfg, objective).train()
+    except EmbeddedModelMissingError as e:
+        raise CLIError(str(e)) from None
+    except (TrainingStopped, CheckpointError) as e:
+        print(f"denser train: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
+              file=sys.stderr)
+        return 130
     before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
     if before is not None:
         print(f"eval accuracy: {before:.3f} -> {after:.3f}")
@@ -250,11 +303,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[cmd](rest)
     except CLIError as e:
-        print(f"denser {cmd}: error: {e}", file=sys.stderr)
+        print(f"denser {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except ValueError as e:
-        print(f"denser {cmd}: error: {e}", file=sys.stderr)
+        print(f"denser {cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """An error message as one line (a message may quote user input holding newlines)."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 if __name__ == "__main__":
