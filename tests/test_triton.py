@@ -370,7 +370,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     FLOATS = ("inv_t", "alpha", "one_m_a", "log1m_a", "log_a")
     INPUTS = ("h_ptr", "w_ptr", "b_ptr", "th_ptr", "tw_ptr", "tb_ptr")
 
-    def build(fn, consts, warps):
+    def build(fn, consts, warps, inputs="*bf16"):
         sig = {}
         for name in fn.arg_names:
             if name in consts:
@@ -378,7 +378,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
             elif name == "y_ptr":
                 sig[name] = "*i64"
             elif name.endswith("_ptr"):
-                sig[name] = "*bf16" if name in INPUTS else "*fp32"
+                sig[name] = inputs if name in INPUTS else "*fp32"
             else:
                 sig[name] = "fp32" if name in FLOATS else "i32"
         # what the launcher specialises at real shapes: 16-aligned pointers, sizes and strides
@@ -401,6 +401,8 @@ _COMPILE_SCRIPT = textwrap.dedent(
     build(fl._jsd_kernel, lin(b.fwd_block_v), b.warps)
     build(fl._dhidden_kernel, dict(NEED_ENT=True, DIV_MODE=3, **lin(b.block_v)), b.warps)
     build(fl._dweight_kernel, dict(NEED_DW=True, NEED_DB=True, NEED_ENT=True, DIV_MODE=2, **lin(b.block_v)), b.warps)
+    fp32 = dict(lin(b.block_v), PRECISION="ieee")  # fp32 inputs: exact fp32 dot, as torch matmul by default
+    build(fl._dhidden_kernel, dict(NEED_ENT=False, DIV_MODE=1, **fp32), b.warps, inputs="*fp32")
     """
 )
 

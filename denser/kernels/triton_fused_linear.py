@@ -227,6 +227,9 @@ def _dhidden_kernel(
             acc = tl.load(dh_rows + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             acc = dot_acc(dz, w, acc, PRECISION, UPCAST)
             tl.store(dh_rows + ks[None, :], acc, mask=row_ok[:, None] & k_ok[None, :])
+        # the next tile re-reads these rows, maybe from other threads of the program (another
+        # layout): a CTA barrier makes this program's global stores visible to all its threads
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -266,6 +269,7 @@ def _dweight_kernel(
                 acc = tl.load(dw_rows + ks[None, :], mask=col_in[:, None] & k_ok[None, :], other=0.0)
                 acc = dot_acc(dzt, h, acc, PRECISION, UPCAST)
                 tl.store(dw_rows + ks[None, :], acc, mask=col_in[:, None] & k_ok[None, :])
+            tl.debug_barrier()  # as in _dhidden_kernel: the next token block re-reads these rows
     if NEED_DB:
         tl.store(db_ptr + cols, db, mask=col_in)
 
