@@ -100,6 +100,11 @@ def test_specific_feedback():
     row = {"question": "q", "answer": "CAT", "word": "cat", "kind": "upper"}
     assert fmt.score("Answer: CAT", row).score == 1.0
     assert "capital" in fmt.score("Answer: Cat", row).feedback
+    assert "itself" in fmt.score("Answer: dog", row).feedback
+    row = {"question": "q", "answer": "[cat]", "word": "cat", "kind": "brackets"}
+    assert "square brackets" in fmt.score("Answer: (cat)", row).feedback
+    row = {"question": "q", "answer": "c-a-t", "word": "cat", "kind": "dashes"}
+    assert "dash" in fmt.score("Answer: c a t", row).feedback
 
 
 @pytest.mark.parametrize(

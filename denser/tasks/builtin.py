@@ -212,7 +212,7 @@ class Format(Task):
         want, word, kind = row["answer"], row["word"], row["kind"]
         if got == want:
             return Score(1.0, None, got_text)
-        bare = got.strip("[]").replace("-", "").replace(" ", "")
+        bare = re.sub(r"[^\w]|_", "", got)  # the letters, without any decoration
         if bare.lower() != word:
             return Score(0.0, f"The answer must be the word '{word}' itself, rewritten.", got_text)
         if kind == "upper":
@@ -220,7 +220,8 @@ class Format(Task):
         if kind == "dashes":
             return Score(0.0, "Letters must be lower case with exactly one dash between each pair, like c-a-t.",
                          got_text)
-        return Score(0.0, "The lower-case word must be wrapped in square brackets, like [cat].", got_text)
+        return Score(0.0, "The lower-case word must be wrapped in square brackets and nothing else, like [cat].",
+                     got_text)
 
 
 @register_task("logic", "three-person ordering puzzle (who is tallest/shortest)")
