@@ -253,6 +253,26 @@ def test_ignored_tokens_get_zero_stats_and_no_gradient(gen, backend):
         assert got[k].abs().max().item() == 0.0, k
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 7, 17), (3, 40, 5)], ids=["one-token", "vocab-below-one-tile"])
+def test_tiny_edge_shapes(gen, backend, shape):
+    n, h, v = shape  # fewer tokens, columns and features than one tile (masks on every axis)
+    inp = inputs(gen, n, h, v, teacher="separate", masked=0)
+    ref = run("reference", inp, alpha=0.5, need_entropy=True, temperature=0.8)
+    got = run_backend(backend, inp, alpha=0.5, need_entropy=True, temperature=0.8)
+    assert_close_to_reference(got, ref, **FP32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_peaked_distributions_stay_finite_and_exact(gen, backend, alpha):
+    """Logits up to ~80: most probabilities underflow to 0 in fp32 (p log p, log m must not NaN)."""
+    inp = inputs(gen, teacher="shared", scale=10.0)
+    ref = run("reference", inp, alpha=alpha, need_entropy=True)
+    got = run_backend(backend, inp, alpha=alpha, need_entropy=True)
+    assert_close_to_reference(got, ref, rtol_norm=1e-4, atol=3e-5 * 80)
+
+
 # ------------------------------------------------------------------------ the fused path's own knobs
 
 
