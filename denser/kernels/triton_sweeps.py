@@ -24,7 +24,6 @@ from torch import Tensor
 from denser.kernels.options import CoreOptions
 from denser.kernels.sweeps import SweepOut
 from denser.kernels.triton_common import (
-    DIV_JSD,
     DIV_NONE,
     alpha_constants,
     default_blocks,
