@@ -64,6 +64,15 @@ def test_chunked_half_precision_inputs(gen, dtype, alpha):
     assert_close_to_reference(got, ref, rtol_norm=3e-2, atol=6e-2)
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_chunked_finite_on_peaked_logits(alpha):
+    # large logits: p_s and p_t underflow to 0 on most of the vocabulary, so does the JSD mixture
+    inp = make_inputs(torch.Generator().manual_seed(3), 37, 23, 69, teacher="shared", scale=10.0)
+    ref = run("reference", inp, alpha=alpha, need_entropy=True)
+    got = run("chunked", inp, chunk_size=8, alpha=alpha, need_entropy=True)
+    assert_close_to_reference(got, ref, rtol_norm=1e-4, atol=1e-4)
+
+
 def test_chunk_size_does_not_change_results(gen):
     inp = make_inputs(gen, N, H, V)
     a = run("chunked", inp, chunk_size=1, need_entropy=True)

@@ -33,6 +33,7 @@ from torch import Tensor
 from denser.kernels.options import CoreOptions
 
 uses_workspace = True  # the drivers pass ``ws=`` (a dict of reusable [c, V] buffers)
+TINY = torch.finfo(torch.float32).tiny
 
 
 @dataclass
@@ -128,7 +129,8 @@ def _forward(z_s, z_t, targets, opts: CoreOptions, full_divergence: bool, ws, ca
             div = t_plogp - _rowdot(pt, logps, scratch)
         else:
             m = torch.lerp(ps, pt, a, out=_buf(ws, "m", z_t))
-            log_m = cache["log_m"] = torch.log(m, out=scratch)
+            # m underflows to 0 where both p_s and p_t do (peaked logits): clamp so 0 * log m stays 0
+            log_m = cache["log_m"] = torch.log(m.clamp_min_(TINY), out=scratch)
             s_plogm = _rowdot(ps, log_m, cache.pop("pt"))  # p_t's buffer is scratch from here
             m_logm = m.mul_(log_m).sum(-1)
             div = (1.0 - a) * s_plogp + a * t_plogp - m_logm
@@ -204,7 +206,7 @@ def backward_sweep(
                 if teacher_term is None:
                     teacher_term = _teacher_logprobs(z_t, saved, opts)
                     if a != 1.0:  # log m = log((1-a) p_s + a p_t)
-                        teacher_term = torch.lerp(ps, teacher_term.exp_(), a, out=teacher_term).log_()
+                        teacher_term = torch.lerp(ps, teacher_term.exp_(), a, out=teacher_term).clamp_min_(TINY).log_()
         inner = logps.mul_(k1[:, None])  # in place: log p_s is not needed after this
         if gd is not None and a != 0.0:
             inner.addcmul_(teacher_term, (gd if a == 1.0 else (1.0 - a) * gd)[:, None], value=-1.0)
