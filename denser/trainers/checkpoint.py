@@ -12,6 +12,7 @@ checkpoint is untouched. Older checkpoints beyond ``keep_last`` are removed afte
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -76,6 +77,20 @@ def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -
 # --------------------------------------------------------------------------------------- write
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Writing model shards" / "Loading weights" progress bars in a training log."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
+
+
 def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
                     teacher_state: dict[str, torch.Tensor] | None, keep_last: int,
                     rng: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
@@ -90,8 +105,9 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=final.parent))
     aside = None
     try:
-        model.save_pretrained(tmp / "model", safe_serialization=True)
-        tokenizer.save_pretrained(tmp / "model")
+        with quiet_transformers():
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "model")
         state = tmp / "state"
         state.mkdir()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -180,7 +196,7 @@ def incomplete_checkpoints(run_dir) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir()
-                  if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (p.name.startswith("step-") and not _is_complete(p))))
+                  if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (STEP_RE.match(p.name) and not _is_complete(p))))
 
 
 def latest_checkpoint(run_dir) -> Path | None:

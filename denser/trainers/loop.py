@@ -114,8 +114,9 @@ class Trainer:
         set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
         dtype = getattr(torch, cfg.dtype)
-        policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
-                                            dtype=dtype, seed=cfg.seed)
+        with ckpt.quiet_transformers():
+            policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
+                                                dtype=dtype, seed=cfg.seed)
         initial = None
         needs_initial = Signal.REF_LOGP in self.signals or getattr(self._teacher_opts(), "teacher", None) == "frozen"
         if needs_initial:
