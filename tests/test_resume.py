@@ -1,0 +1,330 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends bit-identical to an uninterrupted run.
+
+Every run here is a subprocess of this very file (``python tests/test_resume.py [hooks] -- train
+flags``): the ``__main__`` block at the bottom registers a task the random tiny model scores on
+(reward 1 for an even-length reply, so groups vary, advantages are non-zero and SDPO finds
+teachers), installs optional test hooks, and calls ``denser.cli.main(["train", ...])``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+TASK = "parity_addition"
+
+# Small and fast, but with a large learning rate so every step moves the weights a lot: a resume
+# that restores anything wrongly (an RNG stream, an optimizer moment) changes the samples and so
+# the final weights.
+FAST = ["--model", "tiny", "--task", TASK, "--max-new-tokens", "6", "--num-generations", "4",
+        "--prompts-per-step", "2", "--micro-batch-size", "4", "--eval-size", "2", "--no-progress",
+        "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", "1", "--weight-decay", "0.01",
+        "--temperature", "1.3"]
+
+
+def driver(*args: str, hooks: dict[str, str] | None = None, env: dict[str, str] | None = None, **kw):
+    """Start ``denser train`` in a subprocess (hooks: see ``_install_hooks``); returns the Popen."""
+    hook_args = [f"{k}={v}" for k, v in (hooks or {}).items()]
+    cmd = [sys.executable, str(HERE), *hook_args, "--", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kw)
+
+
+def run_driver(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    proc = driver(*args, **kw)
+    out, err = proc.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+TIMING_KEYS = ("time_generate_s", "time_signals_s", "time_update_s", "step_time_s", "tokens_per_s")
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    """metrics.jsonl without the wall-clock fields (which differ between any two runs)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Two checkpoints hold bit-identical weights, EMA teacher, optimizer and scheduler state."""
+    import torch
+    from safetensors.torch import load_file
+
+    for rel in ("model/model.safetensors", "state/teacher.safetensors"):
+        if not (a / rel).exists():
+            assert not (b / rel).exists(), rel
+            continue
+        ta, tb = load_file(str(a / rel)), load_file(str(b / rel))
+        assert ta.keys() == tb.keys()
+        differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
+        assert not differ, f"{rel}: {len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
+    sa = torch.load(a / "state" / "train_state.pt", weights_only=False)
+    sb = torch.load(b / "state" / "train_state.pt", weights_only=False)
+    oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
+    assert oa.keys() == ob.keys()
+    for i in oa:
+        for k in oa[i]:
+            assert torch.equal(torch.as_tensor(oa[i][k]), torch.as_tensor(ob[i][k])), f"optimizer state {i}.{k}"
+    assert sa["optimizer"]["param_groups"] == sb["optimizer"]["param_groups"]
+    assert sa["scheduler"] == sb["scheduler"]
+    ta, tb = (json.loads((x / "state" / "trainer_state.json").read_text()) for x in (a, b))
+    assert ta == tb
+
+
+STEPS, CHECKPOINT = 4, 2
+CASES = {
+    # killed between writing step c+1's metrics row and its checkpoint: the resume must drop that row
+    "grpo": (["--objective", "grpo"], "row"),
+    # killed in the middle of step c+1 (generation, backward); EMA teacher moving fast, the SDPO-CL
+    # random token mask and the IS weight on behaviour log-probs
+    "sdpo": (["--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3", "--mask-ratio", "0.25",
+              "--use-old-logp", "--distill-mode", "full"], "step"),
+}
+
+
+def _kill_at_mark(proc: subprocess.Popen, mark: str, delay: float, timeout: float = 90) -> None:
+    """Read the driver's stdout up to ``mark``, wait ``delay`` seconds, SIGKILL it."""
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.strip() == mark:
+            break
+        assert time.monotonic() < deadline, f"no {mark!r} within {timeout} s"
+    else:
+        raise AssertionError(f"the run ended (rc {proc.wait()}) before {mark!r}:\n{proc.stderr.read()[-3000:]}")
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=30)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_sigkill_then_resume_is_bit_exact(tmp_path, name):
+    """K steps uninterrupted == K steps SIGKILLed at a random point after checkpoint c, then --resume.
+
+    ``DENSER_TEST_BREAK=numpy_rng pytest tests/test_resume.py`` (or any ``break=`` of the driver)
+    resumes with that part deliberately broken: the test must then fail."""
+    flags, window = CASES[name]
+    args = [*flags, *FAST, "--steps", str(STEPS), "--save-every", "1", "--eval-every", "2"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = driver(*args, "--output-dir", str(ref_dir))  # the two runs share the two cores
+    victim = driver(*args, "--output-dir", str(run_dir), hooks={"slow_after_step": str(CHECKPOINT)})
+    try:
+        delay = random.uniform(0.0, 0.25)
+        _kill_at_mark(victim, f"MARK {window} {CHECKPOINT + 1}", delay)
+        assert victim.returncode == -signal.SIGKILL, f"the run was not killed (rc {victim.returncode})"
+        killed_at = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+        assert f"step-{CHECKPOINT:06d}" in killed_at, killed_at
+        if window == "row":  # the row of step c+1 is on disk, its checkpoint is not
+            assert f"step-{CHECKPOINT + 1:06d}" not in killed_at and len(metrics_rows(run_dir)) == CHECKPOINT + 2
+        breaks = {"break": os.environ["DENSER_TEST_BREAK"]} if os.environ.get("DENSER_TEST_BREAK") else None
+        resumed = run_driver(*args, "--output-dir", str(run_dir), "--resume", hooks=breaks)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        newest = [n for n in killed_at if n.startswith("step-")][-1]
+        assert f"resumed from {run_dir / 'checkpoints' / newest}" in resumed.stdout, (killed_at, resumed.stdout)
+        out, err = ref.communicate(timeout=120)
+        assert ref.returncode == 0, err[-3000:]
+    finally:
+        for p in (ref, victim):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    final = f"checkpoints/step-{STEPS:06d}"
+    assert_same_state(ref_dir / final, run_dir / final)
+    rows = metrics_rows(run_dir)
+    assert [r["step"] for r in rows] == [0, *range(1, STEPS + 1), STEPS]  # no duplicated or missing rows
+    assert rows == metrics_rows(ref_dir)
+    # the weights did move (a run that never changes its weights would pass trivially)
+    from safetensors.torch import load_file
+
+    first = load_file(str(ref_dir / "checkpoints" / f"step-{STEPS - 1:06d}" / "model" / "model.safetensors"))
+    last = load_file(str(ref_dir / final / "model" / "model.safetensors"))
+    assert any(not torch_equal(first[k], last[k]) for k in first)
+    if name == "sdpo":
+        assert any(r.get("teacher_frac", 0) > 0 for r in rows[1:-1]), "no sample had a teacher"
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- the driver
+
+
+def _install_hooks(hooks: dict[str, str]) -> None:
+    """Test-only behaviour, installed in the subprocess by monkeypatching (the library has no hooks).
+
+    slow_after_step=N     for steps after N: sleep 0.3 s, print "MARK step S", run the step; after writing
+                          its metrics row print "MARK row S" and sleep 0.5 s (before its checkpoint)
+    pause_before_rename=N inside save_checkpoint of step N, after every file is written and before the
+                          rename, print PAUSED and sleep (the test SIGKILLs the process there)
+    disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
+    nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
+    break=WHAT            a deliberately broken resume, to check that the tests catch it: python_rng,
+                          numpy_rng, torch_rng (that stream not restored), seed_order (set_seed after
+                          the restore), teacher, optimizer, scheduler (state not loaded), metrics (not
+                          truncated), data (prompts counted from the resume step)
+    """
+    import errno
+
+    from denser.trainers import checkpoint as ckpt
+    from denser.trainers import loop
+
+    if "slow_after_step" in hooks:
+        after = int(hooks["slow_after_step"])
+        real_step, real_write = loop.Trainer.step, loop.Trainer._write_metrics
+
+        def slow_step(self, step):
+            if step >= after:
+                time.sleep(0.3)
+                print("MARK step", step + 1, flush=True)
+            return real_step(self, step)
+
+        def slow_write(self, row):
+            real_write(self, row)
+            if row["step"] > after and "loss" in row:
+                print("MARK row", row["step"], flush=True)
+                time.sleep(0.5)
+
+        loop.Trainer.step, loop.Trainer._write_metrics = slow_step, slow_write
+    if "pause_before_rename" in hooks:
+        at = int(hooks["pause_before_rename"])
+        real_fsync = ckpt._fsync_tree
+
+        def pausing_fsync(root):
+            real_fsync(root)
+            if f"step-{at:06d}" in Path(root).name:
+                print("PAUSED", root, flush=True)
+                time.sleep(600)
+
+        ckpt._fsync_tree = pausing_fsync
+    if "disk_full_at" in hooks:
+        at = int(hooks["disk_full_at"])
+        real_save = ckpt.save_checkpoint
+
+        def failing_save(run_dir, step, *, model, **kw):
+            if step == at:
+                real_save_pretrained = model.save_pretrained
+
+                def full(*a, **k):
+                    raise OSError(errno.ENOSPC, "No space left on device")
+
+                model.save_pretrained = full
+                try:
+                    return real_save(run_dir, step, model=model, **kw)
+                finally:
+                    model.save_pretrained = real_save_pretrained
+            return real_save(run_dir, step, model=model, **kw)
+
+        ckpt.save_checkpoint = failing_save
+    if "break" in hooks:
+        _break_resume(hooks["break"])
+    if "nan_at_steps" in hooks:
+        bad = {int(s) for s in hooks["nan_at_steps"].split(",") if s}
+        from denser.objectives.grpo import GRPO
+
+        real_loss = GRPO.loss
+
+        def nan_loss(self, stats, batch):
+            out = real_loss(self, stats, batch)
+            if batch.step in bad:
+                out = type(out)(out.loss * float("nan"), out.metrics)
+            return out
+
+        GRPO.loss = nan_loss
+
+
+def _break_resume(what: str) -> None:
+    import numpy as np
+    import torch
+
+    from denser.trainers import checkpoint as ckpt
+    from denser.trainers import loop
+
+    real_set = ckpt.set_rng_state
+    streams = {"python_rng": (random.getstate, random.setstate),
+               "numpy_rng": (np.random.get_state, np.random.set_state),
+               "torch_rng": (torch.get_rng_state, torch.set_rng_state)}
+    if what in streams:
+        get, put = streams[what]
+
+        def set_rng_state(state, rank=0):
+            before = get()
+            real_set(state, rank)
+            put(before)
+
+        ckpt.set_rng_state = set_rng_state
+    elif what == "seed_order":
+        from accelerate.utils import set_seed
+
+        def set_rng_state(state, rank=0):
+            real_set(state, rank)
+            set_seed(0)
+
+        ckpt.set_rng_state = set_rng_state
+    elif what == "teacher":
+        from denser.trainers.teacher import TeacherWeights
+
+        TeacherWeights.load_state_dict = lambda self, state: None
+    elif what == "optimizer":
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        AcceleratedOptimizer.load_state_dict = lambda self, state: None
+    elif what == "scheduler":
+        torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None
+    elif what == "metrics":
+        loop.Trainer._truncate_metrics = lambda self, rows: None
+    elif what == "data":
+        real_rows = loop.Trainer._rows_for_step
+        loop.Trainer._rows_for_step = lambda self, step: real_rows(self, step - self.start_step)
+    else:
+        raise ValueError(f"unknown break={what}")
+
+
+def _register_task() -> None:
+    from denser.tasks import Score, list_tasks, register_task
+    from denser.tasks.builtin import Addition
+
+    if TASK in list_tasks():
+        return
+
+    @register_task(TASK, "addition prompts; reward 1 for an even-length reply, flipped by noise")
+    class ParityAddition(Addition):
+        """The random tiny model scores on it (groups vary, SDPO finds teachers), and its reward noise
+        draws from python's and numpy's global RNGs, so a resume that fails to restore either
+        stream changes the rewards and the weights (torch's stream drives the sampling)."""
+
+        def check(self, completion, row):
+            import numpy as np
+
+            ok = len(completion) % 2 == 0
+            ok ^= random.random() < 0.2
+            ok ^= bool(np.random.random() < 0.2)
+            return Score(float(ok), None if ok else "The reply should have an even number of characters.", None)
+
+
+def _main(argv: list[str]) -> int:
+    sep = argv.index("--")
+    hooks = dict(a.split("=", 1) for a in argv[:sep])
+    _register_task()
+    _install_hooks(hooks)
+    from denser.cli import main
+
+    return main(["train", *argv[sep + 1:]])
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
