@@ -65,7 +65,8 @@ def named_tensors(model_or_state) -> dict[str, Tensor]:
 
 
 def top_left_singular(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
-    """``(U_r [m, r], sigma [min(m, n)])`` of ``W [m, n]`` in float64, singular values descending.
+    """``(U_r [m, r], sigma)`` of ``W [m, n]`` in float64: the top-r left singular vectors and the
+    r + 1 largest singular values, descending.
 
     Computed from the smaller Gram matrix (``W^T W`` when m > n, else ``W W^T``) with ``eigh``,
     which is exact for the leading singular vectors and much cheaper than a full SVD of a tall
@@ -76,17 +77,30 @@ def top_left_singular(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected a matrix, got shape {tuple(W.shape)}")
     m, n = W.shape
     r = min(r, m, n)
+    gram = W @ W.T if m <= n else W.T @ W
+    evals, evecs = _top_eigh(gram, r + 1)  # descending; one more value than needed for the spectral gap
     if m <= n:
-        evals, evecs = torch.linalg.eigh(W @ W.T)  # ascending
-        evals, evecs = evals.flip(0), evecs.flip(1)
         U = evecs[:, :r]
     else:
-        evals, evecs = torch.linalg.eigh(W.T @ W)
-        evals, evecs = evals.flip(0), evecs.flip(1)
         sigma_r = evals[:r].clamp_min(0).sqrt()
         U = (W @ evecs[:, :r]) / sigma_r.clamp_min(torch.finfo(torch.float64).tiny)
         U, _ = torch.linalg.qr(U)  # re-orthonormalise (tiny singular values lose orthogonality)
     return U, evals.clamp_min(0).sqrt()
+
+
+def _top_eigh(gram: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` largest eigenpairs of a symmetric matrix, descending. SciPy's subset solver
+    (LAPACK ``syevr``) when SciPy is installed: it skips the other eigenvectors, several times
+    faster on the 576x576 Gram matrices of a 135M model; else ``torch.linalg.eigh``."""
+    n = gram.shape[0]
+    k = min(k, n)
+    try:
+        import scipy.linalg
+    except ImportError:
+        evals, evecs = torch.linalg.eigh(gram)
+        return evals.flip(0)[:k], evecs.flip(1)[:, :k]
+    w, v = scipy.linalg.eigh(gram.numpy(), subset_by_index=[n - k, n - 1], driver="evr")
+    return torch.from_numpy(w.copy()).flip(0), torch.from_numpy(v.copy()).flip(1)
 
 
 def subspace_angle_overlap(U: Tensor, U0: Tensor) -> tuple[float, float]:
