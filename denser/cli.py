@@ -287,7 +287,26 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench}
+def cmd_continual(argv: list[str]) -> int:
+    from denser.trainers.continual import main as continual_main
+
+    return continual_main(argv)
+
+
+def cmd_report(argv: list[str]) -> int:
+    from denser.analysis.commands import report_main
+
+    return report_main(argv)
+
+
+def cmd_compare(argv: list[str]) -> int:
+    from denser.analysis.commands import compare_main
+
+    return compare_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
+            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

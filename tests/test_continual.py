@@ -1,0 +1,195 @@
+"""The continual runner, `denser report` and `denser compare` end to end on the tiny model."""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from denser.cli import main
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--model", "tiny", "--steps-per-task", "1", "--eval-size", "2", "--max-new-tokens", "6",
+        "--num-generations", "2", "--prompts-per-step", "1", "--spectral-rank", "4", "--no-progress", "--lr", "1e-3"]
+PLOTS = ("accuracy_matrix.png", "accuracy_per_task.png", "drift.png", "artifacts.png", "training.png")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two tiny continual runs (sdpo with the optimizer carried, grpo with it reset and sdpo's stage 0
+    reused) through the CLI."""
+    root = tmp_path_factory.mktemp("continual")
+    sdpo, grpo = root / "sdpo", root / "grpo"
+    assert main(["continual", "--objective", "sdpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--carry-optimizer", "--output-dir", str(sdpo), *TINY]) == 0
+    assert main(["continual", "--objective", "grpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--output-dir", str(grpo), "--initial-eval-from", str(sdpo), *TINY]) == 0
+    return sdpo, grpo
+
+
+def _record(run: Path) -> dict:
+    return json.loads((run / "continual.json").read_text())
+
+
+def test_continual_run_writes_matrix_drift_artifacts_and_plots(runs):
+    sdpo, _ = runs
+    r = _record(sdpo)
+    assert r["status"] == "complete" and r["columns"] == ["addition", "compare", "reverse"]
+    assert len(r["accuracy_matrix"]) == 3 and all(len(row) == 3 for row in r["accuracy_matrix"])
+    assert all(0.0 <= v <= 1.0 for row in r["accuracy_matrix"] for v in row)
+    assert [s["task"] for s in r["stages"]] == [None, "addition", "compare"]
+    m = r["metrics"]
+    assert set(m) >= {"average_accuracy", "average_forgetting", "backward_transfer", "forward_transfer", "heldout"}
+    s0, s1, s2 = r["stages"]
+    assert s0["params"]["relative_l2"] == 0.0 and s0["eval"]["overall"]["kl"] == 0.0
+    for s in (s1, s2):
+        p = s["params"]
+        assert p["relative_l2"] > 0 and set(p["by_kind"]) == {"attention", "mlp", "embeddings", "norms"}
+        assert p["spectral"]["rank"] == 4 and 0 <= p["spectral"]["mean_overlap"] <= 1
+        ov = s["eval"]["overall"]
+        assert ov["kl"] > 0 and 0 <= ov["similarity"] <= 1 and ov["tokens"] > 0
+        arts = ov["artifacts"]
+        assert arts["n"] == 6 and arts["length_limit_rate"] is not None and arts["mean_entropy"] > 0
+        assert s["train"]["steps"] == 1 and s["train"]["updates"] == 1
+        assert Path(s["checkpoint"], "model", "config.json").is_file()
+    # stage 2 trained from stage 1's final weights, and wrote its accuracy into its own metrics.jsonl
+    stage2 = sdpo / "stages" / "02-compare"
+    assert str(Path(s1["checkpoint"]) / "model") in (stage2 / "config.yaml").read_text()
+    rows = [json.loads(x) for x in (stage2 / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval_accuracy"] == r["accuracy_matrix"][1][1] and rows[-1]["eval_accuracy"] == r["accuracy_matrix"][2][1]
+    for name in PLOTS:
+        assert (sdpo / "plots" / name).stat().st_size > 5000
+    report = (sdpo / "report.md").read_text()
+    for section in ("## Accuracy matrix", "## Continual-learning measures", "## Drift from the initial model",
+                    "## Formatting artifacts", "plots/drift.png", "denser continual --objective sdpo"):
+        assert section in report
+    responses = (sdpo / "responses" / "stage-002.jsonl").read_text().splitlines()
+    assert len(responses) == 6 and {json.loads(x)["task"] for x in responses} == {"addition", "compare", "reverse"}
+
+
+def test_optimizer_state_is_carried_or_reset(runs):
+    sdpo, grpo = runs
+
+    def adam_steps(run):
+        ckpt = next((run / "stages" / "02-compare" / "checkpoints").glob("step-*"))
+        state = torch.load(ckpt / "state" / "train_state.pt", weights_only=False)["optimizer"]["state"]
+        return {int(v["step"]) for v in state.values()}
+
+    assert adam_steps(sdpo) == {2}  # --carry-optimizer: one step in stage 1 + one in stage 2
+    assert adam_steps(grpo) == {1}  # reset: a fresh AdamW in stage 2
+
+
+def test_initial_eval_is_reused_only_when_it_is_the_same_measurement(runs, tmp_path, capsys):
+    sdpo, grpo = runs
+    a, b = _record(sdpo)["stages"][0], _record(grpo)["stages"][0]
+    assert b.pop("reused_from") == str(sdpo) and a == b
+    assert (grpo / "responses" / "stage-000.jsonl").read_text() == (sdpo / "responses" / "stage-000.jsonl").read_text()
+    assert main(["continual", "--objective", "grpo", "--tasks", "addition", "--eval-tasks", "reverse",
+                 "--output-dir", str(tmp_path / "other"), "--initial-eval-from", str(sdpo), *TINY]) == 2
+    assert "a different initial measurement (columns" in capsys.readouterr().err
+
+
+def test_report_rerenders_from_the_record(runs, tmp_path):
+    sdpo, _ = runs
+    copy = tmp_path / "copy"
+    shutil.copytree(sdpo, copy, ignore=shutil.ignore_patterns("stages"))
+    shutil.rmtree(copy / "plots")
+    (copy / "report.md").unlink()
+    assert main(["report", str(copy)]) == 0
+    assert (copy / "report.md").exists() and all((copy / "plots" / n).exists() for n in PLOTS)
+
+
+def test_compare_overlays_two_runs(runs, tmp_path, capsys):
+    sdpo, grpo = runs
+    out = tmp_path / "cmp"
+    assert main(["compare", str(sdpo), str(grpo), "--out", str(out), "--labels", "dense,sparse"]) == 0
+    report = (out / "report.md").read_text()
+    assert "| dense |" in report and "| sparse |" in report and "denser compare" in report
+    for name in ("compare_summary", "compare_accuracy", "compare_matrices", "compare_drift", "compare_artifacts"):
+        assert (out / "plots" / f"{name}.png").stat().st_size > 5000
+    assert main(["compare", str(sdpo), "--out", str(out), "--labels", "a,b"]) == 2
+    assert "2 labels for 1 runs" in capsys.readouterr().err
+
+
+def test_report_drift_between_two_checkpoints(runs, tmp_path, capsys):
+    sdpo, _ = runs
+    out = tmp_path / "drift"
+    assert main(["report", "drift", f"{sdpo}@0", str(sdpo), "--eval-size", "2", "--max-new-tokens", "6",
+                 "--spectral-rank", "4", "--out", str(out)]) == 0
+    res = json.loads((out / "drift.json").read_text())
+    last = _record(sdpo)["stages"][-1]
+    # the same numbers as the continual run measured for its last stage against its initial model
+    assert res["tasks"] == ["addition", "compare", "reverse"]
+    assert res["params"]["relative_l2"] == pytest.approx(last["params"]["relative_l2"], rel=1e-6)
+    assert res["b_eval"]["overall"]["kl"] == pytest.approx(last["eval"]["overall"]["kl"], rel=1e-3)
+    assert res["b_eval"]["overall"]["similarity"] == pytest.approx(last["eval"]["overall"]["similarity"])
+    assert "# Drift of B from A" in capsys.readouterr().out
+    assert main(["report", "drift", "tiny", "tiny", "--eval-size", "1", "--max-new-tokens", "4",
+                 "--tasks", "addition", "--out", str(out)]) == 0
+    same = json.loads((out / "drift.json").read_text())
+    assert same["params"]["relative_l2"] == 0.0 and same["b_eval"]["overall"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert same["b_eval"]["overall"]["similarity"] == 1.0
+
+
+def test_resume_finishes_only_the_missing_stages(runs, tmp_path):
+    _, grpo = runs
+    run = tmp_path / "resumed"
+    shutil.copytree(grpo, run)
+    r = _record(run)
+    full = [row[:] for row in r["accuracy_matrix"]]
+    for s in r["stages"][1:]:  # the copied run's checkpoints live under its new directory
+        s["checkpoint"] = s["checkpoint"].replace(str(grpo), str(run))
+    r["stages"], r["accuracy_matrix"], r["status"], r["metrics"] = r["stages"][:2], r["accuracy_matrix"][:2], "running", None
+    (run / "continual.json").write_text(json.dumps(r))
+    shutil.rmtree(run / "stages" / "02-compare")
+    assert main(["continual", "--objective", "grpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--output-dir", str(run), "--resume", *TINY]) == 0
+    done = _record(run)
+    assert done["status"] == "complete" and len(done["stages"]) == 3
+    assert done["stages"][1] == r["stages"][1]
+    assert done["accuracy_matrix"][:2] == full[:2]
+    assert (run / "stages" / "02-compare" / "checkpoints").is_dir()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--tasks", "addition", "--task", "compare"], "--task is a `denser train` flag"),
+    (["--tasks", "addition", "--steps", "3"], "--steps is a `denser train` flag"),
+    (["--tasks", "addition,compare", "--eval-tasks", "compare"], "also a training task"),
+    (["--tasks", "addition,addition"], "listed twice"),
+    (["--tasks", "addition,nosuchtask"], "unknown task 'nosuchtask'"),
+    (["--eval-tasks", "reverse"], "--tasks is required"),
+    (["--tasks", "addition", "--steps-per-task", "0"], "--steps-per-task must be >= 1"),
+])
+def test_continual_cli_errors(args, message, capsys, tmp_path):
+    assert main(["continual", "--objective", "grpo", "--model", "tiny", "--output-dir", str(tmp_path / "x"), *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_existing_run_needs_resume_or_overwrite(runs, capsys):
+    sdpo, _ = runs
+    assert main(["continual", "--objective", "sdpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--output-dir", str(sdpo), *TINY]) == 2
+    assert "already holds a continual run" in capsys.readouterr().err
+
+
+def test_frozen_teacher_and_reference_are_anchored_to_the_initial_model():
+    from denser.trainers.continual import ContinualConfig, ContinualRunner
+    from denser.trainers.config import TrainConfig
+    from denser.trainers.models import build_tiny_model
+
+    runner = ContinualRunner(TrainConfig(model="tiny"), None, ContinualConfig(tasks=["addition"]))
+    runner.initial, _ = build_tiny_model(seed=0)
+    stage_start, _ = build_tiny_model(seed=7)  # what a stage's Trainer loads: the previous stage's weights
+    reference, _ = build_tiny_model(seed=7)
+    fake = SimpleNamespace(reference=reference, teacher=SimpleNamespace(mode="frozen", model=stage_start))
+    runner._anchor(fake)
+    for m in (fake.reference, fake.teacher.model):
+        for (name, p), p0 in zip(m.named_parameters(), runner.initial.parameters()):
+            assert torch.equal(p, p0), name
+    ema, _ = build_tiny_model(seed=7)
+    runner._anchor(SimpleNamespace(reference=None, teacher=SimpleNamespace(mode="ema", model=ema)))
+    assert not torch.equal(ema.lm_head.weight, runner.initial.lm_head.weight)  # an EMA teacher is not reset
