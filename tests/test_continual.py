@@ -92,6 +92,23 @@ def test_initial_eval_is_reused_only_when_it_is_the_same_measurement(runs, tmp_p
     assert "a different initial measurement (columns" in capsys.readouterr().err
 
 
+def test_ema_teacher_keeps_averaging_across_stages(runs):
+    from safetensors.torch import load_file
+
+    sdpo, _ = runs
+
+    def final(stage):
+        return next((sdpo / "stages" / stage / "checkpoints").glob("step-*"))
+
+    t1 = load_file(str(final("01-addition") / "state" / "teacher.safetensors"))
+    t2 = load_file(str(final("02-compare") / "state" / "teacher.safetensors"))
+    p2 = load_file(str(final("02-compare") / "model" / "model.safetensors"))
+    rate = _record(sdpo)["objective_args"]["teacher_update_rate"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    # one EMA update in stage 2, from stage 1's teacher (not from stage 2's starting policy)
+    assert torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
+
+
 def test_report_rerenders_from_the_record(runs, tmp_path):
     sdpo, _ = runs
     copy = tmp_path / "copy"
