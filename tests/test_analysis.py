@@ -289,3 +289,16 @@ def test_token_drift_is_zero_against_itself_and_matches_full_logits():
     only_entropy = token_drift(cur, None, gens)
     assert only_entropy["mean_kl"] is None
     assert only_entropy["mean_entropy"] == pytest.approx(out["mean_entropy"], rel=1e-5)
+
+
+def test_top_eigenpairs_without_scipy_match_the_scipy_route(monkeypatch):
+    import sys
+
+    W = torch.randn(7, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    U_fast, s_fast = top_left_singular(W, 3)
+    monkeypatch.setitem(sys.modules, "scipy.linalg", None)  # import scipy.linalg -> ImportError
+    U_torch, s_torch = top_left_singular(W, 3)
+    assert s_torch == pytest.approx(s_fast.tolist())
+    assert s_torch[:3] == pytest.approx(torch.linalg.svdvals(W)[:3].tolist())
+    angle, overlap = subspace_angle_overlap(U_torch, U_fast)
+    assert angle == pytest.approx(0.0, abs=1e-5) and overlap == pytest.approx(1.0)

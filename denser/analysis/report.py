@@ -73,6 +73,10 @@ def _fmt(v, digits: int = 3) -> str:
     return str(v)
 
 
+def _one_minus(v):
+    return None if v is None else 1.0 - v
+
+
 def _signed(v, digits: int = 3) -> str:
     if v is None:
         return "–"
@@ -183,10 +187,13 @@ def plot_run(record: dict, out_dir: Path) -> dict[str, str]:
     rank = _get(record, "continual", "spectral_rank")
     ax.set_title(f"top-{rank} left singular subspace rotation", fontsize=9)
     ax2 = ax.twinx()
-    ax2.plot(x, _series(record, "params", "spectral", "mean_overlap"), marker="s", color="C3", ls=":",
-             label="mean overlap")
-    ax2.set_ylabel("overlap ||UᵀU0||²_F / r", color="C3")
-    ax.legend(fontsize=7, loc="upper left")
+    ax2.plot(x, [1 - v for v in _series(record, "params", "spectral", "mean_overlap")], marker="s", color="C3",
+             ls=":", label="1 - mean overlap (right)")
+    ax2.set_ylabel("1 - ||UᵀU0||²_F / r", color="C3")
+    ax2.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
     ax = axes[1][0]
     ax.plot(x, _series(record, "eval", "overall", "kl"), marker="o", color="black", label="all prompts")
     for i, c in enumerate(record["columns"]):
@@ -288,13 +295,14 @@ def _metrics_lines(record: dict) -> list[str]:
 
 def _drift_table(record: dict) -> list[str]:
     kinds = [k for k in KIND_ORDER if any(_get(s, "params", "by_kind", k) for s in record["stages"])]
-    head = ["after stage", "rel. L2", *[f"rel. L2 {k}" for k in kinds], "cosine", "mean angle°", "max angle°",
-            "mean overlap", "KL(cur‖init)/tok", "similarity", "word F1"]
+    head = ["after stage", "rel. L2", *[f"rel. L2 {k}" for k in kinds], "1 - cosine", "mean angle°", "max angle°",
+            "1 - mean overlap", "KL(cur‖init)/tok", "similarity", "word F1"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for label, s in zip(stage_labels(record), record["stages"]):
         vals = [_fmt(_get(s, "params", "relative_l2")), *[_fmt(_get(s, "params", "by_kind", k, "relative_l2")) for k in kinds],
-                _fmt(_get(s, "params", "cosine"), 6), _fmt(_get(s, "params", "spectral", "mean_angle_deg"), 2),
-                _fmt(_get(s, "params", "spectral", "max_angle_deg"), 2), _fmt(_get(s, "params", "spectral", "mean_overlap"), 4),
+                _fmt(_one_minus(_get(s, "params", "cosine"))), _fmt(_get(s, "params", "spectral", "mean_angle_deg"), 2),
+                _fmt(_get(s, "params", "spectral", "max_angle_deg"), 2),
+                _fmt(_one_minus(_get(s, "params", "spectral", "mean_overlap"))),
                 _fmt(_get(s, "eval", "overall", "kl"), 4), _fmt(_get(s, "eval", "overall", "similarity")),
                 _fmt(_get(s, "eval", "overall", "token_f1"))]
         lines.append(f"| {label} | " + " | ".join(vals) + " |")
@@ -370,7 +378,8 @@ def write_run_report(run_dir: str | Path, *, record: dict | None = None) -> Path
               "## Continual-learning measures", "", *_metrics_lines(record), "",
               "## Drift from the initial model", "", f"![drift](plots/{files['drift']})", "", *_drift_table(record), "",
               "Relative L2 = ||θ-θ0||/||θ0||; angle = largest principal angle between the top-r left singular "
-              "subspaces of each weight matrix and its initial value; overlap = ||UᵀU0||²_F / r; KL = mean per-token "
+              "subspaces of each weight matrix and its initial value (r = the run's spectral rank); overlap = "
+              "||UᵀU0||²_F / r (1 = same subspace); KL = mean per-token "
               "KL(current || initial) along the current model's greedy responses; similarity = difflib ratio "
               "to the initial model's response to the same prompt.", "",
               "## Formatting artifacts", "", f"![artifacts](plots/{files['artifacts']})", "", *_artifact_table(record), ""]
@@ -450,22 +459,30 @@ def _unique_labels(records: list[dict]) -> list[str]:
 def _compare_plots(records: list[dict], names: list[str], plots: Path) -> dict[str, str]:
     files = {}
     width = max(len(r["stages"]) for r in records)
-    labels = [f"{k}" if k else "initial" for k in range(width)]
+    same_sequence = all(r["train_tasks"] == records[0]["train_tasks"] for r in records)
+    labels = (stage_labels(max(records, key=lambda r: len(r["stages"]))) if same_sequence
+              else [f"{k}" if k else "initial" for k in range(width)])
     styles = [dict(color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10]) for i in range(len(records))]
+    # accuracies take few distinct values, so runs would hide each other: shift each run a little sideways
+    shift = [(i - (len(records) - 1) / 2) * 0.06 for i in range(len(records))]
 
     fig, axes = _figure(1, 4, w=3.8)
-    for r, name, st in zip(records, names, styles):
+    for r, name, st, dx in zip(records, names, styles, shift):
         m = r.get("metrics") or {}
         T = len(r["train_tasks"])
-        x = list(range(T + 1))
+        x = [k + dx for k in range(T + 1)]
         axes[0][0].plot(x, [_nan(v) for v in (m.get("average_accuracy") or [None] * (T + 1))], label=name, **st)
         axes[0][1].plot(x, [_nan(v) for v in (m.get("average_forgetting") or [None] * (T + 1))], label=name, **st)
         axes[0][2].plot(x, [_nan(v) for v in (m.get("heldout_mean_accuracy") or [None] * (T + 1))], label=name, **st)
         axes[0][3].plot(x, [_nan(_get(s, "eval", "overall", "artifacts", "repeated_answer_rate")) for s in r["stages"]],
                         label=name, **st)
-    for ax, title in zip(axes[0], ("average accuracy on tasks seen so far", "average forgetting",
-                                    "held-out mean accuracy", "repeated answer markers (rate)")):
+    for i, (ax, title) in enumerate(zip(axes[0], ("average accuracy on tasks seen so far", "average forgetting",
+                                                  "held-out mean accuracy", "repeated answer markers (rate)"))):
         ax.set_title(title, fontsize=9)
+        if i == 1:
+            ax.axhline(0.0, color="gray", lw=0.8)
+        else:
+            ax.set_ylim(-0.03, 1.03)
         _stage_axis(ax, labels)
     axes[0][0].legend(fontsize=7)
     files["summary"] = _save(fig, plots / "compare_summary.png")
@@ -478,9 +495,9 @@ def _compare_plots(records: list[dict], names: list[str], plots: Path) -> dict[s
     fig, axes = _figure(rows, cols, w=3.6, h=3.0)
     flat = [a for row in axes for a in row]
     for ax, c in zip(flat, columns):
-        for r, name, st in zip(records, names, styles):
+        for r, name, st, dx in zip(records, names, styles, shift):
             if c in r["columns"]:
-                ax.plot(range(len(r["stages"])), _series(r, "accuracy", c), label=name, **st)
+                ax.plot([k + dx for k in range(len(r["stages"]))], _series(r, "accuracy", c), label=name, **st)
         held = any(c in r.get("heldout_tasks", []) for r in records)
         trained_at = [r["train_tasks"].index(c) + 1 for r in records if c in r["train_tasks"]]
         if trained_at and len(set(trained_at)) == 1:
@@ -492,7 +509,8 @@ def _compare_plots(records: list[dict], names: list[str], plots: Path) -> dict[s
     for ax in flat[len(columns):]:
         ax.axis("off")
     flat[0].legend(fontsize=7)
-    fig.suptitle("greedy accuracy per task after every stage (shaded: the stage that trains it)", fontsize=10)
+    fig.suptitle("greedy accuracy per task after every stage (shaded: the stage that trains it; runs shifted "
+                 "sideways so that equal values stay visible)", fontsize=10)
     files["accuracy"] = _save(fig, plots / "compare_accuracy.png")
 
     n = len(records)
@@ -504,14 +522,18 @@ def _compare_plots(records: list[dict], names: list[str], plots: Path) -> dict[s
     fig, axes = _figure(2, 3, w=3.8)
     panels = (("params", "relative_l2", "parameter drift ||θ-θ0||/||θ0||"),
               ("params", "spectral", "mean_angle_deg", "mean largest principal angle (deg)"),
-              ("params", "spectral", "mean_overlap", "mean subspace overlap"),
+              ("params", "spectral", "mean_overlap", "1 - mean subspace overlap"),
               ("eval", "overall", "kl", "KL(current || initial) per token"),
               ("eval", "overall", "similarity", "similarity to initial responses"),
-              ("params", "cosine", "cosine(θ, θ0)"))
+              ("params", "cosine", "1 - cosine(θ, θ0)"))
     for ax, (*keys, title) in zip([a for row in axes for a in row], panels):
         for r, name, st in zip(records, names, styles):
-            ax.plot(range(len(r["stages"])), _series(r, *keys), label=name, **st)
+            ys = _series(r, *keys)
+            if title.startswith("1 - "):
+                ys = [1 - y for y in ys]
+            ax.plot(range(len(r["stages"])), ys, label=name, **st)
         ax.set_title(title, fontsize=9)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
         _stage_axis(ax, labels)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("drift from the initial model after every stage", fontsize=10)
