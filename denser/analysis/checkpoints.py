@@ -99,7 +99,7 @@ def drift_markdown(result: dict) -> str:
 
     p, ea, eb = result["params"], result["a_eval"], result["b_eval"]
     spectral = p.get("spectral") or {}
-    lines = [f"# Drift of B from A", "", f"- A: `{result['a']}` ({result['a_model']})",
+    lines = ["# Drift of B from A", "", f"- A: `{result['a']}` ({result['a_model']})",
              f"- B: `{result['b']}` ({result['b_model']})", "",
              f"Parameters: relative L2 {_fmt(p['relative_l2'])}, cosine {_fmt(p['cosine'], 6)}"
              + (f", mean/max largest principal angle {_fmt(spectral.get('mean_angle_deg'), 2)}°/"

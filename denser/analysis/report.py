@@ -276,9 +276,9 @@ def _metrics_lines(record: dict) -> list[str]:
         return ["(the sequence is not complete yet: continual-learning measures are computed at the end)"]
     T = len(record["train_tasks"])
     lines = [
-        f"- average accuracy over the tasks seen so far, per stage: "
+        "- average accuracy over the tasks seen so far, per stage: "
         + ", ".join(_fmt(v, 3) for v in m["average_accuracy"][1:]) + f" (final **{_fmt(m['final_average_accuracy'])}**)",
-        f"- average forgetting (best earlier accuracy minus current), per stage: "
+        "- average forgetting (best earlier accuracy minus current), per stage: "
         + ", ".join(_fmt(v, 3) for v in m["average_forgetting"][1:]) + f" (final **{_fmt(m['final_average_forgetting'])}**)",
         f"- backward transfer BWT (final): **{_signed(m['final_backward_transfer'])}**; forward transfer FWT "
         f"(vs the initial model): **{_signed(m['forward_transfer'])}**",
@@ -451,7 +451,7 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
 def _unique_labels(records: list[dict]) -> list[str]:
     base = [run_label(r) for r in records]
     out = []
-    for i, (b, r) in enumerate(zip(base, records)):
+    for b, r in zip(base, records):
         out.append(b if base.count(b) == 1 else f"{b} [{Path(r['run_dir']).name}]")
     return out
 
