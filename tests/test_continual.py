@@ -210,3 +210,21 @@ def test_frozen_teacher_and_reference_are_anchored_to_the_initial_model():
     ema, _ = build_tiny_model(seed=7)
     runner._anchor(SimpleNamespace(reference=None, teacher=SimpleNamespace(mode="ema", model=ema)))
     assert not torch.equal(ema.lm_head.weight, runner.initial.lm_head.weight)  # an EMA teacher is not reset
+
+
+def test_overwrite_removes_only_what_a_continual_run_wrote(tmp_path):
+    from denser.trainers.continual import ContinualConfig, ContinualRunner
+    from denser.trainers.config import TrainConfig
+
+    run = tmp_path / "run"
+    (run / "stages" / "01-addition").mkdir(parents=True)
+    (run / "continual.json").write_text("{}")
+    (run / "notes.txt").write_text("mine")
+    runner = ContinualRunner(TrainConfig(model="tiny", output_dir=str(run), overwrite=True), None,
+                             ContinualConfig(tasks=["addition"]))
+    runner._prepare()
+    assert (run / "notes.txt").read_text() == "mine"
+    assert not (run / "continual.json").exists() and not (run / "stages" / "01-addition").exists()
+    (run / "config.yaml").write_text("objective: grpo\n")
+    with pytest.raises(ValueError, match="holds a `denser train` run"):
+        runner._prepare()

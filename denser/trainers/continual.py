@@ -47,6 +47,7 @@ import torch
 from denser.trainers.config import TrainConfig
 
 FORMAT_VERSION = 1
+RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages")  # what a continual run writes
 
 
 @dataclass
@@ -142,13 +143,20 @@ class ContinualRunner:
     def _prepare(self) -> dict | None:
         """Create the run directory; return the previous record when resuming."""
         path = self.run_dir / "continual.json"
+        if (self.run_dir / "config.yaml").exists():
+            raise ValueError(f"{self.run_dir} holds a `denser train` run; choose another --output-dir")
         if path.exists() and not (self.cfg.resume or self.cfg.overwrite):
             raise ValueError(f"{self.run_dir} already holds a continual run; pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --output-dir")
-        if path.exists() and self.cfg.overwrite:
+        if self.cfg.overwrite:  # only what a continual run writes, never the rest of the directory
             import shutil
 
-            shutil.rmtree(self.run_dir)
+            for name in RUN_FILES:
+                p = self.run_dir / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
         previous = None
         if path.exists() and self.cfg.resume:
             previous = json.loads(path.read_text())
