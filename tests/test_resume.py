@@ -155,6 +155,55 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, name):
         assert any(r.get("teacher_frac", 0) > 0 for r in rows[1:-1]), "no sample had a teacher"
 
 
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun's workers are not in its process group)."""
+    kids = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    os.kill(pid, signal.SIGKILL)
+    for kid in kids:
+        _kill_tree(int(kid))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~40 s: DENSER_DDP_TESTS=1")
+def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
+    """Each process has its own RNG streams (seed + rank); each must get its own back. (With
+    ``break=rank0_rng`` on the resume, as the loop did before per-process states, this fails.)"""
+    import shutil
+
+    if shutil.which("torchrun") is None or shutil.which("pgrep") is None:
+        pytest.skip("needs torchrun and pgrep")
+    launch = ["torchrun", "--nproc_per_node", "2", str(HERE)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [*CASES["sdpo"][0], *FAST, "--steps", str(STEPS), "--save-every", "1"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    quiet = dict(env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = subprocess.Popen([*launch, "--", *args, "--output-dir", str(ref_dir)], **quiet)
+    victim = subprocess.Popen([*launch, "slow_after_step=2", "--", *args, "--output-dir", str(run_dir)], **quiet)
+    marker = run_dir / "checkpoints" / f"step-{CHECKPOINT:06d}" / "COMPLETE"
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint c"
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.6))
+    _kill_tree(victim.pid)
+    victim.wait()
+    assert ckpt_names(run_dir)[-1] != f"step-{STEPS:06d}", "the run finished before the kill"
+    breaks = [f"break={os.environ['DENSER_TEST_BREAK']}"] if os.environ.get("DENSER_TEST_BREAK") else []
+    resumed = subprocess.run([*launch, *breaks, "--", *args, "--output-dir", str(run_dir), "--resume"], env=env,
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ref.wait(timeout=300) == 0
+    final = f"checkpoints/step-{STEPS:06d}"
+    assert_same_state(ref_dir / final, run_dir / final)
+    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    rng = __import__("torch").load(run_dir / final / "state" / "train_state.pt", weights_only=False)["rng"]
+    assert len(rng) == 2
+
+
+def ckpt_names(run: Path) -> list[str]:
+    return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
+
+
 def torch_equal(a, b) -> bool:
     import torch
 
@@ -174,7 +223,8 @@ def _install_hooks(hooks: dict[str, str]) -> None:
     disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
     nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
     break=WHAT            a deliberately broken resume, to check that the tests catch it: python_rng,
-                          numpy_rng, torch_rng (that stream not restored), seed_order (set_seed after
+                          numpy_rng, torch_rng (that stream not restored), rank0_rng (every process
+                          gets process 0's streams: only visible with 2+ processes), seed_order (set_seed after
                           the restore), teacher, optimizer, scheduler (state not loaded), metrics (not
                           truncated), data (prompts counted from the resume step)
     """
@@ -275,6 +325,8 @@ def _break_resume(what: str) -> None:
             set_seed(0)
 
         ckpt.set_rng_state = set_rng_state
+    elif what == "rank0_rng":  # every process restores process 0's streams (as before per-process states)
+        ckpt.set_rng_state = lambda state, rank=0: real_set(state, 0)
     elif what == "teacher":
         from denser.trainers.teacher import TeacherWeights
 
@@ -317,13 +369,16 @@ def _register_task() -> None:
 
 
 def _main(argv: list[str]) -> int:
-    sep = argv.index("--")
-    hooks = dict(a.split("=", 1) for a in argv[:sep])
+    n = 0  # leading HOOK=VALUE words, then an optional "--" (accelerate launch drops it), then train flags
+    while n < len(argv) and "=" in argv[n] and not argv[n].startswith("-"):
+        n += 1
+    hooks = dict(a.split("=", 1) for a in argv[:n])
+    rest = argv[n + 1:] if argv[n:n + 1] == ["--"] else argv[n:]
     _register_task()
     _install_hooks(hooks)
     from denser.cli import main
 
-    return main(["train", *argv[sep + 1:]])
+    return main(["train", *rest])
 
 
 if __name__ == "__main__":

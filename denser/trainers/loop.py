@@ -155,6 +155,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ setup
 
+    def _note(self, message: str) -> None:
+        """A message every process would print alike: printed once, by the main process."""
+        if self.is_main:
+            self.log(message)
+
     def _teacher_opts(self):
         part = getattr(self.objective, "sdpo_part", None)
         return part() if callable(part) else self.objective
@@ -168,7 +173,7 @@ class Trainer:
         if len(self.task.train) == 0:
             raise ValueError(f"task {name!r} has no training rows; nothing to train on")
         if len(self.task.eval) == 0:
-            self.log(f"warning: task {name!r} has no eval rows; eval accuracy will read 0")
+            self._note(f"warning: task {name!r} has no eval rows; eval accuracy will read 0")
 
     def _check_run_dir(self) -> Path | None:
         """Refuse a directory that holds another run; with --resume, the checkpoint to resume from.
@@ -206,12 +211,12 @@ class Trainer:
             changed += [f"{k} {old_args.get(k)!r} -> {v!r}" for k, v in new["objective_args"].items()
                         if k in old_args and old_args[k] != v]
             if changed:
-                self.log(f"--resume: settings changed since the run started: {'; '.join(changed)}")
+                self._note(f"--resume: settings changed since the run started: {'; '.join(changed)}")
         for p in ckpt.incomplete_checkpoints(run):
-            self.log(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
+            self._note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
         latest = ckpt.latest_checkpoint(run)
         if latest is None:
-            self.log(f"--resume: no complete checkpoint in {run}; starting from step 0")
+            self._note(f"--resume: no complete checkpoint in {run}; starting from step 0")
             return None
         step = ckpt.checkpoint_step(latest)
         if step > cfg.steps:
@@ -246,7 +251,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             if self.teacher.mode == "ema" and teacher_state is None:
-                self.log(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
+                self._note(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
             self.teacher.load_state_dict(teacher_state)
         self.start_step = int(trainer_state["step"])
         self.metrics_rows = int(trainer_state["metrics_rows"])
@@ -256,7 +261,7 @@ class Trainer:
         self._truncate_metrics(self.metrics_rows)
         # Last, after everything that might draw random numbers: the streams continue where the run left them.
         ckpt.set_rng_state(state["rng"], self.rank)
-        self.log(f"resumed from {path} (step {self.start_step}, the newest complete checkpoint)")
+        self._note(f"resumed from {path} (step {self.start_step}, the newest complete checkpoint)")
 
     def _truncate_metrics(self, rows: int) -> None:
         """Keep the first ``rows`` rows of metrics.jsonl: those written before the checkpoint."""
@@ -541,7 +546,7 @@ class Trainer:
         summary: dict[str, Any] = {"run_dir": str(self.run_dir)}
         if self.finished:
             path = ckpt.latest_checkpoint(self.run_dir)
-            self.log(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
+            self._note(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
             summary.update(already_complete=True, checkpoint=str(path) if path else None)
             return summary
         if self.start_step == 0:
@@ -564,7 +569,7 @@ class Trainer:
                 self.skipped_total += row["skipped"]
                 row["skipped_total"] = self.skipped_total
                 if row["skipped"]:
-                    self.log(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
+                    self._note(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
                              f"({row['grad_norm']}); update skipped, weights unchanged "
                              f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
