@@ -65,7 +65,7 @@ def test_reward_right_wrong_and_missing(name):
 
 def test_few_shot_examples_are_outside_the_problem_space():
     for name in BUILTIN:
-        task = get_task(name, num_train=50, num_eval=10)
+        task = get_task(name, num_train=3000, num_eval=10)  # every problem of the small tasks
         assert task.examples, name
         questions = set(task.train["question"]) | set(task.eval["question"])
         assert all(q not in questions for q, _ in task.examples)
@@ -139,7 +139,7 @@ def test_parse_number():
 
 def test_too_few_problems_for_eval():
     with pytest.raises(ValueError, match="distinct problems"):
-        get_task("addition", num_eval=81).train
+        get_task("addition", num_eval=196).train
 
 
 # ---------------------------------------------------------------------------------------- file tasks

@@ -15,7 +15,9 @@ from denser.tasks.answers import ANSWER_INSTRUCTION, extract_answer, parse_numbe
 from denser.tasks.base import Score, Task, get_task, list_tasks, register_task, task_descriptions
 from denser.tasks.file_task import FileTask, FileTaskError
 
-#: the task ``denser train`` uses when none is given (chosen by measuring the embedded model)
+#: the task ``denser train`` uses when none is given. Chosen by measuring the embedded
+#: SmolLM2-135M-Instruct at temperature 1: ~50% of samples succeed and almost every group of 8 has
+#: a success (see :class:`denser.tasks.builtin.Addition`). Suggested budget: 32 new tokens.
 DEFAULT_TASK = "addition"
 
 __all__ = [

@@ -8,7 +8,7 @@ feedback text on failure that says what is wrong without giving the solution.
 =================  =========================  ======================================================
 name               skill                      example question
 =================  =========================  ======================================================
-``addition``       arithmetic (easy)          What is 3 + 5?
+``addition``       arithmetic (easy)          What is 3 + 12?
 ``arithmetic``     arithmetic (2-digit)       What is 47 - 18?
 ``compare``        number sense               Which is larger, 37 or 52?
 ``reverse``        string manipulation        Reverse the letters of 'cat'.
@@ -97,13 +97,19 @@ class ArithmeticTask(Task):
         return _check_number(completion, float(row["answer"]))
 
 
-@register_task("addition", "single-digit addition (a + b, 1-9); the default task")
+@register_task("addition", "addition of two numbers from 1 to 14; the default task")
 class Addition(ArithmeticTask):
-    description = "single-digit addition (a + b, 1-9); the default task"
-    examples = ((f"What is 10 + 5? {_instr('number')}", "10 + 5 = 15\nAnswer: 15"),)
+    """The default task, tuned on the embedded SmolLM2-135M-Instruct (16 prompts x 8 samples,
+    temperature 1, 32 new tokens): operands 1-9 gave 55% success and 85% greedy eval accuracy
+    (little left to learn); 1-19 gave 27% with 7 of 16 groups never succeeding; 1-14 gives 51%
+    sampled success with 15 of 16 groups succeeding at least once (none always), and 62% greedy
+    eval accuracy, most failures a missing ``Answer:`` line, which a short run can fix."""
+
+    description = "addition of two numbers from 1 to 14; the default task"
+    examples = ((f"What is 20 + 5? {_instr('number')}", "20 + 5 = 25\nAnswer: 25"),)  # outside 1-14
     ops = ("+",)
-    low, high = 1, 9
-    default_num_eval = 20  # 81 distinct problems: 20 held out, 61 for training
+    low, high = 1, 14
+    default_num_eval = 50  # 196 distinct problems: 50 held out, 146 for training
     suggested_max_new_tokens = 32
 
 
