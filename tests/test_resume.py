@@ -29,7 +29,7 @@ TASK = "parity_addition"
 FAST = ["--model", "tiny", "--task", TASK, "--max-new-tokens", "6", "--num-generations", "4",
         "--prompts-per-step", "2", "--micro-batch-size", "4", "--eval-size", "2", "--no-progress",
         "--lr", "3e-3", "--lr-schedule", "cosine", "--warmup-steps", "1", "--weight-decay", "0.01",
-        "--temperature", "1.3"]
+        "--temperature", "1.3", "--cpu"]
 
 
 def driver(*args: str, hooks: dict[str, str] | None = None, env: dict[str, str] | None = None, **kw):

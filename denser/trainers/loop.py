@@ -120,7 +120,8 @@ class Trainer:
         initial = None
         needs_initial = Signal.REF_LOGP in self.signals or getattr(self._teacher_opts(), "teacher", None) == "frozen"
         if needs_initial:
-            initial, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+            with ckpt.quiet_transformers():
+                initial, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
             initial = initial.eval().requires_grad_(False)
         self.reference = initial if Signal.REF_LOGP in self.signals else None
         self.teacher = None
