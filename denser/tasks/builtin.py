@@ -99,11 +99,12 @@ class ArithmeticTask(Task):
 
 @register_task("addition", "addition of two numbers from 1 to 14; the default task")
 class Addition(ArithmeticTask):
-    """The default task, tuned on the embedded SmolLM2-135M-Instruct (16 prompts x 8 samples,
-    temperature 1, 32 new tokens): operands 1-9 gave 55% success and 85% greedy eval accuracy
-    (little left to learn); 1-19 gave 27% with 7 of 16 groups never succeeding; 1-14 gives 51%
-    sampled success with 15 of 16 groups succeeding at least once (none always), and 62% greedy
-    eval accuracy, most failures a missing ``Answer:`` line, which a short run can fix."""
+    """The default task, tuned on the embedded SmolLM2-135M-Instruct (16 train prompts x 8 samples,
+    temperature 1): operands 1-9 gave 55% success and 85% greedy eval accuracy (little left to
+    learn); 1-19 gave 27% with 7 of 16 groups never succeeding; 1-14 (this task, 48 new tokens)
+    gives 49% sampled success, 15 of 16 groups succeeding at least once and none always, and 66%
+    greedy accuracy on the 50 eval problems; a fifth of the failures lack the ``Answer:`` line,
+    which a short run can fix."""
 
     description = "addition of two numbers from 1 to 14; the default task"
     examples = ((f"What is 20 + 5? {_instr('number')}", "20 + 5 = 25\nAnswer: 25"),)  # outside 1-14
