@@ -243,7 +243,7 @@ def cmd_train(argv: list[str]) -> int:
               file=sys.stderr)
         return 130
     before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
-    if before is not None:
+    if before is not None and summary.get("is_main", True):
         print(f"eval accuracy: {before:.3f} -> {after:.3f}")
     return 0
 

@@ -158,7 +158,9 @@ def test_config_file_with_flags_overriding(tmp_path):
 @pytest.mark.slow
 def test_two_process_cpu_run(tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+    # accelerate's --cpu flag routes to its single-process launcher unless an MPI hostfile is
+    # configured; --multi_gpu starts torchrun, whose processes find no GPU and use gloo on CPU.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "denser", "train", "--objective", "grpo",
            "--output-dir", str(out), *SMALL]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -166,5 +168,7 @@ def test_two_process_cpu_run(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 2]  # one writer, not two
+    assert rows[1]["processes"] == 2  # really two processes
+    assert proc.stdout.count("eval accuracy:") == 1  # printed by the main process only
     assert all(r.get("skipped", 0) == 0 for r in rows)
     assert _weights(out, 2)

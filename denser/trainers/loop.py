@@ -481,6 +481,7 @@ class Trainer:
         elapsed = time.perf_counter() - t0
         row = {
             "step": step + 1,
+            "processes": self.world,
             "reward_mean": mean_r,
             "reward_std": math.sqrt(max(stat[1] / n - mean_r ** 2, 0.0)),
             "success_rate": stat[2] / n,
@@ -544,7 +545,7 @@ class Trainer:
 
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
-        summary: dict[str, Any] = {"run_dir": str(self.run_dir)}
+        summary: dict[str, Any] = {"run_dir": str(self.run_dir), "is_main": self.is_main}
         if self.finished:
             path = ckpt.latest_checkpoint(self.run_dir)
             self._note(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
@@ -553,7 +554,7 @@ class Trainer:
         if self.start_step == 0:
             acc = self.evaluate()
             summary["eval_accuracy_before"] = acc
-            self.log(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
+            self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
             self._write_metrics({"step": 0, "eval_accuracy": acc})
         bar = None
         if cfg.progress and self.is_main:
@@ -598,9 +599,9 @@ class Trainer:
         self._write_metrics({"step": cfg.steps, "eval_accuracy": acc})
         path = self.save(cfg.steps, finished=True)
         summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
-        self.log(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
+        self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
-            self.log(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+            self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
         return summary
 
 
