@@ -185,7 +185,7 @@ def plot_run(record: dict, out_dir: Path) -> dict[str, str]:
     ax.plot(x, _series(record, "params", "spectral", "max_angle_deg"), marker="^", label="max over matrices")
     ax.set_ylabel("largest principal angle (deg)")
     rank = _get(record, "continual", "spectral_rank")
-    ax.set_title(f"top-{rank} left singular subspace rotation", fontsize=9)
+    ax.set_title(f"rotation of top-{rank} left singular subspaces", fontsize=9, loc="left")
     ax2 = ax.twinx()
     ax2.plot(x, [1 - v for v in _series(record, "params", "spectral", "mean_overlap")], marker="s", color="C3",
              ls=":", label="1 - mean overlap (right)")
@@ -418,7 +418,7 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
                      f"{', '.join(r.get('heldout_tasks') or []) or '–'} | {r.get('status')} | "
                      f"{_fmt((r.get('elapsed_s') or 0) / 60, 1)} |")
     lines += ["", f"Settings of the first run: {_config_line(records[0])}.", "", "## Summary", ""]
-    head = ["run", "final avg acc", "avg forgetting", "BWT", "FWT", "held-out Δ", "rel. L2", "mean angle°",
+    head = ["run", "final avg acc", "avg forgetting", "worst avg forgetting", "BWT", "FWT", "held-out Δ", "rel. L2", "mean angle°",
             "KL/tok", "similarity", "repeated answer", "rep-3", "length limit", "entropy"]
     lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name, r in zip(names, records):
@@ -429,12 +429,15 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
         held = (m.get("heldout_mean_delta") or [None] * (T + 1))[T] if m else None
         lines.append("| " + " | ".join([
             name, _fmt(m.get("final_average_accuracy")), _fmt(m.get("final_average_forgetting")),
+            _fmt(max((v for v in m.get("average_forgetting") or [] if v is not None), default=None)),
             _signed(m.get("final_backward_transfer")), _signed(m.get("forward_transfer")), _signed(held),
             _fmt(_get(last, "params", "relative_l2")), _fmt(_get(last, "params", "spectral", "mean_angle_deg"), 2),
             _fmt(_get(last, "eval", "overall", "kl"), 4), _fmt(_get(last, "eval", "overall", "similarity")),
             _fmt(art.get("repeated_answer_rate")), _fmt(art.get("repeated_ngram_rate")),
             _fmt(art.get("length_limit_rate")), _fmt(art.get("mean_entropy"))]) + " |")
-    lines += ["", "Final-stage values. Forgetting = best earlier accuracy minus current (Chaudhry et al. 2018), BWT/FWT "
+    lines += ["", "Final-stage values (worst avg forgetting: the largest average forgetting after any stage; minutes: "
+              "wall time on a machine shared with other jobs, stage 0 measured once and reused). Forgetting = best "
+              "earlier accuracy minus current (Chaudhry et al. 2018), BWT/FWT "
               "as in Lopez-Paz & Ranzato 2017 (FWT against the initial model); held-out Δ = change of the mean "
               "held-out accuracy from the initial model.", ""]
     for key, title in (("summary", "Accuracy and forgetting"), ("accuracy", "Accuracy per task"),
