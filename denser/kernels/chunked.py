@@ -19,7 +19,7 @@ from denser.kernels.options import CoreOptions
 from denser.kernels.stats import TokenStats
 
 # Bytes of one fp32 [chunk, V] logits tile the default chunk size aims for.
-DEFAULT_TILE_BYTES = {"cpu": 32 << 20, "cuda": 256 << 20}
+DEFAULT_TILE_BYTES = {"cpu": 12 << 20, "cuda": 256 << 20}
 
 
 def default_chunk_size(vocab: int, device: torch.device) -> int:
