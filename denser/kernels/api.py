@@ -39,6 +39,16 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+def _teacher_head(weight, bias, teacher_hidden, teacher_weight, teacher_bias):
+    """The teacher's inputs, detached (stop-gradient); its head defaults to the student's."""
+    if teacher_hidden is None:
+        return None, None, None
+    if teacher_weight is None:
+        teacher_weight, teacher_bias = weight, (bias if teacher_bias is None else teacher_bias)
+    return (teacher_hidden.detach(), teacher_weight.detach(),
+            None if teacher_bias is None else teacher_bias.detach())
+
+
 def _impl(backend: str):
     if backend == "reference":
         return reference.token_stats
@@ -91,15 +101,11 @@ def token_stats(
     check_linear_inputs(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, ignore_index)
     check_scalar_options(temperature=temperature, alpha=alpha, topk=topk, vocab=weight.shape[0], backend=backend,
                          chunk_size=chunk_size, has_teacher=teacher_hidden is not None)
-    if teacher_hidden is not None and teacher_weight is None:
-        teacher_weight, teacher_bias = weight, (bias if teacher_bias is None else teacher_bias)
+    teacher_hidden, teacher_weight, teacher_bias = _teacher_head(weight, bias, teacher_hidden, teacher_weight,
+                                                                 teacher_bias)
     opts = CoreOptions(float(temperature), float(alpha), topk, bool(add_tail), bool(need_entropy),
                        teacher_hidden is not None, ignore_index)
     impl = _impl(resolve_backend(backend, hidden.device))
-    if teacher_hidden is not None:
-        teacher_hidden = teacher_hidden.detach()
-        teacher_weight = teacher_weight.detach()
-        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     return impl(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts, chunk_size)
 
 
@@ -185,13 +191,10 @@ def fused_loss(
                          chunk_size=chunk_size, has_teacher=need_div)
     if batch.num_tokens != hidden.shape[0]:
         raise ValueError(f"batch has {batch.num_tokens} tokens (seq_ids) but hidden has {hidden.shape[0]} rows")
-    if need_div and teacher_weight is None:
-        teacher_weight, teacher_bias = weight, (bias if teacher_bias is None else teacher_bias)
+    teacher_hidden, teacher_weight, teacher_bias = _teacher_head(weight, bias, teacher_hidden, teacher_weight,
+                                                                 teacher_bias)
     core = CoreOptions(float(temperature), float(alpha), topk, bool(opts.get("add_tail", True)),
                        bool(opts.get("need_entropy", False)), need_div, ignore_index)
-    if need_div:
-        teacher_hidden, teacher_weight = teacher_hidden.detach(), teacher_weight.detach()
-        teacher_bias = None if teacher_bias is None else teacher_bias.detach()
     resolved = resolve_backend(backend, hidden.device)
     if resolved.startswith("triton"):
         from denser.kernels import triton_ops

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from denser.kernels import reference, sweeps as torch_sweeps
+from denser.kernels.sweeps import SweepOut
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import TokenStats
 
@@ -48,10 +49,6 @@ def chunk_logits(h: Tensor, weight: Tensor, bias: Tensor | None, ws: dict | None
     return z.float()
 
 
-def workspace(sweeps) -> dict:
-    """Keyword arguments giving a sweeps module its reusable scratch buffers, if it takes them."""
-    return {"ws": {}} if getattr(sweeps, "uses_workspace", False) else {}
-
 
 # ----------------------------------------------------------------------------------------- top-k
 
@@ -69,9 +66,7 @@ def topk_divergence(z_s: Tensor, z_t: Tensor, out, opts: CoreOptions, requires_g
     lpt = z_t.gather(1, support).float() / opts.temperature - out.lse_t[:, None]
     with torch.enable_grad() if requires_grad else torch.no_grad():
         ls, lt = reference.restrict_to_support(zsk - lse[:, None], lpt, opts.add_tail)
-        div = reference.divergence_from_logprobs(ls, lt, opts.alpha)
-        valid = out.logp.new_ones(()).bool()  # masking applied by the caller
-    del valid
+        div = reference.divergence_from_logprobs(ls, lt, opts.alpha)  # masking applied by the caller
     return div, support, zsk, lse
 
 
@@ -98,13 +93,12 @@ class _ChunkedStats(torch.autograd.Function):
         lse_t = torch.empty(n, **f32) if teacher else None
         div = torch.empty(n, **f32) if teacher else None
         aux = torch.empty(n, **f32) if teacher and opts.topk is None and opts.alpha > 0 else None
-        ws = workspace(sweeps)
-        buffers = ws.get("ws")
+        ws: dict = {}  # [c, V] buffers reused across chunks
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            z_s = chunk_logits(hidden[a:b], weight, bias, buffers, "z_s")
-            z_t = chunk_logits(t_hidden[a:b], t_weight, t_bias, buffers, "z_t") if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None, **ws)
+            z_s = chunk_logits(hidden[a:b], weight, bias, ws, "z_s")
+            z_t = chunk_logits(t_hidden[a:b], t_weight, t_bias, ws, "z_t") if teacher else None
+            out = sweeps.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None, ws=ws)
             logp[a:b], lse_s[a:b] = out.logp, out.lse_s
             if entropy is not None:
                 entropy[a:b] = out.entropy
@@ -134,10 +128,7 @@ class _ChunkedStats(torch.autograd.Function):
         d_hidden = torch.empty_like(hidden) if need_h else None
         d_weight = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32) if need_w else None
         d_bias = torch.zeros(weight.shape[0], device=weight.device, dtype=torch.float32) if (need_b and bias is not None) else None
-        from denser.kernels.sweeps import SweepOut
-
-        ws = workspace(sweeps)
-        buffers = ws.get("ws")
+        ws: dict = {}
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
             sl = slice(a, b)
@@ -148,9 +139,9 @@ class _ChunkedStats(torch.autograd.Function):
                 divergence=None if div is None else div[sl],
                 aux=None if aux is None else aux[sl],
             )
-            z_s = chunk_logits(hidden[sl], weight, bias, buffers, "z_s")
+            z_s = chunk_logits(hidden[sl], weight, bias, ws, "z_s")
             with torch.no_grad():
-                z_t = chunk_logits(t_hidden[sl], t_weight, t_bias, buffers, "z_t") if (t_hidden is not None and g_div is not None) else None
+                z_t = chunk_logits(t_hidden[sl], t_weight, t_bias, ws, "z_t") if (t_hidden is not None and g_div is not None) else None
             g_lse = support = d_zsk = None
             g_div_full = None
             if g_div is not None and opts.topk is not None:
@@ -159,7 +150,7 @@ class _ChunkedStats(torch.autograd.Function):
                 g_div_full = g_div[sl]
             dz = sweeps.backward_sweep(
                 z_s, z_t if g_div_full is not None else None, targets[sl], saved,
-                g_logp[sl], None if g_ent is None else g_ent[sl], g_div_full, g_lse, opts, **ws,
+                g_logp[sl], None if g_ent is None else g_ent[sl], g_div_full, g_lse, opts, ws=ws,
             )
             if support is not None:
                 dz.scatter_add_(1, support, d_zsk / opts.temperature)

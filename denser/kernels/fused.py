@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from denser.kernels import sweeps as torch_sweeps
-from denser.kernels.chunked import chunk_logits, default_chunk_size, topk_divergence, workspace
+from denser.kernels.chunked import chunk_logits, default_chunk_size, topk_divergence
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, TokenStats, merge_metrics
 
@@ -85,15 +85,14 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
     h_detached, w_detached = hidden.detach(), weight.detach()
     b_detached = None if bias is None else bias.detach()
 
-    ws = workspace(sweeps)
-    buffers = ws.get("ws")
+    ws: dict = {}  # [c, V] buffers reused across chunks
     for a, b in chunk_bounds(batch, n, chunk, objective.separable):
         y = targets[a:b]
         with torch.no_grad():
-            z_s = chunk_logits(h_detached[a:b], w_detached, b_detached, buffers, "z_s")
-            z_t = chunk_logits(teacher_hidden[a:b], teacher_weight, teacher_bias, buffers, "z_t") if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, **ws,
-                                      **({"keep": True} if ws else {}))
+            z_s = chunk_logits(h_detached[a:b], w_detached, b_detached, ws, "z_s")
+            z_t = chunk_logits(teacher_hidden[a:b], teacher_weight, teacher_bias, ws, "z_t") if teacher else None
+            out = sweeps.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, ws=ws,
+                                       keep=True)
         valid = y != opts.ignore_index
         logp = out.logp.detach().requires_grad_()
         entropy = out.entropy.detach().requires_grad_() if out.entropy is not None else None
@@ -127,7 +126,7 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
             d_zsk, g_lse = grads[i], grads[i + 1]
         with torch.no_grad():
             dz = sweeps.backward_sweep(z_s, z_t if g_div_full is not None else None, y, out,
-                                       g_logp, g_ent, g_div_full, g_lse, opts, **ws)
+                                       g_logp, g_ent, g_div_full, g_lse, opts, ws=ws)
             if support is not None:
                 dz.scatter_add_(1, support, d_zsk * (valid[:, None].float() / opts.temperature))
             del z_s, z_t

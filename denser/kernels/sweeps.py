@@ -32,7 +32,6 @@ from torch import Tensor
 
 from denser.kernels.options import CoreOptions
 
-uses_workspace = True  # the drivers pass ``ws=`` (a dict of reusable [c, V] buffers)
 TINY = torch.finfo(torch.float32).tiny
 
 

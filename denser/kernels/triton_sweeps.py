@@ -34,7 +34,6 @@ from denser.kernels.triton_common import (
     upstream_coefficients,
 )
 
-uses_workspace = False  # the drivers' reusable [c, V] buffers (torch sweeps) are not needed here
 
 # rows of the forward kernel's output buffer [6, c] (literals in the kernel: Triton reads no globals)
 _LOGP, _LSE_S, _ENT, _LSE_T, _DIV, _AUX = range(6)
@@ -141,9 +140,10 @@ def _rows_last_contiguous(z: Tensor) -> Tensor:
 
 
 def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOptions, full_divergence: bool,
-                  ws: dict | None = None) -> SweepOut:
+                  ws: dict | None = None, keep: bool = False) -> SweepOut:
     """Statistics of one chunk; same contract as ``sweeps.forward_sweep``. ``z_s``/``z_t`` are not
-    modified; ``ws`` (the torch sweeps' workspace) is accepted and unused."""
+    modified; ``ws`` (the torch sweeps' workspace) and ``keep`` are accepted and unused: the
+    backward kernel recomputes its tiles from the logits in one pass."""
     c, vocab = z_s.shape
     z_s = _rows_last_contiguous(z_s)
     has_t = z_t is not None
