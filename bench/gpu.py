@@ -31,6 +31,8 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
+from bench.loss_core import parse_cases
+
 DEFAULT_SHAPES = ["4096x4096x151936", "16384x4096x151936", "65536x4096x151936", "8192x4096x128256"]
 DEFAULT_ALPHAS = [0.5, 1.0]
 FLOOR_CHUNK = 8192
@@ -378,12 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     shapes = [s for s in a.shapes.split(",") if s.strip()]
     alphas = [float(x) for x in a.alphas.split(",") if x.strip()]
-    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(CASES)}")
-    if "floor" not in cases:
-        cases.insert(0, "floor")
+    cases = parse_cases(p, a.cases, CASES)
     grid = plan(shapes, alphas, a.dtype, cases, a.device)
 
     if a.worker:

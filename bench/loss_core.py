@@ -186,6 +186,15 @@ def _torch_version() -> str:
         return "?"
 
 
+def parse_cases(parser: argparse.ArgumentParser, text: str, known: list[str]) -> list[str]:
+    """``--cases a,b`` checked against ``known``, with the floor always measured first."""
+    cases = [c.strip() for c in text.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in known]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(known)}")
+    return cases if "floor" in cases else ["floor", *cases]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2048)
@@ -203,12 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.worker:
         print(json.dumps(worker(a.worker, shape, a.repeats)))
         return 0
-    cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        p.error(f"unknown case(s) {', '.join(unknown)}; cases: {', '.join(CASES)}")
-    if "floor" not in cases:
-        cases.insert(0, "floor")
+    cases = parse_cases(p, a.cases, CASES)
     rows = []
     try:
         from tqdm import tqdm

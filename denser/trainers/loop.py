@@ -302,11 +302,15 @@ class Trainer:
         splits = [("train", data, train_idx), ("eval", self.task.eval, range(min(cfg.eval_size, len(self.task.eval))))]
         for split, rows, idx in splits:
             for i in idx:
-                n = len(render_prompt(self.tokenizer, self.task.prompt(rows[i])))
-                if n + cfg.max_new_tokens > limit:
-                    raise ValueError(f"task {self.task.name!r}: the prompt of {split} row {i} has {n} tokens; with "
-                                     f"--max-new-tokens {cfg.max_new_tokens} it exceeds the model's context of {limit} "
-                                     "tokens; shorten or drop that prompt, or lower --max-new-tokens")
+                self._check_fits(len(render_prompt(self.tokenizer, self.task.prompt(rows[i]))), f"{split} row {i}")
+
+    def _check_fits(self, prompt_tokens: int, where: str) -> None:
+        """A prompt of ``prompt_tokens`` plus --max-new-tokens must fit the model's context."""
+        limit = getattr(self.policy.config, "max_position_embeddings", None)
+        if limit and prompt_tokens + self.cfg.max_new_tokens > limit:
+            raise ValueError(f"task {self.task.name!r}: the prompt of {where} has {prompt_tokens} tokens; with "
+                             f"--max-new-tokens {self.cfg.max_new_tokens} it exceeds the model's context of {limit} "
+                             "tokens; shorten or drop that prompt, or lower --max-new-tokens")
 
     def _perm_index(self, k: int) -> int:
         """Dataset index of the ``k``-th prompt drawn (over all steps and processes)."""
@@ -321,11 +325,8 @@ class Trainer:
         from denser.trainers.models import render_prompt
 
         ids = [render_prompt(self.tokenizer, self.task.prompt(r)) for r in rows]
-        limit = getattr(self.policy.config, "max_position_embeddings", None)
-        for r, p in zip(rows, ids):
-            if limit and len(p) + self.cfg.max_new_tokens > limit:
-                raise ValueError(f"a prompt of task {self.task.name!r} has {len(p)} tokens; with --max-new-tokens "
-                                 f"{self.cfg.max_new_tokens} it exceeds the model's context of {limit} tokens")
+        for p in ids:  # prompts beyond the preflight's sample are checked as they come
+            self._check_fits(len(p), "a prompt of this batch")
         return ids
 
     # ------------------------------------------------------------------------------------- eval
