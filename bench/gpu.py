@@ -8,7 +8,7 @@ Time is the median of ``--repeats`` forward+backward steps timed with CUDA event
 also given as ``extra`` = peak - inputs - gradients.
 
     python -m bench.gpu                          # the issue-4 grid, writes bench/results/<device>-<date>.json
-    python -m bench.gpu --shapes 4096x4096x151936 --alphas 0.5 --cases floor,triton_fused
+    python -m bench.gpu --shapes 4096x4096x151936 --alphas 0.5 --cases floor,triton_onchip
     python -m bench.gpu --dry-run                # the plan, without a GPU
     TRITON_INTERPRET=1 python -m bench.gpu --device cpu --shapes 40x24x70 --repeats 1 --warmup 0
                                                  # smoke-run every case on CPU (Triton interpreter)
@@ -42,7 +42,7 @@ CASES = {
     "reference": "token_stats backend=reference (fp32 [N, V] logits, autograd)",
     "chunked": "token_stats backend=chunked (PyTorch sweeps, logits recomputed in backward)",
     "triton_chunked": "token_stats backend=triton_chunked (Triton sweeps, logits recomputed in backward)",
-    "triton_fused": "token_stats backend=triton_fused (logits tiles on chip, never stored)",
+    "triton_onchip": "token_stats backend=triton_onchip (logits tiles on chip, never stored)",
     "triton": "token_stats backend=triton (auto: path picked from free memory, see 'path')",
     "fused-sdpo[chunked]": "fused_loss sdpo full vocabulary, backend=chunked (gradients in forward)",
     "fused-sdpo[triton_chunked]": "fused_loss sdpo full vocabulary, backend=triton_chunked (gradients in forward)",
@@ -139,7 +139,7 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
                 hidden.grad, weight.grad = d_hidden, d_weight
         return step
 
-    if case in ("reference", "chunked", "triton_chunked", "triton_fused", "triton"):
+    if case in ("reference", "chunked", "triton_chunked", "triton_onchip", "triton"):
         from denser.kernels import token_stats
 
         if case == "triton":
@@ -318,14 +318,14 @@ def check_targets(rows: list[dict]) -> list[str]:
     r = ratio("liger-fljsd", "fused-sdpo[triton_chunked]")
     out.append(f"fused_loss triton_chunked >= 2x faster than Liger fused linear JSD: "
                + ("n/a" if r is None else f"{'PASS' if r >= 2.0 else 'FAIL'} ({r:.2f}x)"))
-    r = ratio("triton_fused", "floor")
-    out.append(f"triton_fused <= 2.5x floor: " + ("n/a" if r is None else f"{'PASS' if r <= 2.5 else 'FAIL'} ({r:.2f}x)"))
-    if by.get("triton_fused", {}).get("extra_gib") is not None:
-        extra = by["triton_fused"]["extra_gib"]
-        out.append(f"triton_fused peak <= inputs + gradients + 512 MiB: {'PASS' if extra <= 0.5 else 'FAIL'} "
+    r = ratio("triton_onchip", "floor")
+    out.append(f"triton_onchip <= 2.5x floor: " + ("n/a" if r is None else f"{'PASS' if r <= 2.5 else 'FAIL'} ({r:.2f}x)"))
+    if by.get("triton_onchip", {}).get("extra_gib") is not None:
+        extra = by["triton_onchip"]["extra_gib"]
+        out.append(f"triton_onchip peak <= inputs + gradients + 512 MiB: {'PASS' if extra <= 0.5 else 'FAIL'} "
                    f"(extra {extra * 1024:.0f} MiB)")
     else:
-        out.append("triton_fused peak <= inputs + gradients + 512 MiB: n/a")
+        out.append("triton_onchip peak <= inputs + gradients + 512 MiB: n/a")
     return out
 
 
