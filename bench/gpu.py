@@ -161,7 +161,7 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
         name, backend = re.fullmatch(r"fused-(\w+)\[(\w+)\]", case).groups()
         objective = get_objective("sdpo", alpha=shape.alpha, distill_mode="full") if name == "sdpo" else get_objective(name)
         batch = _policy_batch(shape)
-        kw = {"teacher_hidden": teacher} if objective.core_options().get("need_divergence") else {}
+        kw = {"teacher_hidden": teacher} if objective.core_options().need_divergence else {}
         if backend == "triton":
             from denser.kernels import triton_ops
 

@@ -104,7 +104,7 @@ def _step_fn(case: str, shape: Shape):
                             advantages=torch.randn(seqs), rewards=torch.rand(seqs),
                             old_logp=torch.full((shape.n,), -10.0), ref_logp=torch.full((shape.n,), -10.0),
                             teacher_mask=torch.ones(seqs, dtype=torch.bool), norm_length=256.0)
-        kw = {"teacher_hidden": teacher} if objective.core_options().get("need_divergence") else {}
+        kw = {"teacher_hidden": teacher} if objective.core_options().need_divergence else {}
 
         def step():
             zero()

@@ -106,7 +106,7 @@ def run_backend(backend, inp, **opts):
     return run(backend, inp, **opts)
 
 
-# ---------------------------------------------------------------------- sweeps vs the torch sweeps
+# ------------------------------------------------------------ Triton chunk math vs the PyTorch one
 
 
 def _sweep_inputs(gen, c=11, v=67):
@@ -120,7 +120,7 @@ def _sweep_inputs(gen, c=11, v=67):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_sweeps_match_chunk_math(gen, alpha, temperature):
+def test_triton_chunk_math_matches_pytorch(gen, alpha, temperature):
     zs, zt, y, (g_logp, g_ent, g_div, g_lse) = _sweep_inputs(gen)
     opts = CoreOptions(temperature, alpha, None, True, True, True, IGNORE)
     want = chunk_math.forward_sweep(zs.clone(), zt.clone(), y, opts, True)
@@ -375,7 +375,7 @@ def test_fused_loss_matches_plain_reference_route(gen, backend, name, fields):
         teacher_mask=torch.tensor([True, False, True, True, True]).to(DEVICE), norm_length=16.0,
     )
     objective = get_objective(name, **fields)
-    teacher = inp["teacher_hidden"] if objective.core_options().get("need_divergence") else None
+    teacher = inp["teacher_hidden"] if objective.core_options().need_divergence else None
     results = []
     for route in ("reference", backend):
         leaves = [inp["hidden"], inp["weight"], inp["bias"]]
