@@ -120,7 +120,7 @@ def _sweep_inputs(gen, c=11, v=67):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_triton_chunk_math_matches_pytorch(gen, alpha, temperature):
+def test_sweeps_match_torch_sweeps(gen, alpha, temperature):
     zs, zt, y, (g_logp, g_ent, g_div, g_lse) = _sweep_inputs(gen)
     opts = CoreOptions(temperature, alpha, None, True, True, True, IGNORE)
     want = chunk_math.forward_sweep(zs.clone(), zt.clone(), y, opts, True)
