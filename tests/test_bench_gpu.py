@@ -1,6 +1,6 @@
 """The GPU benchmark's parts that need no GPU: the plan, the table, the targets, the output path.
 
-(The measurements themselves: ``python -m bench.gpu`` on a CUDA machine; ``--device cpu`` smoke-runs
+(The measurements themselves: ``denser bench gpu`` on a CUDA machine; ``--device cpu`` smoke-runs
 every case under the Triton interpreter.)
 """
 
@@ -10,7 +10,7 @@ import datetime as dt
 
 import pytest
 
-from bench import gpu
+from denser.bench import gpu
 
 
 def test_default_plan_covers_issue_4_grid(capsys):
