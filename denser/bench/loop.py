@@ -39,7 +39,8 @@ def run(objective: str, model: str, steps: int, extra: list[str]) -> dict:
             raise RuntimeError(f"denser train --objective {objective} failed: {last}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         cfg = yaml.safe_load((Path(out) / "config.yaml").read_text())
-    timed = rows[1:] or rows
+    steps_rows = [r for r in rows if "step_time_s" in r]  # eval rows hold only eval_accuracy
+    timed = steps_rows[1:] or steps_rows
     med = lambda k: statistics.median(r[k] for r in timed)  # noqa: E731
     return {"objective": objective, "model": model, "s_per_step": med("step_time_s"),
             "tokens_per_s": med("tokens_per_s"), "generate_s": med("time_generate_s"),
@@ -50,10 +51,11 @@ def run(objective: str, model: str, steps: int, extra: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="denser bench loop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="tiny")
-    p.add_argument("--objectives", default="grpo,sdpo")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--json", default=None)
+    p.add_argument("--model", default="tiny",
+                   help="tiny (random-init), default (the embedded SmolLM2-135M-Instruct) or a local model dir")
+    p.add_argument("--objectives", default="grpo,sdpo", help="comma-separated objectives, one run each")
+    p.add_argument("--steps", type=int, default=4, help="training steps per run (the first is a warm-up)")
+    p.add_argument("--json", default=None, help="also write the rows to this file")
     a, extra = p.parse_known_args(argv)
     try:
         rows = [run(o, a.model, a.steps, extra) for o in a.objectives.split(",")]

@@ -187,12 +187,12 @@ def parse_cases(parser: argparse.ArgumentParser, text: str, known: list[str]) ->
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="denser bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2048)
-    p.add_argument("--h", type=int, default=256)
-    p.add_argument("--v", type=int, default=32000)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--n", type=int, default=2048, help="tokens N")
+    p.add_argument("--h", type=int, default=256, help="hidden size H")
+    p.add_argument("--v", type=int, default=32000, help="vocabulary size V")
+    p.add_argument("--alpha", type=float, default=0.5, help="divergence alpha (0 forward KL, 1 reverse KL)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per case (median)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
     p.add_argument("--json", default=None, help="also write the rows and the machine to this file")

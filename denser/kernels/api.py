@@ -58,9 +58,8 @@ def _impl(backend: str):
         return reference.token_stats
     if backend == "chunked":
         return chunked.token_stats
-    from denser.kernels import (
-        triton_ops,  # lazy: triton is optional and slow to import (JIT setup)
-    )
+    # lazy: triton is optional and slow to import (JIT setup)
+    from denser.kernels import triton_ops
 
     return triton_ops.token_stats_impl(backend)
 
@@ -213,9 +212,8 @@ def fused_loss(
                                                                  teacher_bias)
     resolved = resolve_backend(backend, hidden.device)
     if resolved.startswith("triton"):
-        from denser.kernels import (
-            triton_ops,  # lazy: triton is optional and slow to import (JIT setup)
-        )
+        # lazy: triton is optional and slow to import (JIT setup)
+        from denser.kernels import triton_ops
 
         # the on-chip path keeps no logits to take gradients in forward from: plain route
         resolved = triton_ops.fused_loss_path(resolved, hidden, weight, teacher_hidden, chunk_size)

@@ -70,9 +70,8 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
     if backend == "chunked":
         sweep_impl = chunk_math
     elif backend == "triton_chunked":
-        from denser.kernels import (
-            triton_chunk_math,  # lazy: triton is optional and slow to import (JIT setup)
-        )
+        # lazy: triton is optional and slow to import (JIT setup)
+        from denser.kernels import triton_chunk_math
 
         sweep_impl = triton_chunk_math
     else:

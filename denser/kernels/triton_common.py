@@ -26,6 +26,7 @@ fp32, so this matches what the tensor cores compute.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -205,8 +206,6 @@ def dlogits_tile(zs, zt, col_ok, cols, y, lse_s, lse_t, ent, aux, c_y, c_p, c_e,
 
 def alpha_constants(alpha: float) -> tuple[float, float, float]:
     """(1 - a, log(1 - a), log a) for the JSD kernels (placeholders at the end points)."""
-    import math
-
     if 0.0 < alpha < 1.0:
         return 1.0 - alpha, math.log1p(-alpha), math.log(alpha)
     return 1.0 - alpha, 0.0, 0.0
