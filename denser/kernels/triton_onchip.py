@@ -23,6 +23,9 @@ are bitwise reproducible, and neither fp32 accumulator ever has to hold all of d
 (they run in waves of at most ``Blocks.scratch_bytes``), which is what keeps the path within
 "inputs + gradients + a few hundred MiB" at 64k tokens and a 152k vocabulary. Top-k is not
 implemented here: ``token_stats`` sends it to the chunked Triton path.
+
+One file on purpose (over the usual length): one op in Liger-Kernel's order, the kernels, then the
+host functions that launch them, then the autograd Function, all sharing one tile layout.
 """
 
 from __future__ import annotations
