@@ -278,11 +278,7 @@ def cmd_tasks(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if not os.path.isdir(os.path.join(root, "bench")):
-        raise CLIError("denser bench runs the benchmarks of a source checkout; run it from a clone (python -m bench)")
-    sys.path.insert(0, root)
-    from bench.loss_core import main as bench_main
+    from denser.bench import main as bench_main
 
     return bench_main(argv)
 

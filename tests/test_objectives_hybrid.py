@@ -19,7 +19,7 @@ def test_hybrid_lam_one_is_grpo_exactly(gen):
     hybrid = get_objective("hybrid", lam=1.0, **kw, **SDPO_KW)
     grpo = get_objective("grpo", **kw)
     assert hybrid.signals() == grpo.signals() and Signal.TEACHER not in hybrid.signals()
-    assert hybrid.core_options()["need_divergence"] is False
+    assert hybrid.core_options().need_divergence is False
     h_out, h_grad = loss_and_grad(hybrid, case)
     g_out, g_grad = loss_and_grad(grpo, case)
     assert torch.equal(h_out.loss, g_out.loss) and torch.equal(h_grad, g_grad)
@@ -33,7 +33,7 @@ def test_hybrid_lam_zero_is_sdpo_exactly(gen, mode):
     hybrid = get_objective("hybrid", lam=0.0, **kw)
     sdpo = get_objective("sdpo", **kw)
     assert hybrid.signals() == sdpo.signals() and Signal.ADVANTAGES not in hybrid.signals()
-    assert hybrid.core_options() == {**sdpo.core_options(), "need_entropy": False}
+    assert hybrid.core_options() == dataclasses.replace(sdpo.core_options(), need_entropy=False)
     h_out, h_grad = loss_and_grad(hybrid, case)
     s_out, s_grad = loss_and_grad(sdpo, case)
     assert torch.equal(h_out.loss, s_out.loss) and torch.equal(h_grad, s_grad)
@@ -114,7 +114,7 @@ def test_hybrid_adv_blend_matches_formula(gen):
     case = make_case(gen, old_spread=0.3)
     lam = 0.6
     adv = get_objective("hybrid_adv", lam=lam)
-    assert Signal.TEACHER in adv.signals() and adv.core_options()["need_divergence"] is False
+    assert Signal.TEACHER in adv.signals() and adv.core_options().need_divergence is False
     out, grad = loss_and_grad(adv, case)
     b = case["batch"]
     logp0 = token_stats(case["hidden"], case["weight"], case["targets"], backend="reference").logp

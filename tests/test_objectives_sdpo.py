@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_objectives_helpers import loss_and_grad, make_case, stats_for
 
-from denser.kernels import token_stats
+from denser.kernels import CoreOptions, token_stats
 from denser.objectives import Signal, get_objective
 from denser.objectives.sdpo import TOKEN_WEIGHT
 
@@ -134,7 +134,7 @@ def test_sampled_token_mode(gen):
     with pytest.raises(ValueError, match="alpha=1.0"):
         get_objective("sdpo", distill_mode="sampled_token")
     objective = get_objective("sdpo", distill_mode="sampled_token", alpha=1.0, is_clip=None)
-    assert objective.core_options()["need_divergence"] is False
+    assert objective.core_options().need_divergence is False
     assert Signal.TEACHER in objective.signals()
     out, grad = loss_and_grad(objective, case)
     b = case["batch"]
@@ -167,8 +167,8 @@ def test_defaults_and_options():
         0.5, "topk", 100, True, 2.0, 0.0)
     assert (sdpo.teacher, sdpo.teacher_update_rate, sdpo.success_threshold) == ("ema", 0.05, 0.5)
     assert sdpo.dont_reprompt_on_self_success and sdpo.remove_thinking and sdpo.include_feedback
-    assert sdpo.core_options() == {"need_entropy": False, "need_divergence": True, "alpha": 0.5, "topk": 100, "add_tail": True}
-    assert get_objective("sdpo", distill_mode="full").core_options()["topk"] is None
+    assert sdpo.core_options() == CoreOptions(need_entropy=False, need_divergence=True, alpha=0.5, topk=100, add_tail=True)
+    assert get_objective("sdpo", distill_mode="full").core_options().topk is None
     assert sdpo.signals() == {Signal.REWARDS, Signal.TEACHER}
     assert Signal.OLD_LOGP in get_objective("sdpo", use_old_logp=True).signals()
     assert sdpo.separable == "token"

@@ -6,8 +6,17 @@ import json
 
 import pytest
 
-from denser.tasks import DEFAULT_TASK, FileTaskError, Score, Task, extract_answer, get_task, list_tasks, parse_number
-from denser.tasks.base import task_descriptions
+from denser.tasks import (
+    DEFAULT_TASK,
+    FileTaskError,
+    Score,
+    Task,
+    extract_answer,
+    get_task,
+    list_tasks,
+    parse_number,
+    task_descriptions,
+)
 
 BUILTIN = list_tasks()
 

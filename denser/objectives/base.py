@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
+from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, TokenStats
 
 
@@ -173,13 +174,13 @@ class Objective:
         """The signals the loop must compute for this objective (may depend on fields)."""
         raise NotImplementedError
 
-    def core_options(self) -> dict[str, Any]:
-        """Keyword options for ``token_stats``: which statistics to compute and how.
-
-        Keys: ``need_entropy`` (bool), ``need_divergence`` (bool), ``alpha``, ``topk``,
-        ``add_tail``. The default asks for the sampled-token log-prob only.
+    def core_options(self) -> CoreOptions:
+        """Which statistics the loss core computes and how (``denser.kernels.CoreOptions``):
+        ``need_entropy``, ``need_divergence``, ``alpha``, ``topk``, ``add_tail``; the temperature
+        comes from the ``fused_loss`` call. The default asks for the sampled-token log-prob, and
+        the entropy when ``Signal.ENTROPY`` is declared.
         """
-        return {"need_entropy": Signal.ENTROPY in self.signals(), "need_divergence": False}
+        return CoreOptions(need_entropy=Signal.ENTROPY in self.signals())
 
     def advantages(self, rewards: Tensor, num_generations: int) -> Tensor:
         """Per-sequence advantages ``[S]`` from rewards ``[S]`` (groups of ``num_generations``

@@ -11,6 +11,7 @@ import hashlib
 from typing import Literal
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from denser.objectives.base import PolicyBatch
@@ -60,7 +61,7 @@ def group_advantages(
             f"rewards must be 1-D with a multiple of num_generations={num_generations} entries "
             f"(consecutive groups), got shape {tuple(rewards.shape)}"
         )
-    r = rewards.detach().float().view(-1, num_generations)
+    r = rearrange(rewards.detach().float(), "(prompts gens) -> prompts gens", gens=num_generations)
     g = num_generations
     mean = r.mean(dim=1, keepdim=True)
     centred = r - mean
@@ -74,7 +75,7 @@ def group_advantages(
         centred = centred / (std + eps)
     constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
     adv = torch.where(constant, torch.zeros_like(centred), centred)
-    return adv.reshape(-1).to(rewards.device)
+    return rearrange(adv, "prompts gens -> (prompts gens)").to(rewards.device)
 
 
 # ----------------------------------------------------------------------------------- aggregation

@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
 from denser.objectives.common import (
@@ -181,8 +182,8 @@ class GRPO(Objective):
             out.add(Signal.ENTROPY)
         return frozenset(out)
 
-    def core_options(self) -> dict[str, Any]:
-        return {"need_entropy": self.entropy_coef != 0 or self.log_entropy, "need_divergence": False}
+    def core_options(self) -> CoreOptions:
+        return CoreOptions(need_entropy=self.entropy_coef != 0 or self.log_entropy)
 
     def advantages(self, rewards: Tensor, num_generations: int) -> Tensor:
         return group_advantages(rewards, num_generations, scale=self.scale_rewards, leave_one_out=self.leave_one_out)

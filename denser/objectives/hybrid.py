@@ -28,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
 from denser.objectives.common import linear_or_cosine, require, token_keep_mask
@@ -118,11 +119,10 @@ class Hybrid(DensitySchedule, GRPO, SDPO):
             out |= self.sdpo_part().signals()
         return frozenset(out)
 
-    def core_options(self) -> dict[str, Any]:
+    def core_options(self) -> CoreOptions:
         low, high = self.lam_range()
-        opts = self.sdpo_part().core_options() if low < 1 else {"need_divergence": False}
-        opts["need_entropy"] = high > 0 and self.grpo_part().core_options()["need_entropy"]
-        return opts
+        opts = self.sdpo_part().core_options() if low < 1 else CoreOptions()
+        return dataclasses.replace(opts, need_entropy=high > 0 and self.grpo_part().core_options().need_entropy)
 
     def prepare(self, batch: PolicyBatch) -> PolicyBatch:
         if self.lam_at(batch) >= 1.0:
@@ -173,7 +173,7 @@ class HybridAdv(DensitySchedule, GRPO, TeacherOptions):
             out.discard(Signal.ADVANTAGES)
         return frozenset(out)
 
-    def core_options(self) -> dict[str, Any]:
+    def core_options(self) -> CoreOptions:
         return self.grpo_part().core_options()
 
     def prepare(self, batch: PolicyBatch) -> PolicyBatch:

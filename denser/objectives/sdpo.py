@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
+from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
 from denser.objectives.common import AGG_MODES, AggMode, aggregate, behaviour_log_ratio, require, token_keep_mask
@@ -146,14 +147,14 @@ class SDPO(Objective, TeacherOptions):
             out.add(Signal.OLD_LOGP)
         return frozenset(out)
 
-    def core_options(self) -> dict[str, Any]:
-        return {
-            "need_entropy": False,
-            "need_divergence": self.distill_mode != "sampled_token",
-            "alpha": self.alpha,
-            "topk": self.topk if self.distill_mode == "topk" else None,
-            "add_tail": self.add_tail,
-        }
+    def core_options(self) -> CoreOptions:
+        return CoreOptions(
+            need_entropy=False,
+            need_divergence=self.distill_mode != "sampled_token",
+            alpha=self.alpha,
+            topk=self.topk if self.distill_mode == "topk" else None,
+            add_tail=self.add_tail,
+        )
 
     def prepare(self, batch: PolicyBatch) -> PolicyBatch:
         """Draw the ``mask_ratio`` token dropout once per micro-batch (before chunking)."""

@@ -6,14 +6,16 @@
     task.prompt(row) -> chat messages          # render with denser.trainers.models.render_prompt
     task.score(completion_text, row) -> Score(score, feedback, answer)
 
-Built-in tasks are in :mod:`denser.tasks.builtin`; ``file:PATH`` tasks in
-:mod:`denser.tasks.file_task`; the answer-extraction rule in :mod:`denser.tasks.answers`.
+The contract is :mod:`denser.tasks.base`; the registry :mod:`denser.tasks.registry`. Built-in
+tasks are in :mod:`denser.tasks.builtin`; ``file:PATH`` tasks in :mod:`denser.tasks.file_task`;
+the answer-extraction rule in :mod:`denser.tasks.answers`.
 """
 
 from denser.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
 from denser.tasks.answers import ANSWER_INSTRUCTION, extract_answer, parse_number
-from denser.tasks.base import Score, Task, get_task, list_tasks, register_task, task_descriptions
+from denser.tasks.base import Score, Task
 from denser.tasks.file_task import FileTask, FileTaskError
+from denser.tasks.registry import get_task, list_tasks, register_task, task_descriptions
 
 #: the task ``denser train`` uses when none is given. Chosen by measuring the embedded
 #: SmolLM2-135M-Instruct at temperature 1: ~50% of samples succeed and almost every group of 8 has

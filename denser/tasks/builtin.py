@@ -25,7 +25,8 @@ import re
 from typing import Any
 
 from denser.tasks.answers import extract_answer, normalize_text, numbers_equal, parse_number
-from denser.tasks.base import Score, Task, register_task
+from denser.tasks.base import Score, Task
+from denser.tasks.registry import register_task
 
 WORDS = (
     "cat dog sun hat cup pen box car bus map bag egg ice jam key leg net owl pig rat toy van web "

@@ -442,7 +442,7 @@ class Trainer:
                     teacher_hidden = completion_hidden_states(teacher_model, tpacked)
                     teacher_model.train(was_training)
                     teacher_weight, teacher_bias = lm_head_params(teacher_model)
-                    if self.objective.core_options().get("need_divergence", True) is False:
+                    if not self.objective.core_options().need_divergence:
                         batch.extras["teacher_logp"] = token_stats(teacher_hidden, teacher_weight, packed.targets,
                                                                    bias=teacher_bias, temperature=cfg.temperature,
                                                                    backend=cfg.backend).logp

@@ -1,0 +1,90 @@
+"""The task registry: ``register_task``, ``get_task``, ``list_tasks``, ``task_descriptions``.
+
+``get_task`` builds a registered task by name, or a ``file:PATH`` task from a local file, with
+options given as keywords or inline after a ``?`` (what a CLI flag needs)::
+
+    get_task("addition", seed=0)
+    get_task("file:data.jsonl?reward=numeric&eval_fraction=0.2")
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+from urllib.parse import parse_qsl
+
+from denser.tasks.base import Task
+from denser.tasks.file_task import FileTask
+
+TaskFactory = Callable[..., Task]
+_TASKS: dict[str, TaskFactory] = {}
+_DESCRIPTIONS: dict[str, str] = {}
+FILE_PREFIX = "file:"
+
+
+def register_task(name: str, description: str | None = None):
+    """Decorator: register a ``Task`` subclass (or a factory returning a task) under ``name``."""
+
+    def deco(factory: TaskFactory) -> TaskFactory:
+        if name in _TASKS:
+            raise ValueError(f"task {name!r} is already registered")
+        if isinstance(factory, type) and issubclass(factory, Task):
+            factory.name = name
+        _TASKS[name] = factory
+        _DESCRIPTIONS[name] = description or getattr(factory, "description", "") or ""
+        return factory
+
+    return deco
+
+
+def list_tasks() -> list[str]:
+    """Registered task names (``file:PATH`` tasks are not listed: any local file works)."""
+    return sorted(_TASKS)
+
+
+def task_descriptions() -> dict[str, str]:
+    """``{name: one-line description}`` of the registered tasks, for ``denser tasks``."""
+    return {n: _DESCRIPTIONS[n] for n in list_tasks()}
+
+
+def get_task(name: str, **options: Any) -> Task:
+    """Build a task by name.
+
+    Args:
+        name: a registered name (see :func:`list_tasks`) or ``file:PATH`` (a local
+            ``.jsonl``/``.json``/``.parquet``/``.csv`` file; see :class:`~denser.tasks.file_task.FileTask`).
+            Options may follow a ``?``: ``"addition?seed=3&num_eval=50"``.
+        **options: constructor options (``seed``, ``num_train``, ``num_eval``, ...); they
+            override inline options.
+    """
+    base, inline = _split_options(name)
+    options = {**inline, **options}
+    if base.startswith(FILE_PREFIX):
+        return FileTask(base[len(FILE_PREFIX):], **options)
+    if base not in _TASKS:
+        known = ", ".join(list_tasks())
+        raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file")
+    try:
+        return _TASKS[base](**options)
+    except TypeError as exc:
+        raise TypeError(f"task {base!r}: bad options {sorted(options)}: {exc}") from exc
+
+
+def _split_options(name: str) -> tuple[str, dict[str, Any]]:
+    base, sep, query = str(name).partition("?")
+    if not sep:
+        return base, {}
+    return base, {k: _coerce(v) for k, v in parse_qsl(query, keep_blank_values=True, strict_parsing=True)}
+
+
+def _coerce(value: str) -> Any:
+    low = value.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
