@@ -6,7 +6,6 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
@@ -113,7 +112,3 @@ def _type_problems(cfg: TrainConfig) -> list[str]:
         if not ok:
             problems.append(f"{_flag(name)} must be {want}, got {value!r} ({type(value).__name__})")
     return problems
-
-
-def config_fields() -> list[dataclasses.Field]:
-    return list(dataclasses.fields(TrainConfig))

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -85,9 +85,23 @@ def check_signals(objective: Objective, task: Any, policy: nn.Module, teacher: n
 
 
 class Trainer:
-    """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics."""
+    """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics.
 
-    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print):
+    What a run starts from besides ``cfg.model`` (the continual runner chains runs with these):
+
+    - ``anchor``: the model the frozen reference (``ref_logp``) and a ``frozen`` teacher are: shared,
+      not copied, and never trained (default: a fresh load of ``cfg.model``);
+    - ``optimizer_state``, ``teacher_state``: an AdamW state and EMA teacher weights to start from,
+      as :meth:`carry_state` returns them (the learning rates stay this run's schedule; a
+      non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
+      restores that checkpoint instead;
+    - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
+      (before, during and after training).
+    """
+
+    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print,
+                 anchor: nn.Module | None = None, optimizer_state: dict | None = None,
+                 teacher_state: dict | None = None, evaluator: Callable[[Trainer], float] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -121,7 +135,7 @@ class Trainer:
         needs_initial = Signal.REF_LOGP in self.signals or getattr(self._teacher_opts(), "teacher", None) == "frozen"
         if needs_initial:
             with ckpt.quiet_transformers():
-                initial, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
+                initial, _ = (anchor, None) if anchor is not None else load_model(cfg.model, dtype=dtype, seed=cfg.seed)
             initial = initial.eval().requires_grad_(False)
         self.reference = initial if Signal.REF_LOGP in self.signals else None
         self.teacher = None
@@ -153,6 +167,9 @@ class Trainer:
         self.finished = False
         if resume_from is not None:
             self._load_state(resume_from)
+        else:
+            self._start_from(optimizer_state, teacher_state)
+        self.evaluator = evaluator
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -333,7 +350,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes)."""
+        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes), or what
+        the ``evaluator`` given to the constructor returns."""
+        if self.evaluator is not None:
+            return float(self.evaluator(self))
         from denser.trainers.rollout import SamplingParams
 
         data = self.task.eval
@@ -604,6 +624,25 @@ class Trainer:
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
         return summary
+
+    # ------------------------------------------------------------------- carried between runs
+
+    def carry_state(self) -> dict[str, Any]:
+        """What a following run can start from: ``Trainer(cfg2, objective, **trainer.carry_state())``
+        continues the AdamW state and the EMA teacher (``teacher_state`` is None without one)."""
+        return {"optimizer_state": self.optimizer.state_dict(),
+                "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def _start_from(self, optimizer_state: dict | None, teacher_state: dict | None) -> None:
+        if optimizer_state is not None:
+            lrs = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(optimizer_state)
+            for g, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):  # this run's schedule
+                g["lr"] = lr
+                if initial_lr is not None:
+                    g["initial_lr"] = initial_lr
+        if teacher_state is not None and self.teacher is not None:
+            self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

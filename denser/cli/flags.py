@@ -1,41 +1,65 @@
-"""``denser``: train | objectives | tasks | bench.
+"""Every flag of the command line, in one place: dataclass fields become flags, config files merge under them.
 
-    denser train --objective sdpo                       # the embedded model on the default task
-    denser train --objective grpo --model tiny --steps 3
-    denser train --objective sdpo --help                # every sdpo field is a flag
-    denser objectives ; denser tasks
+- :func:`add_dataclass_flags`: one flag per field of a dataclass (``TrainConfig``, an objective),
+  with the field's help text and default, parsed by its type (``int``, ``float``, ``bool``,
+  ``Literal``, ``X | None``);
+- :func:`load_config_file`: a ``--config FILE.yaml`` checked key by key against the same dataclasses;
+- :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
+  overriding the config file; :func:`parse_continual_args` adds ``denser continual``'s flags.
+
+A bad command line or config file raises :class:`CLIError`: one line, exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
-import sys
 import typing
 from typing import Any, Literal
 
+import yaml
+
+from denser.objectives import get_objective
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
+from denser.trainers.config import TrainConfig
 
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
+CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from")
 
 
 class CLIError(ValueError):
     """A bad command line or config file: printed as one line, exit code 2."""
 
 
-# ---------------------------------------------------------------------------------- flag types
+class TrainArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line raises :class:`CLIError` (one line, exit 2, no usage dump)
+    instead of printing the usage and calling ``sys.exit``; ``--help`` still prints and exits 0."""
+
+    def error(self, message: str):
+        raise CLIError(f"{message} (see: {self.prog} --help)")
 
 
-def _strip_optional(annotation):
+def one_line(error: BaseException) -> str:
+    """An error message as one line (a message may quote user input holding newlines)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# ---------------------------------------------------------------------------- dataclass -> flags
+
+
+def _strip_optional(annotation) -> tuple[Any, bool]:
+    """``X | None`` -> ``(X, True)``; anything else -> ``(annotation, False)``."""
     args = typing.get_args(annotation)
-    if typing.get_origin(annotation) in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        rest = [a for a in args if a is not type(None)]
-        return (rest[0] if len(rest) == 1 else annotation), True
-    return annotation, False
+    if type(None) not in args:  # only a union (``Optional``) has NoneType among its arguments
+        return annotation, False
+    rest = [a for a in args if a is not type(None)]
+    return (rest[0] if len(rest) == 1 else annotation), True
 
 
-def _parser_for(annotation, where: str):
+def _value_parser(annotation):
+    """The argparse ``type=`` of a field: text -> value of the field's type (``none`` for an optional one)."""
     base, optional = _strip_optional(annotation)
 
     def parse(text: str):
@@ -60,39 +84,39 @@ def _parser_for(annotation, where: str):
     return parse
 
 
-def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, where: str) -> None:
+def _add_field(group, f: dataclasses.Field, annotation, flag: str, default) -> None:
     base, optional = _strip_optional(annotation)
     help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r})"
-    names = [f"--{flag}"]
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
     if base is bool and not optional:
-        group.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kwargs)
         return
     if typing.get_origin(base) is Literal:
         choices = list(typing.get_args(base)) + ([None] if optional else [])
         kwargs["choices"] = choices
-        kwargs["type"] = _parser_for(annotation, where) if optional else str
+        kwargs["type"] = _value_parser(annotation) if optional else str
         kwargs["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
     else:
-        kwargs["type"] = _parser_for(annotation, where)
+        kwargs["type"] = _value_parser(annotation)
         kwargs["metavar"] = (base.__name__.upper() if isinstance(base, type) else "VALUE") + ("|none" if optional else "")
-    group.add_argument(*names, **kwargs)
+    group.add_argument(f"--{flag}", **kwargs)
 
 
-# -------------------------------------------------------------------------------------- train
-
-
-class TrainArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line raises :class:`CLIError` (one line, exit 2, no usage dump)
-    instead of printing the usage and calling ``sys.exit``; ``--help`` still prints and exits 0."""
-
-    def error(self, message: str):
-        raise CLIError(f"{message} (see: {self.prog} --help)")
+def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None) -> None:
+    """One ``--flag`` per init field of dataclass ``cls`` (``--field-name`` unless ``flags`` renames
+    it), its help text from the field's ``metadata["help"]`` plus the default. A flag left off the
+    command line is absent from the parsed namespace (``argparse.SUPPRESS``), so a config file's
+    value is not overridden by a default."""
+    hints = typing.get_type_hints(cls)
+    defaults = cls()
+    for f in dataclasses.fields(cls):
+        if f.init:
+            flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
+            _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
 
 
 def _objective_flag_names(objective: str) -> dict[str, str]:
-    from denser.trainers.config import TrainConfig
-
+    """An objective field named like a run field gets the objective's name as prefix (``--grpo-seed``)."""
     run_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     out = {}
     for f in objective_fields(objective_class(objective)):
@@ -101,18 +125,15 @@ def _objective_flag_names(objective: str) -> dict[str, str]:
     return out
 
 
+# ---------------------------------------------------------------------------------- config files
+
+
 def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]:
     """``(run values, objective values)`` from a YAML file; unknown keys and wrong types are errors.
 
     The objective is ``objective_hint`` (the command line's ``--objective``) if given, else the
     file's ``objective``, else ``sdpo``; objective keys may sit at the top level or under
     ``objective_args`` (as in a run's own config.yaml)."""
-    import difflib
-
-    import yaml
-
-    from denser.trainers.config import TrainConfig
-
     where = f"--config {path}"
     if not os.path.isfile(path):
         raise CLIError(f"{where}: no such file")
@@ -169,32 +190,24 @@ def _coerce_config_value(where: str, key, owner: str, name: str, annotation, val
         raise CLIError(f"{where}: key {str(key)!r} {message}") from None
 
 
-def build_train_parser(objective: str) -> argparse.ArgumentParser:
-    from denser.trainers.config import TrainConfig
+# ----------------------------------------------------------------------------------- denser train
 
+
+def build_train_parser(objective: str) -> argparse.ArgumentParser:
+    """``denser train``'s parser for ``objective``: ``--config``, the run flags, the objective's flags."""
     p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.",
                             epilog=RUN_EPILOG)
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
-    run = p.add_argument_group("run")
-    hints = typing.get_type_hints(TrainConfig)
-    for f in dataclasses.fields(TrainConfig):
-        _add_field(run, f, hints[f.name], f.name.replace("_", "-"), f.default, f"--{f.name.replace('_', '-')}")
+    add_dataclass_flags(p.add_argument_group("run"), TrainConfig)
     cls = objective_class(objective)
     doc = (cls.__doc__ or "").strip().splitlines()
     group = p.add_argument_group(f"objective {objective}", doc[0] if doc else None)
-    obj_hints = typing.get_type_hints(cls)
-    names = _objective_flag_names(objective)
-    defaults = cls()
-    for f in objective_fields(cls):
-        _add_field(group, f, obj_hints[f.name], names[f.name], getattr(defaults, f.name), f"--{names[f.name]}")
+    add_dataclass_flags(group, cls, _objective_flag_names(objective))
     return p
 
 
 def parse_train_args(argv: list[str]):
     """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
-    from denser.objectives import get_objective
-    from denser.trainers.config import TrainConfig
-
     pre = TrainArgumentParser(prog="denser train", add_help=False)
     pre.add_argument("--objective", default=None)
     pre.add_argument("--config", default=None)
@@ -223,112 +236,56 @@ def parse_train_args(argv: list[str]):
     return cfg, obj
 
 
-def cmd_train(argv: list[str]) -> int:
-    """Exit codes: 0 done, 2 bad input (before any compute), 1 the run stopped (non-finite updates,
-    a checkpoint that could not be written), 130 interrupted. Each error is one line on stderr."""
-    cfg, objective = parse_train_args(argv)
-    from denser.trainers.checkpoint import CheckpointError
-    from denser.trainers.loop import Trainer, TrainingStopped
-    from denser.trainers.models import EmbeddedModelMissingError
+# ------------------------------------------------------------------------------- denser continual
 
+
+def add_continual_flags(group) -> None:
+    """The flags ``denser continual`` adds to ``denser train``'s (the fields of ``denser.continual.ContinualConfig``)."""
+    group.add_argument("--tasks", required=True, help="training tasks in order, comma-separated (e.g. addition,compare,reverse)")
+    group.add_argument("--eval-tasks", default="", help="held-out tasks, never trained on, evaluated after every stage")
+    group.add_argument("--steps-per-task", type=int, default=4, help="optimiser steps on each task (default: 4)")
+    group.add_argument("--carry-optimizer", action=argparse.BooleanOptionalAction, default=False,
+                       help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
+    group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
+                       help="a fresh AdamW state in every stage (the default)")
+    group.add_argument("--spectral-rank", type=int, default=16,
+                       help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
+    group.add_argument("--initial-eval-from", default="", metavar="RUN",
+                       help="reuse stage 0 (the initial model's measurement) of another continual run with the same "
+                            "model, tasks and eval settings, instead of measuring it again")
+
+
+def build_continual_parser(objective: str) -> argparse.ArgumentParser:
+    """``denser train``'s parser for ``objective`` plus the continual flags (used for --help)."""
+    p = build_train_parser(objective)
+    p.prog = "denser continual"
+    p.description = (f"Train {objective!r} on a sequence of tasks from one model and measure forgetting, drift and "
+                     "artifacts after every stage. Every `denser train` flag applies to every stage, except --task "
+                     "and --steps (use --tasks and --steps-per-task).")
+    add_continual_flags(p.add_argument_group("continual"))
+    return p
+
+
+def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, Any]]:
+    """``(TrainConfig, objective, ContinualConfig keyword arguments)`` from a ``denser continual``
+    command line (``--help`` prints the help and exits)."""
+    if any(a in ("-h", "--help") for a in argv):
+        pre = argparse.ArgumentParser(add_help=False)
+        pre.add_argument("--objective", default="sdpo")
+        known, _ = pre.parse_known_args(argv)
+        build_continual_parser(known.objective).print_help()
+        raise SystemExit(0)
+    mine = argparse.ArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
+    add_continual_flags(mine)
     try:
-        summary = Trainer(cfg, objective).train()
-    except EmbeddedModelMissingError as e:
-        raise CLIError(str(e)) from None
-    except (TrainingStopped, CheckpointError) as e:
-        print(f"denser train: error: {_one_line(e)}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
-              file=sys.stderr)
-        return 130
-    before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
-    if before is not None and summary.get("is_main", True):
-        print(f"eval accuracy: {before:.3f} -> {after:.3f}")
-    return 0
-
-
-# ------------------------------------------------------------------------------------- others
-
-
-def cmd_objectives(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="denser objectives", description="List the registered objectives.").parse_args(argv)
-    from denser.objectives import list_objectives
-
-    rows = list_objectives()
-    width = max(len(r[0]) for r in rows)
-    for name, doc, signals in rows:
-        sig = ",".join(sorted(s.value for s in signals))
-        print(f"{name:<{width}}  [{sig}]  {doc}")
-    print("\nflags of one objective: denser train --objective NAME --help")
-    return 0
-
-
-def cmd_tasks(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="denser tasks", description="List the built-in tasks.").parse_args(argv)
-    from denser.tasks import DEFAULT_TASK, task_descriptions
-
-    desc = task_descriptions()
-    width = max(len(n) for n in desc)
-    for name, text in desc.items():
-        mark = " (default)" if name == DEFAULT_TASK else ""
-        print(f"{name:<{width}}  {text}{mark}")
-    print("\nany local file: --task file:PATH.jsonl (columns prompt, answer)")
-    return 0
-
-
-def cmd_bench(argv: list[str]) -> int:
-    from denser.bench import main as bench_main
-
-    return bench_main(argv)
-
-
-def cmd_continual(argv: list[str]) -> int:
-    from denser.trainers.continual import main as continual_main
-
-    return continual_main(argv)
-
-
-def cmd_report(argv: list[str]) -> int:
-    from denser.analysis.commands import report_main
-
-    return report_main(argv)
-
-
-def cmd_compare(argv: list[str]) -> int:
-    from denser.analysis.commands import compare_main
-
-    return compare_main(argv)
-
-
-COMMANDS = {"train": cmd_train, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
-            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare}
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip())
-        print(f"\ncommands: {', '.join(COMMANDS)}")
-        return 0
-    cmd, rest = argv[0], argv[1:]
-    if cmd not in COMMANDS:
-        print(f"denser: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
-        return 2
-    try:
-        return COMMANDS[cmd](rest)
-    except CLIError as e:
-        print(f"denser {cmd}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"denser {cmd}: error: {_one_line(e)}", file=sys.stderr)
-        return 2
-
-
-def _one_line(error: BaseException) -> str:
-    """An error message as one line (a message may quote user input holding newlines)."""
-    return " ".join(str(error).split()) or type(error).__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        ns, rest = mine.parse_known_args(argv)
+    except SystemExit:
+        raise CLIError("--tasks is required (comma-separated training tasks, in order)") from None
+    for tok in rest:
+        flag = tok.split("=", 1)[0]
+        if flag in ("--task", "--steps"):
+            raise CLIError(f"{flag} is a `denser train` flag; a continual run takes --tasks a,b,c and --steps-per-task K")
+    cfg, objective = parse_train_args(rest)
+    values = {name: getattr(ns, name) for name in CONTINUAL_FLAGS}
+    values["tasks"], values["eval_tasks"] = ns.tasks.split(","), ns.eval_tasks.split(",")
+    return cfg, objective, values
