@@ -23,7 +23,8 @@ split uses it) and evaluates on ``eval_split`` (default: the first of ``test``, 
 ``eval`` present; ``eval_split=`` (empty) for none). A single table may have a ``split`` column
 (``train`` or ``eval``/``test``/``validation``). Otherwise a seeded ``eval_fraction`` of the
 distinct prompts is held out. Optional column ``system`` (a system message); other columns are
-kept in the rows (reward functions see them).
+kept in the rows (reward functions see them); the prompt and answer are also stored as ``prompt``
+and ``answer`` (replacing columns of those names when other columns are chosen).
 
 Rewards: ``reward=NAME`` or ``rewards=NAME[:WEIGHT]+NAME[:WEIGHT]...`` names registered reward
 functions (:mod:`denser.tasks.rewards`: ``exact`` (the default), ``numeric``, ``contains``,
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import datasets
+import huggingface_hub.utils.logging as hub_logging
 from datasets import Dataset, DatasetDict, Features, Value, load_dataset, load_from_disk
 
 from denser.tasks.answers import ANSWER_INSTRUCTION
@@ -158,7 +160,7 @@ class FileTask(Task):
             with _quiet_datasets():
                 return load_dataset(FORMATS[suffix], data_files=str(path), split="train", **kwargs)
         except Exception as exc:  # noqa: BLE001 - any reader failure becomes one line naming the file
-            raise self._read_error(path, exc) from None
+            return self._read_error(path, exc)
 
     def _load_directory(self, path: Path) -> Dataset | DatasetDict:
         try:
@@ -170,10 +172,17 @@ class FileTask(Task):
             raise FileTaskError(f"{self.where}: cannot load the directory as a dataset ({_one_line(exc)}); it must be "
                                 "a save_to_disk directory or hold data files (.jsonl, .csv, .parquet, ...)") from None
 
-    def _read_error(self, path: Path, exc: Exception) -> FileTaskError:
+    def _read_error(self, path: Path, exc: Exception) -> Dataset:
+        """After ``datasets`` failed on ``path``: the error naming the bad line, or, for a JSON file
+        every line of which is an object (``datasets`` versions before its ``Json`` type cannot read
+        a column mixing numbers and strings, nor such a column next to blank lines), its table."""
         if "corresponds to no data" in str(exc):
-            return FileTaskError(f"{self.where} has no rows")
-        if path.suffix.lower() == ".jsonl":  # name the line, as a hand reader would
+            raise FileTaskError(f"{self.where} has no rows")
+        suffix = path.suffix.lower()
+        if suffix not in (".jsonl", ".json"):
+            raise FileTaskError(f"{self.where}: cannot read it ({_one_line(exc)})")
+        rows = []
+        if suffix == ".jsonl":
             with open(path, encoding="utf-8", errors="replace") as fh:
                 for n, line in enumerate(fh, 1):
                     if not line.strip():
@@ -181,17 +190,25 @@ class FileTask(Task):
                     try:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
-                        return FileTaskError(f"{self.where}, line {n}: invalid JSON ({err.msg})")
+                        raise FileTaskError(f"{self.where}, line {n}: invalid JSON ({err.msg})") from None
                     if not isinstance(row, dict):
-                        return FileTaskError(f"{self.where}, line {n}: expected a JSON object")
-        if path.suffix.lower() == ".json":
+                        raise FileTaskError(f"{self.where}, line {n}: expected a JSON object")
+                    rows.append(row)
+        else:
             try:
-                data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+                rows = json.loads(path.read_text(encoding="utf-8", errors="replace"))
             except json.JSONDecodeError as err:
-                return FileTaskError(f"{self.where}: invalid JSON ({err.msg})")
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                return FileTaskError(f"{self.where}: a .json task file must hold a list of objects")
-        return FileTaskError(f"{self.where}: cannot read it ({_one_line(exc)})")
+                raise FileTaskError(f"{self.where}: invalid JSON ({err.msg})") from None
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise FileTaskError(f"{self.where}: a .json task file must hold a list of objects")
+        for r in rows:  # the answer is text anyway; other columns must keep one type
+            if r.get(self.answer_column) is not None:
+                r[self.answer_column] = str(r[self.answer_column])
+        try:
+            return Dataset.from_list(rows)
+        except Exception as err:  # noqa: BLE001
+            raise FileTaskError(f"{self.where}: cannot read it ({_one_line(exc)}; {_one_line(err)}); "
+                                "give each column one type in every row") from None
 
     def _parts(self, source: Dataset | DatasetDict) -> list[tuple[str, str | None, Dataset]]:
         """``[(row label prefix, split ("train"/"eval"/None: from a split column), table)]``."""
@@ -239,8 +256,10 @@ class FileTask(Task):
         if missing:
             bad = next(i for i, r in enumerate(rows) if any(r.get(c) is None for c in missing))
             hint = "" if required != REQUIRED_COLUMNS else "; or name them with prompt_column=NAME&answer_column=NAME"
+            role = {self.prompt_column: "prompt_column", self.answer_column: "answer_column"}
+            named = [c if c in REQUIRED_COLUMNS else f"{c} ({role[c]})" for c in missing]
             raise FileTaskError(
-                f"{self.where}: missing column(s) {', '.join(missing)} (first in {labels[bad]}); "
+                f"{self.where}: missing column(s) {', '.join(named)} (first in {labels[bad]}); "
                 f"required: {', '.join(required)}; found: {', '.join(sorted(columns))}{hint}"
             )
         from_column = all(s is None for s in splits)
@@ -381,14 +400,17 @@ def _one_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet_datasets() -> Iterator[None]:
-    """No progress bars or log lines from ``datasets`` (an error must stay one line on stderr)."""
+    """No progress bars or log lines from ``datasets`` or the hub client (an error must stay one
+    line on stderr)."""
     bars = datasets.is_progress_bar_enabled()
-    level = datasets.logging.get_verbosity()
+    level, hub_level = datasets.logging.get_verbosity(), hub_logging.get_verbosity()
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+    hub_logging.set_verbosity(hub_logging.CRITICAL)
     try:
         yield
     finally:
         datasets.logging.set_verbosity(level)
+        hub_logging.set_verbosity(hub_level)
         if bars:
             datasets.enable_progress_bars()
