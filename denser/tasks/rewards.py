@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence, Union
 from denser.tasks.answers import ANSWER_INSTRUCTION, extract_answer, normalize_text, numbers_equal, parse_number
 from denser.tasks.base import Score
 
-RewardValue = Union[float, "tuple[float, str | None]", Score]
+RewardValue = Union[float, tuple, Score]  # a score, (score, feedback) or a Score
 RewardFn = Callable[..., RewardValue]
 
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")
@@ -353,7 +353,8 @@ def math_equal(completion: str, row: dict[str, Any]) -> Score:
         gold, pred = _math_parse(want), _math_parse(got)
         if not pred:
             return Score(0.0, f"Your answer '{got[:40]}' is not a mathematical expression that can be read.", got)
-        ok = bool(gold) and _math_verify(gold, pred)
+        # a reference math-verify cannot read compares as text rather than never matching
+        ok = _math_verify(gold, pred) if gold else normalize_text(got) == normalize_text(want)
     return Score(1.0, None, got) if ok else Score(0.0, f"Your answer '{got[:40]}' is wrong.", got)
 
 
@@ -375,6 +376,6 @@ def _math_parse(text: str) -> tuple:
 
 
 def _math_verify(gold: tuple, pred: tuple) -> bool:
-    from math_verify import verify
+    from math_verify import verify  # optional extra, as in _math_parse
 
     return bool(verify(list(gold), list(pred), timeout_seconds=_timeout()))
