@@ -92,8 +92,9 @@ class ContinualConfig:
             problems.append(f"held-out task {both[0]!r} is also a training task; --eval-tasks are never trained on")
         known = set(list_tasks())
         for t in self.tasks + self.eval_tasks:
-            if not t.startswith("file:") and t.partition("?")[0] not in known:
-                problems.append(f"unknown task {t!r}; known tasks: {', '.join(sorted(known))}, or file:PATH.jsonl")
+            if not t.startswith(("file:", "hf:")) and t.partition("?")[0] not in known:
+                problems.append(f"unknown task {t!r}; known tasks: {', '.join(sorted(known))}, or file:PATH.jsonl, "
+                                "hf:NAME[:CONFIG]")
         if self.steps_per_task < 1:
             problems.append(f"--steps-per-task must be >= 1, got {self.steps_per_task}")
         if self.spectral_rank < 0:

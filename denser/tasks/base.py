@@ -16,8 +16,8 @@ what a CLI flag needs: ``get_task("file:data.jsonl?reward=numeric&eval_fraction=
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping
 
 from datasets import Dataset
 
@@ -34,11 +34,15 @@ class Score:
             would (it does not give the solution away); ``None`` on success. SDPO puts it in the
             teacher's context.
         answer: the extracted final answer (``None`` when the reply had none), for logs.
+        rewards: for a task scored by several reward functions (:mod:`denser.tasks.rewards`),
+            each one's unweighted value ``{name: value}`` (``score`` is their weighted sum); the
+            loop logs their means as ``reward/<name>``. ``None`` for a single built-in rule.
     """
 
     score: float
     feedback: str | None = None
     answer: str | None = None
+    rewards: Mapping[str, float] | None = field(default=None, hash=False)
 
 
 class Task:

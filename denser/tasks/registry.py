@@ -1,10 +1,13 @@
 """The task registry: ``register_task``, ``get_task``, ``list_tasks``, ``task_descriptions``.
 
-``get_task`` builds a registered task by name, or a ``file:PATH`` task from a local file, with
-options given as keywords or inline after a ``?`` (what a CLI flag needs)::
+``get_task`` builds a registered task by name, a ``file:PATH`` task from a local file or dataset
+directory, or an ``hf:NAME[:CONFIG]`` task from a hub dataset, with options given as keywords or
+inline after a ``?`` (what a CLI flag needs; values ``true``/``false``/``none`` and numbers are
+converted, ``+`` reads as a space)::
 
     get_task("addition", seed=0)
     get_task("file:data.jsonl?reward=numeric&eval_fraction=0.2")
+    get_task("hf:openai/gsm8k:main?prompt_column=question&rewards=math+format:0.2")
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from typing import Any, Callable
 from urllib.parse import parse_qsl
 
 from denser.tasks.base import Task
-from denser.tasks.file_task import FileTask
+from denser.tasks.file_task import FileTask, HFTask
 
 TaskFactory = Callable[..., Task]
 _TASKS: dict[str, TaskFactory] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 FILE_PREFIX = "file:"
+HF_PREFIX = "hf:"
 
 
 def register_task(name: str, description: str | None = None):
@@ -36,8 +40,14 @@ def register_task(name: str, description: str | None = None):
     return deco
 
 
+def unregister_task(name: str) -> None:
+    """Remove a registered task (for tests and interactive sessions)."""
+    _TASKS.pop(name, None)
+    _DESCRIPTIONS.pop(name, None)
+
+
 def list_tasks() -> list[str]:
-    """Registered task names (``file:PATH`` tasks are not listed: any local file works)."""
+    """Registered task names (``file:PATH`` and ``hf:NAME`` tasks are not listed: any works)."""
     return sorted(_TASKS)
 
 
@@ -50,21 +60,29 @@ def get_task(name: str, **options: Any) -> Task:
     """Build a task by name.
 
     Args:
-        name: a registered name (see :func:`list_tasks`) or ``file:PATH`` (a local
-            ``.jsonl``/``.json``/``.parquet``/``.csv`` file; see :class:`~denser.tasks.file_task.FileTask`).
-            Options may follow a ``?``: ``"addition?seed=3&num_eval=50"``.
+        name: a registered name (see :func:`list_tasks`), ``file:PATH`` (a local
+            ``.jsonl``/``.json``/``.csv``/``.parquet``/``.arrow`` file or dataset directory; see
+            :class:`~denser.tasks.file_task.FileTask`) or ``hf:NAME[:CONFIG]`` (a hub dataset or
+            local dataset directory; :class:`~denser.tasks.file_task.HFTask`). Options may follow
+            a ``?``: ``"addition?seed=3&num_eval=50"``.
         **options: constructor options (``seed``, ``num_train``, ``num_eval``, ...); they
             override inline options.
     """
     base, inline = _split_options(name)
     options = {**inline, **options}
+    args: tuple[str, ...] = ()
     if base.startswith(FILE_PREFIX):
-        return FileTask(base[len(FILE_PREFIX):], **options)
-    if base not in _TASKS:
+        factory, args = FileTask, (base[len(FILE_PREFIX):],)
+    elif base.startswith(HF_PREFIX):
+        factory, args = HFTask, (base[len(HF_PREFIX):],)
+    elif base in _TASKS:
+        factory = _TASKS[base]
+    else:
         known = ", ".join(list_tasks())
-        raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file")
+        raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file, "
+                         "hf:NAME[:CONFIG] for a dataset")
     try:
-        return _TASKS[base](**options)
+        return factory(*args, **options)
     except TypeError as exc:
         raise TypeError(f"task {base!r}: bad options {sorted(options)}: {exc}") from exc
 

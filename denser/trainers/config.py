@@ -22,7 +22,7 @@ def _f(default, help: str, **kw):
 class TrainConfig:
     objective: str = _f("sdpo", "registered objective to optimise (see `denser objectives`)")
     model: str = _f("default", "'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random-init, for tests) or a local HF model directory")
-    task: str = _f("", "built-in task name (see `denser tasks`) or file:PATH.jsonl; empty = the default task")
+    task: str = _f("", "built-in task name (see `denser tasks`), file:PATH (jsonl/json/csv/parquet/arrow or a dataset directory) or hf:NAME[:CONFIG], with options after '?' (docs/tasks.md); empty = the default task")
     steps: int = _f(12, "optimiser steps (one rollout batch each)")
     num_generations: int = _f(4, "completions per prompt (the group size)")
     prompts_per_step: int = _f(4, "prompts per step on each process")
