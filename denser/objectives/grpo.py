@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from denser.kernels.stats import LossOutput, Metric, TokenStats
-from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
+from denser.objectives.base import Objective, Signal, register_objective
+from denser.objectives.batch import PolicyBatch
 from denser.objectives.common import (
     AGG_MODES,
     KL_ESTIMATORS,
