@@ -124,16 +124,15 @@ def test_signal_the_task_lacks_fails_before_generation(tmp_path):
 
 def test_teacher_with_a_different_vocabulary_is_rejected():
     from denser.objectives import get_objective
-    from denser.tasks import get_task
     from denser.trainers.models import build_tiny_model
-    from denser.trainers.signals import check_signals
+    from denser.trainers.signals import check_teacher_vocabulary
 
     student = build_tiny_model(seed=0)
     student = student[0] if isinstance(student, tuple) else student
     teacher = torch.nn.Module()
     teacher.get_output_embeddings = lambda: torch.nn.Linear(4, student.config.vocab_size + 3)
     with pytest.raises(ValueError, match="vocabulary .* differs from the policy's"):
-        check_signals(get_objective("sdpo"), get_task("addition"), student, teacher)
+        check_teacher_vocabulary(get_objective("sdpo"), student, teacher)
 
 
 def test_objective_fields_are_documented_flags(capsys):
@@ -301,7 +300,7 @@ def test_teacher_logp_alone_gets_the_default_teacher_and_a_missing_spec_fails_fi
 
 
 def test_the_loop_runs_the_engine_named_by_engine_and_refreshes_its_weights(tmp_path):
-    from denser.trainers.rollout import HFRolloutEngine, list_rollout_engines, register_rollout_engine, _ENGINES
+    from denser.trainers.rollout import _ENGINES, HFRolloutEngine, list_rollout_engines, register_rollout_engine
 
     updates = []
 

@@ -43,7 +43,14 @@ from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_he
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
-from denser.trainers.signals import MicroBatch, Scores, SignalComputer, TeacherInputs, check_signals
+from denser.trainers.signals import (
+    MicroBatch,
+    Scores,
+    SignalComputer,
+    TeacherInputs,
+    check_signals,
+    check_teacher_vocabulary,
+)
 from denser.trainers.teacher import TeacherWeights
 
 
@@ -123,8 +130,12 @@ class Trainer:
         resume_from = self.run.check(self._run_config(), resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
         set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
+        check_signals(self.objective, self.task)
+        declared = self.objective.signals()
+        self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
         policy = self._load_models(resume_from)
-        check_signals(self.objective, self.task, policy, self.teacher.model if self.teacher else None)
+        if self.teacher is not None:
+            check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
@@ -170,14 +181,14 @@ class Trainer:
 
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
-        need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP). A frozen
-        teacher shares the reference's copy of the initial weights."""
+        need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
+        weights ``self.teacher_spec`` names). A frozen teacher shares the reference's copy of the
+        initial weights."""
         cfg, declared = self.cfg, self.objective.signals()
         dtype = getattr(torch, cfg.dtype)
         with ckpt.quiet_transformers():
             policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
                                                 dtype=dtype, seed=cfg.seed)
-        self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
         initial = None
         if Signal.REF_LOGP in declared or (self.teacher_spec is not None and self.teacher_spec.mode == "frozen"):
             with ckpt.quiet_transformers():

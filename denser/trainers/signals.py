@@ -9,7 +9,7 @@
 
 The objective says what it needs through its methods (``signals()``, ``advantages()``,
 ``teacher_spec()``); nothing here knows an objective by name. :func:`check_signals` fails before
-any generation when a declared signal cannot be provided.
+any model is loaded when a declared signal cannot be provided.
 """
 
 from __future__ import annotations
@@ -43,8 +43,8 @@ from denser.trainers.teacher import TeacherWeights
 TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
 
 
-def check_signals(objective: Objective, task: Task, policy: nn.Module, teacher: nn.Module | None) -> None:
-    """Fail before any generation when a declared signal cannot be provided."""
+def check_signals(objective: Objective, task: Task) -> None:
+    """Fail before any model is loaded when a declared signal cannot be provided."""
     name, declared = objective.name, objective.signals()
     needs = declared & TASK_SIGNALS | ({Signal.TEACHER} if declared & TEACHER_SIGNALS else set())
     for s in sorted(needs, key=str):
@@ -55,12 +55,15 @@ def check_signals(objective: Objective, task: Task, policy: nn.Module, teacher: 
         if objective.teacher_spec() is None:
             raise ValueError(f"objective {name!r} declares signal '{s}' but its teacher_spec() returns None; "
                              "return a denser.objectives.TeacherSpec (how teacher contexts are built and scored)")
-    if teacher is not None:
-        v_s = policy.get_output_embeddings().weight.shape[0]
-        v_t = teacher.get_output_embeddings().weight.shape[0]
-        if v_s != v_t:
-            raise ValueError(f"objective {name!r} distils from a teacher whose vocabulary ({v_t}) differs from the "
-                             f"policy's ({v_s}); token-level distillation needs one shared tokenizer")
+
+
+def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: nn.Module) -> None:
+    """Fail before any generation when the teacher's vocabulary is not the policy's."""
+    v_s = policy.get_output_embeddings().weight.shape[0]
+    v_t = teacher.get_output_embeddings().weight.shape[0]
+    if v_s != v_t:
+        raise ValueError(f"objective {objective.name!r} distils from a teacher whose vocabulary ({v_t}) differs from "
+                         f"the policy's ({v_s}); token-level distillation needs one shared tokenizer")
 
 
 @dataclass
