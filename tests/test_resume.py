@@ -231,11 +231,11 @@ def _install_hooks(hooks: dict[str, str]) -> None:
     import errno
 
     from denser.trainers import checkpoint as ckpt
-    from denser.trainers import loop
+    from denser.trainers import loop, run_dir
 
     if "slow_after_step" in hooks:
         after = int(hooks["slow_after_step"])
-        real_step, real_write = loop.Trainer.step, loop.Trainer._write_metrics
+        real_step, real_write = loop.Trainer.step, run_dir.RunDir.append_metrics
 
         def slow_step(self, step):
             if step >= after:
@@ -249,7 +249,7 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                 print("MARK row", row["step"], flush=True)
                 time.sleep(0.5)
 
-        loop.Trainer.step, loop.Trainer._write_metrics = slow_step, slow_write
+        loop.Trainer.step, run_dir.RunDir.append_metrics = slow_step, slow_write
     if "pause_before_rename" in hooks:
         at = int(hooks["pause_before_rename"])
         real_fsync = ckpt._fsync_tree
@@ -302,7 +302,7 @@ def _break_resume(what: str) -> None:
     import torch
 
     from denser.trainers import checkpoint as ckpt
-    from denser.trainers import loop
+    from denser.trainers import prompts, run_dir
 
     real_set = ckpt.set_rng_state
     streams = {"python_rng": (random.getstate, random.setstate),
@@ -338,10 +338,10 @@ def _break_resume(what: str) -> None:
     elif what == "scheduler":
         torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None
     elif what == "metrics":
-        loop.Trainer._truncate_metrics = lambda self, rows: None
-    elif what == "data":
-        real_rows = loop.Trainer._rows_for_step
-        loop.Trainer._rows_for_step = lambda self, step: real_rows(self, step - self.start_step)
+        run_dir.RunDir.truncate_metrics = lambda self, rows: None
+    elif what == "data":  # prompts counted from the first step this process runs (the resume step)
+        real_rows, first = prompts.PromptSchedule.rows_for_step, {}
+        prompts.PromptSchedule.rows_for_step = lambda self, step: real_rows(self, step - first.setdefault(id(self), step))
     else:
         raise ValueError(f"unknown break={what}")
 

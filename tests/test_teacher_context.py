@@ -1,12 +1,12 @@
 """SDPO teacher contexts built from hand-made groups."""
 
-from denser.trainers.teacher import TeacherSettings, remove_thinking, teacher_messages
+from denser.objectives.teacher import TeacherSpec, remove_thinking, teacher_messages
 
 PROMPT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+3?"}]
 
 
 def build(texts, rewards, feedback, i, **kw):
-    return teacher_messages(PROMPT, texts, rewards, feedback, i, TeacherSettings(**kw))
+    return teacher_messages(PROMPT, texts, rewards, feedback, i, TeacherSpec(**kw))
 
 
 def test_failed_sample_gets_first_successful_sibling():

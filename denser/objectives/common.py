@@ -7,14 +7,16 @@ per-token terms divided by normalisers that live in the batch, so the sum of the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
 from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from denser.objectives.base import PolicyBatch
+from denser.objectives.batch import PolicyBatch
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AGG_MODES: tuple[str, ...] = AggMode.__args__
@@ -222,8 +224,6 @@ def linear_or_cosine(start: float, end: float | None, step: int, total_steps: in
         return float(start)
     progress = min(max(step, 0) / max(total_steps - 1, 1), 1.0)
     if shape == "cosine":
-        import math
-
         progress = 0.5 * (1.0 - math.cos(math.pi * progress))
     elif shape != "linear":
         raise ValueError(f"schedule shape {shape!r} is unknown; use 'linear' or 'cosine'")
@@ -241,7 +241,5 @@ def require(condition: bool, objective: str, message: str) -> None:
 
 def same_field(cls, name: str, default):
     """A dataclass field of a preset: ``cls``'s field ``name`` (its help) with a new default."""
-    import dataclasses
-
     base = cls.__dataclass_fields__[name]
     return dataclasses.field(default=default, metadata=base.metadata)

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
-from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
+from denser.objectives.base import Objective, Signal, register_objective
+from denser.objectives.batch import PolicyBatch
 from denser.objectives.common import (
     AGG_MODES,
     KL_ESTIMATORS,

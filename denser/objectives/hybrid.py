@@ -30,10 +30,12 @@ from torch import Tensor
 
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
-from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
+from denser.objectives.base import Objective, Signal, register_objective
+from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
 from denser.objectives.common import linear_or_cosine, require, token_keep_mask
 from denser.objectives.grpo import GRPO
-from denser.objectives.sdpo import SDPO, TEACHER_LOGP, TOKEN_WEIGHT, TeacherOptions
+from denser.objectives.sdpo import SDPO, TOKEN_WEIGHT
+from denser.objectives.teacher import TeacherOptions, TeacherSpec
 
 DENSE_MASK = "hybrid_dense_mask"  # batch.extras key written by HybridAdv.prepare(): 1 = token gets the dense part
 
@@ -119,6 +121,9 @@ class Hybrid(DensitySchedule, GRPO, SDPO):
             out |= self.sdpo_part().signals()
         return frozenset(out)
 
+    def teacher_spec(self) -> TeacherSpec:
+        return self.sdpo_part().teacher_spec()
+
     def core_options(self) -> CoreOptions:
         low, high = self.lam_range()
         opts = self.sdpo_part().core_options() if low < 1 else CoreOptions()
@@ -167,11 +172,14 @@ class HybridAdv(DensitySchedule, GRPO, TeacherOptions):
     def signals(self) -> frozenset[Signal]:
         low, high = self.lam_range()
         out = set(self.grpo_part().signals())
-        if low < 1:
-            out.add(Signal.TEACHER)
+        if low < 1:  # the dense part: teacher contexts (teacher_mask) and the teacher's log-prob of y
+            out |= {Signal.TEACHER, Signal.TEACHER_LOGP}
         if high <= 0:
             out.discard(Signal.ADVANTAGES)
         return frozenset(out)
+
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec.from_options(self)
 
     def core_options(self) -> CoreOptions:
         return self.grpo_part().core_options()

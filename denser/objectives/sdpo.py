@@ -15,11 +15,11 @@ the student is pulled towards it token by token:
 writes it: a REINFORCE surrogate whose gradient ``(logp_s(y) - logp_t(y)) grad logp_s(y)`` is the
 score-function gradient of KL(p_s || p_t) (the ``grad logp_s`` term of the estimator has zero
 mean and is dropped). Its value is therefore not the KL; the ``distill_loss`` metric reports the
-estimate ``logp_s(y) - logp_t(y)``. It needs the teacher's log-prob of each sampled token:
-the loop puts it in ``batch.extras["teacher_logp"]`` (``[N]``, detached, same temperature), e.g.
-``token_stats(teacher_hidden, teacher_weight, targets).logp`` under ``torch.no_grad()``; in that
-mode the core computes no divergence (``need_divergence=False``). When ``teacher_logp`` is present
-in the other modes it feeds the ``teacher_gap`` metric.
+estimate ``logp_s(y) - logp_t(y)``. It needs the teacher's log-prob of each sampled token, so
+that mode declares ``Signal.TEACHER_LOGP`` and the loop puts it in ``batch.extras["teacher_logp"]``
+(``[N]``, detached, same temperature); the core then computes no divergence
+(``need_divergence=False``). When ``teacher_logp`` is present in the other modes it feeds the
+``teacher_gap`` metric.
 
 Samples without a teacher context (``teacher_mask`` False) contribute nothing; a micro-batch in
 which no sample has one gives an exact 0 loss that still has a gradient graph.
@@ -27,9 +27,10 @@ which no sample has one gives an exact 0 loss that still has a gradient graph.
 kept tokens are weighted by ``1 / (1 - mask_ratio)`` so the loss stays an unbiased estimate of
 the unmasked one (SDPO-CL averages over the kept tokens, which is the same in expectation).
 
-Teacher defaults follow the SDPO repository's ``actor.yaml`` (``self_distillation``): EMA teacher
-at rate 0.05, alpha 0.5, top-100 with a tail bucket, IS clip 2, success threshold 0.5, no
-reprompting on self-success, thinking removed from demonstrations, feedback included.
+Defaults follow the SDPO repository's ``actor.yaml`` (``self_distillation``): alpha 0.5, top-100
+with a tail bucket, IS clip 2; the teacher fields (:class:`~denser.objectives.teacher.TeacherOptions`:
+EMA teacher at rate 0.05, success threshold 0.5, no reprompting on self-success, thinking removed
+from demonstrations, feedback included) become the ``TeacherSpec`` of ``teacher()``.
 """
 
 from __future__ import annotations
@@ -39,50 +40,15 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from torch import Tensor
 
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
-from denser.objectives.base import Objective, PolicyBatch, Signal, register_objective
+from denser.objectives.base import Objective, Signal, register_objective
+from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
 from denser.objectives.common import AGG_MODES, AggMode, aggregate, behaviour_log_ratio, require, token_keep_mask
+from denser.objectives.teacher import TeacherOptions, TeacherSpec
 
-TEACHER_LOGP = "teacher_logp"  # batch.extras key: the teacher's log-prob of each sampled token [N]
 TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 = dropped, else 1/keep_prob
-
-
-@dataclass
-class TeacherOptions:
-    """How the loop builds and updates the teacher; shared by every objective that distils."""
-
-    teacher: Literal["live", "ema", "frozen"] = field(
-        default="ema",
-        metadata={
-            "help": "teacher weights: 'live' = the current policy, 'ema' = exponential moving average of the "
-            "policy, 'frozen' = the initial policy"
-        },
-    )
-    teacher_update_rate: float = field(
-        default=0.05, metadata={"help": "EMA rate: teacher <- (1 - rate) * teacher + rate * policy after each step"}
-    )
-    success_threshold: float = field(
-        default=0.5, metadata={"help": "a sibling whose reward is >= this is a successful demonstration for the teacher"}
-    )
-    dont_reprompt_on_self_success: bool = field(
-        default=True, metadata={"help": "a sample that succeeded itself gets no teacher built from a sibling's success"}
-    )
-    remove_thinking: bool = field(
-        default=True, metadata={"help": "strip <think>...</think> from a demonstration before putting it in the teacher context"}
-    )
-    include_feedback: bool = field(
-        default=True, metadata={"help": "put the environment's feedback on a failed attempt in the teacher context"}
-    )
-    feedback_only_without_solution: bool = field(
-        default=True, metadata={"help": "use the feedback only when no successful demonstration is available"}
-    )
-
-    def check_teacher_options(self, name: str) -> None:
-        require(self.teacher in ("live", "ema", "frozen"), name, f"teacher={self.teacher!r} must be 'live', 'ema' or 'frozen'")
-        require(0.0 <= self.teacher_update_rate <= 1.0, name, f"teacher_update_rate={self.teacher_update_rate} must be in [0, 1]")
 
 
 @register_objective("sdpo")
@@ -143,9 +109,14 @@ class SDPO(Objective, TeacherOptions):
 
     def signals(self) -> frozenset[Signal]:
         out = {Signal.REWARDS, Signal.TEACHER}
+        if self.distill_mode == "sampled_token":
+            out.add(Signal.TEACHER_LOGP)
         if self.use_old_logp:
             out.add(Signal.OLD_LOGP)
         return frozenset(out)
+
+    def teacher_spec(self) -> TeacherSpec:
+        return TeacherSpec.from_options(self)
 
     def core_options(self) -> CoreOptions:
         return CoreOptions(

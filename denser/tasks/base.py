@@ -71,6 +71,9 @@ class Task:
     default_num_eval: ClassVar[int] = 100
     #: worked examples ``(question, reply)`` shown as earlier turns when ``few_shot`` is on
     examples: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the signals (``denser.objectives.Signal`` values) the loop can build from this task: rewards,
+    #: and teacher contexts from successes and feedback; a task that cannot build a teacher drops "teacher"
+    provides: ClassVar[frozenset[str]] = frozenset({"rewards", "advantages", "teacher"})
 
     def __init__(
         self,

@@ -7,11 +7,13 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 from __future__ import annotations
 
 import math
-import typing
 from dataclasses import dataclass, field
 from typing import Literal
 
 from denser.kernels.options import BACKENDS
+from denser.objectives import DEFAULT_OBJECTIVE
+from denser.objectives.fields import type_problems
+from denser.trainers.rollout import DEFAULT_ENGINE, list_rollout_engines
 
 
 def _f(default, help: str, **kw):
@@ -20,7 +22,7 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class TrainConfig:
-    objective: str = _f("sdpo", "registered objective to optimise (see `denser objectives`)")
+    objective: str = _f(DEFAULT_OBJECTIVE, "registered objective to optimise (see `denser objectives`)")
     model: str = _f("default", "'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random-init, for tests) or a local HF model directory")
     task: str = _f("", "built-in task name (see `denser tasks`), file:PATH (jsonl/json/csv/parquet/arrow or a dataset directory) or hf:NAME[:CONFIG], with options after '?' (docs/tasks.md); empty = the default task")
     steps: int = _f(12, "optimiser steps (one rollout batch each)")
@@ -44,6 +46,8 @@ class TrainConfig:
     eval_size: int = _f(32, "eval-split prompts used by each eval")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
+    engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.trainers.register_rollout_engine): "
+                     + " | ".join(list_rollout_engines()))
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
@@ -53,7 +57,7 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:
-        problems = _type_problems(self)
+        problems = type_problems(self, _flag)
         if problems:  # wrong types first: the range checks below would fail on them in confusing ways
             raise ValueError("; ".join(problems))
         for name in ("steps", "num_generations", "prompts_per_step", "max_new_tokens", "micro_batch_size", "eval_size",
@@ -78,6 +82,8 @@ class TrainConfig:
             problems.append(f"--adam-beta2 must be in [0, 1), got {self.adam_beta2}")
         if not self.max_grad_norm >= 0:
             problems.append(f"--max-grad-norm must be >= 0 (0 = off), got {self.max_grad_norm}")
+        if self.engine not in list_rollout_engines():
+            problems.append(f"--engine must be one of {', '.join(list_rollout_engines())}, got {self.engine!r}")
         if self.backend not in BACKENDS:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.resume and self.overwrite:
@@ -88,27 +94,3 @@ class TrainConfig:
 
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
-
-
-def _type_problems(cfg: TrainConfig) -> list[str]:
-    """Wrong types of fields (a Python caller or a config file): int for int, number for float, ..."""
-    problems = []
-    for name, annotation in typing.get_type_hints(TrainConfig).items():
-        value = getattr(cfg, name)
-        if typing.get_origin(annotation) is Literal:
-            ok, want = value in typing.get_args(annotation), "one of " + ", ".join(map(str, typing.get_args(annotation)))
-        elif annotation is bool:
-            ok, want = isinstance(value, bool), "true or false"
-        elif annotation is int:
-            ok, want = isinstance(value, int) and not isinstance(value, bool), "an int"
-        elif annotation is float:
-            ok, want = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-            if ok:
-                setattr(cfg, name, float(value))
-        elif annotation is str:
-            ok, want = isinstance(value, str), "a string"
-        else:  # pragma: no cover - every field has one of the types above
-            ok, want = True, ""
-        if not ok:
-            problems.append(f"{_flag(name)} must be {want}, got {value!r} ({type(value).__name__})")
-    return problems

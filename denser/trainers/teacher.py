@@ -1,85 +1,17 @@
-"""The SDPO teacher: contexts built from a group's successes and feedback, and its weights.
+"""The teacher's weights: which model scores the teacher contexts, and how it follows the policy.
 
-Teacher context of sample i in a group (the SDPO recipe, as the public SDPO code builds it):
-  - a demonstration: the first successful sibling's answer (reward >= success_threshold), never
-    the sample's own when ``dont_reprompt_on_self_success``; ``<think>...</think>`` removed when
-    ``remove_thinking``;
-  - feedback: the task's feedback on sample i's own failed attempt, when ``include_feedback``
-    (only when there is no demonstration, with ``feedback_only_without_solution``);
-  - neither: no teacher for sample i (``teacher_mask`` False: it gets no distillation loss).
-The context is the original prompt's messages with the demonstration and/or feedback appended to
-the user turn, rendered with the chat template; the completion tokens stay the student's own.
+What the teacher is (how its contexts are built, which weights, the EMA rate) is the objective's
+:class:`~denser.objectives.TeacherSpec`; this module holds the weights that spec names.
 """
 
 from __future__ import annotations
 
 import copy
-import re
-from dataclasses import dataclass
-from typing import Any, Sequence
 
 import torch
 
-THINK_RE = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
-SOLUTION_TEMPLATE = "\n\nHere is a correct solution to this problem:\n{solution}"
-FEEDBACK_TEMPLATE = "\n\nYour previous attempt was wrong. Feedback on it:\n{feedback}"
-CLOSING = "\n\nCorrectly solve the original question."
-
-
-@dataclass
-class TeacherSettings:
-    success_threshold: float = 0.5
-    dont_reprompt_on_self_success: bool = True
-    remove_thinking: bool = True
-    include_feedback: bool = True
-    feedback_only_without_solution: bool = True
-
-    @classmethod
-    def from_objective(cls, objective: Any) -> "TeacherSettings":
-        source = getattr(objective, "sdpo_part", None)
-        source = source() if callable(source) else objective
-        kw = {k: getattr(source, k) for k in cls.__dataclass_fields__ if hasattr(source, k)}
-        return cls(**kw)
-
-
-def remove_thinking(text: str) -> str:
-    return THINK_RE.sub("", text).strip()
-
-
-def teacher_messages(
-    prompt_messages: Sequence[dict[str, str]],
-    group_texts: Sequence[str],
-    group_rewards: Sequence[float],
-    group_feedback: Sequence[str | None],
-    index: int,
-    settings: TeacherSettings,
-) -> list[dict[str, str]] | None:
-    """Chat messages of the teacher context of sample ``index`` of a group, or None (no teacher)."""
-    demo = None
-    for j, (text, reward) in enumerate(zip(group_texts, group_rewards)):
-        if reward < settings.success_threshold:
-            continue
-        if j == index and settings.dont_reprompt_on_self_success:
-            continue
-        demo = remove_thinking(text) if settings.remove_thinking else text
-        break
-    feedback = None
-    own_success = group_rewards[index] >= settings.success_threshold
-    if settings.include_feedback and not own_success and group_feedback[index]:
-        if demo is None or not settings.feedback_only_without_solution:
-            feedback = group_feedback[index]
-    if demo is None and feedback is None:
-        return None
-    extra = ""
-    if demo is not None:
-        extra += SOLUTION_TEMPLATE.format(solution=demo)
-    if feedback is not None:
-        extra += FEEDBACK_TEMPLATE.format(feedback=feedback)
-    extra += CLOSING
-    messages = [dict(m) for m in prompt_messages]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last_user]["content"] = messages[last_user]["content"] + extra
-    return messages
+from denser.objectives import TeacherSpec
+from denser.objectives.teacher import TEACHER_MODES
 
 
 class TeacherWeights:
@@ -87,8 +19,8 @@ class TeacherWeights:
     updated after every optimiser step at ``rate``) or ``frozen`` (the initial weights)."""
 
     def __init__(self, policy: torch.nn.Module, mode: str, rate: float, shared_frozen: torch.nn.Module | None = None):
-        if mode not in ("live", "ema", "frozen"):
-            raise ValueError(f"teacher={mode!r} must be 'live', 'ema' or 'frozen'")
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"teacher={mode!r} must be one of {', '.join(map(repr, TEACHER_MODES))}")
         self.mode, self.rate = mode, float(rate)
         if mode == "live":
             self.model = policy
@@ -96,6 +28,13 @@ class TeacherWeights:
             self.model = shared_frozen
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+
+    @classmethod
+    def from_spec(cls, spec: TeacherSpec, policy: torch.nn.Module,
+                  initial: torch.nn.Module | None = None) -> "TeacherWeights":
+        """The weights ``spec.mode`` names; ``initial`` (the frozen initial model, when one is
+        loaded anyway) is shared by a ``frozen`` teacher instead of a copy of the policy."""
+        return cls(policy, spec.mode, spec.update_rate, shared_frozen=initial)
 
     @torch.no_grad()
     def update(self, policy: torch.nn.Module) -> None:
