@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
+from denser.plugins import TASKS_GROUP, PluginError, load_entry_points
 from denser.tasks.base import Task
 from denser.tasks.file_task import FileTask
 
@@ -25,8 +26,10 @@ def register_task(name: str, description: str | None = None):
     """Decorator: register a ``Task`` subclass (or a factory returning a task) under ``name``."""
 
     def deco(factory: TaskFactory) -> TaskFactory:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
+        existing = _TASKS.get(name)
+        if existing is not None and _qualified(existing) != _qualified(factory):  # the same one again is harmless
+            raise ValueError(f"a task named {name!r} is already registered ({_qualified(existing)}); "
+                             f"{_qualified(factory)} must pick another name")
         if isinstance(factory, type) and issubclass(factory, Task):
             factory.name = name
         _TASKS[name] = factory
@@ -36,8 +39,14 @@ def register_task(name: str, description: str | None = None):
     return deco
 
 
+def _qualified(factory) -> str:
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+
+
 def list_tasks() -> list[str]:
-    """Registered task names (``file:PATH`` tasks are not listed: any local file works)."""
+    """Registered task names, installed plugins included (``file:PATH`` tasks are not listed: any
+    local file works)."""
+    _load_plugins()
     return sorted(_TASKS)
 
 
@@ -61,12 +70,26 @@ def get_task(name: str, **options: Any) -> Task:
     if base.startswith(FILE_PREFIX):
         return FileTask(base[len(FILE_PREFIX):], **options)
     if base not in _TASKS:
+        _load_plugins()
+    if base not in _TASKS:
         known = ", ".join(list_tasks())
         raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file")
     try:
         return _TASKS[base](**options)
     except TypeError as exc:
         raise TypeError(f"task {base!r}: bad options {sorted(options)}: {exc}") from exc
+
+
+def _load_plugins() -> None:
+    """Register the tasks of installed packages (entry-point group ``denser.tasks``, see
+    :mod:`denser.plugins`): a module entry registers on import; a ``Task`` subclass (or a factory
+    function) entry is registered under the entry's name."""
+    for entry, obj in load_entry_points(TASKS_GROUP):
+        if callable(obj) and obj not in _TASKS.values() and (not isinstance(obj, type) or issubclass(obj, Task)):
+            try:
+                register_task(entry)(obj)
+            except ValueError as e:
+                raise PluginError(f"plugin {entry!r} ({TASKS_GROUP} entry point {_qualified(obj)}): {e}") from None
 
 
 def _split_options(name: str) -> tuple[str, dict[str, Any]]:

@@ -26,13 +26,15 @@ from torch import nn
 from denser.kernels import fused_loss, merge_metrics, token_stats
 from denser.objectives import Objective, PolicyBatch, Signal, get_objective
 from denser.objectives.common import group_advantages, normaliser_counts
+from denser.plugins import plugin_imports
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
 from denser.trainers.teacher import TeacherSettings, TeacherWeights, teacher_messages
+from denser.trainers.tracking import Tracker
 
 LOOP_SIGNALS = frozenset(Signal)
 TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what a run directory holds (and --overwrite removes)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run directory holds (and --overwrite removes)
 # Differences between a run's config.yaml and a --resume that make it another run.
 RESUME_MUST_MATCH = ("objective", "model", "task")
 # Prompts checked against the model's context before any compute (the rest are checked as they are used).
@@ -96,12 +98,16 @@ class Trainer:
       non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
       restores that checkpoint instead;
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
-      (before, during and after training).
+      (before, during and after training);
+    - ``tracker``: where metrics rows and sample completions go besides ``metrics.jsonl`` (a
+      :class:`~denser.trainers.tracking.Tracker`, left open; default: one for ``cfg.report_to``,
+      closed at the end of :meth:`train`).
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print,
                  anchor: nn.Module | None = None, optimizer_state: dict | None = None,
-                 teacher_state: dict | None = None, evaluator: Callable[[Trainer], float] | None = None):
+                 teacher_state: dict | None = None, evaluator: Callable[[Trainer], float] | None = None,
+                 tracker: Tracker | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -170,6 +176,8 @@ class Trainer:
         else:
             self._start_from(optimizer_state, teacher_state)
         self.evaluator = evaluator
+        self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
+        self._owns_tracker = tracker is None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -183,7 +191,9 @@ class Trainer:
         return part() if callable(part) else self.objective
 
     def _run_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name, "task": self.task.name,
+        imports = plugin_imports(self.objective, self.task)  # what --config needs to find them again
+        return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
+                "objective": self.objective.name, "task": self.task.name,
                 "objective_args": dataclasses.asdict(self.objective)}
 
     def _check_data(self) -> None:
@@ -408,6 +418,7 @@ class Trainer:
         S, G = rollout.num_samples, rollout.num_generations
         sample_rows = [rows[s // G] for s in range(S)]
         scores = self.task.score_batch(rollout.texts, sample_rows)
+        self.tracker.log_samples(step + 1, self.task, sample_rows, rollout.texts, scores)
         rewards = torch.tensor([s.score for s in scores], dtype=torch.float32)
         success = torch.tensor([float(self.task.is_success(s)) for s in scores])
         advantages = None
@@ -527,6 +538,7 @@ class Trainer:
         if self.is_main:
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.tracker.log(row)
         self.metrics_rows += 1
 
     def _trainer_state(self, step: int, finished: bool) -> dict[str, Any]:
@@ -623,6 +635,8 @@ class Trainer:
         self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+        if self._owns_tracker:
+            self.tracker.finish()
         return summary
 
     # ------------------------------------------------------------------- carried between runs
