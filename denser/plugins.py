@@ -150,8 +150,8 @@ def _describe(e: BaseException) -> str:
     """``Type: message (file:line)`` of the innermost frame outside importlib, on one line."""
     message = " ".join(str(e).split())
     where = ""
-    frames = [f for f in traceback.extract_tb(e.__traceback__) if "importlib" not in f.filename
-              and not f.filename.endswith(("plugins.py", "<frozen importlib._bootstrap>"))]
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "importlib" not in f.filename and f.filename != __file__]
     if isinstance(e, SyntaxError) and e.filename:
         where = f" ({e.filename}:{e.lineno})"
     elif frames:
