@@ -230,7 +230,9 @@ def _last_message(messages) -> str:
 def _markdown_table(columns: list[str], data: list[list[Any]]) -> str:
     def cell(v) -> str:
         text = f"{v:.3g}" if isinstance(v, float) else str(v)
-        return text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>") or " "
+        text = text.replace("\\", "\\\\").replace("|", "\\|").replace("\n", "<br>").replace("\t", " ")
+        # other control characters (a random model emits them) would break the table's lines: escaped
+        return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text) or " "
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in data]
