@@ -352,8 +352,8 @@ class ContinualRunner:
     def run(self) -> dict:
         """Train and measure the sequence (resuming after the last finished stage with ``--resume``)."""
         cfg = self.cfg
-        config = {**dataclasses.asdict(cfg), "objective": self.objective.name, "continual": dataclasses.asdict(self.ccfg),
-                  "objective_args": dataclasses.asdict(self.objective)}
+        config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
+                  "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
         self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
                                cpu=cfg.cpu or not torch.cuda.is_available())
         try:
@@ -371,10 +371,14 @@ class ContinualRunner:
             return sum(vals) / len(vals) if vals else None
 
         row = {f"eval/{c}/accuracy": acc[c] for c in record["columns"]}
-        row.update({"eval/average_accuracy": mean(record["columns"]), "eval/seen_average_accuracy":
-                    mean(train[:stage["stage"]]) if stage["stage"] else None, "eval/heldout_average_accuracy": mean(held),
-                    "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
-                    "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"), "stage": stage["stage"]})
+        row.update({
+            "eval/average_accuracy": mean(record["columns"]),
+            "eval/seen_average_accuracy": mean(train[:stage["stage"]]) if stage["stage"] else None,
+            "eval/heldout_average_accuracy": mean(held),
+            "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
+            "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"),
+            "stage": stage["stage"],
+        })
         self.tracker.log({k: v for k, v in row.items() if v is not None},
                          step=stage["stage"] * self.ccfg.steps_per_task)
 

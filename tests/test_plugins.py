@@ -140,7 +140,8 @@ def test_python_api_runs_the_same_loop(tmp_path):
 
         def loss(self, stats, batch):
             per_token = -self.scale * batch.token_advantages() * stats.logp
-            return LossOutput(aggregate(per_token, batch, "token-mean"), {"logp": Metric.of(stats.logp, batch.token_mask)})
+            return LossOutput(aggregate(per_token, batch, "token-mean"),
+                              {"logp": Metric.of(stats.logp, batch.token_mask)})
 
     try:
         cfg = denser.TrainConfig(model="tiny", steps=1, max_new_tokens=4, num_generations=2, prompts_per_step=2,

@@ -217,9 +217,9 @@ def _check_context(model, prompts: dict[str, list[list[int]]], max_new_tokens: i
     for name, ids in prompts.items():
         for i, p in enumerate(ids):
             if len(p) + max_new_tokens > limit:
-                raise ValueError(f"task {name!r}: the prompt of eval row {i} has {len(p)} tokens; with --max-new-tokens "
-                                 f"{max_new_tokens} it exceeds the model's context of {limit} tokens; lower "
-                                 "--max-new-tokens or --eval-size")
+                raise ValueError(f"task {name!r}: the prompt of eval row {i} has {len(p)} tokens; with "
+                                 f"--max-new-tokens {max_new_tokens} it exceeds the model's context of {limit} "
+                                 "tokens; lower --max-new-tokens or --eval-size")
 
 
 def eval_table(result: dict[str, Any]) -> str:

@@ -15,7 +15,14 @@ import shlex
 import sys
 from pathlib import Path
 
-from denser.cli.flags import IMPORT_HELP, CLIError, TrainArgumentParser, one_line, parse_continual_args, parse_train_args
+from denser.cli.flags import (
+    IMPORT_HELP,
+    CLIError,
+    TrainArgumentParser,
+    one_line,
+    parse_continual_args,
+    parse_train_args,
+)
 from denser.objectives import list_objectives
 from denser.plugins import import_plugins
 
@@ -87,7 +94,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "run (default: default)")
     p.add_argument("--tasks", default="", help="comma-separated tasks (names, file:PATH); default: the task a run "
                    "directory was trained on, else the default task")
-    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py", help=IMPORT_HELP)
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
     p.add_argument("--eval-size", type=int, default=32, help="prompts per task: the first rows of its eval split "
                    "(0 = all; default: 32, as `denser train`)")
     p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24, as `denser train`)")
@@ -112,7 +120,12 @@ def cmd_eval(argv: list[str]) -> int:
     args = build_eval_parser().parse_args(argv)
     import_plugins(args.imports)
     # imported here for start-up time (models, generation): see the module docstring
-    from denser.analysis.evaluation import EvalSettings, eval_table, evaluate_model, write_json
+    from denser.analysis.evaluation import (
+        EvalSettings,
+        eval_table,
+        evaluate_model,
+        write_json,
+    )
     from denser.trainers.models import EmbeddedModelMissingError
 
     settings = EvalSettings(eval_size=args.eval_size, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
@@ -144,7 +157,9 @@ def cmd_report(argv: list[str]) -> int:
                     "`denser report drift A B --help`: drift of one model from another.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="continual run directories")
     args = p.parse_args(argv)
-    from denser.analysis.report import write_run_report  # start-up time (matplotlib): see the module docstring
+    from denser.analysis.report import (
+        write_run_report,  # start-up time (matplotlib): see the module docstring
+    )
 
     for run in args.runs:
         try:
@@ -207,7 +222,9 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/compare", help="report directory (default: runs/compare)")
     p.add_argument("--labels", default="", help="comma-separated run names for legends (default: objective and teacher)")
     args = p.parse_args(argv)
-    from denser.analysis.report import write_compare_report  # start-up time (matplotlib): see the module docstring
+    from denser.analysis.report import (
+        write_compare_report,  # start-up time (matplotlib): see the module docstring
+    )
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     try:
@@ -224,7 +241,8 @@ def cmd_compare(argv: list[str]) -> int:
 def _listing_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description + " Installed plugins (entry-point groups "
                                 "denser.objectives and denser.tasks) are included.")
-    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py", help=IMPORT_HELP)
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
     return p
 
 
@@ -241,7 +259,10 @@ def cmd_objectives(argv: list[str]) -> int:
 
 def cmd_tasks(argv: list[str]) -> int:
     import_plugins(_listing_parser("denser tasks", "List the registered tasks.").parse_args(argv).imports)
-    from denser.tasks import DEFAULT_TASK, task_descriptions  # start-up time (datasets): see the module docstring
+    from denser.tasks import (  # start-up time (datasets): see the module docstring
+        DEFAULT_TASK,
+        task_descriptions,
+    )
 
     desc = task_descriptions()
     width = max(len(n) for n in desc)
@@ -257,7 +278,9 @@ def cmd_tasks(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     """``denser bench [gpu|loop|step] ...``: the benchmark runners of ``denser.bench``."""
-    from denser.bench import main as bench_main  # imported here for start-up time (see the module docstring)
+    from denser.bench import (
+        main as bench_main,  # imported here for start-up time (see the module docstring)
+    )
 
     return bench_main(argv)
 

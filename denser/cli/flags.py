@@ -220,7 +220,8 @@ def build_train_parser(objective: str, known: list[str] | None = None) -> argpar
     p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.{listing}",
                             epilog=RUN_EPILOG)
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
-    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py", help=IMPORT_HELP)
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
     add_dataclass_flags(p.add_argument_group("run"), TrainConfig)
     cls = objective_class(objective)
     doc = (cls.__doc__ or "").strip().splitlines()

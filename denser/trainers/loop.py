@@ -34,7 +34,8 @@ from denser.trainers.tracking import Tracker
 
 LOOP_SIGNALS = frozenset(Signal)
 TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run directory holds (and --overwrite removes)
+# what a run directory holds (and --overwrite removes)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
 # Differences between a run's config.yaml and a --resume that make it another run.
 RESUME_MUST_MATCH = ("objective", "model", "task")
 # Prompts checked against the model's context before any compute (the rest are checked as they are used).
