@@ -300,3 +300,17 @@ def test_a_broken_entry_point_is_one_line_naming_it(tmp_path):
 
 def test_plugin_error_is_a_value_error():
     assert issubclass(PluginError, ValueError)
+
+
+def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
+    import re
+
+    block = re.search(r"## Your objectives and tasks.*?```python\n(.*?)```", (ROOT / "README.md").read_text(),
+                      re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(block, "README-api-example", "exec"), namespace)
+    assert namespace["run_dir"] == Path("runs/grpo-addition") and (tmp_path / "runs/grpo-addition/config.yaml").exists()
+    metrics = namespace["result"]["tasks"]["addition"]["metrics"]
+    assert set(metrics) == {"greedy", "mean@4", "pass@1", "pass@2", "pass@4", "maj@1", "maj@2", "maj@4"}
+    assert metrics["pass@1"]["mean"] <= metrics["pass@4"]["mean"]

@@ -6,8 +6,8 @@
 The prompts are the first ``eval_size`` rows of each task's eval split (as the training loop's
 greedy eval and ``denser continual`` use them), rendered with the model's chat template; the
 completions come from the loop's rollout engine (:class:`~denser.trainers.rollout.HFRolloutEngine`)
-and are scored by the task (``task.score_batch``, ``task.is_success``), so a run's final
-``eval_accuracy`` and ``denser eval``'s greedy accuracy of its final checkpoint are one number.
+and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
+``eval_accuracy`` and ``denser eval``'s greedy accuracy of its final checkpoint measure one thing.
 
 Per task, each a mean over prompts with its standard error over prompts
 (:mod:`denser.analysis.estimators`):
