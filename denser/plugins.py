@@ -196,17 +196,13 @@ def plugin_module_spec(obj: Any) -> str | None:
     """What ``--import`` takes to register ``obj``'s class again in another process (a run's
     ``config.yaml`` records it): the absolute path of a module imported from a file (or found only
     in the current directory), the module name of one importable from the Python path, and None
-    for denser's own classes and classes without a module file."""
+    for denser's own classes and for classes of a script run as ``__main__`` (importing the script
+    again would run it again)."""
     cls = obj if isinstance(obj, type) else type(obj)
     name = cls.__module__
-    if name == "denser" or name.startswith("denser.") or name == "builtins":
+    if name == "denser" or name.startswith("denser.") or name in ("builtins", "__main__"):
         return None
-    if name in _RECORDED:
-        return _RECORDED[name]
-    file = getattr(sys.modules.get(name), "__file__", None)
-    if name == "__main__":
-        return str(Path(file).resolve()) if file else None
-    return name
+    return _RECORDED.get(name, name)
 
 
 _RECORDED: dict[str, str] = {}  # module name -> what a config file's ``import:`` should say
