@@ -6,7 +6,7 @@ uses it like this::
     engine = get_rollout_engine("hf", model, tokenizer)          # or HFRolloutEngine(model, tokenizer)
     rollout = engine.generate(prompt_ids, SamplingParams(num_generations=8, max_new_tokens=48))
     batch = rollout.pack(indices)                                 # PackedBatch (denser.trainers.packing)
-    engine.update_weights(model)                                  # after every optimiser step
+    engine.update_weights(model)                                  # after each rollout batch's updates
 
 Another engine (an inference server) subclasses :class:`RolloutEngine` and registers itself with
 ``@register_rollout_engine("name")``; ``--engine name`` then selects it.
@@ -233,7 +233,7 @@ class RolloutEngine(ABC):
     """Samples completions for prompts. One engine per policy model.
 
     Engines that keep their own copy of the weights (an inference server) refresh it in
-    :meth:`update_weights`, which the loop calls after every optimiser step; the HF engine samples
+    :meth:`update_weights`, which the loop calls after each rollout batch's updates; the HF engine samples
     from the live policy and needs nothing.
     """
 
