@@ -148,7 +148,7 @@ def test_parse_number():
 
 def test_too_few_problems_for_eval():
     with pytest.raises(ValueError, match="distinct problems"):
-        get_task("addition", num_eval=196).train
+        _ = get_task("addition", num_eval=196).train
 
 
 # ---------------------------------------------------------------------------------------- file tasks

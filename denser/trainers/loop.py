@@ -38,6 +38,7 @@ from transformers import get_scheduler
 
 from denser.kernels import Metric, fused_loss, merge_metrics
 from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
+from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
@@ -56,6 +57,7 @@ from denser.trainers.signals import (
     check_teacher_vocabulary,
 )
 from denser.trainers.teacher import TeacherWeights
+from denser.trainers.tracking import Tracker
 
 
 class TrainingStopped(RuntimeError):
@@ -128,13 +130,16 @@ class Trainer:
       non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
       restores that checkpoint instead;
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
-      (before, during and after training).
+      (before, during and after training);
+    - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
+      trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
+      tracker for a whole sequence).
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float] | None = None):
+                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None):
         self.anchor, self.evaluator = anchor, evaluator
         self.cfg, self.log = cfg, log
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
@@ -185,6 +190,8 @@ class Trainer:
             self._load_state(resume_from)
         else:
             self._start_from(optimizer_state, teacher_state)
+        self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
+        self._owns_tracker = tracker is None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -194,7 +201,9 @@ class Trainer:
             self.log(message)
 
     def _run_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name,
+        imports = plugin_imports(self.objective, self.task)  # what --config needs to find them again
+        return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
+                "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
                 "objective_args": dataclasses.asdict(self.objective)}
 
@@ -274,6 +283,9 @@ class Trainer:
         timer = PhaseTimer()
         batch = self._rollout_batch(step, timer)
         with timer("signals"):
+            self.tracker.log_samples(step + 1, self.task, [batch.rows[s // batch.rollout.num_generations]
+                                                           for s in range(batch.rollout.num_samples)],
+                                     batch.rollout.texts, batch.scores.scores)
             rollout = self.signals.pre_update_logp(batch.rollout)
             sample = self.signals.per_sample(rollout, batch.rows, batch.scores)
         updates = []
@@ -463,7 +475,7 @@ class Trainer:
             acc = self.evaluate()
             summary["eval_accuracy_before"] = acc
             self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
-            self.run.append_metrics({"step": 0, "eval_accuracy": acc})
+            self._log_row({"step": 0, "eval_accuracy": acc})
         bar = None
         if cfg.progress and self.is_main:
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
@@ -476,7 +488,7 @@ class Trainer:
                 self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     row["eval_accuracy"] = self.evaluate()
-                self.run.append_metrics(row)
+                self._log_row(row)
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -490,13 +502,21 @@ class Trainer:
             if bar is not None:
                 bar.close()
         acc = self.evaluate()
-        self.run.append_metrics({"step": cfg.steps, "eval_accuracy": acc})
+        self._log_row({"step": cfg.steps, "eval_accuracy": acc})
         path = self.save(cfg.steps, finished=True)
         summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
         self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+        if self._owns_tracker:
+            self.tracker.finish()
         return summary
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl, also sent to the trackers (main process)."""
+        self.run.append_metrics(row)
+        if self.is_main:
+            self.tracker.log(row)
 
     def _count_skips(self, row: dict[str, Any], done: int) -> None:
         """``consecutive_skips`` counts consecutive steps with a skipped update; ``skipped_total`` updates."""
