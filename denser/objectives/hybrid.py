@@ -62,7 +62,7 @@ class DensitySchedule:
     density_end: float | None = field(
         default=None, metadata={"help": "density at the last step; none keeps density constant"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random token draws (combined with the step and micro-batch)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random token draws (combined with the step, update and micro-batch)"})
 
     def lam_at(self, batch: PolicyBatch) -> float:
         return linear_or_cosine(self.lam, self.lam_end, batch.step, batch.total_steps, self.lam_schedule)

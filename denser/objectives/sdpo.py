@@ -45,7 +45,15 @@ from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, Signal, register_objective
 from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
-from denser.objectives.common import AGG_MODES, AggMode, aggregate, behaviour_log_ratio, require, token_keep_mask
+from denser.objectives.common import (
+    AGG_MODES,
+    AggMode,
+    aggregate,
+    behaviour_log_ratio,
+    require,
+    token_keep_mask,
+    with_old_logp,
+)
 from denser.objectives.teacher import TeacherOptions, TeacherSpec
 
 TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 = dropped, else 1/keep_prob
@@ -79,7 +87,7 @@ class SDPO(Objective, TeacherOptions):
         default=0.0,
         metadata={"help": "fraction of distilled tokens dropped at random each step (SDPO-CL); kept ones are weighted 1/(1-mask_ratio)"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step and micro-batch)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step, update and micro-batch)"})
     loss_agg_mode: AggMode = field(
         default="token-mean",
         metadata={"help": "aggregation over the distilled tokens: token-mean (SDPO), seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm"},
@@ -87,8 +95,9 @@ class SDPO(Objective, TeacherOptions):
     use_old_logp: bool = field(
         default=False,
         metadata={
-            "help": "declare behaviour log-probs (Signal.OLD_LOGP) for the IS weight; off: fully on-policy, "
-            "old_logp = logp.detach() and the weight is 1"
+            "help": "declare behaviour log-probs (Signal.OLD_LOGP) for the IS weight even with one update per rollout "
+            "batch (then the engine's sampling log-probs, see --old-logp-source); the loop turns it on itself when "
+            "a step makes several updates. Off with one update: old_logp = logp.detach() and the weight is 1"
         },
     )
 
@@ -106,6 +115,10 @@ class SDPO(Objective, TeacherOptions):
         require(0.0 <= self.mask_ratio < 1.0, name, f"mask_ratio={self.mask_ratio} must be in [0, 1)")
         require(self.loss_agg_mode in AGG_MODES, name, f"loss_agg_mode={self.loss_agg_mode!r} must be one of {AGG_MODES}")
         self.check_teacher_options(name)
+
+    def for_run(self, updates_per_rollout: int) -> SDPO:
+        """With several updates per rollout batch the IS weight needs the pre-update policy: use_old_logp on."""
+        return with_old_logp(self, updates_per_rollout)
 
     def signals(self) -> frozenset[Signal]:
         out = {Signal.REWARDS, Signal.TEACHER}

@@ -16,7 +16,7 @@ from denser.objectives.teacher import TEACHER_MODES
 
 class TeacherWeights:
     """Which weights score the teacher context: ``live`` (the policy itself), ``ema`` (an EMA copy
-    updated after every optimiser step at ``rate``) or ``frozen`` (the initial weights)."""
+    updated once per rollout batch, after its updates, at ``rate``) or ``frozen`` (the initial weights)."""
 
     def __init__(self, policy: torch.nn.Module, mode: str, rate: float, shared_frozen: torch.nn.Module | None = None):
         if mode not in TEACHER_MODES:
