@@ -192,7 +192,8 @@ def test_a_new_teacher_objective_gets_its_teacher_and_teacher_logp(tmp_path, mon
     )
 
     seen = []
-    spec = TeacherSpec(mode="frozen", include_feedback=True, closing="\n\nNow answer again, carefully.")
+    spec = TeacherSpec(mode="frozen", include_feedback=True,
+                       reprompt_template="{prompt}{solution}{feedback}\n\nNow answer again, carefully.")
 
     @register_objective("test_teacher_gap")
     @dataclass
