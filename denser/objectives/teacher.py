@@ -196,8 +196,8 @@ class TeacherOptions:
     )
     teacher_update_rate: float = field(
         default=_DEFAULT.update_rate,
-        metadata={"help": "ema: teacher <- (1 - rate) * teacher + rate * policy after each rollout batch; "
-                          "trust-region: the weight of the current policy's logits"},
+        metadata={"help": "EMA rate (ema: teacher <- (1 - rate) * teacher + rate * policy after each rollout batch), "
+                          "or the trust-region mixing rate (the weight of the current policy's logits)"},
     )
     teacher_path: str | None = field(
         default=None,
