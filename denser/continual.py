@@ -35,6 +35,12 @@ before/after evaluation in ``Trainer.train()`` is the same fixed-prompt evaluato
 ``evaluator`` argument), so nothing is generated twice and the stage's ``metrics.jsonl`` shows
 the accuracies of the matrix. Single process only.
 
+With ``--report-to``, the whole sequence is one tracker run (:mod:`denser.trainers.tracking`): each
+stage's trainer logs through a view of it (``Trainer(tracker=...)``) with stage-prefixed keys
+(``stage1/addition/reward_mean``) and steps counted over the sequence (stage k's step j is
+``(k - 1) * steps_per_task + j``); after every stage the runner logs the accuracy of every column
+(``eval/<task>/accuracy``), the averages and the drift (``drift/relative_l2``, ``drift/kl``).
+
 This module sits above :mod:`denser.analysis` and :mod:`denser.trainers` and drives both; the
 command line (``denser continual``) is in :mod:`denser.cli`.
 """
@@ -65,9 +71,11 @@ from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import load_model
+from denser.trainers.tracking import TENSORBOARD_DIR, Tracker
 
 FORMAT_VERSION = 1
-RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages")  # what a continual run writes
+# what a continual run writes
+RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages", TENSORBOARD_DIR)
 
 
 @dataclass
@@ -316,7 +324,9 @@ class ContinualRunner:
         trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
                           anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
                           teacher_state=None if self.ccfg.teacher_reset else teacher_state,
-                          teacher_from_policy=self.ccfg.teacher_reset, evaluator=self._evaluator(task_name))
+                          teacher_from_policy=self.ccfg.teacher_reset, evaluator=self._evaluator(task_name),
+                          tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
+                                                      step_offset=(k - 1) * self.ccfg.steps_per_task))
         if trainer.world > 1:
             raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
         t0 = time.perf_counter()
@@ -348,6 +358,39 @@ class ContinualRunner:
     # ------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
+        """Train and measure the sequence (resuming after the last finished stage with ``--resume``)."""
+        cfg = self.cfg
+        config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
+                  "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
+        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
+                               cpu=cfg.cpu or not torch.cuda.is_available())
+        try:
+            return self._run()
+        finally:
+            self.tracker.finish()
+
+    def _log_stage(self, stage: dict, record: dict) -> None:
+        """The tracker row of a measured stage: accuracy per column, averages, drift."""
+        train, held = self.ccfg.tasks, self.ccfg.eval_tasks
+        acc = stage["accuracy"]
+
+        def mean(cols):
+            vals = [acc[c] for c in cols if acc.get(c) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        row = {f"eval/{c}/accuracy": acc[c] for c in record["columns"]}
+        row.update({
+            "eval/average_accuracy": mean(record["columns"]),
+            "eval/seen_average_accuracy": mean(train[:stage["stage"]]) if stage["stage"] else None,
+            "eval/heldout_average_accuracy": mean(held),
+            "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
+            "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"),
+            "stage": stage["stage"],
+        })
+        self.tracker.log({k: v for k, v in row.items() if v is not None},
+                         step=stage["stage"] * self.ccfg.steps_per_task)
+
+    def _run(self) -> dict:
         cfg, ccfg = self.cfg, self.ccfg
         previous = self._prepare()
         t_start = time.perf_counter()
@@ -384,6 +427,7 @@ class ContinualRunner:
                 self.log(f"stage 0: measuring {cfg.model} on {', '.join(self.suite.names)} "
                          f"({cfg.eval_size} prompts each)")
                 stage0 = self._measure(0, None, self.initial, None, None)
+            self._log_stage(stage0, record)
             record["stages"] = [stage0]
             record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
             record["elapsed_s"] = time.perf_counter() - t_start
@@ -396,6 +440,7 @@ class ContinualRunner:
             self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for {ccfg.steps_per_task} steps")
             trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state)
             stage = self._measure(k, name, trainer.policy, str(checkpoint), info)
+            self._log_stage(stage, record)
             record["stages"].append(stage)
             record["accuracy_matrix"].append([stage["accuracy"][c] for c in record["columns"]])
             record["elapsed_s"] = elapsed_before + time.perf_counter() - t_start

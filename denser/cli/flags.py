@@ -6,6 +6,8 @@
 - :func:`load_config_file`: a ``--config FILE.yaml`` checked key by key against the same dataclasses;
 - :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
   overriding the config file; :func:`parse_continual_args` adds ``denser continual``'s flags.
+- ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
+  (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
 A bad command line or config file raises :class:`CLIError`: one line, exit code 2.
 """
@@ -21,11 +23,14 @@ from typing import Any, Literal
 
 import yaml
 
-from denser.objectives import get_objective
+from denser.objectives import get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
+from denser.plugins import import_plugins
 from denser.trainers.config import TrainConfig
 
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
+IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
+               "repeatable; a config file's 'import:' key does the same")
 CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
                    "teacher_reset")
 
@@ -153,6 +158,8 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise CLIError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
+    if "import" in data:  # plugins first: the objective the file names may be one of theirs
+        import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)
     objective = objective_hint or data.get("objective") or "sdpo"
     if not isinstance(objective, str):
@@ -183,6 +190,19 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     return run_vals, obj_vals
 
 
+def _near(specs, folder: str):
+    """A config file's relative ``.py`` paths: from the current directory, else from the file's own."""
+    if not isinstance(specs, (list, tuple)):
+        return specs if not isinstance(specs, str) else _near([specs], folder)[0]
+    out = []
+    for s in specs:
+        if isinstance(s, str) and s.endswith(".py") and not os.path.isabs(s) and not os.path.exists(s) \
+                and os.path.isfile(os.path.join(folder, s)):
+            s = os.path.join(folder, s)
+        out.append(s)
+    return out
+
+
 def _coerce_config_value(where: str, key, owner: str, name: str, annotation, value):
     try:
         return coerce_field_value(owner, name, annotation, value)
@@ -194,11 +214,15 @@ def _coerce_config_value(where: str, key, owner: str, name: str, annotation, val
 # ----------------------------------------------------------------------------------- denser train
 
 
-def build_train_parser(objective: str) -> argparse.ArgumentParser:
-    """``denser train``'s parser for ``objective``: ``--config``, the run flags, the objective's flags."""
-    p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.",
+def build_train_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:
+    """``denser train``'s parser for ``objective``: ``--config``, ``--import``, the run flags, the
+    objective's flags (``known``: the registered objectives, listed in the description)."""
+    listing = f" Objectives: {', '.join(known)}." if known else ""
+    p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.{listing}",
                             epilog=RUN_EPILOG)
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
     add_dataclass_flags(p.add_argument_group("run"), TrainConfig)
     cls = objective_class(objective)
     doc = (cls.__doc__ or "").strip().splitlines()
@@ -207,12 +231,21 @@ def build_train_parser(objective: str) -> argparse.ArgumentParser:
     return p
 
 
-def parse_train_args(argv: list[str]):
-    """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
+def pre_parse(argv: list[str]) -> argparse.Namespace:
+    """``--objective``, ``--config`` and ``--import`` of a command line, read before its parser can
+    be built (the objective decides the flags); the ``--import`` modules are imported here."""
     pre = TrainArgumentParser(prog="denser train", add_help=False)
     pre.add_argument("--objective", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
+    import_plugins(known.imports)
+    return known
+
+
+def parse_train_args(argv: list[str]):
+    """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
+    known = pre_parse(argv)
     file_run, file_obj = ({}, {})
     if known.config:
         file_run, file_obj = load_config_file(known.config, known.objective)
@@ -221,9 +254,11 @@ def parse_train_args(argv: list[str]):
         objective_class(objective)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    parser = build_train_parser(objective)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    parser = build_train_parser(objective, [r[0] for r in list_objectives()] if wants_help else None)
     ns = vars(parser.parse_args(argv))
     ns.pop("config", None)
+    ns.pop("imports", None)
     run_names = {f.name for f in dataclasses.fields(TrainConfig)}
     obj_names = {f.name for f in objective_fields(objective_class(objective))}
     run_vals = {**file_run, **{k: v for k, v in ns.items() if k in run_names}}
@@ -260,13 +295,14 @@ def add_continual_flags(group) -> None:
                             "model, tasks and eval settings, instead of measuring it again")
 
 
-def build_continual_parser(objective: str) -> argparse.ArgumentParser:
+def build_continual_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:
     """``denser train``'s parser for ``objective`` plus the continual flags (used for --help)."""
-    p = build_train_parser(objective)
+    p = build_train_parser(objective, known)
     p.prog = "denser continual"
     p.description = (f"Train {objective!r} on a sequence of tasks from one model and measure forgetting, drift and "
                      "artifacts after every stage. Every `denser train` flag applies to every stage, except --task "
-                     "and --steps (use --tasks and --steps-per-task).")
+                     "and --steps (use --tasks and --steps-per-task)."
+                     + (f" Objectives: {', '.join(known)}." if known else ""))
     add_continual_flags(p.add_argument_group("continual"))
     return p
 
@@ -275,10 +311,12 @@ def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, A
     """``(TrainConfig, objective, ContinualConfig keyword arguments)`` from a ``denser continual``
     command line (``--help`` prints the help and exits)."""
     if any(a in ("-h", "--help") for a in argv):
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--objective", default="sdpo")
-        known, _ = pre.parse_known_args(argv)
-        build_continual_parser(known.objective).print_help()
+        objective = pre_parse(argv).objective or "sdpo"
+        try:
+            objective_class(objective)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        build_continual_parser(objective, [r[0] for r in list_objectives()]).print_help()
         raise SystemExit(0)
     mine = argparse.ArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
     add_continual_flags(mine)

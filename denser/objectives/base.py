@@ -27,6 +27,7 @@ from denser.objectives.batch import PolicyBatch
 from denser.objectives.common import group_advantages
 from denser.objectives.fields import check_value
 from denser.objectives.teacher import TeacherSpec
+from denser.plugins import OBJECTIVES_GROUP, PluginError, load_entry_points
 
 
 class Signal(str, Enum):
@@ -110,10 +111,11 @@ def register_objective(name: str):
     def decorate(cls):
         if not isinstance(cls, type) or not issubclass(cls, Objective):
             raise TypeError(f"@register_objective({name!r}) must decorate a subclass of denser.objectives.Objective")
-        if name in _REGISTRY:
+        existing = _REGISTRY.get(name)
+        if existing is not None and not _same_class(existing, cls):
             raise ValueError(
-                f"an objective named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
-                "pick another name"
+                f"an objective named {name!r} is already registered ({_qualified(existing)}); "
+                f"{_qualified(cls)} must pick another name"
             )
         if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
             cls = dataclass(cls)
@@ -124,13 +126,25 @@ def register_objective(name: str):
     return decorate
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(a: type, b: type) -> bool:
+    """The same class, or the same definition run again (a module reloaded): registering it twice is harmless."""
+    return a is b or _qualified(a) == _qualified(b)
+
+
 def unregister_objective(name: str) -> None:
     """Remove a registered objective (for tests and interactive sessions)."""
     _REGISTRY.pop(name, None)
 
 
 def objective_class(name: str) -> type[Objective]:
-    """The class registered as ``name`` (importing ``denser.objectives`` registers the built-ins)."""
+    """The class registered as ``name``; an unknown name first loads the installed plugins
+    (entry points of the ``denser.objectives`` group, see :mod:`denser.plugins`)."""
+    if name not in _REGISTRY:
+        _load_plugins()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"unknown objective {name!r}; registered objectives: {known}")
@@ -170,7 +184,9 @@ def coerce_field_value(objective: str, field_name: str, annotation, value):
 
 
 def list_objectives() -> list[tuple[str, str, frozenset[Signal]]]:
-    """``(name, one-line doc, signals with default fields)`` for every registered objective."""
+    """``(name, one-line doc, signals with default fields)`` for every registered objective,
+    installed plugins included."""
+    _load_plugins()
     rows = []
     for name in sorted(_REGISTRY):
         cls = _REGISTRY[name]
@@ -178,3 +194,13 @@ def list_objectives() -> list[tuple[str, str, frozenset[Signal]]]:
         rows.append((name, doc[0] if doc else "", cls().signals()))
     return rows
 
+
+def _load_plugins() -> None:
+    """Register the objectives of installed packages (entry-point group ``denser.objectives``): a
+    module entry registers on import; a class entry is registered under the entry's name."""
+    for entry, obj in load_entry_points(OBJECTIVES_GROUP):
+        if isinstance(obj, type) and issubclass(obj, Objective) and obj not in _REGISTRY.values():
+            try:
+                register_objective(entry)(obj)
+            except ValueError as e:
+                raise PluginError(f"plugin {entry!r} ({OBJECTIVES_GROUP} entry point {obj.__module__}): {e}") from None

@@ -14,6 +14,7 @@ from denser.kernels.options import BACKENDS
 from denser.objectives import DEFAULT_OBJECTIVE
 from denser.objectives.fields import type_problems
 from denser.trainers.rollout import DEFAULT_ENGINE, list_rollout_engines
+from denser.trainers.tracking import TRACKERS, report_to_problems
 
 
 def _f(default, help: str, **kw):
@@ -58,6 +59,10 @@ class TrainConfig:
     max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     progress: bool = _f(True, "show a progress bar")
+    report_to: str = _f("none", "experiment trackers, comma-separated: none | " + " | ".join(TRACKERS) + " (through "
+                        "accelerate; metrics.jsonl is always written; TensorBoard logs go to <run>/tensorboard)")
+    tracker_project: str = _f("denser", "project name for --report-to (W&B and trackio project, MLflow experiment, "
+                              "TensorBoard folder); the tracker run is named after the run directory")
 
     def __post_init__(self) -> None:
         problems = type_problems(self, _flag)
@@ -91,6 +96,7 @@ class TrainConfig:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other; pick one")
+        problems += report_to_problems(self.report_to)
         if problems:
             raise ValueError("; ".join(problems))
 

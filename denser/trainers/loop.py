@@ -35,6 +35,7 @@ from transformers import get_scheduler
 
 from denser.kernels import Metric, fused_loss, merge_metrics
 from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
+from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
@@ -53,6 +54,7 @@ from denser.trainers.signals import (
     check_teacher_vocabulary,
 )
 from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+from denser.trainers.tracking import Tracker
 
 
 class TrainingStopped(RuntimeError):
@@ -127,13 +129,17 @@ class Trainer:
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
       (before, during and after training);
     - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
-      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``).
+      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
+    - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
+      trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
+      tracker for a whole sequence).
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float] | None = None, teacher_from_policy: bool = False):
+                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None,
+                 teacher_from_policy: bool = False):
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
         self.objective = objective if objective is not None else get_objective(cfg.objective)
@@ -184,6 +190,8 @@ class Trainer:
             self._load_state(resume_from)
         else:
             self._start_from(optimizer_state, teacher_state)
+        self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
+        self._owns_tracker = tracker is None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -193,7 +201,9 @@ class Trainer:
             self.log(message)
 
     def _run_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name,
+        imports = plugin_imports(self.objective, self.task)  # what --config needs to find them again
+        return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
+                "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
                 "objective_args": dataclasses.asdict(self.objective)}
 
@@ -281,6 +291,9 @@ class Trainer:
             rollout = self._rollout(rows)
         with timer("signals"):
             scores = self.signals.score(rollout, rows)
+            self.tracker.log_samples(step + 1, self.task, [rows[s // rollout.num_generations]
+                                                           for s in range(rollout.num_samples)],
+                                     rollout.texts, scores.scores)
             batches = self.signals.micro_batches(rollout, rows, scores, step)
         update = self._update(rollout, batches, timer)
         return self._metrics_row(step, rollout, scores, update, timer)
@@ -422,7 +435,7 @@ class Trainer:
             acc = self.evaluate()
             summary["eval_accuracy_before"] = acc
             self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
-            self.run.append_metrics({"step": 0, "eval_accuracy": acc})
+            self._log_row({"step": 0, "eval_accuracy": acc})
         bar = None
         if cfg.progress and self.is_main:
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
@@ -435,7 +448,7 @@ class Trainer:
                 self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     row["eval_accuracy"] = self.evaluate()
-                self.run.append_metrics(row)
+                self._log_row(row)
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -449,13 +462,21 @@ class Trainer:
             if bar is not None:
                 bar.close()
         acc = self.evaluate()
-        self.run.append_metrics({"step": cfg.steps, "eval_accuracy": acc})
+        self._log_row({"step": cfg.steps, "eval_accuracy": acc})
         path = self.save(cfg.steps, finished=True)
         summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
         self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+        if self._owns_tracker:
+            self.tracker.finish()
         return summary
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl, also sent to the trackers (main process)."""
+        self.run.append_metrics(row)
+        if self.is_main:
+            self.tracker.log(row)
 
     def _count_skips(self, row: dict[str, Any], done: int) -> None:
         self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
