@@ -32,7 +32,8 @@ from denser.trainers.config import TrainConfig
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
 IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
                "repeatable; a config file's 'import:' key does the same")
-CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from")
+CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
+                   "teacher_reset")
 
 
 class CLIError(ValueError):
@@ -292,6 +293,10 @@ def add_continual_flags(group) -> None:
                        help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
     group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
                        help="a fresh AdamW state in every stage (the default)")
+    group.add_argument("--teacher-reset", action=argparse.BooleanOptionalAction, default=False,
+                       help="the teacher restarts from each stage's starting policy (as SDPO-CL runs restarted per "
+                            "stage); default: the EMA teacher keeps averaging across stages and a frozen or "
+                            "trust-region teacher stays the initial model")
     group.add_argument("--spectral-rank", type=int, default=16,
                        help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
     group.add_argument("--initial-eval-from", default="", metavar="RUN",

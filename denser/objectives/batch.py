@@ -27,13 +27,15 @@ class PolicyBatch:
 
     ``global_tokens`` and ``global_seqs`` are the loss normalisers: the number of loss tokens and
     sequences in the *whole* optimiser step (all gradient-accumulation micro-batches on all
-    processes), so that summing micro-batch losses gives the loss of the full batch.
+    processes), so that summing micro-batch losses gives the loss of the full batch. Every
+    sequence counts in ``global_seqs``, also one whose tokens are all masked.
     ``norm_length`` is the constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO): usually
     the generation budget ``max_new_tokens``.
     ``global_teacher_tokens`` and ``global_teacher_seqs`` are the same counts restricted to the
-    samples that have a teacher context (``teacher_mask``): the normalisers of a distillation
-    loss, which averages over distilled tokens only. ``None`` falls back to ``global_tokens`` /
-    ``global_seqs`` (the distillation loss is then scaled by the fraction of samples with a teacher).
+    samples that have a teacher context (``teacher_mask``): e.g. the normaliser of ``sdpo``'s
+    ``token-mean``, which averages over distilled tokens only. ``None`` falls back to
+    ``global_tokens`` / ``global_seqs`` (the distillation loss is then scaled by the fraction of
+    samples with a teacher).
     ``normaliser_counts(batch)`` in ``denser.objectives.common`` gives a micro-batch's share of all
     four counts; the loop sums them over micro-batches and processes.
     ``micro_batch`` numbers the micro-batches of one optimiser update across processes

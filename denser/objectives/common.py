@@ -96,7 +96,8 @@ def aggregate(
 
     ``m`` is ``mask`` (default ``batch.token_mask``); ``L_s`` the loss tokens of sequence ``s``
     (``batch.seq_lens``, from the full micro-batch); ``T`` and ``S`` the step's loss tokens and
-    sequences (``batch.global_tokens``/``global_seqs`` unless given).
+    sequences (``batch.global_tokens``/``global_seqs`` unless given; ``S`` counts every sequence
+    of the step, also those whose tokens are all masked).
 
     - ``token-mean``:              sum_i m_i v_i / T
     - ``seq-mean-token-mean``:     sum_i m_i v_i / L_{s(i)} / S      (GRPO paper, GSPO)
@@ -133,16 +134,17 @@ def normaliser_counts(batch: PolicyBatch) -> dict[str, float]:
 
     The loop sums the four counts over the gradient-accumulation micro-batches (and all-reduces
     them over processes) and sets ``global_tokens``, ``global_seqs``, ``global_teacher_tokens`` and
-    ``global_teacher_seqs`` on every micro-batch before any loss is computed. A sequence counts
-    when it has at least one loss token.
+    ``global_teacher_seqs`` on every micro-batch before any loss is computed. Tokens count where
+    ``token_mask`` is set; every sequence counts, including one whose tokens are all masked (e.g.
+    by ``mask_truncated_completions``) or that has no teacher: a per-sequence mean is over all the
+    step's sequences, as TRL computes it (and SDPO's code, whose micro-batches hold one sequence).
     """
     lens = batch.seq_lens
-    has_tokens = lens > 0
-    counts = {"global_tokens": float(lens.sum()), "global_seqs": float(has_tokens.sum())}
+    counts = {"global_tokens": float(lens.sum()), "global_seqs": float(batch.num_seqs)}
     if batch.teacher_mask is not None:
         teacher = batch.teacher_mask.to(torch.bool)
         counts["global_teacher_tokens"] = float(lens[teacher].sum())
-        counts["global_teacher_seqs"] = float((has_tokens & teacher).sum())
+        counts["global_teacher_seqs"] = float(teacher.sum())
     return counts
 
 

@@ -145,8 +145,9 @@ class GRPO(Objective):
     loss_agg_mode: AggMode = field(
         default="token-mean",
         metadata={
-            "help": "loss aggregation with step-global normalisers: token-mean (DAPO, verl and SDPO default), "
-            "seq-mean-token-mean (GRPO paper), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)"
+            "help": "loss aggregation with step-global normalisers: token-mean (verl's default, DAPO), "
+            "seq-mean-token-mean (GRPO paper; SDPO's GRPO baseline, micro-batches of one sequence), seq-mean-token-sum, "
+            "seq-mean-token-sum-norm (Dr. GRPO)"
         },
     )
     use_old_logp: bool = field(

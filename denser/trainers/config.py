@@ -65,8 +65,11 @@ class TrainConfig:
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
-    teacher_max_context_tokens: int = _f(768, "teacher contexts longer than this are truncated on the left")
-    max_consecutive_skips: int = _f(5, "stop after this many consecutive steps with a non-finite update (skipped)")
+    teacher_max_context_tokens: int = _f(10240, "teacher contexts (the reprompted prompt) longer than this are cut on "
+                                         "the right, as SDPO's max_reprompt_len with reprompt_truncation=right")
+    mask_truncated_completions: bool = _f(False, "completions that hit --max-new-tokens without a stop token get no "
+                                          "loss (TRL's option); they still count in per-sequence normalisers")
+    max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
     dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero "
                                 "advantage) and generate more prompts until the step has --prompts-per-step groups with "
                                 "varied rewards, or --max-generation-rounds is reached (the rest is then filled with "

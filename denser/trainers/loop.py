@@ -56,7 +56,7 @@ from denser.trainers.signals import (
     check_signals,
     check_teacher_vocabulary,
 )
-from denser.trainers.teacher import TeacherWeights
+from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
 from denser.trainers.tracking import Tracker
 
 
@@ -131,6 +131,8 @@ class Trainer:
       restores that checkpoint instead;
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
       (before, during and after training);
+    - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
+      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
       tracker for a whole sequence).
@@ -139,8 +141,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None):
-        self.anchor, self.evaluator = anchor, evaluator
+                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None,
+                 teacher_from_policy: bool = False):
+        self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
@@ -159,13 +162,17 @@ class Trainer:
         check_signals(self.objective, self.task)
         declared = self.objective.signals()
         self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+        if self.teacher_spec is not None and self.teacher_spec.path:
+            resolve_teacher_path(self.teacher_spec.path)  # a bad --teacher-path fails before any model is loaded
         policy = self._load_models(resume_from)
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
+        schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
         self.loss_module, self.optimizer = self.accelerator.prepare(PolicyLoss(policy), self.optimizer)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
@@ -217,23 +224,29 @@ class Trainer:
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
         need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
-        weights ``self.teacher_spec`` names). A frozen teacher shares the reference's copy of the
-        initial weights."""
-        cfg, declared = self.cfg, self.objective.signals()
+        weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
+        the reference's copy of the initial weights."""
+        cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
         dtype = getattr(torch, cfg.dtype)
         with ckpt.quiet_transformers():
             policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
                                                 dtype=dtype, seed=cfg.seed)
         initial = None
-        if Signal.REF_LOGP in declared or (self.teacher_spec is not None and self.teacher_spec.mode == "frozen"):
+        # the initial weights: the reference; a frozen teacher or trust-region reference unless it starts
+        # elsewhere; and, on resume, the weights this run started from (what --teacher-init-alpha mixes in)
+        initial_teacher = spec is not None and spec.mode in ("frozen", "trust-region") and (
+            resume_from is not None or not (spec.path or self.teacher_from_policy))
+        if Signal.REF_LOGP in declared or initial_teacher:
             with ckpt.quiet_transformers():
                 initial, _ = ((self.anchor, None) if self.anchor is not None
                               else load_model(cfg.model, dtype=dtype, seed=cfg.seed))
             initial = initial.eval().requires_grad_(False)
         self.reference = initial if Signal.REF_LOGP in declared else None
         self.teacher = None
-        if self.teacher_spec is not None:
-            self.teacher = TeacherWeights.from_spec(self.teacher_spec, policy, initial)
+        if spec is not None:
+            start = policy if resume_from is None else initial
+            shared = None if self.teacher_from_policy else initial
+            self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
 
     def _load_state(self, path: Path) -> None:

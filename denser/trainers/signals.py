@@ -46,7 +46,7 @@ from denser.trainers.models import render_prompt
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.rollout import Rollout
 from denser.trainers.sampling import Scores, overlong_penalty
-from denser.trainers.teacher import TeacherWeights
+from denser.trainers.teacher import TeacherInputs, TeacherWeights
 
 # What a task must be able to feed (``Task.provides``): rewards, and the successes and feedback
 # that teacher contexts are built from. TEACHER_LOGP needs what TEACHER needs.
@@ -94,16 +94,6 @@ class MicroBatch:
     packed: PackedBatch
     batch: PolicyBatch
     teacher_contexts: list[list[int]] | None = None  # per sample: the teacher's context token ids
-
-
-@dataclass
-class TeacherInputs:
-    """What the loss core receives of the teacher: its hidden states at the completion tokens and
-    its output layer (the core uses them when the objective's core options ask for a divergence)."""
-
-    hidden: Tensor  # [N, H_teacher]
-    weight: Tensor  # [V, H_teacher]
-    bias: Tensor | None
 
 
 class SignalComputer:
@@ -209,8 +199,11 @@ class SignalComputer:
         for i, idx in enumerate(groups):
             packed = rollout.pack(idx, device=dev)
             it = torch.tensor(idx)
+            token_mask = None
+            if cfg.mask_truncated_completions:  # TRL's option: a reply cut by the length limit gets no loss
+                token_mask = ~rollout.truncated[it].to(dev)[packed.seq_ids]
             batch = PolicyBatch(
-                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0,
+                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0, token_mask=token_mask,
                 rewards=sample.rewards[it].to(dev),
                 advantages=None if sample.advantages is None else sample.advantages[it].to(dev),
                 old_logp=packed.old_logp if Signal.OLD_LOGP in self.declared else None,
@@ -238,7 +231,7 @@ class SignalComputer:
                 mask.append(False)
             else:
                 ids = render_prompt(self.tokenizer, messages)
-                contexts.append(ids[-self.cfg.teacher_max_context_tokens:])
+                contexts.append(ids[:self.cfg.teacher_max_context_tokens])  # cut on the right, as SDPO
                 mask.append(True)
         return contexts, torch.tensor(mask, dtype=torch.bool)
 
@@ -271,13 +264,8 @@ class SignalComputer:
         if self.teacher is None:
             return None
         tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device)
-        model = self.teacher.model
-        was_training = model.training
-        model.eval()
-        hidden = completion_hidden_states(model, tpacked)
-        model.train(was_training)
-        weight, bias = lm_head_params(model)
+        teacher = self.teacher.outputs(tpacked)
         if Signal.TEACHER_LOGP in self.declared:
-            batch.extras[TEACHER_LOGP] = token_stats(hidden, weight, packed.targets, bias=bias,
+            batch.extras[TEACHER_LOGP] = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                                      temperature=cfg.temperature, backend=cfg.backend).logp
-        return TeacherInputs(hidden, weight, bias)
+        return teacher
