@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from denser.cli import main, parse_train_args
-from denser.trainers.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 FAST = ["--model", "tiny", "--steps", "1", "--eval-size", "2", "--max-new-tokens", "6", "--no-progress"]
@@ -24,7 +22,7 @@ def test_sdpo_config_is_sdpos_published_settings():
     assert (obj.alpha, obj.distill_mode, obj.topk, obj.add_tail, obj.is_clip) == (0.5, "topk", 100, True, 2.0)
     assert (obj.teacher, obj.teacher_update_rate, obj.include_feedback) == ("ema", 0.05, False)
     assert obj.loss_agg_mode == "seq-mean-token-mean" and obj.dont_reprompt_on_self_success
-    assert getattr(cfg, "mini_batches", 1) == 1 and getattr(cfg, "epochs", 1) == 1  # one update per rollout batch
+    assert cfg.mini_batches == 1 and cfg.epochs == 1  # one update per rollout batch
 
 
 def test_grpo_baseline_config_is_sdpos_grpo_baseline():
@@ -33,9 +31,8 @@ def test_grpo_baseline_config_is_sdpos_grpo_baseline():
     assert obj.name == "grpo" and cfg.num_generations == 8
     assert (obj.clip_low, obj.clip_high, obj.scale_rewards, obj.loss_agg_mode) == (0.2, 0.28, "none",
                                                                                   "seq-mean-token-mean")
-    if "mini_batches" in {f.name for f in dataclasses.fields(TrainConfig)}:
-        assert cfg.mini_batches == 4, ("TrainConfig has mini_batches now: uncomment 'mini_batches: 4' (and "
-                                       "'shuffle_mini_batches: false') in configs/grpo_sdpo_baseline.yaml")
+    assert (cfg.mini_batches, cfg.epochs, cfg.shuffle_mini_batches) == (4, 1, False)  # 4 updates, groups in order
+    assert cfg.updates_per_step == 4
 
 
 @pytest.mark.slow
@@ -46,3 +43,4 @@ def test_config_runs_one_step_on_the_tiny_model(tmp_path, name):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     step = next(r for r in rows if "loss" in r)
     assert step["skipped"] == 0 and step["lr"] == pytest.approx(1e-6)  # after one of the ten warmup steps
+    assert step["updates"] == (4 if name == "grpo_sdpo_baseline" else 1)  # the schedule steps once per rollout batch
