@@ -414,11 +414,12 @@ def run_child(spec: Spec) -> Result:
 # ------------------------------------------------------------------------------------ runner side
 
 
-def run_case(spec: Spec, timeout: float) -> Result:
+def run_case(spec: Spec, timeout: float, env: dict[str, str] | None = None) -> Result:
     """Run one case in a fresh subprocess; a killed or timed-out child is a recorded result."""
     cmd = [sys.executable, "-m", "denser.bench.step", "--child", json.dumps(asdict(spec))]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return Result(spec.case, spec.n, spec.checkpointing, status="timeout", message=f"over {timeout:.0f} s")
     for line in reversed(proc.stdout.splitlines()):
@@ -583,8 +584,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per case before it is recorded as timeout")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads per case (0: torch's default; 1 is far faster on a machine other jobs load)")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=0,
+                   help="glibc: serve allocations of at least this many bytes with mmap, so freed tensors go back "
+                        "to the system (MALLOC_MMAP_THRESHOLD_ in each case's environment; 0: glibc's dynamic default)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--tag", default=None, help="file name tag (default: cpu-<cores>core)")
+    p.add_argument("--fresh", action="store_true",
+                   help="start over even if today's results file for these settings exists (default: continue it, "
+                        "measuring only the missing cases)")
     p.add_argument("--no-skip-after-oom", action="store_true",
                    help="run larger N of a case that already ran out of memory (default: record OOM, skip)")
     a = p.parse_args(argv)
@@ -598,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--completion-len >= 0, --prompt-len >= 1 and --teacher-extra >= 0")
     except ValueError as e:
         p.error(str(e))
-    tag = a.tag or f"cpu-{os.cpu_count()}core"
+    tag = a.tag or f"cpu-{os.cpu_count()}core" + (f"-mmap{a.malloc_mmap_threshold}" if a.malloc_mmap_threshold else "")
     date = _dt.date.today().isoformat()
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -616,21 +623,42 @@ def main(argv: list[str] | None = None) -> int:
                      "optimizer": "AdamW (state initialised before the step)", "max_grad_norm": 1.0},
         "cases": {c: CASES[c] for c in cases},
     }
+    if a.malloc_mmap_threshold > 0:
+        meta["settings"]["malloc_mmap_threshold"] = a.malloc_mmap_threshold
     rows: list[Result] = []
-    oomed: set[tuple[str, bool]] = set()
+    json_path = stem.with_suffix(".json")
+    if json_path.exists() and not a.fresh:  # continue an interrupted sweep: keep what it measured
+        try:
+            old = json.loads(json_path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        if old.get("settings") == meta["settings"]:
+            rows = [Result(**r) for r in old.get("rows", []) if r.get("status") not in ("error", "timeout")]
+            meta["commands"] = [*old.get("commands", [old.get("command")]), meta["command"]]
+            print(f"continuing {json_path}: {len(rows)} measured cases kept (--fresh to start over)")
+        else:
+            print(f"{json_path} holds a run with other settings: starting over (use --tag to keep both)")
+    meta.setdefault("commands", [meta["command"]])
+    done = {(r.case, r.n, r.checkpointing): r for r in rows}
+    oomed: set[tuple[str, bool]] = {(r.case, r.checkpointing) for r in rows if r.status == "oom"}
     for ck in ckpts:  # checkpointing on first: the comparison the targets are stated for
         for n in ns:
             for case in cases:
                 ckpt = ck == "on"
-                if (case, ckpt) in oomed and not a.no_skip_after_oom:
+                if (case, n, ckpt) in done:
+                    continue
+                if (case, ckpt) in oomed and not a.no_skip_after_oom and any(
+                        r.case == case and r.checkpointing == ckpt and r.status == "oom" and r.n < n for r in rows):
                     r = Result(case, n, ckpt, status="oom", message="skipped: out of memory at a smaller N")
                 else:
                     spec = Spec(case, n, ckpt, model=a.model, completion_len=a.completion_len, prompt_len=a.prompt_len,
                                 teacher_extra=a.teacher_extra, mem_limit_gb=a.mem_limit_gb, threads=a.threads)
-                    r = run_case(spec, a.timeout)
+                    r = run_case(spec, a.timeout, {"MALLOC_MMAP_THRESHOLD_": str(a.malloc_mmap_threshold)}
+                                 if a.malloc_mmap_threshold > 0 else None)
                 if r.status == "oom":
                     oomed.add((case, ckpt))
                 rows.append(r)
+                rows.sort(key=lambda x: (x.n, not x.checkpointing))
                 shown = _cell(r) if r.status in ("ok", "oom") else f"{r.status}: {r.message.strip()[-200:]}"
                 print(f"N={n:>6} ckpt={ck:<3} {case:<16} {shown}", flush=True)
                 meta["slopes_mb_per_1k"] = {f"{c}|ckpt={'on' if k else 'off'}": mb_per_1k(rows, c, k)[0]
