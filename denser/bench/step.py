@@ -55,7 +55,8 @@ CASES: dict[str, str] = {
     "denser-sdpo": "denser fused core, sdpo full-vocab JSD alpha=0.5, EMA teacher",
     "denser-ref-grpo": "denser backend=reference (materialised logits), grpo",
     "denser-ref-sdpo": "denser backend=reference, sdpo full-vocab JSD alpha=0.5, EMA teacher",
-    "trl-grpo": "TRL GRPOTrainer loss path (fused LM head log-prob+entropy, _compute_loss)",
+    "trl-grpo": "TRL GRPOTrainer loss path (fused LM head log-prob+entropy, _compute_loss); on CPU its head "
+                "scores every position, prompts included, in [4096, 32768] torch-op tiles (Triton on CUDA)",
     "trl-sdpo": "TRL SDPOTrainer loss path (full_logits JSD alpha=0.5, EMA teacher)",
     "trl-grpo-liger": "trl-grpo with use_liger_kernel (Liger layer kernels)",
     "trl-sdpo-liger": "trl-sdpo with Liger layer kernels applied to the policy",
@@ -484,7 +485,13 @@ def _cell(r: Result | None) -> str:
 def write_markdown(path: Path, meta: dict, rows: list[Result]) -> None:
     ns = sorted({r.n for r in rows})
     lines = [f"# Step benchmark ({meta['machine']['summary']}, {meta['date']})", "",
-             f"Command: `{meta['command']}`", "",
+             "Commands (each continues the same results file):",
+             *[f"    PYTHONPATH=. {c}" for c in meta.get("commands", [meta["command"]])], "",
+             f"Machine: {meta['machine']['cpu']}, {meta['machine']['cpus']} CPUs; torch threads per case: "
+             f"{meta['settings'].get('threads')}; load average when the last command started: "
+             f"{meta['machine'].get('load_average_at_start')} (seconds are only comparable within one run on a quiet "
+             "machine); versions: "
+             + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
              "One full training step (policy forward, teacher forward where the objective distils, loss, backward, "
              "clip, AdamW, EMA update) on synthetic completions of N tokens "
              f"({meta['settings']['completion_len']} tokens per completion, prompt {meta['settings']['prompt_len']}, "
@@ -615,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": date,
         "command": cmd.strip(),
         "machine": {"summary": f"{os.cpu_count()}-core {platform.machine()} CPU", "cpu": _cpu_name(),
-                    "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+                    "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                    "load_average_at_start": [round(x, 1) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None},
         "versions": _versions(),
         "settings": {"model": a.model, "dtype": "float32", "completion_len": a.completion_len,
                      "prompt_len": a.prompt_len, "teacher_extra": a.teacher_extra, "mem_limit_gb": a.mem_limit_gb,
