@@ -545,9 +545,13 @@ def write_plot(path: Path, meta: dict, rows: list[Result]) -> bool:
     ax.axhline(limit, color="grey", lw=0.8, ls=":")
     ax.text(min(r.n for r in rows), limit * 1.01, f"{limit} GiB limit (x = OOM)", fontsize=8, color="grey")
     ax.set_xscale("log", base=2)
+    ns = sorted({r.n for r in rows})
+    ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("completion tokens per step (N)")
     ax.set_ylabel("peak RSS of the step (GB)")
-    ax.set_title(f"One training step, {meta['settings']['model']} fp32, {meta['machine']['summary']}")
+    model = meta["settings"]["model"]
+    model = "SmolLM2-135M-Instruct" if model in ("default", "smollm2") else model
+    ax.set_title(f"One training step, {model} fp32, {meta['machine']['summary']}")
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     fig.tight_layout()
