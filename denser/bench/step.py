@@ -478,7 +478,7 @@ def _cell(r: Result | None) -> str:
     if r is None:
         return "-"
     if r.status == "ok":
-        return f"{r.peak_rss_mb / 1024:.2f} GB / {r.seconds:.0f} s"
+        return f"{r.peak_rss_mb / 1024:.2f} GiB / {r.seconds:.0f} s"
     return r.status.upper() if r.status == "oom" else r.status
 
 
@@ -498,8 +498,8 @@ def write_markdown(path: Path, meta: dict, rows: list[Result]) -> None:
              f"teacher context +{meta['settings']['teacher_extra']}), model {meta['settings']['model']}, fp32. "
              "Cells: peak RSS of the step's process (models, gradients and AdamW state included) / seconds. "
              f"OOM = over the {meta['settings']['mem_limit_gb']} GiB address-space limit. "
-             "MB/1k tok = growth of the peak per 1k tokens from N=2048 to the largest N measured.", "",
-             "| case | ckpt | " + " | ".join(f"N={n}" for n in ns) + " | MB/1k tok | baseline GB |",
+             "MiB/1k tok = growth of the peak per 1k tokens from N=2048 to the largest N measured.", "",
+             "| case | ckpt | " + " | ".join(f"N={n}" for n in ns) + " | MiB/1k tok | baseline GiB |",
              "|---|---|" + "---:|" * len(ns) + "---:|---:|"]
     for case, ckpt in _row_keys(rows):
         by_n = {r.n: r for r in rows if r.case == case and r.checkpointing == ckpt}
@@ -548,7 +548,7 @@ def write_plot(path: Path, meta: dict, rows: list[Result]) -> bool:
     ns = sorted({r.n for r in rows})
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set_xlabel("completion tokens per step (N)")
-    ax.set_ylabel("peak RSS of the step (GB)")
+    ax.set_ylabel("peak RSS of the step (GiB)")
     model = meta["settings"]["model"]
     model = "SmolLM2-135M-Instruct" if model in ("default", "smollm2") else model
     ax.set_title(f"One training step, {model} fp32, {meta['machine']['summary']}")
