@@ -156,7 +156,9 @@ def _synthetic(spec: Spec, vocab: int):
     per = spec.completion_len if spec.completion_len > 0 else spec.n
     lengths = [per] * (spec.n // per) + ([spec.n % per] if spec.n % per else [])
     b = len(lengths)
-    rand = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()  # noqa: E731  (3+: not special ids)
+    def rand(k):  # ids from 3 up: not the special tokens
+        return torch.randint(3, vocab, (k,), generator=g).tolist()
+
     prompts = [rand(spec.prompt_len) for _ in range(b)]
     teacher_ctx = [p + rand(spec.teacher_extra) for p in prompts]  # prompt + a "demonstration"
     completions = [rand(n) for n in lengths]
@@ -219,7 +221,11 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     from denser.kernels import fused_loss
     from denser.objectives import PolicyBatch, get_objective
     from denser.objectives.common import normaliser_counts
-    from denser.trainers.rollout import build_packed_batch, completion_hidden_states, lm_head_params
+    from denser.trainers.rollout import (
+        build_packed_batch,
+        completion_hidden_states,
+        lm_head_params,
+    )
 
     prompts, teacher_ctx, completions, advantages = data
     sdpo = spec.case.endswith("sdpo")
@@ -269,7 +275,6 @@ def _trl_standin(cls, args, policy, **attrs):
 
 
 def _trl_grpo_step(spec: Spec, policy, data, pad: int, tmp: str):
-    import torch
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
@@ -419,7 +424,7 @@ def run_case(spec: Spec, timeout: float, env: dict[str, str] | None = None) -> R
     """Run one case in a fresh subprocess; a killed or timed-out child is a recorded result."""
     cmd = [sys.executable, "-m", "denser.bench.step", "--child", json.dumps(asdict(spec))]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False,
                               env={**os.environ, **(env or {})})
     except subprocess.TimeoutExpired:
         return Result(spec.case, spec.n, spec.checkpointing, status="timeout", message=f"over {timeout:.0f} s")
@@ -492,13 +497,13 @@ def write_markdown(path: Path, meta: dict, rows: list[Result]) -> None:
              f"{meta['machine'].get('load_average_at_start')} (seconds are only comparable within one run on a quiet "
              "machine); versions: "
              + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-             "One full training step (policy forward, teacher forward where the objective distils, loss, backward, "
-             "clip, AdamW, EMA update) on synthetic completions of N tokens "
-             f"({meta['settings']['completion_len']} tokens per completion, prompt {meta['settings']['prompt_len']}, "
+             ("One full training step (policy forward, teacher forward where the objective distils, loss, backward, "
+              "clip, AdamW, EMA update) on synthetic completions of N tokens "
+              f"({meta['settings']['completion_len']} tokens per completion, prompt {meta['settings']['prompt_len']}, "
              f"teacher context +{meta['settings']['teacher_extra']}), model {meta['settings']['model']}, fp32. "
              "Cells: peak RSS of the step's process (models, gradients and AdamW state included) / seconds. "
              f"OOM = over the {meta['settings']['mem_limit_gb']} GiB address-space limit. "
-             "MiB/1k tok = growth of the peak per 1k tokens from N=2048 to the largest N measured.", "",
+             "MiB/1k tok = growth of the peak per 1k tokens from N=2048 to the largest N measured."), "",
              "| case | ckpt | " + " | ".join(f"N={n}" for n in ns) + " | MiB/1k tok | baseline GiB |",
              "|---|---|" + "---:|" * len(ns) + "---:|---:|"]
     for case, ckpt in _row_keys(rows):

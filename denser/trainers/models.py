@@ -414,7 +414,7 @@ def _convert_gguf(gguf: Path, out_dir: Path) -> None:
     code = ("import sys; from pathlib import Path; from denser.trainers.models import _convert_gguf_here; "
             "_convert_gguf_here(Path(sys.argv[1]), Path(sys.argv[2]))")
     proc = subprocess.run([sys.executable, "-c", code, str(gguf), str(out_dir)], env=env, capture_output=True,
-                          text=True)
+                          text=True, check=False)
     if proc.returncode != 0:
         lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
         raise RuntimeError(f"converting the embedded model {gguf} to safetensors failed (exit code {proc.returncode}): "
