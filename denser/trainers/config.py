@@ -64,7 +64,12 @@ class TrainConfig:
                      + " | ".join(list_rollout_engines()))
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype (bfloat16 trains pure bf16; for fp32 master "
+                                                "weights with bf16 compute use --mixed-precision bf16)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "accelerate's mixed precision: autocast compute, fp32 "
+                                                        "master weights and optimiser state")
+    gradient_checkpointing: bool = _f(False, "recompute the policy's activations in backward (transformers' "
+                                      "gradient checkpointing): activation memory of one layer instead of all")
     teacher_max_context_tokens: int = _f(10240, "teacher contexts (the reprompted prompt) longer than this are cut on "
                                          "the right, as SDPO's max_reprompt_len with reprompt_truncation=right")
     mask_truncated_completions: bool = _f(False, "completions that hit --max-new-tokens without a stop token get no "

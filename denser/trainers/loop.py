@@ -148,7 +148,7 @@ class Trainer:
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.task = task if task is not None else _task_of(cfg)
@@ -168,6 +168,8 @@ class Trainer:
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
+        if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
