@@ -47,6 +47,14 @@ class ScriptedEngine:
         pass
 
 
+class ParityAddition(Addition):
+    """Reward 1 for an even-length reply: the random tiny model succeeds on some samples, so some get a teacher."""
+
+    def check(self, completion, row):
+        ok = len(completion) % 2 == 0
+        return Score(float(ok), None, None)
+
+
 def _cfg(tmp_path, **kw):
     base = dict(model="tiny", steps=1, max_new_tokens=4, num_generations=2, prompts_per_step=1, eval_size=5,
                 progress=False, output_dir=str(tmp_path / "run"), objective="grpo")
@@ -142,3 +150,55 @@ def test_trainer_resolves_max_new_tokens_from_the_task(tmp_path):
 def test_bad_eval_settings_name_the_flag(kw, flag):
     with pytest.raises(ValueError, match=flag):
         TrainConfig(**kw)
+
+
+def _entropy(logits):
+    logp = torch.log_softmax(logits.double(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
+    from denser.objectives import get_objective
+    from denser.trainers.packing import completion_hidden_states, lm_head_params
+
+    cfg = _cfg(tmp_path, objective="sdpo", num_generations=4, prompts_per_step=2, micro_batch_size=8,
+               log_teacher_entropy=True, temperature=0.7)
+    trainer = Trainer(cfg, get_objective("sdpo", teacher="live"), task=ParityAddition(), log=lambda *a: None)
+    rows = trainer.prompts.rows_for_step(0)
+    rollout = trainer._rollout(rows)
+    scores = trainer.signals.score(rollout, rows)
+    mb = trainer.signals.micro_batches(rollout, rows, scores, 0)[0]
+    teacher = trainer.signals.model_signals(rollout, mb)
+    assert teacher.entropy is not None
+    mb.batch.teacher_mask = mb.batch.teacher_mask.clone()
+    mb.batch.teacher_mask[::3] = False  # samples without a teacher count nowhere
+    w, _ = lm_head_params(trainer.policy)  # the tiny model's head has no bias
+    with torch.no_grad():
+        tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts)
+        h_t = completion_hidden_states(trainer.policy, tpacked)
+        h_s = completion_hidden_states(trainer.policy, mb.packed)
+        ref_t = _entropy((h_t @ w.T) / 0.7)
+        ref_s = _entropy((h_s @ w.T) / 0.7)
+    mask = mb.batch.teacher_mask[mb.batch.seq_ids]
+    _, metrics = trainer.loss_module(mb.packed, trainer.objective, mb.batch, teacher, cfg.temperature, cfg.backend, None)
+    for name, ref in (("teacher_entropy", ref_t), ("student_entropy", ref_s)):
+        m = metrics[name]
+        assert float(m.count) == float(mask.sum())
+        assert float(m.sum / m.count) == pytest.approx(float(ref[mask].mean()), rel=1e-4), name
+
+
+def test_probe_script_runs_on_the_tiny_model(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "experiments" / "probe_teacher_logp.py"
+    spec = importlib.util.spec_from_file_location("probe_teacher_logp", path)
+    probe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(probe)
+    assert probe.main(["--model", "tiny", "--prompts", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "'Answer' in a correct reply" in out and "stop after a reply without 'Answer:'" in out and "±" in out
+    result = probe.probe("tiny", 2)
+    for case in ("Answer", "stop"):
+        (s, _), (t, _), (d, _) = (result[case][k] for k in ("student", "teacher", "teacher_minus_student"))
+        assert s < 0 and t < 0 and d == pytest.approx(t - s)

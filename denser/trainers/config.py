@@ -61,6 +61,10 @@ class TrainConfig:
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
     dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
+    log_teacher_entropy: bool = _f(False, "log teacher_entropy and student_entropy: the mean entropy (nats, at "
+                                   "--temperature) of the teacher's and the student's next-token distributions on the "
+                                   "tokens of samples with a teacher context (two extra no-grad lm_head passes per "
+                                   "micro-batch; no effect without a teacher)")
     teacher_max_context_tokens: int = _f(768, "teacher contexts longer than this are truncated on the left")
     max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
     cpu: bool = _f(False, "force CPU even when a GPU is present")

@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.kernels import Metric, fused_loss, merge_metrics
+from denser.kernels import Metric, fused_loss, merge_metrics, token_stats
 from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
@@ -79,7 +79,25 @@ class PolicyLoss(nn.Module):
                          teacher_weight=teacher.weight if teacher else None,
                          teacher_bias=teacher.bias if teacher else None,
                          temperature=temperature, backend=backend, chunk_size=chunk_size)
+        if teacher is not None and teacher.entropy is not None:
+            return out.loss, {**out.metrics, **_entropy_metrics(hidden, weight, bias, packed, batch, teacher.entropy,
+                                                                temperature, backend, chunk_size)}
         return out.loss, out.metrics
+
+
+@torch.no_grad()
+def _entropy_metrics(hidden, weight, bias, packed: PackedBatch, batch: PolicyBatch, teacher_entropy: torch.Tensor,
+                     temperature: float, backend: str, chunk_size: int | None) -> dict[str, Metric]:
+    """``teacher_entropy`` and ``student_entropy`` (--log-teacher-entropy): mean entropies over the tokens
+    of samples with a teacher context, the student's from the update's own hidden states (a chunked
+    no-grad pass of the output layer)."""
+    student = token_stats(hidden.detach(), weight.detach(), packed.targets,
+                          bias=None if bias is None else bias.detach(), temperature=temperature, need_entropy=True,
+                          backend=backend, chunk_size=chunk_size).entropy
+    mask = batch.token_mask
+    if batch.teacher_mask is not None:
+        mask = mask & batch.teacher_mask.to(mask.device, torch.bool)[batch.seq_ids]
+    return {"teacher_entropy": Metric.of(teacher_entropy, mask), "student_entropy": Metric.of(student, mask)}
 
 
 class PhaseTimer:

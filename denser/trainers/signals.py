@@ -93,6 +93,7 @@ class TeacherInputs:
     hidden: Tensor  # [N, H_teacher]
     weight: Tensor  # [V, H_teacher]
     bias: Tensor | None
+    entropy: Tensor | None = None  # [N] the teacher's entropy per token (--log-teacher-entropy), detached
 
 
 class SignalComputer:
@@ -207,4 +208,8 @@ class SignalComputer:
         if Signal.TEACHER_LOGP in self.declared:
             batch.extras[TEACHER_LOGP] = token_stats(hidden, weight, packed.targets, bias=bias,
                                                      temperature=cfg.temperature, backend=cfg.backend).logp
-        return TeacherInputs(hidden, weight, bias)
+        entropy = None
+        if cfg.log_teacher_entropy:  # a chunked no-grad pass: no [N, V] logits
+            entropy = token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature,
+                                  need_entropy=True, backend=cfg.backend).entropy
+        return TeacherInputs(hidden, weight, bias, entropy)
