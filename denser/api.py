@@ -36,8 +36,10 @@ def train(config: TrainConfig | None = None, objective: str | Objective | None =
     """Train and return the run directory.
 
     Args:
-        config: the run settings (default ``TrainConfig()``); ``overrides`` replace its fields
-            (``denser.train(model="tiny", steps=2)``).
+        config: the run settings, taken as they are; ``overrides`` replace its fields
+            (``denser.train(model="tiny", steps=2)``). Default: ``TrainConfig.for_objective(objective)``,
+            the defaults with the objective's ``run_defaults()`` (``dapo``: dynamic sampling and overlong
+            shaping), which ``overrides`` replace too.
         objective: a registered name (``"grpo"``), an instance (``get_objective("sdpo", alpha=1.0)``
             or your registered class's), or None for ``config.objective``.
         task: a registered name or ``file:PATH``, a :class:`~denser.tasks.Task` instance, or None for
@@ -55,6 +57,9 @@ def train(config: TrainConfig | None = None, objective: str | Objective | None =
     elif objective is not None and not isinstance(objective, Objective):
         raise ValueError(f"denser.train: objective must be a registered name or an Objective instance, got "
                          f"{type(objective).__name__}")
+    if config is None:  # the objective's run defaults where the overrides set none (as the command line)
+        named = objective if objective is not None else get_objective(overrides.get("objective") or cfg.objective)
+        cfg = TrainConfig.for_objective(named)
     if objective is not None:
         if not objective.name:
             raise ValueError(f"denser.train: {type(objective).__qualname__} is not registered; decorate it with "

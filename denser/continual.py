@@ -13,9 +13,13 @@ checkpoints) is the same as for ``denser train``. Between stages the runner carr
 - the AdamW state (``--carry-optimizer``) or a fresh optimizer (``--reset-optimizer``, the
   default, as when each stage is a separate fine-tuning job). The learning-rate schedule (and any
   schedule of the objective, e.g. hybrid's density schedule) restarts in every stage;
-- the SDPO EMA teacher (always, when the objective has one): it keeps averaging across stages;
-- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher and the GRPO reference
-  model (``kl_coef > 0``) are the initial model of stage 0 in every stage, not the stage's start.
+- the SDPO EMA teacher (when the objective has one): it keeps averaging across stages; with
+  ``--teacher-reset`` the teacher restarts from the stage's starting policy every stage instead
+  (``ema``, ``frozen`` and the ``trust-region`` reference alike), as SDPO-CL's runs restarted per
+  stage do;
+- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher, the ``trust-region``
+  reference (unless ``--teacher-reset``) and the GRPO reference model (``kl_coef > 0``, always) are
+  the initial model of stage 0 in every stage, not the stage's start.
 
 Before training and after every stage the runner measures, on fixed prompts (the first
 ``--eval-size`` rows of each task's eval split) of every training task and every ``--eval-tasks``
@@ -92,6 +96,7 @@ class ContinualConfig:
     carry_optimizer: bool = False
     spectral_rank: int = 16  # 0 = no spectral drift
     initial_eval_from: str = ""  # a continual run whose stage-0 measurement (same model and eval) is reused
+    teacher_reset: bool = False  # the teacher restarts from each stage's starting policy (else: EMA carried, frozen = stage 0)
     sampled_eval_stages: str = "first-last"  # stages measured with --eval-samples too: first-last | all | none
 
     def __post_init__(self) -> None:
@@ -347,12 +352,14 @@ class ContinualRunner:
 
     def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state):
         """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
-        initial model of the whole sequence, with the carried optimizer and EMA teacher state."""
+        initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
+        ``--teacher-reset``: a teacher that starts from ``model_path``)."""
         stage_cfg = dataclasses.replace(self.cfg, model=model_path, task=task_name, steps=self.ccfg.steps_per_task,
                                         output_dir=str(self._stage_dir(k, task_name)), resume=False, overwrite=True)
         trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
                           anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
-                          teacher_state=teacher_state, evaluator=self._evaluator(task_name),
+                          teacher_state=None if self.ccfg.teacher_reset else teacher_state,
+                          teacher_from_policy=self.ccfg.teacher_reset, evaluator=self._evaluator(task_name),
                           tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
                                                       step_offset=(k - 1) * self.ccfg.steps_per_task))
         if trainer.world > 1:

@@ -123,6 +123,29 @@ def test_ema_teacher_keeps_averaging_across_stages(runs):
     assert torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
 
 
+def test_teacher_reset_restarts_the_ema_teacher_from_each_stages_start(tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "reset"
+    assert main(["continual", "--objective", "sdpo", "--teacher", "ema", "--teacher-reset", "--tasks",
+                 "addition,compare", "--output-dir", str(run), *TINY]) == 0
+    record = _record(run)
+    assert record["continual"]["teacher_reset"] is True
+
+    def final(stage):
+        return next((run / "stages" / stage / "checkpoints").glob("step-*"))
+
+    p1 = load_file(str(final("01-addition") / "model" / "model.safetensors"))
+    t1 = load_file(str(final("01-addition") / "state" / "teacher.safetensors"))
+    t2 = load_file(str(final("02-compare") / "state" / "teacher.safetensors"))
+    p2 = load_file(str(final("02-compare") / "model" / "model.safetensors"))
+    rate = record["objective_args"]["teacher_update_rate"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    # one EMA update in stage 2, from stage 2's starting policy (stage 1's final weights), not stage 1's teacher
+    assert torch.allclose(t2[name], (1 - rate) * p1[name] + rate * p2[name], atol=1e-7)
+    assert not torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
+
+
 def test_report_rerenders_from_the_record(runs, tmp_path):
     sdpo, _ = runs
     copy = tmp_path / "copy"

@@ -167,7 +167,8 @@ def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
     rows = trainer.prompts.rows_for_step(0)
     rollout = trainer._rollout(rows)
     scores = trainer.signals.score(rollout, rows)
-    mb = trainer.signals.micro_batches(rollout, rows, scores, 0)[0]
+    sample = trainer.signals.per_sample(rollout, rows, scores)
+    mb = trainer.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)[0]
     teacher = trainer.signals.model_signals(rollout, mb)
     assert teacher.entropy is not None
     mb.batch.teacher_mask = mb.batch.teacher_mask.clone()

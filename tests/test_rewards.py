@@ -130,7 +130,7 @@ def test_feedback_from_any_reward_reaches_the_sdpo_teacher(tmp_path, custom):
     settings = TeacherSpec(success_threshold=1.0)
     messages = teacher_messages(task.prompt(row), texts, [s.score for s in scores], [s.feedback for s in scores], 0,
                                 settings)
-    assert "Feedback on it:\nmissing 2 characters" in messages[-1]["content"]
+    assert "unsuccessful earlier attempt:\n\nmissing 2 characters" in messages[-1]["content"]
 
 
 def test_reward_options_and_answer_checks(tmp_path):

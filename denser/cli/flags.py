@@ -5,7 +5,8 @@
   ``Literal``, ``X | None``);
 - :func:`load_config_file`: a ``--config FILE.yaml`` checked key by key against the same dataclasses;
 - :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
-  overriding the config file; :func:`parse_continual_args` adds ``denser continual``'s flags.
+  overriding the config file, both overriding the objective's ``run_defaults()`` (the ``dapo``
+  preset's loop options); :func:`parse_continual_args` adds ``denser continual``'s flags.
 - ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
   (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
@@ -32,7 +33,7 @@ RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.
 IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
                "repeatable; a config file's 'import:' key does the same")
 CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
-                   "sampled_eval_stages")
+                   "teacher_reset", "sampled_eval_stages")
 
 
 class CLIError(ValueError):
@@ -90,9 +91,9 @@ def _value_parser(annotation):
     return parse
 
 
-def _add_field(group, f: dataclasses.Field, annotation, flag: str, default) -> None:
+def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, default_note: str = "") -> None:
     base, optional = _strip_optional(annotation)
-    help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r})"
+    help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r}{default_note})"
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
     if base is bool and not optional:
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kwargs)
@@ -108,17 +109,23 @@ def _add_field(group, f: dataclasses.Field, annotation, flag: str, default) -> N
     group.add_argument(f"--{flag}", **kwargs)
 
 
-def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None) -> None:
+def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None,
+                        defaults_from: tuple[str, dict[str, Any]] | None = None) -> None:
     """One ``--flag`` per init field of dataclass ``cls`` (``--field-name`` unless ``flags`` renames
     it), its help text from the field's ``metadata["help"]`` plus the default. A flag left off the
     command line is absent from the parsed namespace (``argparse.SUPPRESS``), so a config file's
-    value is not overridden by a default."""
+    value is not overridden by a default. ``defaults_from = (who, values)`` shows ``values`` as the
+    defaults of those fields, set by ``who`` (an objective's ``run_defaults()``)."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
+    who, overrides = defaults_from or ("", {})
     for f in dataclasses.fields(cls):
         if f.init:
             flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
-            _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
+            if f.name in overrides:
+                _add_field(group, f, hints[f.name], flag, overrides[f.name], f", set by {who}")
+            else:
+                _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
 
 
 def _objective_flag_names(objective: str) -> dict[str, str]:
@@ -223,8 +230,9 @@ def build_train_parser(objective: str, known: list[str] | None = None) -> argpar
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
                    help=IMPORT_HELP)
-    add_dataclass_flags(p.add_argument_group("run"), TrainConfig)
     cls = objective_class(objective)
+    add_dataclass_flags(p.add_argument_group("run"), TrainConfig,
+                        defaults_from=(f"the {objective} objective", cls().run_defaults()))
     doc = (cls.__doc__ or "").strip().splitlines()
     group = p.add_argument_group(f"objective {objective}", doc[0] if doc else None)
     add_dataclass_flags(group, cls, _objective_flag_names(objective))
@@ -263,10 +271,11 @@ def parse_train_args(argv: list[str]):
     obj_names = {f.name for f in objective_fields(objective_class(objective))}
     run_vals = {**file_run, **{k: v for k, v in ns.items() if k in run_names}}
     obj_vals = {**file_obj, **{k: v for k, v in ns.items() if k in obj_names and k not in run_names}}
-    run_vals["objective"] = objective
     try:
-        cfg = TrainConfig(**run_vals)
         obj = get_objective(objective, **obj_vals)
+        # the objective's run defaults (dapo: dynamic sampling, overlong shaping) where neither a flag nor
+        # the config file sets the option
+        cfg = TrainConfig.for_objective(obj, **run_vals)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return cfg, obj
@@ -284,6 +293,10 @@ def add_continual_flags(group) -> None:
                        help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
     group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
                        help="a fresh AdamW state in every stage (the default)")
+    group.add_argument("--teacher-reset", action=argparse.BooleanOptionalAction, default=False,
+                       help="the teacher restarts from each stage's starting policy (as SDPO-CL runs restarted per "
+                            "stage); default: the EMA teacher keeps averaging across stages and a frozen or "
+                            "trust-region teacher stays the initial model")
     group.add_argument("--spectral-rank", type=int, default=16,
                        help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
     group.add_argument("--initial-eval-from", default="", metavar="RUN",

@@ -9,6 +9,8 @@ is a method of :class:`Objective`, with its default here (DESIGN.md, Contract 2)
     core_options()  which per-token statistics the loss core computes, and how
     prepare()       once per micro-batch, before chunking (e.g. random token masks)
     loss()          the loss over the core's per-token statistics and the batch
+    for_run()       a copy configured for the run's optimiser updates per rollout batch
+    run_defaults()  run options (TrainConfig fields) the objective turns on where the user sets none
 """
 
 from __future__ import annotations
@@ -93,6 +95,23 @@ class Objective:
 
     def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
         raise NotImplementedError
+
+    def for_run(self, updates_per_rollout: int) -> Objective:
+        """The objective as a run making ``updates_per_rollout`` optimiser updates per rollout batch
+        uses it (``--mini-batches`` x ``--epochs``); the loop calls it once, before anything else, and
+        uses the result throughout. Default: ``self``, unchanged.
+
+        An objective whose ratios or importance weights need behaviour log-probs when the policy has
+        moved since sampling returns a copy that declares ``Signal.OLD_LOGP`` when
+        ``updates_per_rollout > 1`` (``grpo``, ``sdpo`` and the hybrids turn ``use_old_logp`` on), so
+        several updates per rollout can never run with every ratio at 1."""
+        return self
+
+    def run_defaults(self) -> dict[str, Any]:
+        """Run options (``TrainConfig`` field names -> values) this objective turns on, applied where the
+        user sets none (flag or config file; ``TrainConfig.for_objective``). Default: none. The ``dapo``
+        preset turns on dynamic sampling and overlong reward shaping, which belong to the loop and task."""
+        return {}
 
 
 # --------------------------------------------------------------------------------------- registry

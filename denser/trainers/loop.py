@@ -3,12 +3,15 @@
 One step is one rollout batch (DESIGN.md, Contract 3)::
 
     rollout   prompts of the step -> rollout engine -> completions + behaviour log-probs
-    score     task.score -> rewards (+ feedback)
-    signals   what the objective declared, and only those (trainers/signals.py): advantages,
-              teacher contexts, packed micro-batches with global normalisers
-    update    per micro-batch: reference / teacher forwards (no grad), then the policy forward to
-              final hidden states [N, H] -> kernels.fused_loss(...) -> backward;
-              then clip, optimiser step, LR schedule, teacher EMA, engine weights
+    score     task.score -> rewards (+ feedback, + overlong shaping); with dynamic sampling, rounds of
+              rollout + score until enough groups have varied rewards (trainers/sampling.py)
+    signals   what the objective declared, and only those (trainers/signals.py): old_logp (a no-grad
+              forward of the pre-update policy when a step makes several updates), advantages,
+              teacher contexts
+    updates   epochs x mini-batches optimiser updates; each: per micro-batch, reference / teacher
+              forwards (no grad), then the policy forward to final hidden states [N, H] ->
+              kernels.fused_loss(...) -> backward (normalisers: the update's mini-batch); clip, step
+    finish    once per rollout batch: LR schedule, teacher EMA, engine weights
     metrics   one row of metrics.jsonl, summed over processes
 
 The run directory (config.yaml, metrics.jsonl, resume) is :class:`~denser.trainers.run_dir.RunDir`;
@@ -46,15 +49,15 @@ from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_he
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
+from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
 from denser.trainers.signals import (
     MicroBatch,
-    Scores,
     SignalComputer,
     TeacherInputs,
     check_signals,
     check_teacher_vocabulary,
 )
-from denser.trainers.teacher import TeacherWeights
+from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
 from denser.trainers.tracking import Tracker
 
 
@@ -147,6 +150,8 @@ class Trainer:
       restores that checkpoint instead;
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` (or a dict of :meth:`evaluate_all`'s metrics)
       replaces :meth:`evaluate_all` (before, during and after training);
+    - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
+      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
       tracker for a whole sequence).
@@ -155,10 +160,13 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None):
-        self.anchor, self.evaluator = anchor, evaluator
+                 evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
+                 teacher_from_policy: bool = False):
+        self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
-        self.objective = objective if objective is not None else get_objective(cfg.objective)
+        # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
+        self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
+            cfg.updates_per_step)
         self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
@@ -174,13 +182,17 @@ class Trainer:
         check_signals(self.objective, self.task)
         declared = self.objective.signals()
         self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+        if self.teacher_spec is not None and self.teacher_spec.path:
+            resolve_teacher_path(self.teacher_spec.path)  # a bad --teacher-path fails before any model is loaded
         policy = self._load_models(resume_from)
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
+        schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
         self.loss_module, self.optimizer = self.accelerator.prepare(PolicyLoss(policy), self.optimizer)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
@@ -191,10 +203,12 @@ class Trainer:
         self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
-                                      reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec)
+                                      reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
+                                      policy=self.policy)
         self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
                                       rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
-                                      context_limit=getattr(self.policy.config, "max_position_embeddings", None))
+                                      context_limit=getattr(self.policy.config, "max_position_embeddings", None),
+                                      rounds=cfg.max_generation_rounds if cfg.dynamic_sampling else 1)
         self.prompts.check_lengths(cfg.steps, cfg.eval_size)
         self.run.init(self._run_config(), fresh=resume_from is None, overwrite=cfg.overwrite)
         self.start_step, self.skipped_total, self.consecutive_skips = 0, 0, 0
@@ -230,23 +244,29 @@ class Trainer:
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
         need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
-        weights ``self.teacher_spec`` names). A frozen teacher shares the reference's copy of the
-        initial weights."""
-        cfg, declared = self.cfg, self.objective.signals()
+        weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
+        the reference's copy of the initial weights."""
+        cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
         dtype = getattr(torch, cfg.dtype)
         with ckpt.quiet_transformers():
             policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
                                                 dtype=dtype, seed=cfg.seed)
         initial = None
-        if Signal.REF_LOGP in declared or (self.teacher_spec is not None and self.teacher_spec.mode == "frozen"):
+        # the initial weights: the reference; a frozen teacher or trust-region reference unless it starts
+        # elsewhere; and, on resume, the weights this run started from (what --teacher-init-alpha mixes in)
+        initial_teacher = spec is not None and spec.mode in ("frozen", "trust-region") and (
+            resume_from is not None or not (spec.path or self.teacher_from_policy))
+        if Signal.REF_LOGP in declared or initial_teacher:
             with ckpt.quiet_transformers():
                 initial, _ = ((self.anchor, None) if self.anchor is not None
                               else load_model(cfg.model, dtype=dtype, seed=cfg.seed))
             initial = initial.eval().requires_grad_(False)
         self.reference = initial if Signal.REF_LOGP in declared else None
         self.teacher = None
-        if self.teacher_spec is not None:
-            self.teacher = TeacherWeights.from_spec(self.teacher_spec, policy, initial)
+        if spec is not None:
+            start = policy if resume_from is None else initial
+            shared = None if self.teacher_from_policy else initial
+            self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
 
     def _load_state(self, path: Path) -> None:
@@ -325,19 +345,38 @@ class Trainer:
     # ------------------------------------------------------------------------------------- step
 
     def step(self, step: int) -> dict[str, Any]:
-        """One rollout batch (0-based ``step``): generate, score, signals, one update; its metrics row."""
+        """One rollout batch (0-based ``step``): generate, score, signals, ``epochs x mini_batches``
+        optimiser updates, then the once-per-rollout-batch schedule; its metrics row."""
         timer = PhaseTimer()
-        with timer("generate"):
-            rows = self.prompts.rows_for_step(step)
-            rollout = self._rollout(rows)
+        batch = self._rollout_batch(step, timer)
         with timer("signals"):
-            scores = self.signals.score(rollout, rows)
-            self.tracker.log_samples(step + 1, self.task, [rows[s // rollout.num_generations]
-                                                           for s in range(rollout.num_samples)],
-                                     rollout.texts, scores.scores)
-            batches = self.signals.micro_batches(rollout, rows, scores, step)
-        update = self._update(rollout, batches, timer)
-        return self._metrics_row(step, rollout, scores, update, timer)
+            self.tracker.log_samples(step + 1, self.task, [batch.rows[s // batch.rollout.num_generations]
+                                                           for s in range(batch.rollout.num_samples)],
+                                     batch.rollout.texts, batch.scores.scores)
+            rollout = self.signals.pre_update_logp(batch.rollout)
+            sample = self.signals.per_sample(rollout, batch.rows, batch.scores)
+        updates = []
+        for u, indices in enumerate(self.signals.update_plan(rollout.num_samples, step)):
+            with timer("signals"):
+                micro_batches = self.signals.micro_batches(rollout, sample, indices, step, u)
+            updates.append(self._update(rollout, micro_batches, timer))
+        self._finish_step(updates, timer)
+        return self._metrics_row(step, batch, updates, timer)
+
+    def _rollout_batch(self, step: int, timer: PhaseTimer) -> RolloutBatch:
+        """Generate and score the step's prompts; with dynamic sampling, further rounds (at most
+        ``max_generation_rounds``) until ``prompts_per_step`` groups have varied rewards."""
+
+        def generate_round(j: int) -> tuple[Rollout, list[dict], Scores]:
+            with timer("generate"):
+                rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
+                rollout = self._rollout(rows)
+            with timer("signals"):
+                return rollout, rows, self.signals.score(rollout, rows)
+
+        if not self.cfg.dynamic_sampling:
+            return RolloutBatch(*generate_round(0))
+        return dynamic_batch(generate_round, self.cfg.prompts_per_step, self.cfg.max_generation_rounds)
 
     def _rollout(self, rows: list[dict]) -> Rollout:
         cfg = self.cfg
@@ -349,8 +388,8 @@ class Trainer:
         return rollout
 
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer) -> UpdateResult:
-        """Accumulate the gradients of every micro-batch, then one optimiser step (skipped when
-        the loss or the gradient norm is not finite)."""
+        """One optimiser update: accumulate the gradients of the update's micro-batches, then one
+        optimiser step (skipped when the loss or the gradient norm is not finite)."""
         cfg, parts, loss_total = self.cfg, [], 0.0
         for mb in batches:
             with timer("signals"):
@@ -367,12 +406,19 @@ class Trainer:
             applied = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if applied:
                 self.optimizer.step()
-                self.scheduler.step()
-                if self.teacher is not None:
-                    self.teacher.update(self.policy)
-                self.engine.update_weights(self.policy)
             self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(loss_sum, grad_norm, applied, parts)
+
+    def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
+        """Once per rollout batch, when an update was applied: the LR schedule (so warmup counts rollout
+        batches), the EMA teacher (as SDPO's actor), the rollout engine's weights."""
+        if not any(u.applied for u in updates):
+            return
+        with timer("update"):
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update(self.policy)
+            self.engine.update_weights(self.policy)
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
@@ -393,10 +439,28 @@ class Trainer:
         totals = self._sum_over_processes(torch.tensor([list(parts[k]) for k in names], dtype=torch.float64))
         return {f"reward/{k}": float(totals[i, 0] / totals[i, 1]) for i, k in enumerate(names)}
 
-    def _metrics_row(self, step: int, rollout: Rollout, scores: Scores, update: UpdateResult,
+    def _sampling_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Dynamic sampling's and overlong shaping's metrics, when they are on (over processes):
+        ``generation_rounds`` (mean over processes), ``groups_dropped``, ``groups_filled`` (sums),
+        ``overlong_penalty`` (mean over samples)."""
+        out: dict[str, float] = {}
+        if self.cfg.dynamic_sampling:
+            t = self._sum_over_processes(torch.tensor([float(batch.rounds), float(batch.dropped), float(batch.filled)]))
+            out.update(generation_rounds=float(t[0]) / self.world, groups_dropped=float(t[1]),
+                       groups_filled=float(t[2]))
+        if batch.scores.overlong is not None:
+            t = self._sum_over_processes(torch.tensor([float(batch.scores.overlong.sum()),
+                                                       float(batch.scores.overlong.numel())]))
+            out["overlong_penalty"] = float(t[0] / t[1].clamp_min(1))
+        return out
+
+    def _metrics_row(self, step: int, batch: RolloutBatch, updates: list[UpdateResult],
                      timer: PhaseTimer) -> dict[str, Any]:
-        """The step's row of metrics.jsonl: sums and counts over processes, then means."""
-        merged = merge_metrics(update.metrics)
+        """The step's row of metrics.jsonl: sums and counts over processes (the objective's metrics over
+        every micro-batch of every update), then means; ``loss`` and ``grad_norm`` are means over the
+        updates, ``updates`` the optimiser updates applied and ``skipped`` those skipped."""
+        rollout, scores = batch.rollout, batch.scores
+        merged = merge_metrics([part for u in updates for part in u.metrics])
         names = sorted(merged)
         sums = torch.tensor([[float(merged[k].sum), float(merged[k].count)] for k in names] or [[0.0, 0.0]])
         sums = self._sum_over_processes(sums)
@@ -414,14 +478,16 @@ class Trainer:
             "reward_mean": mean_r,
             "reward_std": math.sqrt(max(stat[1] / n - mean_r ** 2, 0.0)),
             **per_reward,
+            **self._sampling_metrics(batch),
             "success_rate": stat[2] / n,
-            "loss": update.loss,
+            "loss": sum(u.loss for u in updates) / len(updates),
             **{k: (float(sums[i, 0] / sums[i, 1]) if float(sums[i, 1]) > 0 else None) for i, k in enumerate(names)},
             "response_length": stat[3] / n,
             "truncated_frac": stat[4] / n,
-            "grad_norm": update.grad_norm,
+            "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
             "lr": self.scheduler.get_last_lr()[0],
-            "skipped": 0 if update.applied else 1,
+            "updates": sum(u.applied for u in updates),
+            "skipped": sum(not u.applied for u in updates),
             "time_generate_s": timer.seconds.get("generate", 0.0),
             "time_signals_s": timer.seconds.get("signals", 0.0),
             "time_update_s": timer.seconds.get("update", 0.0),
@@ -521,12 +587,15 @@ class Trainer:
             self.tracker.log(row)
 
     def _count_skips(self, row: dict[str, Any], done: int) -> None:
+        """``consecutive_skips`` counts consecutive steps with a skipped update; ``skipped_total`` updates."""
         self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
         self.skipped_total += row["skipped"]
         row["skipped_total"] = self.skipped_total
         if row["skipped"]:
+            n = row["skipped"] + row["updates"]
+            what = "update skipped, weights unchanged" if n == 1 else f"{row['skipped']} of {n} updates skipped"
             self._note(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
-                       f"({row['grad_norm']}); update skipped, weights unchanged "
+                       f"({row['grad_norm']}); {what} "
                        f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
 
     def _stop(self, done: int) -> None:
