@@ -23,6 +23,8 @@ import math
 from collections import Counter
 from typing import Hashable, Sequence
 
+from denser.trainers.estimators import mean_stderr  # the loop's eval uses it too: defined below analysis
+
 __all__ = ["majority_at_k", "mean_stderr", "pass_at_k", "vote_groups"]
 
 
@@ -97,18 +99,6 @@ def _wins(c: int, others: Sequence[int], unvoted: int, k: int) -> float:
                    for d in range(k - j + 1) for t in range(len(others) + 1) if ways[d][t])
         out += math.comb(c, j) * fill
     return out
-
-
-def mean_stderr(values: Sequence[float]) -> tuple[float | None, float | None]:
-    """``(mean, standard error of the mean)`` over prompts; ``(None, None)`` for none, stderr None for one."""
-    p = len(values)
-    if p == 0:
-        return None, None
-    mean = sum(values) / p
-    if p == 1:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (p - 1)
-    return mean, math.sqrt(var / p)
 
 
 def _check(n: int, k: int) -> None:

@@ -35,7 +35,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg, objective = parse_train_args(argv)
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
-    from denser.trainers.loop import Trainer, TrainingStopped
+    from denser.trainers.loop import Trainer, TrainingStopped, format_eval
     from denser.trainers.models import EmbeddedModelMissingError
 
     try:
@@ -49,9 +49,12 @@ def cmd_train(argv: list[str]) -> int:
         print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
               file=sys.stderr)
         return 130
-    before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
-    if before is not None and summary.get("is_main", True):
-        print(f"eval accuracy: {before:.3f} -> {after:.3f}")
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if before is not None and after is not None and summary.get("is_main", True):
+        print(f"eval accuracy: {format_eval(before)} -> {format_eval(after)}")
+        if after.get("eval_mean_at_n") is not None and before.get("eval_mean_at_n") is not None:
+            print(f"eval mean@{cfg.eval_samples}: {before['eval_mean_at_n']:.3f} ± {before['eval_mean_at_n_se'] or 0:.3f} "
+                  f"-> {after['eval_mean_at_n']:.3f} ± {after['eval_mean_at_n_se'] or 0:.3f}")
     return 0
 
 

@@ -33,7 +33,7 @@ RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.
 IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
                "repeatable; a config file's 'import:' key does the same")
 CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
-                   "teacher_reset")
+                   "teacher_reset", "sampled_eval_stages")
 
 
 class CLIError(ValueError):
@@ -302,6 +302,9 @@ def add_continual_flags(group) -> None:
     group.add_argument("--initial-eval-from", default="", metavar="RUN",
                        help="reuse stage 0 (the initial model's measurement) of another continual run with the same "
                             "model, tasks and eval settings, instead of measuring it again")
+    group.add_argument("--sampled-eval-stages", default="first-last", metavar="first-last|all|none",
+                       help="with --eval-samples N: the stages also measured by mean@N of sampled completions "
+                            "(default: first-last, the initial model and the final stage, to budget CPU)")
 
 
 def build_continual_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:

@@ -6,6 +6,7 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -15,6 +16,9 @@ from denser.objectives import DEFAULT_OBJECTIVE
 from denser.objectives.fields import type_problems
 from denser.trainers.rollout import DEFAULT_ENGINE, list_rollout_engines
 from denser.trainers.tracking import TRACKERS, report_to_problems
+
+#: the most eval rows ``eval_size: 0`` (the default) takes: every built-in task's eval split up to this
+EVAL_SIZE_CAP = 64
 
 
 def _f(default, help: str, **kw):
@@ -29,7 +33,8 @@ class TrainConfig:
     steps: int = _f(12, "training steps: rollout batches (each makes --mini-batches x --epochs optimiser updates)")
     num_generations: int = _f(4, "completions per prompt (the group size)")
     prompts_per_step: int = _f(4, "prompts per step on each process")
-    max_new_tokens: int = _f(24, "generation budget per completion")
+    max_new_tokens: int = _f(0, "generation budget per completion (0 = the task's suggested_max_new_tokens, "
+                             "32 for the default task)")
     temperature: float = _f(1.0, "sampling temperature; the loss core uses the same temperature for log-probs")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
@@ -56,15 +61,28 @@ class TrainConfig:
     output_dir: str = _f("", "run directory (config.yaml, metrics.jsonl, checkpoints); empty = runs/<objective>-<task>")
     resume: bool = _f(False, "continue the run in --output-dir from its newest complete checkpoint")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
-    eval_every: int = _f(0, "greedy eval accuracy every N steps (0 = only before and after training)")
-    eval_size: int = _f(32, "eval-split prompts used by each eval")
+    eval_every: int = _f(0, "eval accuracy every N steps (0 = only before and after training)")
+    eval_size: int = _f(0, f"eval-split prompts used by each eval: its first N rows (0 = the whole split, at most "
+                        f"{EVAL_SIZE_CAP} rows: 50 for the default task)")
+    eval_samples: int = _f(0, "also sample N completions per eval prompt and report mean@N accuracy (0 = greedy only)")
+    eval_temperature: float = _f(0.6, "sampling temperature of the --eval-samples completions (SDPO's eval: 0.6)")
+    eval_top_p: float = _f(0.95, "nucleus mass of the --eval-samples completions (SDPO's eval: 0.95)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
     engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.trainers.register_rollout_engine): "
                      + " | ".join(list_rollout_engines()))
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype (bfloat16 trains pure bf16; for fp32 master "
+                                                "weights with bf16 compute use --mixed-precision bf16)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "accelerate's mixed precision: autocast compute, fp32 "
+                                                        "master weights and optimiser state")
+    gradient_checkpointing: bool = _f(False, "recompute the policy's activations in backward (transformers' "
+                                      "gradient checkpointing): activation memory of one layer instead of all")
+    log_teacher_entropy: bool = _f(False, "log teacher_entropy and student_entropy: the mean entropy (nats, at "
+                                   "--temperature) of the teacher's and the student's next-token distributions on the "
+                                   "tokens of samples with a teacher context (two extra no-grad lm_head passes per "
+                                   "micro-batch; no effect without a teacher)")
     teacher_max_context_tokens: int = _f(10240, "teacher contexts (the reprompted prompt) longer than this are cut on "
                                          "the right, as SDPO's max_reprompt_len with reprompt_truncation=right")
     mask_truncated_completions: bool = _f(False, "completions that hit --max-new-tokens without a stop token get no "
@@ -109,15 +127,17 @@ class TrainConfig:
         problems = type_problems(self, _flag)
         if problems:  # wrong types first: the range checks below would fail on them in confusing ways
             raise ValueError("; ".join(problems))
-        for name in ("steps", "num_generations", "prompts_per_step", "max_new_tokens", "micro_batch_size", "eval_size",
-                     "keep_last", "max_consecutive_skips", "teacher_max_context_tokens", "mini_batches", "epochs",
+        for name in ("steps", "num_generations", "prompts_per_step", "micro_batch_size", "keep_last",
+                     "max_consecutive_skips", "teacher_max_context_tokens", "mini_batches", "epochs",
                      "max_generation_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps", "chunk_size", "overlong_buffer"):
+        for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
+                     "chunk_size", "overlong_buffer"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "temperature", "top_p", "weight_decay", "adam_beta2", "max_grad_norm", "overlong_penalty"):
+        for name in ("lr", "temperature", "top_p", "eval_temperature", "eval_top_p", "weight_decay", "adam_beta2",
+                     "max_grad_norm", "overlong_penalty"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -126,6 +146,10 @@ class TrainConfig:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.eval_temperature > 0:
+            problems.append(f"--eval-temperature must be > 0, got {self.eval_temperature}")
+        if not 0 < self.eval_top_p <= 1:
+            problems.append(f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         if not self.weight_decay >= 0:
             problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.adam_beta2 < 1:
@@ -150,6 +174,25 @@ class TrainConfig:
         problems += report_to_problems(self.report_to)
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def resolve_run_settings(cfg: TrainConfig, task) -> TrainConfig:
+    """``cfg`` with the settings that default to the task made concrete (a copy; ``cfg`` is unchanged):
+    ``max_new_tokens`` 0 -> ``task.suggested_max_new_tokens``; ``eval_size`` 0 -> the whole eval split,
+    at most :data:`EVAL_SIZE_CAP` rows (at least 1, so that a task without an eval split still passes)."""
+    changes = {}
+    if cfg.max_new_tokens == 0:
+        changes["max_new_tokens"] = int(task.suggested_max_new_tokens)
+    if cfg.eval_size == 0:
+        changes["eval_size"] = resolve_eval_size(0, len(task.eval))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def resolve_eval_size(eval_size: int, eval_rows: int) -> int:
+    """The eval rows ``eval_size`` means for a split of ``eval_rows`` rows (0: all, at most :data:`EVAL_SIZE_CAP`)."""
+    if eval_size == 0:
+        return max(1, min(eval_rows, EVAL_SIZE_CAP))
+    return eval_size
 
 
 def _flag(name: str) -> str:

@@ -36,13 +36,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.kernels import Metric, fused_loss, merge_metrics
+from denser.kernels import Metric, fused_loss, merge_metrics, token_stats
 from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
-from denser.trainers.config import TrainConfig
+from denser.trainers.config import TrainConfig, resolve_run_settings
+from denser.trainers.estimators import mean_stderr
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.prompts import PromptSchedule
@@ -81,7 +82,25 @@ class PolicyLoss(nn.Module):
                          teacher_weight=teacher.weight if teacher else None,
                          teacher_bias=teacher.bias if teacher else None,
                          temperature=temperature, backend=backend, chunk_size=chunk_size)
+        if teacher is not None and teacher.entropy is not None:
+            return out.loss, {**out.metrics, **_entropy_metrics(hidden, weight, bias, packed, batch, teacher.entropy,
+                                                                temperature, backend, chunk_size)}
         return out.loss, out.metrics
+
+
+@torch.no_grad()
+def _entropy_metrics(hidden, weight, bias, packed: PackedBatch, batch: PolicyBatch, teacher_entropy: torch.Tensor,
+                     temperature: float, backend: str, chunk_size: int | None) -> dict[str, Metric]:
+    """``teacher_entropy`` and ``student_entropy`` (--log-teacher-entropy): mean entropies over the tokens
+    of samples with a teacher context, the student's from the update's own hidden states (a chunked
+    no-grad pass of the output layer)."""
+    student = token_stats(hidden.detach(), weight.detach(), packed.targets,
+                          bias=None if bias is None else bias.detach(), temperature=temperature, need_entropy=True,
+                          backend=backend, chunk_size=chunk_size).entropy
+    mask = batch.token_mask
+    if batch.teacher_mask is not None:
+        mask = mask & batch.teacher_mask.to(mask.device, torch.bool)[batch.seq_ids]
+    return {"teacher_entropy": Metric.of(teacher_entropy, mask), "student_entropy": Metric.of(student, mask)}
 
 
 class PhaseTimer:
@@ -129,8 +148,8 @@ class Trainer:
       as :meth:`carry_state` returns them (the learning rates stay this run's schedule; a
       non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
       restores that checkpoint instead;
-    - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
-      (before, during and after training);
+    - ``evaluator``: ``evaluator(trainer) -> accuracy`` (or a dict of :meth:`evaluate_all`'s metrics)
+      replaces :meth:`evaluate_all` (before, during and after training);
     - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
       policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
@@ -141,17 +160,18 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None,
+                 evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
                  teacher_from_policy: bool = False):
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.task = task if task is not None else _task_of(cfg)
+        self.cfg = cfg = resolve_run_settings(cfg, self.task)  # max_new_tokens, eval_size: 0 = from the task
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
         self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone)
@@ -168,6 +188,8 @@ class Trainer:
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
+        if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
@@ -272,21 +294,55 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes), or what
-        the ``evaluator`` given to the constructor returns."""
+        the ``evaluator`` given to the constructor returns; :meth:`evaluate_all` adds standard errors
+        and the sampled accuracy."""
+        return float(self.evaluate_all()["eval_accuracy"])
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float | None]:
+        """The eval metrics of the current policy on the first ``eval_size`` rows of the eval split:
+        ``eval_accuracy`` (one greedy completion per prompt) and its standard error over prompts
+        ``eval_accuracy_se``; with ``--eval-samples n`` also ``eval_mean_at_n`` (the mean over prompts
+        of the fraction of ``n`` completions sampled at ``--eval-temperature``/``--eval-top-p`` that
+        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the process index) and
+        leaves the training RNG streams alone, so an eval is reproducible and does not change the run.
+        With an ``evaluator``, what it returns (a float is the greedy accuracy)."""
         if self.evaluator is not None:
-            return float(self.evaluator(self))
-        data = self.task.eval
-        idx = list(range(min(self.cfg.eval_size, len(data))))[self.rank::self.world]
-        correct = torch.zeros(2, device=self.accelerator.device)
-        if idx:
-            rows = [data[i] for i in idx]
-            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, num_generations=1, do_sample=False)
-            rollout = self.engine.generate(self.prompts.prompt_ids(rows), params)
-            scores = self.task.score_batch(rollout.texts, rows)
-            correct[0] = sum(float(self.task.is_success(s)) for s in scores)
-            correct[1] = len(rows)
-        correct = self.accelerator.reduce(correct, reduction="sum")
-        return float(correct[0] / correct[1].clamp_min(1))
+            out = self.evaluator(self)
+            return dict(out) if isinstance(out, dict) else {"eval_accuracy": float(out)}
+        cfg, data = self.cfg, self.task.eval
+        idx = list(range(min(cfg.eval_size, len(data))))[self.rank::self.world]
+        rows = [data[i] for i in idx]
+        greedy: list[float] = []
+        sampled: list[float] = []
+        if rows:
+            prompt_ids = self.prompts.prompt_ids(rows)
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=1, do_sample=False)
+            greedy = self._successes(self.engine.generate(prompt_ids, params), rows)
+            if cfg.eval_samples:
+                n = cfg.eval_samples
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=n,
+                                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+                rollout = self.engine.generate(prompt_ids, params, seed=cfg.seed * 1009 + self.rank)
+                ok = self._successes(rollout, [r for r in rows for _ in range(n)])
+                sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
+        return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)
+
+    def _successes(self, rollout: Rollout, rows: list[dict]) -> list[float]:
+        """1.0 / 0.0 per completion: did the task count it as a success."""
+        return [float(self.task.is_success(s)) for s in self.task.score_batch(rollout.texts, rows)]
+
+    def _eval_line(self, metrics: dict[str, Any]) -> str:
+        """``0.656 ± 0.085 (addition, 32 greedy prompts); mean@4 0.610 ± 0.070 (temperature 0.6, top-p 0.95)``."""
+        cfg = self.cfg
+        prompts = min(cfg.eval_size, len(self.task.eval))
+        greedy = format_eval({"eval_accuracy": metrics["eval_accuracy"],
+                              "eval_accuracy_se": metrics.get("eval_accuracy_se")})
+        line = f"{greedy} ({self.task.name}, {prompts} greedy prompts)"
+        if metrics.get("eval_mean_at_n") is not None:
+            line += (f"; {format_eval(metrics, cfg.eval_samples).split('; ', 1)[1]} "
+                     f"(temperature {cfg.eval_temperature:g}, top-p {cfg.eval_top_p:g})")
+        return line
 
     # ------------------------------------------------------------------------------------- step
 
@@ -485,10 +541,10 @@ class Trainer:
             summary.update(already_complete=True, checkpoint=str(path) if path else None)
             return summary
         if self.start_step == 0:
-            acc = self.evaluate()
-            summary["eval_accuracy_before"] = acc
-            self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
-            self._log_row({"step": 0, "eval_accuracy": acc})
+            metrics = self.evaluate_all()
+            summary.update(eval_accuracy_before=metrics["eval_accuracy"], eval_before=metrics)
+            self._note(f"eval accuracy before training: {self._eval_line(metrics)}")
+            self._log_row({"step": 0, **metrics})
         bar = None
         if cfg.progress and self.is_main:
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
@@ -500,7 +556,7 @@ class Trainer:
                 done = step + 1
                 self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    row["eval_accuracy"] = self.evaluate()
+                    row.update(self.evaluate_all())
                 self._log_row(row)
                 last = row
                 if bar is not None:
@@ -514,11 +570,12 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        acc = self.evaluate()
-        self._log_row({"step": cfg.steps, "eval_accuracy": acc})
+        metrics = self.evaluate_all()
+        self._log_row({"step": cfg.steps, **metrics})
         path = self.save(cfg.steps, finished=True)
-        summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
-        self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
+        summary.update(eval_accuracy_after=metrics["eval_accuracy"], eval_after=metrics, last_step=last,
+                       checkpoint=str(path) if path else None)
+        self._note(f"eval accuracy after {cfg.steps} steps: {format_eval(metrics, cfg.eval_samples)}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
         if self._owns_tracker:
@@ -571,6 +628,30 @@ class Trainer:
                     g["initial_lr"] = initial_lr
         if teacher_state is not None and self.teacher is not None:
             self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
+
+
+def eval_metrics(greedy: list[float], sampled: list[float] | None = None) -> dict[str, float | None]:
+    """The eval metrics of per-prompt values: greedy successes (1.0 / 0.0) and, when sampled, each
+    prompt's fraction of successful samples; means over prompts and their standard errors
+    (:func:`~denser.trainers.estimators.mean_stderr`). No prompts: accuracy 0.0, no error."""
+    mean, se = mean_stderr(greedy)
+    out: dict[str, float | None] = {"eval_accuracy": mean if mean is not None else 0.0, "eval_accuracy_se": se}
+    if sampled is not None:
+        out["eval_mean_at_n"], out["eval_mean_at_n_se"] = mean_stderr(sampled)
+    return out
+
+
+def format_eval(metrics: dict[str, Any], samples: int = 0) -> str:
+    """``0.656 ± 0.085`` (greedy), then ``; mean@4 0.610 ± 0.070`` when the metrics have a sampled part
+    (``samples``: its n)."""
+
+    def pm(mean, se):
+        return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+    text = pm(metrics["eval_accuracy"], metrics.get("eval_accuracy_se"))
+    if samples and metrics.get("eval_mean_at_n") is not None:
+        text += f"; mean@{samples} {pm(metrics['eval_mean_at_n'], metrics.get('eval_mean_at_n_se'))}"
+    return text
 
 
 def _task_of(cfg: TrainConfig) -> Task:

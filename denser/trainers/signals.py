@@ -268,4 +268,7 @@ class SignalComputer:
         if Signal.TEACHER_LOGP in self.declared:
             batch.extras[TEACHER_LOGP] = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                                      temperature=cfg.temperature, backend=cfg.backend).logp
+        if cfg.log_teacher_entropy:  # a chunked no-grad pass: no [N, V] logits
+            teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
+                                          temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
         return teacher

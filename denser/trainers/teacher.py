@@ -43,6 +43,7 @@ class TeacherInputs:
     hidden: Tensor  # [N, H_teacher]
     weight: Tensor  # [V, H_teacher]
     bias: Tensor | None
+    entropy: Tensor | None = None  # [N] the teacher's entropy per token (--log-teacher-entropy), detached
 
 
 def resolve_teacher_path(path: str) -> Path:
