@@ -96,14 +96,14 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     args = ["train", *QUICK, "--steps", "3", "--save-every", "1", "--keep-last", "1", "--output-dir", str(run)]
-    real_save = torch.save
+    real_save = ckpt.save_file
 
-    def full_disk(obj, f, *a, **k):
+    def full_disk(tensors, f, *a, **k):
         if "step-000002" in str(f):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+        return real_save(tensors, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -113,7 +113,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert not ckpt.incomplete_checkpoints(run)  # the half-written directory is gone
     ckpt.load_train_state(ckpt.checkpoint_dir(run, 1))
 
-    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from step 1
+    monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: the run resumes from step 1
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"resumed from {ckpt.checkpoint_dir(run, 1)} (step 1" in out
@@ -164,8 +164,8 @@ def test_only_complete_checkpoints_count_and_the_last_n_are_kept(tmp_path):
 def test_a_checkpoint_without_its_state_is_a_clear_error(tmp_path):
     model, tok = _tiny()
     path = _save(tmp_path, 1, model, tok)
-    (path / "state" / "train_state.pt").unlink()
-    with pytest.raises(ckpt.CheckpointError, match="missing state/train_state.pt"):
+    (path / "state" / "train_state.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing state/train_state.safetensors"):
         ckpt.load_train_state(path)
 
 

@@ -70,8 +70,9 @@ def assert_same_state(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys()
         differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
         assert not differ, f"{rel}: {len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
-    sa = torch.load(a / "state" / "train_state.pt", weights_only=False)
-    sb = torch.load(b / "state" / "train_state.pt", weights_only=False)
+    from denser.trainers.checkpoint import load_train_state
+
+    sa, sb = load_train_state(a)[0], load_train_state(b)[0]
     oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert oa.keys() == ob.keys()
     for i in oa:
@@ -196,8 +197,9 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
     final = f"checkpoints/step-{STEPS:06d}"
     assert_same_state(ref_dir / final, run_dir / final)
     assert metrics_rows(run_dir) == metrics_rows(ref_dir)
-    rng = __import__("torch").load(run_dir / final / "state" / "train_state.pt", weights_only=False)["rng"]
-    assert len(rng) == 2
+    from denser.trainers.checkpoint import load_train_state
+
+    assert len(load_train_state(run_dir / final)[0]["rng"]) == 2
 
 
 def ckpt_names(run: Path) -> list[str]:

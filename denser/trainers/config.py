@@ -44,6 +44,8 @@ class TrainConfig:
     eval_every: int = _f(0, "greedy eval accuracy every N steps (0 = only before and after training)")
     eval_size: int = _f(32, "eval-split prompts used by each eval")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    save_every_minutes: float = _f(30.0, "also checkpoint when M minutes of training have passed since the last "
+                                         "checkpoint (0 = off), so a SIGKILL loses at most about M minutes")
     keep_last: int = _f(2, "checkpoints to keep")
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
@@ -64,6 +66,8 @@ class TrainConfig:
         for name in ("eval_every", "save_every", "warmup_steps", "chunk_size"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):
+            problems.append(f"--save-every-minutes must be a number >= 0 (0 = off), got {self.save_every_minutes}")
         for name in ("lr", "temperature", "top_p", "weight_decay", "adam_beta2", "max_grad_norm"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")

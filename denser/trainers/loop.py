@@ -28,6 +28,7 @@ from denser.objectives import Objective, PolicyBatch, Signal, get_objective
 from denser.objectives.common import group_advantages, normaliser_counts
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
+from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.teacher import TeacherSettings, TeacherWeights, teacher_messages
 
 LOOP_SIGNALS = frozenset(Signal)
@@ -87,7 +88,8 @@ def check_signals(objective: Objective, task: Any, policy: nn.Module, teacher: n
 class Trainer:
     """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics."""
 
-    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print):
+    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print,
+                 stop_signals: StopSignals | None = None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -153,6 +155,14 @@ class Trainer:
         self.finished = False
         if resume_from is not None:
             self._load_state(resume_from)
+        # preemption (issue 16): who stops and when to save, agreed by all processes
+        if stop_signals is not None:
+            stop_signals.announce = stop_signals.announce and self.is_main
+        self.stop = StopControl(stop_signals, save_every_minutes=cfg.save_every_minutes, world=self.world,
+                                device=self.accelerator.device)
+        self.steps_done = self.start_step  # the last finished step
+        self.saved_step = self.start_step if resume_from is not None else None  # the step of the newest checkpoint
+        self._rng_boundary: tuple[int, dict] | None = None  # (step, RNG streams at the start of that step)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -215,7 +225,10 @@ class Trainer:
                 self._note(f"--resume: settings changed since the run started: {'; '.join(changed)}")
         for p in ckpt.incomplete_checkpoints(run):
             self._note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
-        latest = ckpt.latest_checkpoint(run)
+        try:  # the newest checkpoint that matches its manifest; damaged ones are named and skipped
+            latest = ckpt.latest_checkpoint(run, verify=True, note=lambda m: self._note(f"--resume: {m}"))
+        except ckpt.CheckpointError as e:  # damaged or pickled (an older denser): before any compute
+            raise ValueError(f"--resume: {e}") from None
         if latest is None:
             self._note(f"--resume: no complete checkpoint in {run}; starting from step 0")
             return None
@@ -375,6 +388,8 @@ class Trainer:
         from denser.trainers.rollout import SamplingParams, completion_hidden_states, lm_head_params
 
         cfg, dev, sig = self.cfg, self.accelerator.device, self.signals
+        # the RNG streams at this step's boundary: a stop inside the step saves these, not the advanced ones
+        self._rng_boundary = (step, ckpt.rng_state())
         t0 = time.perf_counter()
         rows = self._rows_for_step(step)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
@@ -383,6 +398,7 @@ class Trainer:
         rollout = self.engine.generate(self._prompt_ids(rows), params)
         self.policy.train()
         t_gen = time.perf_counter() - t0
+        self.stop.check(f"step {step + 1}, after generation")
 
         t1 = time.perf_counter()
         S, G = rollout.num_samples, rollout.num_generations
@@ -452,6 +468,7 @@ class Trainer:
             self.accelerator.backward(loss * self.world)  # DDP averages gradients; our normalisers are global sums
             loss_total += float(loss.detach())
             parts.append(metrics)
+            self.stop.check(f"step {step + 1}, after micro-batch {i + 1}/{len(batches)}")
 
         grad_norm = None
         if cfg.max_grad_norm > 0:
@@ -520,7 +537,8 @@ class Trainer:
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
         from accelerate.utils import gather_object
 
-        rng = gather_object([ckpt.rng_state()])  # one entry per process, in rank order
+        at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
+        rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
         path, error = None, None
         if self.is_main:
             try:
@@ -542,11 +560,20 @@ class Trainer:
             raise ckpt.CheckpointError(f"could not write checkpoint {ckpt.checkpoint_dir(self.run_dir, step)}{reason}; "
                                        f"the run stopped at step {step}; {keep}")
         self.accelerator.wait_for_everyone()
+        self.saved_step = step
+        self.stop.saved()
         return path
 
     def train(self) -> dict[str, Any]:
-        cfg = self.cfg
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "is_main": self.is_main}
+        try:
+            return self._train(summary)
+        except Interrupted as stop:  # abandon the step in progress; keep every finished one
+            raise self._stopped(stop) from None
+
+    def _train(self, summary: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        self.stop.check("the start of the run")
         if self.finished:
             path = ckpt.latest_checkpoint(self.run_dir)
             self._note(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
@@ -566,6 +593,8 @@ class Trainer:
         last = None
         try:
             for step in range(self.start_step, cfg.steps):
+                if self.stop.boundary(f"the start of step {step + 1}") and self.saved_step != step:
+                    self.save(step)  # --save-every-minutes
                 row = self.step(step)
                 done = step + 1
                 self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
@@ -578,6 +607,7 @@ class Trainer:
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     row["eval_accuracy"] = self.evaluate()
                 self._write_metrics(row)
+                self.steps_done = done
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -596,6 +626,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self.stop.check("the final evaluation")
         acc = self.evaluate()
         self._write_metrics({"step": cfg.steps, "eval_accuracy": acc})
         path = self.save(cfg.steps, finished=True)
@@ -604,6 +635,24 @@ class Trainer:
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
         return summary
+
+    def _stopped(self, stop: Interrupted) -> Interrupted:
+        """After a stop request: a checkpoint of the last finished step (unless one exists) and the
+        one line that says where it is and how to resume. Every process takes part (the save)."""
+        self.optimizer.zero_grad(set_to_none=True)  # the abandoned step's gradients
+        done = self.steps_done
+        if done > 0 and self.saved_step != done:
+            self.save(done)
+        path = ckpt.checkpoint_dir(self.run_dir, done) if self.saved_step == done else None
+        stop.step, stop.checkpoint, stop.is_main = done, path, self.is_main
+        head = f"stopped by {signal_name(stop.signum)} at {stop.where}"
+        if path is None:
+            stop.message = f"{head}: no step had finished, nothing to save; rerun the same command to start over"
+        else:
+            flags = " --no-overwrite" if self.cfg.overwrite else ""
+            stop.message = (f"{head}; step {done} of {self.cfg.steps} is saved in {path}; continue with: denser train "
+                            f"--config {self.run_dir / 'config.yaml'} --resume{flags}")
+        return stop
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
