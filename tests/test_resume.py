@@ -224,6 +224,9 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                           rename, print PAUSED and sleep (the test SIGKILLs the process there)
     disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
     nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
+    phases=1              print "PHASE <phase> <step>" (flushed) as each phase begins: eval, generate, backward,
+                          optimizer (of the 1-based step in progress) and save (of the step saved)
+    signal_at=P:S:SIG     send SIG (TERM, INT) to this very process as phase P of step S begins
     break=WHAT            a deliberately broken resume, to check that the tests catch it: python_rng,
                           numpy_rng, torch_rng (that stream not restored), rank0_rng (every process
                           gets process 0's streams: only visible with 2+ processes), seed_order (set_seed after
@@ -282,6 +285,8 @@ def _install_hooks(hooks: dict[str, str]) -> None:
             return real_save(run_dir, step, model=model, **kw)
 
         ckpt.save_checkpoint = failing_save
+    if "phases" in hooks or "signal_at" in hooks:
+        _phase_hooks(hooks)
     if "break" in hooks:
         _break_resume(hooks["break"])
     if "nan_at_steps" in hooks:
@@ -297,6 +302,52 @@ def _install_hooks(hooks: dict[str, str]) -> None:
             return out
 
         GRPO.loss = nan_loss
+
+
+def _phase_hooks(hooks: dict[str, str]) -> None:
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from denser.trainers import checkpoint as ckpt
+    from denser.trainers import loop
+    from denser.trainers.rollout import HFRolloutEngine
+
+    show = hooks.get("phases") == "1"
+    target = None
+    if "signal_at" in hooks:
+        phase, step, sig = hooks["signal_at"].split(":")
+        target = (phase, int(step), getattr(signal, f"SIG{sig}"))
+    current = {"step": None}  # the 1-based step in progress, None outside Trainer.step
+
+    def enter(phase: str, step) -> None:
+        if show:
+            print("PHASE", phase, step, flush=True)
+        if target is not None and (phase, step) == target[:2]:
+            os.kill(os.getpid(), target[2])
+
+    def wrap(owner, name: str, phase_of) -> None:
+        real = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            enter(*phase_of(a))
+            return real(*a, **k)
+
+        setattr(owner, name, wrapped)
+
+    real_step = loop.Trainer.step
+
+    def step(self, s):
+        current["step"] = s + 1
+        try:
+            return real_step(self, s)
+        finally:
+            current["step"] = None
+
+    loop.Trainer.step = step
+    wrap(HFRolloutEngine, "generate", lambda a: ("generate" if current["step"] else "eval", current["step"]))
+    wrap(Accelerator, "backward", lambda a: ("backward", current["step"]))
+    wrap(AcceleratedOptimizer, "step", lambda a: ("optimizer", current["step"]))
+    wrap(ckpt, "save_checkpoint", lambda a: ("save", a[1]))
 
 
 def _break_resume(what: str) -> None:

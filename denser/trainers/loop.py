@@ -593,7 +593,7 @@ class Trainer:
         last = None
         try:
             for step in range(self.start_step, cfg.steps):
-                if self.stop.boundary(f"the start of step {step + 1}") and self.saved_step != step:
+                if self.stop.boundary(f"the start of step {step + 1}") and step > 0 and self.saved_step != step:
                     self.save(step)  # --save-every-minutes
                 row = self.step(step)
                 done = step + 1
