@@ -98,6 +98,11 @@ def _saved_step(run: Path) -> int:
     return ckpt.checkpoint_step(latest) if latest else 0
 
 
+def _complete(run: Path) -> bool:
+    latest = ckpt.latest_checkpoint(run)
+    return latest is not None and json.loads((latest / "state" / "trainer_state.json").read_text()).get("finished", False)
+
+
 def _reference(tmp_path_factory, cache: dict, objective: str) -> tuple[Path, float]:
     """The uninterrupted run of ``objective`` and the seconds it trained (first PHASE to exit)."""
     if objective not in cache:
@@ -150,7 +155,8 @@ def run_chaos(tmp_path: Path, reference: tuple[Path, float], objective: str, sig
             a = Attempt([*args, "--output-dir", str(run), *resume])
             resume = ["--resume"]
             event = _one_kill(a, queue[0], rng, ref_s * (left + 0.5) / STEPS, left)
-            if event["rc"] == 0:  # the run ended before the signal: this episode is complete
+            if event["rc"] == 0 or _complete(run):  # the run ended before the signal (or was exiting): done
+                print(f"chaos: {event['signal']} came after the run's end ({event['landed']}, rc {event['rc']})")
                 break
             queue.pop(0)
             event.update(objective=objective, episode=episode, checkpoint_before=saved, checkpoint_after=_saved_step(run),
