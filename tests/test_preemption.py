@@ -196,3 +196,55 @@ def test_a_second_signal_stops_at_once(tmp_path):
     assert "a second signal stops at once" in err
     assert ckpt.complete_checkpoints(run) == []
     assert [p.name[:16] for p in ckpt.incomplete_checkpoints(run)] == [".tmp-step-000002"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~1 min: DENSER_DDP_TESTS=1")
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM reaches only process 1: process 0 learns it at the next check point (an all-reduce),
+    both abandon the same step, the checkpoint holds both processes' RNG streams, and the resume
+    under torchrun ends bit-identical to an uninterrupted two-process run."""
+    import shutil
+    import subprocess
+
+    from test_resume import HERE, ROOT
+
+    if shutil.which("torchrun") is None or shutil.which("pgrep") is None:
+        pytest.skip("needs torchrun and pgrep")
+    launch = ["torchrun", "--nproc_per_node", "2", str(HERE)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = [*CASES["sdpo"][0], *FAST, "--steps", str(STEPS)]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "stopped"
+    ref = subprocess.Popen([*launch, "--", *args, "--output-dir", str(ref_dir)], env=env, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = subprocess.Popen([*launch, "slow_after_step=2", "--", *args, "--output-dir", str(run_dir)], env=env,
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in victim.stdout:
+            if line.strip().endswith("MARK step 3"):
+                break
+        workers = subprocess.run(["pgrep", "-P", str(victim.pid)], capture_output=True, text=True).stdout.split()
+        rank1 = [int(p) for p in workers if _environ(int(p)).get("RANK") == "1"]
+        assert len(rank1) == 1, workers
+        os.kill(rank1[0], signal.SIGTERM)
+        out, err = victim.communicate(timeout=300)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert "denser train: stopped by SIGTERM at " in err, err[-3000:]  # printed by process 0, which got no signal
+    finished = max(r["step"] for r in metrics_rows(run_dir) if "loss" in r)
+    latest = ckpt.latest_checkpoint(run_dir, verify=True)
+    assert latest == ckpt.checkpoint_dir(run_dir, finished) and finished in (2, 3)
+    assert len(ckpt.load_train_state(latest)[0]["rng"]) == 2
+    resumed = subprocess.run([*launch, "--", *args, "--output-dir", str(run_dir), "--resume"], env=env, cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert ref.wait(timeout=300) == 0
+    final = f"checkpoints/step-{STEPS:06d}"
+    assert_same_state(ref_dir / final, run_dir / final)
+    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+
+
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
