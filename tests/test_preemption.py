@@ -62,6 +62,28 @@ def test_stop_control_raises_at_check_points_and_the_save_clock_ticks():
     assert exit_code(signal.SIGTERM) == 143
 
 
+def test_generation_ends_at_the_next_token_once_a_stop_is_requested():
+    from denser.trainers.models import build_tiny_model
+    from denser.trainers.rollout import HFRolloutEngine, SamplingParams
+
+    model, tok = build_tiny_model(seed=0)
+    engine = HFRolloutEngine(model, tok)
+    params = SamplingParams(max_new_tokens=12, num_generations=2)
+    prompts = [[5, 6, 7], [8, 9]]
+    plain = engine.generate(prompts, params, seed=1)
+    assert engine.generate(prompts, params, seed=1, stop=lambda: False).completion_ids == plain.completion_ids
+    assert max(len(c) for c in plain.completion_ids) > 3
+    polls = []
+
+    def stop():
+        polls.append(1)
+        return len(polls) >= 3  # asked to stop while the third token is sampled
+
+    cut = engine.generate(prompts, params, seed=1, stop=stop)
+    assert max(len(c) for c in cut.completion_ids) == 3
+    assert [c[:3] for c in cut.completion_ids] == [c[:3] for c in plain.completion_ids]
+
+
 def test_save_every_minutes_writes_checkpoints_by_the_clock(tmp_path):
     run = tmp_path / "run"
     args = ["train", *QUICK, "--steps", "3", "--keep-last", "5", "--output-dir", str(run)]

@@ -395,10 +395,10 @@ class Trainer:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self.engine.generate(self._prompt_ids(rows), params)
+        rollout = self.engine.generate(self._prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
         t_gen = time.perf_counter() - t0
-        self.stop.check(f"step {step + 1}, after generation")
+        self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
 
         t1 = time.perf_counter()
         S, G = rollout.num_samples, rollout.num_generations

@@ -142,6 +142,16 @@ class StopControl:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t.tolist()
 
+    @property
+    def during_generation(self) -> Callable[[], bool] | None:
+        """For ``engine.generate(stop=...)``: True once this process was asked to stop, so a long
+        generation ends at its next token. Local, no collective (processes may generate different
+        numbers of tokens); the collective :meth:`check` right after generation then makes every
+        process abandon the step. None when no signals are watched."""
+        if self.signals is None:
+            return None
+        return lambda: self.signals.signum is not None
+
     def check(self, where: str) -> None:
         """Raise :class:`Interrupted` if any process was asked to stop (collective when world > 1)."""
         signum = int(self._all_max([float(self._local_signum())])[0])
