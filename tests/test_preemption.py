@@ -96,15 +96,16 @@ def test_save_every_minutes_writes_checkpoints_by_the_clock(tmp_path):
     assert main([*args, "--overwrite", "--save-every-minutes", "-1"]) == 2
 
 
-def test_a_stop_before_any_step_finished_saves_nothing_and_says_so(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("call, where", [(1, "the evaluation before training"), (2, "step 1, after generation")])
+def test_a_stop_before_any_step_finished_saves_nothing_and_says_so(tmp_path, monkeypatch, capsys, call, where):
     from denser.trainers.rollout import HFRolloutEngine
 
     real = HFRolloutEngine.generate
     calls = []
 
-    def generate(self, *a, **k):  # the first call is the eval before training
+    def generate(self, *a, **k):  # call 1: the eval before training; call 2: step 1's rollout
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == call:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self, *a, **k)
 
@@ -113,9 +114,9 @@ def test_a_stop_before_any_step_finished_saves_nothing_and_says_so(tmp_path, mon
     run = tmp_path / "run"
     assert main(["train", *QUICK, "--steps", "3", "--output-dir", str(run)]) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == ("denser train: stopped by SIGTERM at step 1, after generation: no step had finished, nothing "
-                       "to save; rerun the same command to start over"), err
-    assert ckpt.complete_checkpoints(run) == []
+    assert err[-1] == (f"denser train: stopped by SIGTERM at {where}: no step had finished, nothing to save; "
+                       "rerun the same command to start over"), err
+    assert ckpt.complete_checkpoints(run) == [] and len(calls) == call
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is gone after the run
 
 

@@ -345,8 +345,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------- eval
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes)."""
+    def evaluate(self, stop=None) -> float:
+        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes).
+
+        ``stop``: passed to the engine (only where an abandoned eval loses nothing: before step 1)."""
         from denser.trainers.rollout import SamplingParams
 
         data = self.task.eval
@@ -355,7 +357,7 @@ class Trainer:
         if idx:
             rows = [data[i] for i in idx]
             params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, num_generations=1, do_sample=False)
-            rollout = self.engine.generate(self._prompt_ids(rows), params)
+            rollout = self.engine.generate(self._prompt_ids(rows), params, stop=stop)
             scores = self.task.score_batch(rollout.texts, rows)
             correct[0] = sum(float(self.task.is_success(s)) for s in scores)
             correct[1] = len(rows)
@@ -580,7 +582,8 @@ class Trainer:
             summary.update(already_complete=True, checkpoint=str(path) if path else None)
             return summary
         if self.start_step == 0:
-            acc = self.evaluate()
+            acc = self.evaluate(stop=self.stop.during_generation)
+            self.stop.check("the evaluation before training")  # a stop during it: nothing was done, nothing saved
             summary["eval_accuracy_before"] = acc
             self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
             self._write_metrics({"step": 0, "eval_accuracy": acc})
