@@ -644,11 +644,15 @@ class Trainer:
         one line that says where it is and how to resume. Every process takes part (the save)."""
         self.optimizer.zero_grad(set_to_none=True)  # the abandoned step's gradients
         done = self.steps_done
+        t_stop = time.monotonic()
+        received = getattr(self.stop.signals, "received_at", None)  # None on a process the signal did not reach
+        timing = f"; {t_stop - received:.1f} s from the signal to here" if received is not None else ""
         if done > 0 and self.saved_step != done:
             self.save(done)
+            timing += f", {time.monotonic() - t_stop:.1f} s to save"
         path = ckpt.checkpoint_dir(self.run_dir, done) if self.saved_step == done else None
         stop.step, stop.checkpoint, stop.is_main = done, path, self.is_main
-        head = f"stopped by {signal_name(stop.signum)} at {stop.where}"
+        head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
         if path is None:
             stop.message = f"{head}: no step had finished, nothing to save; rerun the same command to start over"
         else:
