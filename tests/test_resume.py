@@ -225,7 +225,7 @@ def _install_hooks(hooks: dict[str, str]) -> None:
     disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
     nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
     phases=1              print "PHASE <phase> <step>" (flushed) as each phase begins: eval, generate, backward,
-                          optimizer (of the 1-based step in progress) and save (of the step saved)
+                          optimizer (of the 1-based step in progress), save and saved (of the step saved)
     signal_at=P:S:SIG     send SIG (TERM, INT) to this very process as phase P of step S begins
     break=WHAT            a deliberately broken resume, to check that the tests catch it: python_rng,
                           numpy_rng, torch_rng (that stream not restored), rank0_rng (every process
@@ -347,7 +347,15 @@ def _phase_hooks(hooks: dict[str, str]) -> None:
     wrap(HFRolloutEngine, "generate", lambda a: ("generate" if current["step"] else "eval", current["step"]))
     wrap(Accelerator, "backward", lambda a: ("backward", current["step"]))
     wrap(AcceleratedOptimizer, "step", lambda a: ("optimizer", current["step"]))
-    wrap(ckpt, "save_checkpoint", lambda a: ("save", a[1]))
+    real_save = ckpt.save_checkpoint
+
+    def save(*a, **k):  # "save S" ... "saved S": a kill between the two lands inside the write
+        enter("save", a[1])
+        path = real_save(*a, **k)
+        enter("saved", a[1])
+        return path
+
+    ckpt.save_checkpoint = save
 
 
 def _break_resume(what: str) -> None:
