@@ -86,7 +86,7 @@ class StopSignals:
 
     def uninstall(self) -> None:
         for s, previous in self._previous.items():
-            signal.signal(s, previous)
+            signal.signal(s, previous if previous is not None else signal.SIG_DFL)  # None: set outside Python
         self._previous.clear()
 
     def __enter__(self) -> StopSignals:
