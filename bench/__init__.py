@@ -1,1 +1,3 @@
-"""Benchmarks of the loss core (and, later, the loop). ``python -m bench --help``."""
+"""The pytest-benchmark cases (``pytest bench --benchmark-only``) and the recorded results
+(``bench/results/``). The runners live in the package, ``denser.bench``: ``denser bench``,
+``python -m denser.bench``, or ``python -m bench`` from a clone."""

@@ -1,5 +1,5 @@
-import sys
+"""``python -m bench`` from a clone: the same as ``denser bench`` (the runner is ``denser.bench``)."""
 
-from bench.loss_core import main
+from denser.bench import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -363,7 +363,7 @@ def test_resume_from_a_run_whose_only_checkpoint_is_damaged_fails_before_any_com
                                                                                      monkeypatch, capsys):
     import shutil
 
-    from denser.trainers import models
+    from denser.trainers import loop
 
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
@@ -374,7 +374,7 @@ def test_resume_from_a_run_whose_only_checkpoint_is_damaged_fails_before_any_com
     def no_compute(*a, **k):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(models, "load_model", no_compute)
+    monkeypatch.setattr(loop, "load_model", no_compute)  # the loop imports it by name
     capsys.readouterr()
     assert main(["train", *QUICK, "--steps", "3", "--output-dir", str(run), "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -3,7 +3,6 @@
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -110,6 +109,29 @@ def test_ema_teacher_keeps_averaging_across_stages(runs):
     assert torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
 
 
+def test_teacher_reset_restarts_the_ema_teacher_from_each_stages_start(tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "reset"
+    assert main(["continual", "--objective", "sdpo", "--teacher", "ema", "--teacher-reset", "--tasks",
+                 "addition,compare", "--output-dir", str(run), *TINY]) == 0
+    record = _record(run)
+    assert record["continual"]["teacher_reset"] is True
+
+    def final(stage):
+        return next((run / "stages" / stage / "checkpoints").glob("step-*"))
+
+    p1 = load_file(str(final("01-addition") / "model" / "model.safetensors"))
+    t1 = load_file(str(final("01-addition") / "state" / "teacher.safetensors"))
+    t2 = load_file(str(final("02-compare") / "state" / "teacher.safetensors"))
+    p2 = load_file(str(final("02-compare") / "model" / "model.safetensors"))
+    rate = record["objective_args"]["teacher_update_rate"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    # one EMA update in stage 2, from stage 2's starting policy (stage 1's final weights), not stage 1's teacher
+    assert torch.allclose(t2[name], (1 - rate) * p1[name] + rate * p2[name], atol=1e-7)
+    assert not torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
+
+
 def test_report_rerenders_from_the_record(runs, tmp_path):
     sdpo, _ = runs
     copy = tmp_path / "copy"
@@ -194,27 +216,59 @@ def test_existing_run_needs_resume_or_overwrite(runs, capsys):
     assert "already holds a continual run" in capsys.readouterr().err
 
 
-def test_frozen_teacher_and_reference_are_anchored_to_the_initial_model():
-    from denser.trainers.continual import ContinualConfig, ContinualRunner
+def _trainer(tmp_path, name, objective, **kwargs):
+    from denser.objectives import get_objective
     from denser.trainers.config import TrainConfig
+    from denser.trainers.loop import Trainer
+
+    obj_name, _, args = objective.partition(":")
+    obj_args = dict(a.split("=") for a in args.split(",")) if args else {}
+    obj_args = {k: float(v) if k == "kl_coef" else v for k, v in obj_args.items()}
+    cfg = TrainConfig(model="tiny", steps=1, eval_size=2, max_new_tokens=6, num_generations=2, prompts_per_step=1,
+                      progress=False, output_dir=str(tmp_path / name), **kwargs.pop("cfg", {}))
+    return Trainer(cfg, get_objective(obj_name, **obj_args), log=lambda m: None, **kwargs)
+
+
+def test_anchor_is_the_frozen_reference_and_teacher_but_not_the_ema_teacher(tmp_path):
+    """What the continual runner relies on: a stage's frozen reference and frozen teacher are the initial
+    model of the sequence (``anchor``), not the weights the stage starts from."""
     from denser.trainers.models import build_tiny_model
 
-    runner = ContinualRunner(TrainConfig(model="tiny"), None, ContinualConfig(tasks=["addition"]))
-    runner.initial, _ = build_tiny_model(seed=0)
-    stage_start, _ = build_tiny_model(seed=7)  # what a stage's Trainer loads: the previous stage's weights
-    reference, _ = build_tiny_model(seed=7)
-    fake = SimpleNamespace(reference=reference, teacher=SimpleNamespace(mode="frozen", model=stage_start))
-    runner._anchor(fake)
-    for m in (fake.reference, fake.teacher.model):
-        for (name, p), p0 in zip(m.named_parameters(), runner.initial.parameters()):
-            assert torch.equal(p, p0), name
-    ema, _ = build_tiny_model(seed=7)
-    runner._anchor(SimpleNamespace(reference=None, teacher=SimpleNamespace(mode="ema", model=ema)))
-    assert not torch.equal(ema.lm_head.weight, runner.initial.lm_head.weight)  # an EMA teacher is not reset
+    anchor, _ = build_tiny_model(seed=1)  # the stage itself starts from tiny with seed 0
+    ref = _trainer(tmp_path, "ref", "grpo:kl_coef=0.1", anchor=anchor)
+    frozen = _trainer(tmp_path, "frozen", "sdpo:teacher=frozen", anchor=anchor)
+    ema = _trainer(tmp_path, "ema", "sdpo:teacher=ema", anchor=anchor)
+    assert ref.reference is anchor and frozen.teacher.model is anchor
+    assert not any(p.requires_grad for p in anchor.parameters())
+    for t in (ref, frozen, ema):
+        assert not torch.equal(t.policy.lm_head.weight, anchor.lm_head.weight)
+    # an EMA teacher starts from the stage's own weights: the anchor does not reset it
+    assert ema.teacher.model is not anchor and torch.equal(ema.teacher.model.lm_head.weight, ema.policy.lm_head.weight)
+
+
+def test_carry_state_continues_adamw_and_the_ema_teacher_with_this_runs_learning_rate(tmp_path):
+    first = _trainer(tmp_path, "first", "sdpo:teacher=ema")
+    for p in first.policy.parameters():
+        p.grad = torch.ones_like(p)
+    first.optimizer.step()
+    with torch.no_grad():
+        for p in first.teacher.model.parameters():
+            p.add_(1.0)
+    carried = first.carry_state()
+    second = _trainer(tmp_path, "second", "sdpo:teacher=ema", cfg={"lr": 1e-3}, evaluator=lambda t: 0.25, **carried)
+    assert {int(s["step"]) for s in second.optimizer.state_dict()["state"].values()} == {1}
+    assert [g["lr"] for g in second.optimizer.param_groups] == [1e-3]
+    for (name, t), t0 in zip(second.teacher.model.named_parameters(), first.teacher.model.parameters()):
+        assert torch.equal(t, t0), name
+    assert not torch.equal(second.teacher.model.lm_head.weight, second.policy.lm_head.weight)
+    assert second.evaluate() == 0.25  # the evaluator replaces the greedy eval
+    fresh = _trainer(tmp_path, "fresh", "sdpo:teacher=ema")
+    assert fresh.optimizer.state_dict()["state"] == {} and fresh.carry_state()["teacher_state"] is not None
+    assert _trainer(tmp_path, "live", "sdpo:teacher=live").carry_state()["teacher_state"] is None
 
 
 def test_overwrite_removes_only_what_a_continual_run_wrote(tmp_path):
-    from denser.trainers.continual import ContinualConfig, ContinualRunner
+    from denser.continual import ContinualConfig, ContinualRunner
     from denser.trainers.config import TrainConfig
 
     run = tmp_path / "run"

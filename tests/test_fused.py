@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from denser.kernels import LossOutput, Metric, fused_loss, token_stats
+from denser.kernels import CoreOptions, LossOutput, Metric, fused_loss
 from denser.kernels.fused import chunk_bounds
 from denser.objectives import Objective, PolicyBatch, Signal, get_objective, register_objective, unregister_objective
 
@@ -42,7 +42,7 @@ def _case(seed, dtype=torch.float32):
 def _run(case, objective, backend, chunk_size, temperature):
     leaves = {k: case[k].clone().requires_grad_() for k in ("hidden", "weight", "bias")}
     batch = dataclasses.replace(case["batch"], extras=dict(case["batch"].extras))
-    teacher = case["teacher"] if objective.core_options().get("need_divergence") else None
+    teacher = case["teacher"] if objective.core_options().need_divergence else None
     out = fused_loss(leaves["hidden"], leaves["weight"], case["targets"], objective, batch, bias=leaves["bias"],
                      teacher_hidden=teacher, temperature=temperature, backend=backend, chunk_size=chunk_size)
     out.loss.backward()
@@ -88,7 +88,7 @@ class AllStats(Objective):
         return frozenset({Signal.ADVANTAGES, Signal.TEACHER, Signal.ENTROPY})
 
     def core_options(self):
-        return {"need_entropy": True, "need_divergence": True, "alpha": self.alpha}
+        return CoreOptions(need_entropy=True, need_divergence=True, alpha=self.alpha)
 
     def loss(self, stats, batch):
         adv = batch.token_advantages()
@@ -127,6 +127,74 @@ def test_fused_needs_teacher_when_objective_distils():
     case = _case(1)
     with pytest.raises(ValueError, match="teacher_hidden is None"):
         fused_loss(case["hidden"], case["weight"], case["targets"], get_objective("sdpo"), case["batch"])
+
+
+@dataclasses.dataclass
+class _Tokens:
+    """A batch that is not a ``PolicyBatch``: only what ``fused_loss`` needs (``TokenBatch``)."""
+
+    seq_ids: torch.Tensor
+    weight: torch.Tensor  # [N] per-token loss weight
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seq_ids.numel()
+
+    def token_slice(self, start, stop):
+        return _Tokens(self.seq_ids[start:stop], self.weight[start:stop])
+
+
+class _WeightedNLL:
+    """An objective that is not an ``Objective`` subclass: only the members of ``LossObjective``."""
+
+    name = "weighted_nll"
+    separable = "token"
+
+    def core_options(self):
+        return CoreOptions(need_entropy=True)
+
+    def prepare(self, batch):
+        return batch
+
+    def loss(self, stats, batch):
+        per_token = -batch.weight * stats.logp + 0.05 * stats.entropy
+        return LossOutput(per_token.sum(), {"nll": Metric.of(-stats.logp, batch.weight > 0)})
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_duck_typed_objective_and_batch_match_materialised_logits(temperature):
+    case = _case(11)
+    g = torch.Generator().manual_seed(12)
+    valid = case["targets"] != -100
+    batch = _Tokens(case["batch"].seq_ids, torch.rand(N, generator=g) * valid)
+    hidden = case["hidden"].clone().requires_grad_()
+    weight = case["weight"].clone().requires_grad_()
+    out = fused_loss(hidden, weight, case["targets"], _WeightedNLL(), batch, temperature=temperature,
+                     backend="chunked", chunk_size=6)
+    out.loss.backward()
+    # independent reference: full logits, log_softmax, entropy by definition
+    h_ref, w_ref = case["hidden"].clone().requires_grad_(), case["weight"].clone().requires_grad_()
+    logp_all = torch.log_softmax((h_ref @ w_ref.t()) / temperature, dim=-1)
+    logp = logp_all.gather(1, case["targets"].clamp_min(0)[:, None]).squeeze(1) * valid
+    entropy = -(logp_all.exp() * logp_all).sum(-1) * valid
+    want = (-batch.weight * logp + 0.05 * entropy).sum()
+    want.backward()
+    assert torch.allclose(out.loss, want, rtol=1e-5, atol=1e-5), (out.loss, want)
+    assert torch.allclose(hidden.grad, h_ref.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(weight.grad, w_ref.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(out.metrics["nll"].sum, (-logp * (batch.weight > 0)).sum(), rtol=1e-5)
+
+
+def test_core_options_must_be_the_kernels_type():
+    case = _case(2)
+
+    class DictOptions(_WeightedNLL):
+        def core_options(self):
+            return {"need_entropy": True}
+
+    batch = _Tokens(case["batch"].seq_ids, torch.ones(N))
+    with pytest.raises(TypeError, match="must return denser.kernels.CoreOptions"):
+        fused_loss(case["hidden"], case["weight"], case["targets"], DictOptions(), batch)
 
 
 def teardown_module(module):

@@ -138,9 +138,9 @@ def test_signals_depend_on_fields():
     assert Signal.REF_LOGP not in get_objective("grpo", kl_coef=0.0, kl_estimator="k1").signals()
     assert Signal.OLD_LOGP in get_objective("grpo", use_old_logp=True).signals()
     ent = get_objective("grpo", entropy_coef=0.01)
-    assert Signal.ENTROPY in ent.signals() and ent.core_options()["need_entropy"]
-    assert get_objective("grpo", log_entropy=True).core_options()["need_entropy"]
-    assert not get_objective("grpo").core_options()["need_entropy"]
+    assert Signal.ENTROPY in ent.signals() and ent.core_options().need_entropy
+    assert get_objective("grpo", log_entropy=True).core_options().need_entropy
+    assert not get_objective("grpo").core_options().need_entropy
 
 
 def test_separable_follows_ratio_level():

@@ -47,12 +47,12 @@ def make_case(gen: torch.Generator, lens=(3, 5, 1, 4), *, teacher_mask=None, mas
 def stats_for(objective, case, hidden=None, backend="reference"):
     """``token_stats`` with the options the objective asks for."""
     opts = objective.core_options()
-    need_div = opts.get("need_divergence", False)
+    need_div = opts.need_divergence
     return token_stats(
         case["hidden"] if hidden is None else hidden, case["weight"], case["targets"],
         teacher_hidden=case["teacher_hidden"] if need_div else None,
-        alpha=opts.get("alpha", 0.5), topk=opts.get("topk") if need_div else None,
-        add_tail=opts.get("add_tail", True), need_entropy=opts.get("need_entropy", False), backend=backend,
+        alpha=opts.alpha, topk=opts.topk if need_div else None,
+        add_tail=opts.add_tail, need_entropy=opts.need_entropy, backend=backend,
     )
 
 

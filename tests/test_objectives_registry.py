@@ -9,7 +9,7 @@ import torch
 from test_objectives_helpers import make_case
 
 import denser.objectives as objectives
-from denser.kernels import fused_loss, token_stats
+from denser.kernels import CoreOptions, fused_loss, token_stats
 from denser.objectives import (
     LossOutput,
     Metric,
@@ -58,7 +58,7 @@ def test_custom_objective_registered_and_differentiated_through_chunked_core(gen
     assert "test_reinforce" in [row[0] for row in list_objectives()]
     objective = get_objective("test_reinforce", scale=2, bonus=0.1)  # int -> float
     assert objective.scale == 2.0 and isinstance(objective.scale, float)
-    assert objective.core_options() == {"need_entropy": True, "need_divergence": False}
+    assert objective.core_options() == CoreOptions(need_entropy=True, need_divergence=False)
     case = make_case(gen)
     batch = case["batch"]
     grads = {}

@@ -272,3 +272,32 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
 def _environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(kv.decode(errors="replace").split("=", 1) for kv in raw if b"=" in kv)
+
+
+@pytest.mark.slow
+def test_a_signal_after_a_rollout_batchs_first_update_finishes_that_batch_first(tmp_path):
+    """With two updates per rollout batch (--mini-batches 2), SIGTERM as step 3's first optimiser
+    step begins: that update is applied, so the batch is finished (its second update, its metrics
+    row) and step 3 is saved; never a half-applied rollout batch. Resuming ends bit-identical."""
+    args = [*CASES["grpo"][0], *FAST, "--steps", str(STEPS), "--mini-batches", "2"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "stopped"
+    ref = driver(*args, "--output-dir", str(ref_dir))
+    try:
+        stopped = run_driver(*args, "--output-dir", str(run_dir), hooks={"signal_at": "optimizer:3:TERM"})
+        assert stopped.returncode == 143, stopped.stderr[-3000:]
+        err = stopped.stderr.strip().splitlines()
+        saved = ckpt.checkpoint_dir(run_dir, 3)
+        assert "stopped by SIGTERM at the start of step 4" in err[-1] and str(saved) in err[-1], err[-1]
+        assert [r["step"] for r in metrics_rows(run_dir)] == [0, 1, 2, 3]
+        assert metrics_rows(run_dir)[-1]["updates"] == 2
+        resumed = run_driver(*err[-1].split("continue with: denser train ", 1)[1].split())
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        out, err_ref = ref.communicate(timeout=300)
+        assert ref.returncode == 0, err_ref[-3000:]
+    finally:
+        if ref.poll() is None:
+            ref.kill()
+            ref.communicate()
+    final = f"checkpoints/step-{STEPS:06d}"
+    assert_same_state(ref_dir / final, run_dir / final)
+    assert metrics_rows(run_dir) == metrics_rows(ref_dir)

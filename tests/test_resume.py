@@ -92,6 +92,9 @@ CASES = {
     # random token mask and the IS weight on behaviour log-probs
     "sdpo": (["--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3", "--mask-ratio", "0.25",
               "--use-old-logp", "--distill-mode", "full"], "step"),
+    # several updates per rollout batch (shuffled mini-batches, old_logp from a pre-update forward) and
+    # DAPO's dynamic sampling (refill rounds) and overlong shaping
+    "dapo_updates": (["--objective", "dapo", "--mini-batches", "2", "--epochs", "2"], "step"),
 }
 
 
@@ -154,6 +157,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, name):
     assert any(not torch_equal(first[k], last[k]) for k in first)
     if name == "sdpo":
         assert any(r.get("teacher_frac", 0) > 0 for r in rows[1:-1]), "no sample had a teacher"
+    if name == "dapo_updates":
+        assert all(r["updates"] == 4 and r["generation_rounds"] >= 1 for r in rows[1:-1])
 
 
 def _kill_tree(pid: int) -> None:
@@ -236,11 +241,11 @@ def _install_hooks(hooks: dict[str, str]) -> None:
     import errno
 
     from denser.trainers import checkpoint as ckpt
-    from denser.trainers import loop
+    from denser.trainers import loop, run_dir
 
     if "slow_after_step" in hooks:
         after = int(hooks["slow_after_step"])
-        real_step, real_write = loop.Trainer.step, loop.Trainer._write_metrics
+        real_step, real_write = loop.Trainer.step, run_dir.RunDir.append_metrics
 
         def slow_step(self, step):
             if step >= after:
@@ -254,7 +259,7 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                 print("MARK row", row["step"], flush=True)
                 time.sleep(0.5)
 
-        loop.Trainer.step, loop.Trainer._write_metrics = slow_step, slow_write
+        loop.Trainer.step, run_dir.RunDir.append_metrics = slow_step, slow_write
     if "pause_before_rename" in hooks:
         at = int(hooks["pause_before_rename"])
         real_fsync = ckpt._fsync_tree
@@ -363,7 +368,7 @@ def _break_resume(what: str) -> None:
     import torch
 
     from denser.trainers import checkpoint as ckpt
-    from denser.trainers import loop
+    from denser.trainers import prompts, run_dir
 
     real_set = ckpt.set_rng_state
     streams = {"python_rng": (random.getstate, random.setstate),
@@ -399,10 +404,10 @@ def _break_resume(what: str) -> None:
     elif what == "scheduler":
         torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None
     elif what == "metrics":
-        loop.Trainer._truncate_metrics = lambda self, rows: None
-    elif what == "data":
-        real_rows = loop.Trainer._rows_for_step
-        loop.Trainer._rows_for_step = lambda self, step: real_rows(self, step - self.start_step)
+        run_dir.RunDir.truncate_metrics = lambda self, rows: None
+    elif what == "data":  # prompts counted from the first step this process runs (the resume step)
+        real_rows, first = prompts.PromptSchedule.rows_for_step, {}
+        prompts.PromptSchedule.rows_for_step = lambda self, step: real_rows(self, step - first.setdefault(id(self), step))
     else:
         raise ValueError(f"unknown break={what}")
 

@@ -6,16 +6,13 @@ import pytest
 import torch
 
 from denser.trainers.models import build_tiny_model, render_prompt
+from denser.trainers.packing import build_packed_batch, completion_hidden_states, completion_logprobs, lm_head_params
 from denser.trainers.rollout import (
     HFRolloutEngine,
     Rollout,
     SamplingParams,
-    build_packed_batch,
-    completion_hidden_states,
-    completion_logprobs,
     get_rollout_engine,
     list_rollout_engines,
-    lm_head_params,
     truncate_at_stop,
 )
 

@@ -13,7 +13,9 @@ from safetensors.torch import load_file
 
 from denser.cli import main, parse_train_args
 from denser.objectives import Signal
-from denser.trainers import rollout as rollout_mod
+from denser.trainers import loop as loop_mod
+from denser.trainers import signals as signals_mod
+from denser.trainers import teacher as teacher_mod
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 
@@ -88,8 +90,9 @@ def test_only_declared_signals_are_computed(tmp_path, monkeypatch, argv, policy_
     assert (trainer.reference is not None) == has_ref
     assert (trainer.teacher is not None) == has_teacher
     assert (Signal.REF_LOGP in objective.signals()) == has_ref
-    spy = _Spy(rollout_mod.completion_hidden_states)
-    monkeypatch.setattr(rollout_mod, "completion_hidden_states", spy)
+    spy = _Spy(loop_mod.completion_hidden_states)
+    for module in (loop_mod, signals_mod, teacher_mod):  # the policy's forward, the reference's, the teacher's
+        monkeypatch.setattr(module, "completion_hidden_states", spy)
     trainer.step(0)
     micro_batches = -(-cfg.prompts_per_step * cfg.num_generations // cfg.micro_batch_size)
     expected = micro_batches * (1 + int(has_ref) + int(has_teacher))
@@ -122,23 +125,23 @@ def test_signal_the_task_lacks_fails_before_generation(tmp_path):
 
 def test_teacher_with_a_different_vocabulary_is_rejected():
     from denser.objectives import get_objective
-    from denser.tasks import get_task
-    from denser.trainers.loop import check_signals
     from denser.trainers.models import build_tiny_model
+    from denser.trainers.signals import check_teacher_vocabulary
 
     student = build_tiny_model(seed=0)
     student = student[0] if isinstance(student, tuple) else student
     teacher = torch.nn.Module()
     teacher.get_output_embeddings = lambda: torch.nn.Linear(4, student.config.vocab_size + 3)
     with pytest.raises(ValueError, match="vocabulary .* differs from the policy's"):
-        check_signals(get_objective("sdpo"), get_task("addition"), student, teacher)
+        check_teacher_vocabulary(get_objective("sdpo"), student, teacher)
 
 
 def test_objective_fields_are_documented_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--objective", "sdpo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--alpha", "--topk", "--is-clip", "--teacher {live,ema,frozen}", "--teacher-update-rate", "--mask-ratio",
+    for flag in ("--alpha", "--topk", "--is-clip", "--teacher {live,ema,frozen,trust-region}", "--teacher-update-rate",
+                 "--teacher-path", "--teacher-init-alpha", "--reprompt-template", "--mask-truncated-completions", "--mask-ratio",
                  "--steps", "--num-generations", "--prompts-per-step", "--max-new-tokens", "--lr", "--seed",
                  "--output-dir", "--resume", "--eval-every", "--config", "--model", "--task"):
         assert flag in out, flag
@@ -172,3 +175,154 @@ def test_two_process_cpu_run(tmp_path):
     assert proc.stdout.count("eval accuracy:") == 1  # printed by the main process only
     assert all(r.get("skipped", 0) == 0 for r in rows)
     assert _weights(out, 2)
+
+
+def test_a_new_teacher_objective_gets_its_teacher_and_teacher_logp(tmp_path, monkeypatch):
+    """An objective written from scratch (no sdpo class) declares TEACHER and TEACHER_LOGP and says
+    how its teacher is built (TeacherSpec); the loop serves exactly that, knowing nothing else of it."""
+    from dataclasses import dataclass
+
+    from denser.objectives import (
+        TEACHER_LOGP,
+        LossOutput,
+        Metric,
+        Objective,
+        TeacherSpec,
+        aggregate,
+        register_objective,
+        unregister_objective,
+    )
+
+    seen = []
+    spec = TeacherSpec(mode="frozen", include_feedback=True,
+                       reprompt_template="{prompt}{solution}{feedback}\n\nNow answer again, carefully.")
+
+    @register_objective("test_teacher_gap")
+    @dataclass
+    class TeacherGap(Objective):
+        """Toy dense objective: the sampled-token gap to the teacher as a REINFORCE surrogate."""
+
+        scale: float = 1.0
+
+        def signals(self):
+            return frozenset({Signal.REWARDS, Signal.TEACHER, Signal.TEACHER_LOGP})
+
+        def teacher_spec(self):
+            return spec
+
+        def loss(self, stats, batch):
+            teacher_logp = batch.extras[TEACHER_LOGP]
+            seen.append((stats.logp.detach().clone(), teacher_logp.clone(), batch.teacher_mask.clone(),
+                         batch.seq_ids.clone()))
+            gap = stats.logp.detach() - teacher_logp
+            return LossOutput(self.scale * aggregate(gap * stats.logp, batch, "token-mean"),
+                              {"gap": Metric.of(gap, batch.token_mask)})
+
+    contexts = []
+    real_messages = signals_mod.teacher_messages
+
+    def spy_messages(*args):
+        assert args[-1] is spec  # the objective's own spec builds the contexts
+        out = real_messages(*args)
+        contexts.append(out)
+        return out
+
+    monkeypatch.setattr(signals_mod, "teacher_messages", spy_messages)
+    try:
+        cfg = TrainConfig(objective="test_teacher_gap", model="tiny", steps=1, max_new_tokens=6, num_generations=2,
+                          prompts_per_step=2, eval_size=2, micro_batch_size=3, progress=False,
+                          output_dir=str(tmp_path / "run"))
+        trainer = Trainer(cfg, task=ParityAddition(), log=lambda *a: None)
+        assert trainer.teacher is not None and trainer.teacher.mode == "frozen"
+        assert trainer.teacher.model is not trainer.policy and trainer.reference is None
+        row = trainer.step(0)
+    finally:
+        unregister_objective("test_teacher_gap")
+    assert row["skipped"] == 0 and row["gap"] is not None
+    assert len(seen) == 2  # micro-batches of 3 and 1 samples
+    built = [c for c in contexts if c is not None]
+    assert built and all(c[-1]["content"].endswith("Now answer again, carefully.") for c in built)
+    with_teacher = without_teacher = 0
+    for logp, teacher_logp, mask, seq_ids in seen:
+        assert teacher_logp.shape == logp.shape and not teacher_logp.requires_grad
+        assert torch.isfinite(teacher_logp).all() and (teacher_logp <= 0).all()
+        has = mask[seq_ids]
+        # at step 0 the frozen teacher is the policy: on its own prompt it gives the policy's log-probs,
+        # with a teacher context (feedback appended) it gives others
+        torch.testing.assert_close(teacher_logp[~has], logp[~has], rtol=0, atol=1e-5)
+        if has.any():
+            assert not torch.allclose(teacher_logp[has], logp[has], atol=1e-3)
+        with_teacher += int(mask.sum())
+        without_teacher += int((~mask).sum())
+    assert with_teacher > 0 and with_teacher + without_teacher == 4
+
+
+def test_teacher_logp_alone_gets_the_default_teacher_and_a_missing_spec_fails_first(tmp_path):
+    from dataclasses import dataclass
+
+    from denser.objectives import TEACHER_LOGP, LossOutput, Objective, register_objective, unregister_objective
+
+    seen = []
+
+    @register_objective("test_teacher_logp_only")
+    @dataclass
+    class LogpOnly(Objective):
+        """Declares the teacher's log-prob only; the default teacher_spec() serves SDPO's recipe."""
+
+        def signals(self):
+            return frozenset({Signal.REWARDS, Signal.TEACHER_LOGP})
+
+        def loss(self, stats, batch):
+            seen.append(batch.extras[TEACHER_LOGP].shape == stats.logp.shape and batch.teacher_mask is not None)
+            return LossOutput((stats.logp * 0.0).sum(), {})
+
+    @register_objective("test_teacher_no_spec")
+    @dataclass
+    class NoSpec(LogpOnly):
+        """Declares a teacher but says nothing of how to build it."""
+
+        def teacher_spec(self):
+            return None
+
+    kw = dict(model="tiny", steps=1, max_new_tokens=4, num_generations=2, prompts_per_step=1, eval_size=1,
+              progress=False)
+    try:
+        trainer = Trainer(TrainConfig(objective="test_teacher_logp_only", output_dir=str(tmp_path / "a"), **kw),
+                          task=ParityAddition(), log=lambda *a: None)
+        assert trainer.teacher.mode == "ema" and trainer.teacher.rate == 0.05  # TeacherSpec()'s defaults
+        trainer.step(0)
+        assert seen == [True]
+        with pytest.raises(ValueError, match="objective 'test_teacher_no_spec' declares signal 'teacher_logp' but "
+                                             "its teacher_spec\\(\\) returns None"):
+            Trainer(TrainConfig(objective="test_teacher_no_spec", output_dir=str(tmp_path / "b"), **kw),
+                    task=ParityAddition(), log=lambda *a: None)
+        assert not (tmp_path / "b").exists()  # failed before writing anything
+    finally:
+        unregister_objective("test_teacher_logp_only")
+        unregister_objective("test_teacher_no_spec")
+
+
+def test_the_loop_runs_the_engine_named_by_engine_and_refreshes_its_weights(tmp_path):
+    from denser.trainers.rollout import _ENGINES, HFRolloutEngine, list_rollout_engines, register_rollout_engine
+
+    updates = []
+
+    @register_rollout_engine("test_counting")
+    class CountingEngine(HFRolloutEngine):
+        """The HF engine, counting weight refreshes (an inference server would copy the weights here)."""
+
+        def update_weights(self, model):
+            updates.append(model)
+
+    try:
+        assert "test_counting" in list_rollout_engines()
+        cfg, obj = parse_train_args(["--objective", "grpo", *SMALL, "--steps", "1", "--engine", "test_counting",
+                                     "--output-dir", str(tmp_path / "r")])
+        trainer = Trainer(cfg, obj, task=ParityAddition(), log=lambda *a: None)
+        assert isinstance(trainer.engine, CountingEngine)
+        row = trainer.step(0)
+        assert updates == ([trainer.policy] if row["skipped"] == 0 else [])
+    finally:
+        _ENGINES.pop("test_counting", None)
+    with pytest.raises(ValueError, match="--engine must be one of hf, got 'nope'"):
+        TrainConfig(engine="nope")

@@ -24,7 +24,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-_MODULES = ("triton_common", "triton_sweeps", "triton_fused_linear", "triton_ops")
+_MODULES = ("triton_common", "triton_chunk_math", "triton_onchip", "triton_ops")
 
 
 def _interpreted(triton) -> bool:
@@ -58,18 +58,21 @@ def _import_triton_modules():
 
 _mods = _import_triton_modules()
 IN_PROCESS = _mods is not None
-triton_common, triton_sweeps, triton_fused_linear, triton_ops = _mods or (None,) * 4
+triton_common, triton_chunk_math, triton_onchip, triton_ops = _mods or (None,) * 4
 _SUBPROCESS_REASON = ("triton was imported without TRITON_INTERPRET by an earlier test module; this file's "
                       "tests run in a subprocess instead (test_interpreter_suite_in_subprocess)")
 
-from denser.kernels import sweeps as torch_sweeps  # noqa: E402
-from denser.kernels import token_stats  # noqa: E402
-from denser.kernels.options import CoreOptions  # noqa: E402
 from kernel_cases import IGNORE, assert_close_to_reference, make_inputs, run  # noqa: E402
+
+from denser.kernels import (
+    chunk_math,  # noqa: E402
+    token_stats,  # noqa: E402
+)
+from denser.kernels.options import CoreOptions  # noqa: E402
 
 N, H, V = 37, 23, 69  # odd: no tile divides them (tiles are 16 wide under the interpreter)
 CHUNK = 16
-BACKENDS = ["triton_chunked", "triton_fused"]
+BACKENDS = ["triton_chunked", "triton_onchip"]
 FP32 = dict(rtol_norm=1e-4, atol=1e-4)
 
 
@@ -106,7 +109,7 @@ def run_backend(backend, inp, **opts):
     return run(backend, inp, **opts)
 
 
-# ---------------------------------------------------------------------- sweeps vs the torch sweeps
+# ------------------------------------------------------------ Triton chunk math vs the PyTorch one
 
 
 def _sweep_inputs(gen, c=11, v=67):
@@ -123,18 +126,18 @@ def _sweep_inputs(gen, c=11, v=67):
 def test_sweeps_match_torch_sweeps(gen, alpha, temperature):
     zs, zt, y, (g_logp, g_ent, g_div, g_lse) = _sweep_inputs(gen)
     opts = CoreOptions(temperature, alpha, None, True, True, True, IGNORE)
-    want = torch_sweeps.forward_sweep(zs.clone(), zt.clone(), y, opts, True)
+    want = chunk_math.forward_sweep(zs.clone(), zt.clone(), y, opts, True)
     zs0, zt0 = zs.clone(), zt.clone()
-    got = triton_sweeps.forward_sweep(zs, zt, y, opts, True)
+    got = triton_chunk_math.forward_sweep(zs, zt, y, opts, True)
     assert torch.equal(zs, zs0) and torch.equal(zt, zt0), "the forward sweep must not modify the logits"
     for name in ("logp", "lse_s", "entropy", "lse_t", "divergence", "aux"):
         a, b = getattr(got, name), getattr(want, name)
         assert (a is None) == (b is None), name
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    dz_want = torch_sweeps.backward_sweep(zs.clone(), zt.clone(), y, want, g_logp, g_ent, g_div, g_lse, opts)
+    dz_want = chunk_math.backward_sweep(zs.clone(), zt.clone(), y, want, g_logp, g_ent, g_div, g_lse, opts)
     buf = zs.clone()
-    dz = triton_sweeps.backward_sweep(buf, zt, y, got, g_logp, g_ent, g_div, g_lse, opts)
+    dz = triton_chunk_math.backward_sweep(buf, zt, y, got, g_logp, g_ent, g_div, g_lse, opts)
     assert dz.data_ptr() == buf.data_ptr(), "the backward sweep writes d logits over the fp32 logits"
     torch.testing.assert_close(dz, dz_want, rtol=1e-5, atol=1e-6)
     assert dz[4].abs().max().item() == 0.0, "ignored rows get no gradient"
@@ -147,17 +150,17 @@ def test_sweeps_partial_outputs(gen, variant):
     opts = CoreOptions(1.2, 0.5, None, True, variant != "student_only", teacher, IGNORE)
     full = variant == "no_entropy_grad"
     t_in = zt if teacher else None
-    want = torch_sweeps.forward_sweep(zs.clone(), None if t_in is None else t_in.clone(), y, opts, full)
-    got = triton_sweeps.forward_sweep(zs, t_in, y, opts, full)
+    want = chunk_math.forward_sweep(zs.clone(), None if t_in is None else t_in.clone(), y, opts, full)
+    got = triton_chunk_math.forward_sweep(zs, t_in, y, opts, full)
     for name in ("logp", "lse_s", "entropy", "lse_t", "divergence", "aux"):
         a, b = getattr(got, name), getattr(want, name)
         assert (a is None) == (b is None), name
         if b is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     use_div = g_div if full else None
-    dz_want = torch_sweeps.backward_sweep(zs.clone(), None if t_in is None else t_in.clone(), y, want, g_logp, None,
+    dz_want = chunk_math.backward_sweep(zs.clone(), None if t_in is None else t_in.clone(), y, want, g_logp, None,
                                           use_div, g_lse, opts)
-    dz = triton_sweeps.backward_sweep(zs.clone(), t_in, y, got, g_logp, None, use_div, g_lse, opts)
+    dz = triton_chunk_math.backward_sweep(zs.clone(), t_in, y, got, g_logp, None, use_div, g_lse, opts)
     torch.testing.assert_close(dz, dz_want, rtol=1e-5, atol=1e-6)
 
 
@@ -205,7 +208,7 @@ def test_fused_half_precision(gen, dtype, alpha):
     inp = inputs(gen, dtype=dtype, teacher="separate" if alpha == 1.0 else "shared")
     opts = dict(alpha=alpha, need_entropy=True, temperature=0.9)
     ref = run("reference", inp, **opts)
-    got = run_backend("triton_fused", inp, **opts)
+    got = run_backend("triton_onchip", inp, **opts)
     assert got["logp"].dtype == torch.float32
     assert_close_to_reference(got, ref, rtol_norm=1e-2, atol=2e-4)
 
@@ -237,9 +240,9 @@ def test_fused_topk_falls_back_to_chunked(gen):
     inp = inputs(gen, teacher="separate")
     opts = dict(alpha=0.0, topk=4, add_tail=True)
     ref = run("reference", inp, **opts)
-    triton_fused_linear._warn_topk.cache_clear()
+    triton_onchip._warn_topk.cache_clear()
     with pytest.warns(UserWarning, match="triton_chunked"):
-        got = run("triton_fused", inp, chunk_size=CHUNK, **opts)
+        got = run("triton_onchip", inp, chunk_size=CHUNK, **opts)
     assert_close_to_reference(got, ref, **FP32)
 
 
@@ -282,7 +285,7 @@ def _fused(inp, blocks, loss_of, **opts):
     tb = bias.detach() if (bias is not None and inp["teacher_weight"] is None and teacher is not None) else None
     core = CoreOptions(opts.get("temperature", 1.0), opts.get("alpha", 0.5), None, True,
                        opts.get("need_entropy", False), teacher is not None, IGNORE)
-    stats = triton_fused_linear.token_stats(hidden, weight, inp["targets"], bias, teacher, tw, tb, core, blocks=blocks)
+    stats = triton_onchip.token_stats(hidden, weight, inp["targets"], bias, teacher, tw, tb, core, blocks=blocks)
     leaves = [t for t in (hidden, weight, bias) if t is not None]
     grads = torch.autograd.grad(loss_of(stats), leaves)
     return stats, grads
@@ -299,7 +302,7 @@ def test_fused_vocab_splits_and_waves(gen, alpha):
     loss_of = lambda s: (s.logp * weights[0] + s.entropy * weights[1] + s.divergence * weights[2]).sum()  # noqa: E731
     opts = dict(alpha=alpha, need_entropy=True, temperature=0.9)
     n_blocks = -(-N // tiny.block_n)
-    splits, _ = triton_fused_linear._vocab_splits(n_blocks, V, tiny.fwd_block_v, tiny.target_programs)
+    splits, _ = triton_onchip._vocab_splits(n_blocks, V, tiny.fwd_block_v, tiny.target_programs)
     assert splits > 1
     stats, grads = _fused(inp, tiny, loss_of, **opts)
     stats2, grads2 = _fused(inp, tiny, loss_of, **opts)
@@ -356,7 +359,7 @@ FUSED_OBJECTIVES = [
 ]
 
 
-@pytest.mark.filterwarnings("ignore:backend='triton_fused' computes the full-vocabulary")
+@pytest.mark.filterwarnings("ignore:backend='triton_onchip' computes the full-vocabulary")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name, fields", FUSED_OBJECTIVES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(FUSED_OBJECTIVES)])
 def test_fused_loss_matches_plain_reference_route(gen, backend, name, fields):
@@ -375,7 +378,7 @@ def test_fused_loss_matches_plain_reference_route(gen, backend, name, fields):
         teacher_mask=torch.tensor([True, False, True, True, True]).to(DEVICE), norm_length=16.0,
     )
     objective = get_objective(name, **fields)
-    teacher = inp["teacher_hidden"] if objective.core_options().get("need_divergence") else None
+    teacher = inp["teacher_hidden"] if objective.core_options().need_divergence else None
     results = []
     for route in ("reference", backend):
         leaves = [inp["hidden"], inp["weight"], inp["bias"]]
@@ -410,9 +413,9 @@ def test_choose_triton_path_by_free_memory():
     kw = dict(chunk_size=512)
     if CUDA:
         assert triton_ops.choose_triton_path(16384, 4096, 151936, cuda, free_bytes=80 << 30, **kw) == "triton_chunked"
-        assert triton_ops.choose_triton_path(16384, 4096, 151936, cuda, free_bytes=2 << 30, **kw) == "triton_fused"
+        assert triton_ops.choose_triton_path(16384, 4096, 151936, cuda, free_bytes=2 << 30, **kw) == "triton_onchip"
         why = triton_ops.explain_triton_path(16384, 4096, 151936, cuda, free_bytes=2 << 30, **kw)
-        assert why.path == "triton_fused" and why.chunked_bytes > why.free_bytes * triton_ops.FREE_MEMORY_SHARE
+        assert why.path == "triton_onchip" and why.chunked_bytes > why.free_bytes * triton_ops.FREE_MEMORY_SHARE
     else:  # no memory signal off CUDA: the faster path
         assert triton_ops.choose_triton_path(N, H, V, "cpu") == "triton_chunked"
     with pytest.raises(ValueError, match="not a Triton backend"):
@@ -428,7 +431,7 @@ _COMPILE_SCRIPT = textwrap.dedent(
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from denser.kernels import triton_sweeps as sw, triton_fused_linear as fl
+    from denser.kernels import triton_chunk_math as sw, triton_onchip as fl
     from denser.kernels.triton_common import Blocks
 
     FLOATS = ("inv_t", "alpha", "one_m_a", "log1m_a", "log_a")
@@ -511,7 +514,7 @@ def test_gpu_real_shapes_match_reference(gen, backend, dtype, alpha):
     got = run(backend, inp, chunk_size=512 if backend == "triton_chunked" else None, **opts)
     if dtype == torch.float32:
         assert_close_to_reference(got, ref, rtol_norm=2e-4, atol=2e-3)
-    elif backend == "triton_fused":
+    elif backend == "triton_onchip":
         assert_close_to_reference(got, ref, rtol_norm=1.5e-2, atol=2e-3)
     else:
         assert_close_to_reference(got, ref, rtol_norm=3e-2, atol=8e-2)
@@ -539,7 +542,7 @@ def test_gpu_fused_memory_is_bounded(gen):
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     stats = token_stats(inp["hidden"], inp["weight"], inp["targets"], teacher_hidden=inp["teacher_hidden"],
-                        alpha=0.5, need_entropy=True, backend="triton_fused")
+                        alpha=0.5, need_entropy=True, backend="triton_onchip")
     (stats.logp.sum() + stats.divergence.sum() + stats.entropy.sum()).backward()
     torch.cuda.synchronize()
     grads = inp["hidden"].grad.nbytes + inp["weight"].grad.nbytes

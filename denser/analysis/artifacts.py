@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from denser.tasks.answers import _BOXED, _MARKER, _braced
+from denser.tasks.answers import ANSWER_MARKER, BOXED_MARKER, braced_content
 
 DEFAULT_NGRAM = 3
 
@@ -33,7 +33,7 @@ def answer_markers(text: str) -> int:
         return 0
     answer_lines: list[tuple[int, int]] = []  # spans of the answer text after each Answer: marker
     count = 0
-    for m in _MARKER.finditer(text):
+    for m in ANSWER_MARKER.finditer(text):
         if m.start() > 0 and text[m.start() - 1].isalnum():
             continue  # "nanswer:" is not a marker (same rule as extract_answer)
         count += 1
@@ -43,8 +43,8 @@ def answer_markers(text: str) -> int:
             nxt = re.search(r"\S[^\n]*", text[end:])
             line_end = end + nxt.end() if nxt else line_end
         answer_lines.append((m.end(), line_end))
-    for m in _BOXED.finditer(text):
-        if _braced(text, m.end()) is None:
+    for m in BOXED_MARKER.finditer(text):
+        if braced_content(text, m.end()) is None:
             continue  # an unclosed \boxed{ is no answer
         if any(a <= m.start() < b for a, b in answer_lines):
             continue

@@ -67,7 +67,7 @@ def token_drift(current, initial, gens: Generations, *, batch_size: int = 16, ba
     means over all responses (``mean_kl`` is None without ``initial``).
     """
     from denser.kernels import token_stats
-    from denser.trainers.rollout import build_packed_batch, completion_hidden_states, lm_head_params
+    from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
     n = len(gens)
     if n == 0:

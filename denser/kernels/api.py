@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from denser.kernels import reference
-from denser.kernels.options import IGNORE_INDEX, CoreOptions, check_linear_inputs, check_scalar_options, check_targets
+from denser.kernels import chunked, fused, reference
+from denser.kernels.options import (
+    IGNORE_INDEX,
+    CoreOptions,
+    check_linear_inputs,
+    check_scalar_options,
+    check_targets,
+)
+from denser.kernels.protocols import BatchT, LossObjective
 from denser.kernels.stats import LossOutput, TokenStats
-
-if TYPE_CHECKING:  # pragma: no cover
-    from denser.objectives.base import Objective, PolicyBatch
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -53,9 +57,8 @@ def _impl(backend: str):
     if backend == "reference":
         return reference.token_stats
     if backend == "chunked":
-        from denser.kernels import chunked
-
         return chunked.token_stats
+    # lazy: triton is optional and slow to import (JIT setup)
     from denser.kernels import triton_ops
 
     return triton_ops.token_stats_impl(backend)
@@ -91,8 +94,15 @@ def token_stats(
         alpha: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD.
         topk: distil on the student's top-k ids only, with a tail bucket (``add_tail``) or
             renormalised over the support.
-        backend: ``reference`` | ``chunked`` | ``triton`` | ``auto`` (triton on CUDA, else chunked).
-        chunk_size: tokens per chunk for the chunked backends (default: sized to ~64 MiB of logits).
+        backend: one of ``BACKENDS``:
+            ``reference``: materialised fp32 ``[N, V]`` logits and autograd (the ground truth);
+            ``chunked``: PyTorch, tokens in chunks, logits recomputed in backward, any device;
+            ``triton``: CUDA; ``triton_chunked`` when its buffers fit in free memory, else
+            ``triton_onchip``; the two can also be named directly:
+            ``triton_chunked``: the chunked driver with the per-chunk vocabulary math in Triton;
+            ``triton_onchip``: logits tiles computed on chip and never stored, O(N x H + V x H);
+            ``auto`` (default): ``triton`` on CUDA, else ``chunked``.
+        chunk_size: tokens per chunk for the chunked backends (default: sized to a fixed logits-tile budget per device).
 
     Returns:
         ``TokenStats`` with ``logp`` ``[N]``, ``entropy`` ``[N]`` or None, ``divergence`` ``[N]`` or None,
@@ -103,8 +113,9 @@ def token_stats(
                          chunk_size=chunk_size, has_teacher=teacher_hidden is not None)
     teacher_hidden, teacher_weight, teacher_bias = _teacher_head(weight, bias, teacher_hidden, teacher_weight,
                                                                  teacher_bias)
-    opts = CoreOptions(float(temperature), float(alpha), topk, bool(add_tail), bool(need_entropy),
-                       teacher_hidden is not None, ignore_index)
+    opts = CoreOptions(temperature=float(temperature), alpha=float(alpha), topk=topk, add_tail=bool(add_tail),
+                       need_entropy=bool(need_entropy), need_divergence=teacher_hidden is not None,
+                       ignore_index=ignore_index)
     impl = _impl(resolve_backend(backend, hidden.device))
     return impl(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts, chunk_size)
 
@@ -145,8 +156,9 @@ def token_stats_from_logits(
                              "token-level distillation needs one shared vocabulary")
     check_scalar_options(temperature=temperature, alpha=alpha, topk=topk, vocab=vocab, backend="reference",
                          chunk_size=chunk_size, has_teacher=teacher_logits is not None)
-    opts = CoreOptions(float(temperature), float(alpha), topk, bool(add_tail), bool(need_entropy),
-                       teacher_logits is not None, ignore_index)
+    opts = CoreOptions(temperature=float(temperature), alpha=float(alpha), topk=topk, add_tail=bool(add_tail),
+                       need_entropy=bool(need_entropy), need_divergence=teacher_logits is not None,
+                       ignore_index=ignore_index)
     return reference.stats_from_logits(logits, targets, teacher_logits, opts)
 
 
@@ -154,8 +166,8 @@ def fused_loss(
     hidden: Tensor,
     weight: Tensor,
     targets: Tensor,
-    objective: "Objective",
-    batch: "PolicyBatch",
+    objective: LossObjective[BatchT],
+    batch: BatchT,
     *,
     bias: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
@@ -167,15 +179,21 @@ def fused_loss(
 ) -> LossOutput:
     """``objective.loss(token_stats(...), batch)`` with the gradients computed in forward.
 
-    For a separable objective the core evaluates the loss chunk by chunk while each chunk's
-    logits are in memory and accumulates dH and dW right away (four matmuls in all); the returned
-    loss's backward only scales them. Other objectives, and ``backend='reference'``, take the
-    plain route. Both routes give the same loss, metrics and gradients.
+    ``objective`` is anything with the members of ``LossObjective`` (``denser.objectives``'
+    ``Objective`` and ``PolicyBatch`` are): its ``core_options()`` says which statistics to
+    compute; ``temperature`` comes from this call. For a separable objective the core evaluates
+    the loss chunk by chunk while each chunk's logits are in memory and accumulates dH and dW right
+    away (four matmuls in all); the returned loss's backward only scales them. Other objectives,
+    and the ``reference`` and ``triton_onchip`` backends, take the plain route (``token_stats``,
+    then ``objective.loss``). Both routes give the same loss, metrics and gradients.
     """
-    from denser.kernels import fused
-
     opts = objective.core_options()
-    need_div = bool(opts.get("need_divergence", False))
+    if not isinstance(opts, CoreOptions):
+        raise TypeError(
+            f"objective {objective.name!r}.core_options() must return denser.kernels.CoreOptions, "
+            f"got {type(opts).__name__}; build one with CoreOptions(need_entropy=..., need_divergence=..., ...)"
+        )
+    need_div = opts.need_divergence
     if need_div and teacher_hidden is None:
         raise ValueError(
             f"objective {objective.name!r} distils from a teacher (Signal.TEACHER) but teacher_hidden is None; "
@@ -183,26 +201,24 @@ def fused_loss(
         )
     if not need_div:
         teacher_hidden = teacher_weight = teacher_bias = None
-    ignore_index = IGNORE_INDEX
-    check_linear_inputs(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, ignore_index)
-    topk = opts.get("topk") if need_div else None
-    alpha = opts.get("alpha", 0.5)
-    check_scalar_options(temperature=temperature, alpha=alpha, topk=topk, vocab=weight.shape[0], backend=backend,
-                         chunk_size=chunk_size, has_teacher=need_div)
+    core = dataclasses.replace(opts, temperature=temperature, topk=opts.topk if need_div else None)
+    check_linear_inputs(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, core.ignore_index)
+    check_scalar_options(temperature=core.temperature, alpha=core.alpha, topk=core.topk, vocab=weight.shape[0],
+                         backend=backend, chunk_size=chunk_size, has_teacher=need_div)
+    core = dataclasses.replace(core, temperature=float(core.temperature), alpha=float(core.alpha))
     if batch.num_tokens != hidden.shape[0]:
         raise ValueError(f"batch has {batch.num_tokens} tokens (seq_ids) but hidden has {hidden.shape[0]} rows")
     teacher_hidden, teacher_weight, teacher_bias = _teacher_head(weight, bias, teacher_hidden, teacher_weight,
                                                                  teacher_bias)
-    core = CoreOptions(float(temperature), float(alpha), topk, bool(opts.get("add_tail", True)),
-                       bool(opts.get("need_entropy", False)), need_div, ignore_index)
     resolved = resolve_backend(backend, hidden.device)
     if resolved.startswith("triton"):
+        # lazy: triton is optional and slow to import (JIT setup)
         from denser.kernels import triton_ops
 
-        # the fully fused path keeps no logits to take gradients in forward from: plain route
+        # the on-chip path keeps no logits to take gradients in forward from: plain route
         resolved = triton_ops.fused_loss_path(resolved, hidden, weight, teacher_hidden, chunk_size)
     batch = objective.prepare(batch)
-    if resolved in ("reference", "triton_fused") or objective.separable is None:
+    if resolved in ("reference", "triton_onchip") or objective.separable is None:
         stats = _impl(resolved)(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, core, chunk_size)
         return objective.loss(stats, batch)
     return fused.fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias,

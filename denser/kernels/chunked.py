@@ -5,8 +5,9 @@ sweep, per-token scalars kept. Backward recomputes each chunk's logits, turns th
 per-token gradients into d logits with the backward sweep, and accumulates dH, dW (fp32) and
 dbias. Peak memory is O(chunk x V), independent of N.
 
-The per-chunk math lives in ``sweeps.py`` (PyTorch) or ``triton_ops.py`` (Triton); the driver
-here is shared by both (``sweeps`` argument).
+The per-chunk vocabulary math (a forward and a backward sweep over one ``[c, V]`` logits tile)
+lives in ``chunk_math.py`` (PyTorch) or ``triton_chunk_math.py`` (Triton, backend
+``triton_chunked``); the driver here serves both (its ``sweep_impl`` argument).
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from denser.kernels import reference, sweeps as torch_sweeps
-from denser.kernels.sweeps import SweepOut
+from denser.kernels import chunk_math, reference
+from denser.kernels.chunk_math import SweepOut
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import TokenStats
 
@@ -83,7 +84,7 @@ def topk_grads(z_s, z_t, targets, out, g_div, opts):
 
 class _ChunkedStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts: CoreOptions, chunk: int, sweeps):
+    def forward(ctx, hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts: CoreOptions, chunk: int, sweep_impl):
         n = hidden.shape[0]
         f32 = dict(device=hidden.device, dtype=torch.float32)
         logp = torch.empty(n, **f32)
@@ -98,7 +99,7 @@ class _ChunkedStats(torch.autograd.Function):
             b = min(n, a + chunk)
             z_s = chunk_logits(hidden[a:b], weight, bias, ws, "z_s")
             z_t = chunk_logits(t_hidden[a:b], t_weight, t_bias, ws, "z_t") if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None, ws=ws)
+            out = sweep_impl.forward_sweep(z_s, z_t, targets[a:b], opts, full_divergence=teacher and opts.topk is None, ws=ws)
             logp[a:b], lse_s[a:b] = out.logp, out.lse_s
             if entropy is not None:
                 entropy[a:b] = out.entropy
@@ -113,14 +114,14 @@ class _ChunkedStats(torch.autograd.Function):
                     div[a:b] = torch.where(targets[a:b] != opts.ignore_index, d, 0.0)
             del z_s, z_t, out
         ctx.save_for_backward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, lse_s, entropy, lse_t, div, aux)
-        ctx.opts, ctx.chunk, ctx.sweeps = opts, chunk, sweeps
+        ctx.opts, ctx.chunk, ctx.sweep_impl = opts, chunk, sweep_impl
         outs = (logp, entropy if entropy is not None else logp.new_empty(0), div if div is not None else logp.new_empty(0))
         return outs
 
     @staticmethod
     def backward(ctx, g_logp, g_ent, g_div):
         hidden, weight, bias, targets, t_hidden, t_weight, t_bias, lse_s, entropy, lse_t, div, aux = ctx.saved_tensors
-        opts, chunk, sweeps = ctx.opts, ctx.chunk, ctx.sweeps
+        opts, chunk, sweep_impl = ctx.opts, ctx.chunk, ctx.sweep_impl
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         n = hidden.shape[0]
         g_ent = g_ent if entropy is not None else None
@@ -148,7 +149,7 @@ class _ChunkedStats(torch.autograd.Function):
                 support, d_zsk, g_lse = topk_grads(z_s, z_t, targets[sl], saved, g_div[sl], opts)
             elif g_div is not None:
                 g_div_full = g_div[sl]
-            dz = sweeps.backward_sweep(
+            dz = sweep_impl.backward_sweep(
                 z_s, z_t if g_div_full is not None else None, targets[sl], saved,
                 g_logp[sl], None if g_ent is None else g_ent[sl], g_div_full, g_lse, opts, ws=ws,
             )
@@ -168,10 +169,10 @@ class _ChunkedStats(torch.autograd.Function):
 
 
 def token_stats(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts: CoreOptions,
-                chunk_size=None, sweeps=torch_sweeps) -> TokenStats:
+                chunk_size=None, sweep_impl=chunk_math) -> TokenStats:
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     logp, entropy, div = _ChunkedStats.apply(
-        hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, opts, chunk, sweeps
+        hidden, weight, bias, targets, teacher_hidden, teacher_weight, teacher_bias, opts, chunk, sweep_impl
     )
     return TokenStats(
         logp=logp,

@@ -16,15 +16,15 @@ scales the stored gradients by the incoming scalar.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-from denser.kernels import sweeps as torch_sweeps
+from denser.kernels import chunk_math
 from denser.kernels.chunked import chunk_logits, default_chunk_size, topk_divergence
 from denser.kernels.options import CoreOptions
+from denser.kernels.protocols import LossObjective, TokenBatch
 from denser.kernels.stats import LossOutput, TokenStats, merge_metrics
 
 
-def chunk_bounds(batch, n: int, chunk: int, separable: str) -> list[tuple[int, int]]:
+def chunk_bounds(batch: TokenBatch, n: int, chunk: int, separable: str) -> list[tuple[int, int]]:
     """Token ranges of at most ``chunk`` tokens; for sequence-separable objectives every range
     ends on a sequence boundary (a sequence longer than ``chunk`` gets a range of its own)."""
     if separable == "token":
@@ -64,14 +64,19 @@ class _ApplyPrecomputedGrads(torch.autograd.Function):
         return (None, None, *out)
 
 
-def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, objective, batch,
-               opts: CoreOptions, backend: str, chunk_size: int | None) -> LossOutput:
+def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, objective: LossObjective,
+               batch: TokenBatch, opts: CoreOptions, backend: str, chunk_size: int | None) -> LossOutput:
+    """Backend ``chunked`` or ``triton_chunked``: the per-chunk vocabulary math in PyTorch or Triton."""
     if backend == "chunked":
-        sweeps = torch_sweeps
-    else:
-        from denser.kernels import triton_ops
+        sweep_impl = chunk_math
+    elif backend == "triton_chunked":
+        # lazy: triton is optional and slow to import (JIT setup)
+        from denser.kernels import triton_chunk_math
 
-        sweeps = triton_ops.sweeps_for(backend)
+        sweep_impl = triton_chunk_math
+    else:
+        raise ValueError(f"backend={backend!r} has no chunk logits to take gradients in forward from; "
+                         "use 'chunked' or 'triton_chunked'")
     n = hidden.shape[0]
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     need_h, need_w = hidden.requires_grad, weight.requires_grad
@@ -91,7 +96,7 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
         with torch.no_grad():
             z_s = chunk_logits(h_detached[a:b], w_detached, b_detached, ws, "z_s")
             z_t = chunk_logits(teacher_hidden[a:b], teacher_weight, teacher_bias, ws, "z_t") if teacher else None
-            out = sweeps.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, ws=ws,
+            out = sweep_impl.forward_sweep(z_s, z_t, y, opts, full_divergence=teacher and opts.topk is None, ws=ws,
                                        keep=True)
         valid = y != opts.ignore_index
         logp = out.logp.detach().requires_grad_()
@@ -125,7 +130,7 @@ def fused_loss(hidden, weight, targets, bias, teacher_hidden, teacher_weight, te
         if support is not None:
             d_zsk, g_lse = grads[i], grads[i + 1]
         with torch.no_grad():
-            dz = sweeps.backward_sweep(z_s, z_t if g_div_full is not None else None, y, out,
+            dz = sweep_impl.backward_sweep(z_s, z_t if g_div_full is not None else None, y, out,
                                        g_logp, g_ent, g_div_full, g_lse, opts, ws=ws)
             if support is not None:
                 dz.scatter_add_(1, support, d_zsk * (valid[:, None].float() / opts.temperature))

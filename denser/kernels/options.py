@@ -8,7 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-BACKENDS = ("auto", "reference", "chunked", "triton", "triton_chunked", "triton_fused")
+# The backends of ``token_stats`` / ``fused_loss`` (their docstrings say what each one does):
+#   reference       materialised fp32 [N, V] logits and autograd: the ground truth
+#   chunked         PyTorch, tokens in chunks, logits recomputed in backward; any device
+#   triton          CUDA: triton_chunked when its buffers fit in free memory, else triton_onchip
+#   triton_chunked  the chunked driver with the per-chunk vocabulary math in Triton
+#   triton_onchip   Triton kernels that compute logits tiles on chip and never store them
+#   auto            triton on CUDA, else chunked
+BACKENDS = ("auto", "reference", "chunked", "triton", "triton_chunked", "triton_onchip")
 IGNORE_INDEX = -100
 # Floor of the top-k tail mass 1 - sum_{v in top-k} p_v: keeps log(tail) and its gradient finite
 # when the top-k support holds (numerically) all the mass. Every backend uses the same floor.
@@ -17,6 +24,15 @@ TAIL_FLOOR_LOG = -1e-6  # the log-mass of the support is clamped to at most this
 
 @dataclass(frozen=True)
 class CoreOptions:
+    """Which statistics the loss core computes, and how: the one option set of every backend.
+
+    An objective's ``core_options()`` returns one (``need_entropy``, ``need_divergence``,
+    ``alpha``, ``topk``, ``add_tail``); ``fused_loss`` then sets ``temperature`` from its call.
+    ``need_divergence``: the objective distils from a teacher (``teacher_hidden`` required);
+    ``alpha``: 0 = KL(teacher || student), 1 = KL(student || teacher), between = generalised JSD;
+    ``topk``: distil on the student's top-k ids, with a tail bucket when ``add_tail``.
+    """
+
     temperature: float = 1.0
     alpha: float = 0.5
     topk: int | None = None

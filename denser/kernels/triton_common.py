@@ -1,10 +1,10 @@
 """Shared pieces of the Triton loss core: the per-tile math and the block sizes.
 
-Both Triton paths (``triton_sweeps.py``: sweeps over materialised chunk logits;
-``triton_fused_linear.py``: logits tiles computed on chip) see the vocabulary one tile
+Both Triton paths (``triton_chunk_math.py``: sweeps over materialised chunk logits;
+``triton_onchip.py``: logits tiles computed on chip) see the vocabulary one tile
 ``z [rows, BLOCK_V]`` at a time, ``z`` already divided by the temperature and ``-inf`` on columns
 past the vocabulary. The ``@triton.jit`` helpers here hold the math both paths share, so there
-is one copy of every formula (DESIGN.md, Contract 1; notation of ``sweeps.py``):
+is one copy of every formula (DESIGN.md, Contract 1; notation of ``chunk_math.py``):
 
 * ``online_update``: one tile of the single forward sweep. Running per row: the max ``m`` and
   sum ``s = sum exp(z - m)`` of the student (and teacher), ``e = sum exp(z_s - m) z_s`` for the
@@ -26,6 +26,7 @@ fp32, so this matches what the tensor cores compute.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, replace
 
@@ -63,10 +64,10 @@ class Blocks:
     """Tile sizes and launch parameters of both Triton paths.
 
     ``sweep_*``: the chunked sweeps (``sweep_rows`` rows x ``sweep_block_v`` columns per tile).
-    Fused path: logits tiles ``[block_n, fwd_block_v]`` in forward and ``[block_n, block_v]`` in
+    On-chip path (``triton_onchip``): logits tiles ``[block_n, fwd_block_v]`` in forward and ``[block_n, block_v]`` in
     the two backward kernels, reduced over H in steps of ``block_k`` (``tl.dot`` needs every dim
     >= 16). ``target_programs``: the forward and dH kernels split the vocabulary until about this
-    many programs run. ``scratch_bytes``: cap of each fp32 accumulation buffer of the fused
+    many programs run. ``scratch_bytes``: cap of each fp32 accumulation buffer of the on-chip
     backward (dH and dW are accumulated in waves of rows that fit).
 
     The CUDA defaults compile for sm_90 without register spills (``ptxas -v`` with triton 3.9:
@@ -205,8 +206,6 @@ def dlogits_tile(zs, zt, col_ok, cols, y, lse_s, lse_t, ent, aux, c_y, c_p, c_e,
 
 def alpha_constants(alpha: float) -> tuple[float, float, float]:
     """(1 - a, log(1 - a), log a) for the JSD kernels (placeholders at the end points)."""
-    import math
-
     if 0.0 < alpha < 1.0:
         return 1.0 - alpha, math.log1p(-alpha), math.log(alpha)
     return 1.0 - alpha, 0.0, 0.0

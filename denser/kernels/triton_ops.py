@@ -4,16 +4,17 @@ Two Triton paths compute the same statistics as ``reference`` (DESIGN.md, Contra
 
 ``triton_chunked``  tokens in chunks; each chunk's logits come from one cuBLAS matmul into an fp32
                     ``[chunk, V]`` buffer and one Triton sweep per direction does the vocabulary
-                    math (``triton_sweeps.py``; the chunk driver is ``chunked.py``, and ``fused.py``
-                    for ``fused_loss``). Memory O(chunk x V) plus an fp32 dW accumulator (V x H).
-                    Fastest: the matmuls run at cuBLAS speed.
-``triton_fused``    logits tiles computed on chip and never stored (``triton_fused_linear.py``).
-                    Memory O(N x H + V x H) with bounded fp32 accumulation buffers; it recomputes
-                    the logits in backward (twice: once for dH, once for dW) so it is slower.
+                    math (``triton_chunk_math.py``; the chunk driver is ``chunked.py``, and
+                    ``fused.py`` for ``fused_loss``). Memory O(chunk x V) plus an fp32 dW
+                    accumulator (V x H). Fastest: the matmuls run at cuBLAS speed.
+``triton_onchip``   logits tiles computed on chip, never written to device memory
+                    (``triton_onchip.py``). Memory O(N x H + V x H) with bounded fp32 accumulation
+                    buffers; it recomputes the logits in backward (twice: once for dH, once for
+                    dW) so it is slower.
 ``triton``          picks one of the two from the free device memory (``choose_triton_path``):
-                    the chunked path when its buffers fit, else the fused path.
+                    the chunked path when its buffers fit, else the on-chip path.
 
-Top-k runs on the chunked path only (the fused backend forwards it there with a warning).
+Top-k runs on the chunked path only (the on-chip backend forwards it there with a warning).
 """
 
 from __future__ import annotations
@@ -22,35 +23,21 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from denser.kernels import chunked, triton_fused_linear, triton_sweeps
+from denser.kernels import chunked, triton_chunk_math, triton_onchip
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import TokenStats
 from denser.kernels.triton_common import default_blocks
 
-TRITON_PATHS = ("triton_chunked", "triton_fused")
 # Share of the free device memory the chunked path may plan to use (the rest is headroom for the
 # allocator's fragmentation and for whatever else the step allocates meanwhile).
 FREE_MEMORY_SHARE = 0.8
-
-
-def sweeps_for(backend: str):
-    """The sweeps module the chunk drivers (``chunked.py``, ``fused.py``) use for a Triton backend.
-
-    Every Triton backend that runs through a chunk driver uses the Triton sweeps. Note for
-    ``fused_loss``: the fully fused path has no chunk logits to sweep, so ``fused_loss`` with
-    ``triton_fused`` (or ``triton`` when ``fused_loss_path`` says ``triton_fused``) should take the
-    plain route ``token_stats_impl("triton_fused")`` + ``objective.loss``.
-    """
-    if not backend.startswith("triton"):
-        raise ValueError(f"backend={backend!r} is not a Triton backend")
-    return triton_sweeps
 
 
 def chunked_token_stats(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias,
                         opts: CoreOptions, chunk_size=None) -> TokenStats:
     """Backend ``triton_chunked``: the shared chunk driver with the Triton sweeps."""
     return chunked.token_stats(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts,
-                               chunk_size, sweeps=triton_sweeps)
+                               chunk_size, sweep_impl=triton_chunk_math)
 
 
 # ------------------------------------------------------------------------------------ path choice
@@ -63,7 +50,7 @@ class PathChoice:
     path: str
     free_bytes: int | None
     chunked_bytes: int
-    fused_bytes: int
+    onchip_bytes: int
     chunk_size: int
 
     def as_dict(self) -> dict:
@@ -89,8 +76,8 @@ def memory_estimates(n: int, h: int, v: int, *, device: torch.device, dtype: tor
     chunked_bytes = tiles + (v * h * 4 if need_weight_grad else 0)
     blocks = default_blocks(device)
     per_token = n * 4 * 16  # saved statistics, coefficients and forward partials
-    fused_bytes = 2 * blocks.scratch_bytes + per_token
-    return dict(chunked_bytes=int(chunked_bytes), fused_bytes=int(fused_bytes), chunk_size=int(chunk))
+    onchip_bytes = 2 * blocks.scratch_bytes + per_token
+    return dict(chunked_bytes=int(chunked_bytes), onchip_bytes=int(onchip_bytes), chunk_size=int(chunk))
 
 
 def explain_triton_path(n: int, h: int, v: int, device: torch.device | str, *, dtype: torch.dtype = torch.bfloat16,
@@ -104,20 +91,21 @@ def explain_triton_path(n: int, h: int, v: int, device: torch.device | str, *, d
     if free is None:  # not CUDA (the interpreter): no memory signal, take the faster path
         path = "triton_chunked"
     else:
-        path = "triton_chunked" if est["chunked_bytes"] <= FREE_MEMORY_SHARE * free else "triton_fused"
+        path = "triton_chunked" if est["chunked_bytes"] <= FREE_MEMORY_SHARE * free else "triton_onchip"
     return PathChoice(path=path, free_bytes=free, **est)
 
 
 def choose_triton_path(n: int, h: int, v: int, device: torch.device | str, **kwargs) -> str:
     """``"triton_chunked"`` when its O(chunk x V + V x H) buffers fit in the free device memory
-    (it runs the matmuls on cuBLAS and is the faster path), else ``"triton_fused"``
+    (it runs the matmuls on cuBLAS and is the faster path), else ``"triton_onchip"``
     (O(N x H + V x H), logits never stored). Keyword arguments as ``explain_triton_path``."""
     return explain_triton_path(n, h, v, device, **kwargs).path
 
 
 def fused_loss_path(backend: str, hidden, weight, teacher_hidden=None, chunk_size: int | None = None) -> str:
-    """Which Triton path ``fused_loss`` should run for ``backend``: ``triton_chunked`` (chunk driver
-    with ``sweeps_for(backend)``, gradients in forward) or ``triton_fused`` (plain route)."""
+    """Which Triton path ``fused_loss`` should run for ``backend``: ``triton_chunked`` (the chunk
+    driver of ``fused.py`` with ``triton_chunk_math``, gradients in forward) or ``triton_onchip``
+    (no chunk logits to take gradients in forward from: ``token_stats`` + ``objective.loss``)."""
     if backend != "triton":
         return backend
     return choose_triton_path(hidden.shape[0], hidden.shape[1], weight.shape[0], hidden.device, dtype=hidden.dtype,
@@ -141,8 +129,8 @@ def token_stats_impl(backend: str):
     """The ``token_stats`` implementation of a Triton backend (signature of ``chunked.token_stats``)."""
     if backend == "triton_chunked":
         return chunked_token_stats
-    if backend == "triton_fused":
-        return triton_fused_linear.token_stats
+    if backend == "triton_onchip":
+        return triton_onchip.token_stats
     if backend == "triton":
         return auto_token_stats
-    raise ValueError(f"backend={backend!r} is not a Triton backend; use 'triton', 'triton_chunked' or 'triton_fused'")
+    raise ValueError(f"backend={backend!r} is not a Triton backend; use 'triton', 'triton_chunked' or 'triton_onchip'")

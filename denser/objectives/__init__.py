@@ -6,8 +6,9 @@ Importing this package registers the built-in families: ``grpo`` (and the preset
 
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import (
+    DEFAULT_OBJECTIVE,
+    TEACHER_SIGNALS,
     Objective,
-    PolicyBatch,
     Signal,
     field_help,
     get_objective,
@@ -17,17 +18,21 @@ from denser.objectives.base import (
     register_objective,
     unregister_objective,
 )
+from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
 from denser.objectives.common import aggregate, group_advantages, kl_estimate, normaliser_counts
 from denser.objectives.grpo import DAPO, GRPO, GSPO, DrGRPO
-from denser.objectives.sdpo import SDPO, TEACHER_LOGP
 from denser.objectives.hybrid import Hybrid, HybridAdv
+from denser.objectives.sdpo import SDPO
+from denser.objectives.teacher import TeacherOptions, TeacherSpec, teacher_messages
 
 __all__ = [
     "DAPO",
+    "DEFAULT_OBJECTIVE",
     "GRPO",
     "GSPO",
     "SDPO",
     "TEACHER_LOGP",
+    "TEACHER_SIGNALS",
     "DrGRPO",
     "Hybrid",
     "HybridAdv",
@@ -36,6 +41,8 @@ __all__ = [
     "Objective",
     "PolicyBatch",
     "Signal",
+    "TeacherOptions",
+    "TeacherSpec",
     "TokenStats",
     "aggregate",
     "field_help",
@@ -47,5 +54,6 @@ __all__ = [
     "objective_class",
     "objective_fields",
     "register_objective",
+    "teacher_messages",
     "unregister_objective",
 ]

@@ -13,22 +13,11 @@ import typing
 from pathlib import Path
 
 from denser.objectives.base import field_help, list_objectives, objective_class, objective_fields
+from denser.objectives.fields import type_name
 
 BEGIN = "<!-- BEGIN GENERATED: python -m denser.objectives.docs -->"
 END = "<!-- END GENERATED -->"
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "docs" / "objectives.md"
-
-
-def type_name(annotation) -> str:
-    """``Literal['a', 'b']`` -> ``'a' | 'b'``; ``float | None`` -> ``float | None``."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Literal:
-        return " | ".join(repr(a) for a in args)
-    if args and origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return " | ".join(type_name(a) for a in args)
-    if annotation is type(None):
-        return "None"
-    return getattr(annotation, "__name__", str(annotation))
 
 
 def _cell(text: str) -> str:
@@ -45,7 +34,9 @@ def objective_section(name: str, doc: str, signals) -> str:
         doc,
         "",
         f"Signals with the defaults: {', '.join(f'`{s}`' for s in sorted(map(str, signals)))}. "
-        f"Separable: `{obj.separable}`.",
+        f"Separable: `{obj.separable}`."
+        + ("" if not obj.run_defaults() else " Run options it turns on (where the user sets none): "
+           + ", ".join(f"`{k}={v!r}`" for k, v in obj.run_defaults().items()) + "."),
         "",
         "| field | type | default | help |",
         "| --- | --- | --- | --- |",
@@ -59,8 +50,6 @@ def objective_section(name: str, doc: str, signals) -> str:
 
 def reference_markdown() -> str:
     """The generated section (without markers): one table per built-in registered objective."""
-    import denser.objectives  # noqa: F401  (registers the built-ins)
-
     rows = [row for row in list_objectives() if objective_class(row[0]).__module__.startswith("denser.")]
     return "\n\n".join(objective_section(name, doc, signals) for name, doc, signals in rows) + "\n"
 

@@ -22,8 +22,10 @@ import re
 
 ANSWER_INSTRUCTION = "End with 'Answer: <answer>'."
 
-_MARKER = re.compile(r"(?:final\s+)?answer\s*(?:\*\*|__)?\s*(?::|-|is\b:?)\s*(?:\*\*|__)?", re.IGNORECASE)
-_BOXED = re.compile(r"\\boxed\s*\{")
+# The answer markers of rule 1, public for the format checks of ``denser.analysis.artifacts``:
+# ``Answer:`` and its variants, and the opening of ``\boxed{`` (its content: ``braced_content``).
+ANSWER_MARKER = re.compile(r"(?:final\s+)?answer\s*(?:\*\*|__)?\s*(?::|-|is\b:?)\s*(?:\*\*|__)?", re.IGNORECASE)
+BOXED_MARKER = re.compile(r"\\boxed\s*\{")
 _NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 
 
@@ -32,11 +34,11 @@ def extract_answer(text: str) -> str | None:
     if not text:
         return None
     candidates: list[tuple[int, str]] = []  # (position, raw answer)
-    for m in _BOXED.finditer(text):
-        content = _braced(text, m.end())
+    for m in BOXED_MARKER.finditer(text):
+        content = braced_content(text, m.end())
         if content is not None:
             candidates.append((m.start(), content))
-    for m in _MARKER.finditer(text):
+    for m in ANSWER_MARKER.finditer(text):
         # the marker must start a word ("Answer:" not "nanswer:")
         if m.start() > 0 and text[m.start() - 1].isalnum():
             continue
@@ -49,9 +51,9 @@ def extract_answer(text: str) -> str | None:
     if not candidates:
         return None
     _, raw = max(candidates, key=lambda c: c[0])
-    boxed_inside = _BOXED.search(raw)  # "Answer: \boxed{7}"
+    boxed_inside = BOXED_MARKER.search(raw)  # "Answer: \boxed{7}"
     if boxed_inside:
-        inner = _braced(raw, boxed_inside.end())
+        inner = braced_content(raw, boxed_inside.end())
         if inner is not None:
             raw = inner
     return clean_answer(raw)
@@ -93,7 +95,7 @@ def normalize_text(s: str, *, case_sensitive: bool = False) -> str:
     return s if case_sensitive else s.casefold()
 
 
-def _braced(text: str, start: int) -> str | None:
+def braced_content(text: str, start: int) -> str | None:
     """Content from ``start`` (just after an opening brace) to its matching closing brace."""
     depth = 1
     for i in range(start, len(text)):

@@ -1,4 +1,4 @@
-"""The task contract: rows, prompts, scores with feedback, and the registry.
+"""The task contract: rows, prompts and scores with feedback (the registry: ``registry.py``).
 
 A task is a source of prompts with a verifiable reward::
 
@@ -16,9 +16,8 @@ what a CLI flag needs: ``get_task("file:data.jsonl?reward=numeric&eval_fraction=
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable
-from urllib.parse import parse_qsl
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping
 
 from datasets import Dataset
 
@@ -35,11 +34,15 @@ class Score:
             would (it does not give the solution away); ``None`` on success. SDPO puts it in the
             teacher's context.
         answer: the extracted final answer (``None`` when the reply had none), for logs.
+        rewards: for a task scored by several reward functions (:mod:`denser.tasks.rewards`),
+            each one's unweighted value ``{name: value}`` (``score`` is their weighted sum); the
+            loop logs their means as ``reward/<name>``. ``None`` for a single built-in rule.
     """
 
     score: float
     feedback: str | None = None
     answer: str | None = None
+    rewards: Mapping[str, float] | None = field(default=None, hash=False)
 
 
 class Task:
@@ -68,6 +71,9 @@ class Task:
     default_num_eval: ClassVar[int] = 100
     #: worked examples ``(question, reply)`` shown as earlier turns when ``few_shot`` is on
     examples: ClassVar[tuple[tuple[str, str], ...]] = ()
+    #: the signals (``denser.objectives.Signal`` values) the loop can build from this task: rewards,
+    #: and teacher contexts from successes and feedback; a task that cannot build a teacher drops "teacher"
+    provides: ClassVar[frozenset[str]] = frozenset({"rewards", "advantages", "teacher"})
 
     def __init__(
         self,
@@ -178,83 +184,3 @@ class Task:
 def _to_dataset(rows: list[dict[str, Any]]) -> Dataset:
     rows = [{"id": i, **r} for i, r in enumerate(rows)]
     return Dataset.from_list(rows)
-
-
-# ------------------------------------------------------------------------------------------------
-# registry
-
-TaskFactory = Callable[..., Task]
-_TASKS: dict[str, TaskFactory] = {}
-_DESCRIPTIONS: dict[str, str] = {}
-FILE_PREFIX = "file:"
-
-
-def register_task(name: str, description: str | None = None):
-    """Decorator: register a ``Task`` subclass (or a factory returning a task) under ``name``."""
-
-    def deco(factory: TaskFactory) -> TaskFactory:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
-        if isinstance(factory, type) and issubclass(factory, Task):
-            factory.name = name
-        _TASKS[name] = factory
-        _DESCRIPTIONS[name] = description or getattr(factory, "description", "") or ""
-        return factory
-
-    return deco
-
-
-def list_tasks() -> list[str]:
-    """Registered task names (``file:PATH`` tasks are not listed: any local file works)."""
-    return sorted(_TASKS)
-
-
-def task_descriptions() -> dict[str, str]:
-    """``{name: one-line description}`` of the registered tasks, for ``denser tasks``."""
-    return {n: _DESCRIPTIONS[n] for n in list_tasks()}
-
-
-def get_task(name: str, **options: Any) -> Task:
-    """Build a task by name.
-
-    Args:
-        name: a registered name (see :func:`list_tasks`) or ``file:PATH`` (a local
-            ``.jsonl``/``.json``/``.parquet``/``.csv`` file; see :class:`~denser.tasks.file_task.FileTask`).
-            Options may follow a ``?``: ``"addition?seed=3&num_eval=50"``.
-        **options: constructor options (``seed``, ``num_train``, ``num_eval``, ...); they
-            override inline options.
-    """
-    base, inline = _split_options(name)
-    options = {**inline, **options}
-    if base.startswith(FILE_PREFIX):
-        from denser.tasks.file_task import FileTask
-
-        return FileTask(base[len(FILE_PREFIX):], **options)
-    if base not in _TASKS:
-        known = ", ".join(list_tasks())
-        raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file")
-    try:
-        return _TASKS[base](**options)
-    except TypeError as exc:
-        raise TypeError(f"task {base!r}: bad options {sorted(options)}: {exc}") from exc
-
-
-def _split_options(name: str) -> tuple[str, dict[str, Any]]:
-    base, sep, query = str(name).partition("?")
-    if not sep:
-        return base, {}
-    return base, {k: _coerce(v) for k, v in parse_qsl(query, keep_blank_values=True, strict_parsing=True)}
-
-
-def _coerce(value: str) -> Any:
-    low = value.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(value)
-        except ValueError:
-            pass
-    return value

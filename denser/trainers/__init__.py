@@ -1,1 +1,56 @@
-"""trainers"""
+"""The on-policy loop and what it runs on: rollout engines, models, checkpoints, teacher weights.
+
+    from denser.trainers import Trainer, TrainConfig
+    summary = Trainer(TrainConfig(objective="grpo", model="tiny", steps=3)).train()
+
+Modules: ``loop`` (``Trainer``: one step = rollout, score, signals, update, metrics), ``signals``
+(the signals an objective declared), ``run_dir`` (config.yaml, metrics.jsonl, resume),
+``rollout`` (engines, ``Rollout``), ``packing`` (``PackedBatch``, hidden states for the loss
+core), ``models`` (``load_model``: embedded default, tiny, local directories), ``checkpoint``
+(atomic checkpoints, RNG state), ``teacher`` (``TeacherWeights``), ``config`` (``TrainConfig``),
+``io`` (atomic file writes).
+"""
+
+import importlib
+
+# Every public name and the module it lives in. Resolved on first use (PEP 562), for start-up time
+# only: the loop imports accelerate and transformers (seconds), while `denser train --help` and a
+# bad flag need nothing but TrainConfig.
+_EXPORTS = {
+    "CheckpointError": "checkpoint",
+    "latest_checkpoint": "checkpoint",
+    "TrainConfig": "config",
+    "Trainer": "loop",
+    "TrainingStopped": "loop",
+    "EmbeddedModelMissingError": "models",
+    "ModelNotFoundError": "models",
+    "build_tiny_model": "models",
+    "load_model": "models",
+    "render_prompt": "models",
+    "PackedBatch": "packing",
+    "build_packed_batch": "packing",
+    "completion_hidden_states": "packing",
+    "completion_logprobs": "packing",
+    "lm_head_params": "packing",
+    "HFRolloutEngine": "rollout",
+    "Rollout": "rollout",
+    "RolloutEngine": "rollout",
+    "SamplingParams": "rollout",
+    "get_rollout_engine": "rollout",
+    "list_rollout_engines": "rollout",
+    "register_rollout_engine": "rollout",
+    "TeacherWeights": "teacher",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'denser.trainers' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"denser.trainers.{_EXPORTS[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

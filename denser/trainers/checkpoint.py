@@ -42,6 +42,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from denser.trainers.io import atomic_write_text, fsync_dir, fsync_file
+
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"^step-(\d+)$")
 OLD_RE = re.compile(r"^\.old-step-(\d+)-")
@@ -322,12 +324,12 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
             save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(state / "teacher.safetensors"))
         (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(tmp)
-        _write_synced(tmp / COMPLETE, json.dumps(manifest(tmp, step), indent=1))
+        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step), indent=1))
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             aside = final.parent / f"{OLD_PREFIX}{step:06d}-{tmp.name[len(TMP_PREFIX) + 7:]}"
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if aside is not None and aside.exists() and not final.exists():
@@ -339,33 +341,12 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     return final
 
 
-def _write_synced(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _fsync_tree(root: Path) -> None:
     for path in root.rglob("*"):
         if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(path)
     for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
-        _fsync_dir(path)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+        fsync_dir(path)
 
 
 # ---------------------------------------------------------------------------------------- find

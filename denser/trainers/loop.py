@@ -1,43 +1,64 @@
 """The generic on-policy loop: one loop for every registered objective.
 
-Per step:  prompts -> rollout engine -> completions + behaviour log-probs
-           -> task.score -> rewards (+ feedback)
-           -> the signals the objective declared, and only those (advantages, reference
-              log-probs from a frozen copy, the SDPO teacher's hidden states)
-           -> per micro-batch: policy forward to final hidden states [N, H]
-              -> kernels.fused_loss(hidden, lm_head.weight, targets, objective, batch, teacher_hidden=...)
-           -> backward, clip, optimiser step, teacher EMA update, metrics, checkpoint
+One step is one rollout batch (DESIGN.md, Contract 3)::
+
+    rollout   prompts of the step -> rollout engine -> completions + behaviour log-probs
+    score     task.score -> rewards (+ feedback, + overlong shaping); with dynamic sampling, rounds of
+              rollout + score until enough groups have varied rewards (trainers/sampling.py)
+    signals   what the objective declared, and only those (trainers/signals.py): old_logp (a no-grad
+              forward of the pre-update policy when a step makes several updates), advantages,
+              teacher contexts
+    updates   epochs x mini-batches optimiser updates; each: per micro-batch, reference / teacher
+              forwards (no grad), then the policy forward to final hidden states [N, H] ->
+              kernels.fused_loss(...) -> backward (normalisers: the update's mini-batch); clip, step
+    finish    once per rollout batch: LR schedule, teacher EMA, engine weights
+    metrics   one row of metrics.jsonl, summed over processes
+
+The run directory (config.yaml, metrics.jsonl, resume) is :class:`~denser.trainers.run_dir.RunDir`;
+checkpoints are :mod:`denser.trainers.checkpoint`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import math
-import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
 from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
-from denser.kernels import fused_loss, merge_metrics, token_stats
-from denser.objectives import Objective, PolicyBatch, Signal, get_objective
-from denser.objectives.common import group_advantages, normaliser_counts
+from denser.kernels import Metric, fused_loss, merge_metrics
+from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
+from denser.plugins import plugin_imports
+from denser.tasks import DEFAULT_TASK, Task, get_task
+from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
+from denser.trainers.models import load_model
+from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
-from denser.trainers.teacher import TeacherSettings, TeacherWeights, teacher_messages
-
-LOOP_SIGNALS = frozenset(Signal)
-TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what a run directory holds (and --overwrite removes)
-# Differences between a run's config.yaml and a --resume that make it another run.
-RESUME_MUST_MATCH = ("objective", "model", "task")
-# Prompts checked against the model's context before any compute (the rest are checked as they are used).
-MAX_PREFLIGHT_PROMPTS = 20_000
+from denser.trainers.prompts import PromptSchedule
+from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
+from denser.trainers.run_dir import RunDir
+from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
+from denser.trainers.signals import (
+    MicroBatch,
+    SignalComputer,
+    TeacherInputs,
+    check_signals,
+    check_teacher_vocabulary,
+)
+from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+from denser.trainers.tracking import Tracker
 
 
 class TrainingStopped(RuntimeError):
@@ -52,94 +73,109 @@ class PolicyLoss(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, packed, objective: Objective, batch: PolicyBatch, teacher_hidden, teacher_weight, teacher_bias,
+    def forward(self, packed: PackedBatch, objective: Objective, batch: PolicyBatch, teacher: TeacherInputs | None,
                 temperature: float, backend: str, chunk_size: int | None):
-        from denser.trainers.rollout import completion_hidden_states, lm_head_params
-
         hidden = completion_hidden_states(self.model, packed)
         weight, bias = lm_head_params(self.model)
-        out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias, teacher_hidden=teacher_hidden,
-                         teacher_weight=teacher_weight, teacher_bias=teacher_bias, temperature=temperature,
-                         backend=backend, chunk_size=chunk_size)
+        out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias,
+                         teacher_hidden=teacher.hidden if teacher else None,
+                         teacher_weight=teacher.weight if teacher else None,
+                         teacher_bias=teacher.bias if teacher else None,
+                         temperature=temperature, backend=backend, chunk_size=chunk_size)
         return out.loss, out.metrics
 
 
-def check_signals(objective: Objective, task: Any, policy: nn.Module, teacher: nn.Module | None) -> None:
-    """Fail before any generation when a declared signal cannot be provided."""
-    name = objective.name
-    for s in objective.signals():
-        if s not in LOOP_SIGNALS:
-            raise ValueError(f"objective {name!r} declares signal {s!r}, which the loop cannot compute; "
-                             f"known signals: {', '.join(x.value for x in Signal)}")
-    provides = getattr(task, "provides", None)
-    if provides is not None:
-        for s in objective.signals() & TASK_SIGNALS:
-            if s not in provides:
-                raise ValueError(f"objective {name!r} needs signal '{s.value}' but task {task.name!r} cannot provide it "
-                                 f"(it provides: {', '.join(sorted(x.value for x in provides))})")
-    if teacher is not None:
-        v_s = policy.get_output_embeddings().weight.shape[0]
-        v_t = teacher.get_output_embeddings().weight.shape[0]
-        if v_s != v_t:
-            raise ValueError(f"objective {name!r} distils from a teacher whose vocabulary ({v_t}) differs from the "
-                             f"policy's ({v_s}); token-level distillation needs one shared tokenizer")
+class PhaseTimer:
+    """Wall time per named phase of a step, summed over the phase's entries: ``with timer("update"): ...``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class UpdateResult:
+    """What one optimiser update reports."""
+
+    loss: float  # summed over micro-batches and processes
+    grad_norm: float
+    applied: bool  # False: a non-finite loss or gradient norm; the update was skipped
+    metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
 
 
 class Trainer:
-    """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics."""
+    """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics.
 
-    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Any = None, log=print,
-                 stop_signals: StopSignals | None = None):
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+    ``task`` defaults to ``cfg.task`` (a registered name or ``file:PATH``); ``log`` prints messages
+    (the main process only). After construction: ``policy`` (the unwrapped model being trained),
+    ``optimizer``, ``scheduler``, ``reference`` and ``teacher`` (``TeacherWeights``, or None when
+    the objective declares no such signal), ``world`` (number of processes).
 
-        from denser.tasks import DEFAULT_TASK, get_task
-        from denser.trainers.models import load_model
-        from denser.trainers.rollout import HFRolloutEngine
+    What a run starts from besides ``cfg.model`` (the continual runner chains runs with these):
 
-        self.cfg = cfg
-        self.log = log
-        self.objective = objective if objective is not None else get_objective(cfg.objective)
-        self.signals = self.objective.signals()
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+    - ``anchor``: the model the frozen reference (``ref_logp``) and a ``frozen`` teacher are: shared,
+      not copied, and never trained (default: a fresh load of ``cfg.model``);
+    - ``optimizer_state``, ``teacher_state``: an AdamW state and EMA teacher weights to start from,
+      as :meth:`carry_state` returns them (the learning rates stay this run's schedule; a
+      non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
+      restores that checkpoint instead;
+    - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
+      (before, during and after training);
+    - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
+      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
+    - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
+      trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
+      tracker for a whole sequence).
+    """
+
+    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
+                 log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
+                 optimizer_state: dict | None = None, teacher_state: dict | None = None,
+                 evaluator: Callable[[Trainer], float] | None = None, tracker: Tracker | None = None,
+                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None):
+        self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
+        self.cfg, self.log = cfg, log
+        # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
+        self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
+            cfg.updates_per_step)
+        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        if task is None:
-            try:
-                task = get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
-            except TypeError as e:  # bad inline options (addition?foo=1)
-                raise ValueError(str(e)) from None
-        self.task = task
+        self.task = task if task is not None else _task_of(cfg)
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
-        resume_from = self._check_run_dir()  # refuses another run's directory; writes nothing yet
+        self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone)
+        # refuses another run's directory; writes nothing yet
+        resume_from = self.run.check(self._run_config(), resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
         set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
-        dtype = getattr(torch, cfg.dtype)
-        with ckpt.quiet_transformers():
-            policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
-                                                dtype=dtype, seed=cfg.seed)
-        initial = None
-        needs_initial = Signal.REF_LOGP in self.signals or getattr(self._teacher_opts(), "teacher", None) == "frozen"
-        if needs_initial:
-            with ckpt.quiet_transformers():
-                initial, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
-            initial = initial.eval().requires_grad_(False)
-        self.reference = initial if Signal.REF_LOGP in self.signals else None
-        self.teacher = None
-        if Signal.TEACHER in self.signals:
-            t = self._teacher_opts()
-            self.teacher = TeacherWeights(policy, getattr(t, "teacher", "live"), getattr(t, "teacher_update_rate", 0.05),
-                                          shared_frozen=initial)
-            self.teacher_settings = TeacherSettings.from_objective(self.objective)
-        check_signals(self.objective, self.task, policy, self.teacher.model if self.teacher else None)
-
+        check_signals(self.objective, self.task)
+        declared = self.objective.signals()
+        self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+        if self.teacher_spec is not None and self.teacher_spec.path:
+            resolve_teacher_path(self.teacher_spec.path)  # a bad --teacher-path fails before any model is loaded
+        policy = self._load_models(resume_from)
+        if self.teacher is not None:
+            check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
+        if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        from transformers import get_scheduler
-
-        self.scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
+        schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
         self.loss_module, self.optimizer = self.accelerator.prepare(PolicyLoss(policy), self.optimizer)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
@@ -147,14 +183,25 @@ class Trainer:
         for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
             if m is not None:
                 m.to(device)
-        self.engine = HFRolloutEngine(self.policy, self.tokenizer)
-        self._perms: dict[int, torch.Tensor] = {}
-        self._check_prompt_lengths()
-        self._init_run_dir(fresh=resume_from is None)
-        self.start_step, self.metrics_rows, self.skipped_total, self.consecutive_skips = 0, 0, 0, 0
+        self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
+        self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
+                                      reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
+                                      reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
+                                      policy=self.policy)
+        self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
+                                      rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
+                                      context_limit=getattr(self.policy.config, "max_position_embeddings", None),
+                                      rounds=cfg.max_generation_rounds if cfg.dynamic_sampling else 1)
+        self.prompts.check_lengths(cfg.steps, cfg.eval_size)
+        self.run.init(self._run_config(), fresh=resume_from is None, overwrite=cfg.overwrite)
+        self.start_step, self.skipped_total, self.consecutive_skips = 0, 0, 0
         self.finished = False
         if resume_from is not None:
             self._load_state(resume_from)
+        else:
+            self._start_from(optimizer_state, teacher_state)
+        self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
+        self._owns_tracker = tracker is None
         # preemption (issue 16): who stops and when to save, agreed by all processes
         if stop_signals is not None:
             stop_signals.announce = stop_signals.announce and self.is_main
@@ -171,12 +218,11 @@ class Trainer:
         if self.is_main:
             self.log(message)
 
-    def _teacher_opts(self):
-        part = getattr(self.objective, "sdpo_part", None)
-        return part() if callable(part) else self.objective
-
     def _run_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name, "task": self.task.name,
+        imports = plugin_imports(self.objective, self.task)  # what --config needs to find them again
+        return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
+                "objective": self.objective.name,
+                "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
                 "objective_args": dataclasses.asdict(self.objective)}
 
     def _check_data(self) -> None:
@@ -186,78 +232,33 @@ class Trainer:
         if len(self.task.eval) == 0:
             self._note(f"warning: task {name!r} has no eval rows; eval accuracy will read 0")
 
-    def _check_run_dir(self) -> Path | None:
-        """Refuse a directory that holds another run; with --resume, the checkpoint to resume from.
-
-        Writes nothing: a run that fails its checks before any compute leaves no trace."""
-        import yaml
-
-        cfg, run = self.cfg, self.run_dir
-        if run.exists() and not run.is_dir():
-            raise ValueError(f"--output-dir {run} is a file, not a directory")
-        holds = [n for n in RUN_FILES if (run / n).exists()]
-        if holds and not cfg.resume and not cfg.overwrite:
-            raise ValueError(f"{run} already holds a run ({', '.join(holds)}); pass --resume to continue it, "
-                             "--overwrite to replace it, or choose another --output-dir")
-        if not cfg.resume:
-            return None
-        existing = run / "config.yaml"
-        if existing.exists():
-            try:
-                old = yaml.safe_load(existing.read_text()) or {}
-            except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
-                raise ValueError(f"--resume: cannot read {existing} ({str(e).splitlines()[0]})") from None
-            if not isinstance(old, dict):
-                raise ValueError(f"--resume: {existing} is not a run config (a mapping)")
-            new = self._run_config()
-            diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)]
-            if diffs:
-                raise ValueError(f"--resume: {run} holds a different run ({'; '.join(diffs)}); resume with the same "
-                                 f"objective, model and task (e.g. --config {existing} --resume), or use another "
-                                 "--output-dir")
-            ignore = {"resume", "overwrite", "progress", "output_dir"}
-            changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
-                       if k not in ignore and k != "objective_args" and k in old and old[k] != v]
-            old_args = old.get("objective_args") or {}
-            changed += [f"{k} {old_args.get(k)!r} -> {v!r}" for k, v in new["objective_args"].items()
-                        if k in old_args and old_args[k] != v]
-            if changed:
-                self._note(f"--resume: settings changed since the run started: {'; '.join(changed)}")
-        for p in ckpt.incomplete_checkpoints(run):
-            self._note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
-        try:  # the newest checkpoint that matches its manifest; damaged ones are named and skipped
-            latest = ckpt.latest_checkpoint(run, verify=True, note=lambda m: self._note(f"--resume: {m}"))
-        except ckpt.CheckpointError as e:  # damaged or pickled (an older denser): before any compute
-            raise ValueError(f"--resume: {e}") from None
-        if latest is None:
-            self._note(f"--resume: no complete checkpoint in {run}; starting from step 0")
-            return None
-        step = ckpt.checkpoint_step(latest)
-        if step > cfg.steps:
-            raise ValueError(f"--resume: the newest checkpoint {latest} is at step {step}, beyond --steps {cfg.steps}; "
-                             f"pass --steps {step} or more")
-        return latest
-
-    def _init_run_dir(self, fresh: bool) -> None:
-        """Create the run directory and its config.yaml (after every check has passed)."""
-        import shutil
-
-        import yaml
-
-        run = self.run_dir
-        if self.is_main:
-            if self.cfg.overwrite:  # only what a run writes: never the rest of a directory
-                for name in RUN_FILES:
-                    p = run / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
-            run.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(run / "config.yaml", yaml.safe_dump(self._run_config(), sort_keys=False))
-            if fresh and (run / "metrics.jsonl").exists():  # --resume without a checkpoint starts over
-                (run / "metrics.jsonl").unlink()
-        self.accelerator.wait_for_everyone()
+    def _load_models(self, resume_from: Path | None) -> nn.Module:
+        """The policy (from ``resume_from`` when resuming), and the models the declared signals
+        need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
+        weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
+        the reference's copy of the initial weights."""
+        cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
+        dtype = getattr(torch, cfg.dtype)
+        with ckpt.quiet_transformers():
+            policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
+                                                dtype=dtype, seed=cfg.seed)
+        initial = None
+        # the initial weights: the reference; a frozen teacher or trust-region reference unless it starts
+        # elsewhere; and, on resume, the weights this run started from (what --teacher-init-alpha mixes in)
+        initial_teacher = spec is not None and spec.mode in ("frozen", "trust-region") and (
+            resume_from is not None or not (spec.path or self.teacher_from_policy))
+        if Signal.REF_LOGP in declared or initial_teacher:
+            with ckpt.quiet_transformers():
+                initial, _ = ((self.anchor, None) if self.anchor is not None
+                              else load_model(cfg.model, dtype=dtype, seed=cfg.seed))
+            initial = initial.eval().requires_grad_(False)
+        self.reference = initial if Signal.REF_LOGP in declared else None
+        self.teacher = None
+        if spec is not None:
+            start = policy if resume_from is None else initial
+            shared = None if self.teacher_from_policy else initial
+            self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
+        return policy
 
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
@@ -268,96 +269,32 @@ class Trainer:
                 self._note(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
             self.teacher.load_state_dict(teacher_state)
         self.start_step = int(trainer_state["step"])
-        self.metrics_rows = int(trainer_state["metrics_rows"])
+        self.run.metrics_rows = int(trainer_state["metrics_rows"])
         self.skipped_total = int(trainer_state.get("skipped_total", 0))
         self.consecutive_skips = int(trainer_state.get("consecutive_skips", 0))
         self.finished = bool(trainer_state.get("finished", False)) and self.start_step >= self.cfg.steps
-        self._truncate_metrics(self.metrics_rows)
+        self.run.truncate_metrics(self.run.metrics_rows)
         # Last, after everything that might draw random numbers: the streams continue where the run left them.
         ckpt.set_rng_state(state["rng"], self.rank)
         self._note(f"resumed from {path} (step {self.start_step}, the newest complete checkpoint)")
-
-    def _truncate_metrics(self, rows: int) -> None:
-        """Keep the first ``rows`` rows of metrics.jsonl: those written before the checkpoint."""
-        path = self.run_dir / "metrics.jsonl"
-        if self.is_main:
-            lines = path.read_text().splitlines() if path.exists() else []
-            if len(lines) < rows:
-                self.log(f"warning: {path} has {len(lines)} rows but the checkpoint counted {rows}; "
-                         "rows written before the checkpoint are missing")
-            if len(lines) > rows:  # rows of steps after the checkpoint (or half a row of a killed write)
-                _atomic_write_text(path, "".join(line + "\n" for line in lines[:rows]))
-        self.accelerator.wait_for_everyone()
-
-    # ------------------------------------------------------------------------------------- data
-
-    def _rows_for_step(self, step: int) -> list[dict]:
-        """Prompts of ``step`` on this process: a function of (seed, step, rank), so a resumed run
-        sees exactly the prompts the uninterrupted run would have."""
-        per = self.cfg.prompts_per_step
-        start = (step * self.world + self.rank) * per
-        return [self.task.train[self._perm_index(k)] for k in range(start, start + per)]
-
-    def _check_prompt_lengths(self) -> None:
-        """Before any compute: every prompt the run will use (up to MAX_PREFLIGHT_PROMPTS) fits the
-        model's context together with --max-new-tokens."""
-        from denser.trainers.models import render_prompt
-
-        limit = getattr(self.policy.config, "max_position_embeddings", None)
-        if not limit:
-            return
-        data, cfg = self.task.train, self.cfg
-        needed = cfg.steps * self.world * cfg.prompts_per_step
-        if needed >= len(data):
-            train_idx = range(min(len(data), MAX_PREFLIGHT_PROMPTS))
-        else:
-            train_idx = sorted({int(self._perm_index(k)) for k in range(min(needed, MAX_PREFLIGHT_PROMPTS))})
-        splits = [("train", data, train_idx), ("eval", self.task.eval, range(min(cfg.eval_size, len(self.task.eval))))]
-        for split, rows, idx in splits:
-            for i in idx:
-                self._check_fits(len(render_prompt(self.tokenizer, self.task.prompt(rows[i]))), f"{split} row {i}")
-
-    def _check_fits(self, prompt_tokens: int, where: str) -> None:
-        """A prompt of ``prompt_tokens`` plus --max-new-tokens must fit the model's context."""
-        limit = getattr(self.policy.config, "max_position_embeddings", None)
-        if limit and prompt_tokens + self.cfg.max_new_tokens > limit:
-            raise ValueError(f"task {self.task.name!r}: the prompt of {where} has {prompt_tokens} tokens; with "
-                             f"--max-new-tokens {self.cfg.max_new_tokens} it exceeds the model's context of {limit} "
-                             "tokens; shorten or drop that prompt, or lower --max-new-tokens")
-
-    def _perm_index(self, k: int) -> int:
-        """Dataset index of the ``k``-th prompt drawn (over all steps and processes)."""
-        n = len(self.task.train)
-        epoch, pos = divmod(k, n)
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(n, generator=g)
-        return int(self._perms[epoch][pos])
-
-    def _prompt_ids(self, rows: list[dict]) -> list[list[int]]:
-        from denser.trainers.models import render_prompt
-
-        ids = [render_prompt(self.tokenizer, self.task.prompt(r)) for r in rows]
-        for p in ids:  # prompts beyond the preflight's sample are checked as they come
-            self._check_fits(len(p), "a prompt of this batch")
-        return ids
 
     # ------------------------------------------------------------------------------------- eval
 
     @torch.no_grad()
     def evaluate(self, stop=None) -> float:
-        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes).
+        """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes), or what
+        the ``evaluator`` given to the constructor returns.
 
         ``stop``: passed to the engine (only where an abandoned eval loses nothing: before step 1)."""
-        from denser.trainers.rollout import SamplingParams
-
+        if self.evaluator is not None:
+            return float(self.evaluator(self))
         data = self.task.eval
         idx = list(range(min(self.cfg.eval_size, len(data))))[self.rank::self.world]
         correct = torch.zeros(2, device=self.accelerator.device)
         if idx:
             rows = [data[i] for i in idx]
             params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, num_generations=1, do_sample=False)
-            rollout = self.engine.generate(self._prompt_ids(rows), params, stop=stop)
+            rollout = self.engine.generate(self.prompts.prompt_ids(rows), params, stop=stop)
             scores = self.task.score_batch(rollout.texts, rows)
             correct[0] = sum(float(self.task.is_success(s)) for s in scores)
             correct[1] = len(rows)
@@ -366,170 +303,172 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------- step
 
-    def _teacher_contexts(self, rollout, rows, scores) -> tuple[list[list[int]], torch.Tensor]:
-        from denser.trainers.models import render_prompt
-
-        g = rollout.num_generations
-        contexts, mask = [], []
-        for s in range(rollout.num_samples):
-            p = s // g
-            group = range(p * g, (p + 1) * g)
-            messages = teacher_messages(self.task.prompt(rows[p]), [rollout.texts[j] for j in group],
-                                        [scores[j].score for j in group], [scores[j].feedback for j in group],
-                                        s - p * g, self.teacher_settings)
-            if messages is None:
-                contexts.append(rollout.sample_prompt_ids(s))
-                mask.append(False)
-            else:
-                ids = render_prompt(self.tokenizer, messages)
-                contexts.append(ids[-self.cfg.teacher_max_context_tokens:])
-                mask.append(True)
-        return contexts, torch.tensor(mask, dtype=torch.bool)
-
     def step(self, step: int) -> dict[str, Any]:
-        from denser.trainers.rollout import SamplingParams, completion_hidden_states, lm_head_params
-
-        cfg, dev, sig = self.cfg, self.accelerator.device, self.signals
+        """One rollout batch (0-based ``step``): generate, score, signals, ``epochs x mini_batches``
+        optimiser updates, then the once-per-rollout-batch schedule; its metrics row."""
         # the RNG streams at this step's boundary: a stop inside the step saves these, not the advanced ones
         self._rng_boundary = (step, ckpt.rng_state())
-        t0 = time.perf_counter()
-        rows = self._rows_for_step(step)
+        timer = PhaseTimer()
+        batch = self._rollout_batch(step, timer)
+        with timer("signals"):
+            self.tracker.log_samples(step + 1, self.task, [batch.rows[s // batch.rollout.num_generations]
+                                                           for s in range(batch.rollout.num_samples)],
+                                     batch.rollout.texts, batch.scores.scores)
+            rollout = self.signals.pre_update_logp(batch.rollout)
+            sample = self.signals.per_sample(rollout, batch.rows, batch.scores)
+        updates = []
+        for u, indices in enumerate(self.signals.update_plan(rollout.num_samples, step)):
+            with timer("signals"):
+                micro_batches = self.signals.micro_batches(rollout, sample, indices, step, u)
+            # a stop may abandon the rollout batch only before its first applied optimiser step
+            stoppable = not any(up.applied for up in updates)
+            updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
+        self._finish_step(updates, timer)
+        return self._metrics_row(step, batch, updates, timer)
+
+    def _rollout_batch(self, step: int, timer: PhaseTimer) -> RolloutBatch:
+        """Generate and score the step's prompts; with dynamic sampling, further rounds (at most
+        ``max_generation_rounds``) until ``prompts_per_step`` groups have varied rewards."""
+
+        def generate_round(j: int) -> tuple[Rollout, list[dict], Scores]:
+            with timer("generate"):
+                rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
+                rollout = self._rollout(rows)
+            self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
+            with timer("signals"):
+                return rollout, rows, self.signals.score(rollout, rows)
+
+        if not self.cfg.dynamic_sampling:
+            return RolloutBatch(*generate_round(0))
+        return dynamic_batch(generate_round, self.cfg.prompts_per_step, self.cfg.max_generation_rounds)
+
+    def _rollout(self, rows: list[dict]) -> Rollout:
+        cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self.engine.generate(self._prompt_ids(rows), params, stop=self.stop.during_generation)
+        rollout = self.engine.generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
-        t_gen = time.perf_counter() - t0
-        self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
+        return rollout
 
-        t1 = time.perf_counter()
-        S, G = rollout.num_samples, rollout.num_generations
-        sample_rows = [rows[s // G] for s in range(S)]
-        scores = self.task.score_batch(rollout.texts, sample_rows)
-        rewards = torch.tensor([s.score for s in scores], dtype=torch.float32)
-        success = torch.tensor([float(self.task.is_success(s)) for s in scores])
-        advantages = None
-        if Signal.ADVANTAGES in sig:
-            adv_fn = getattr(self.objective, "advantages", None)
-            advantages = adv_fn(rewards, G) if callable(adv_fn) else group_advantages(rewards, G)
-        teacher_contexts, teacher_mask = (None, None)
-        if Signal.TEACHER in sig:
-            teacher_contexts, teacher_mask = self._teacher_contexts(rollout, rows, scores)
+    def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer, *, step: int = 0,
+                stoppable: bool = False) -> UpdateResult:
+        """One optimiser update: accumulate the gradients of the update's micro-batches, then one
+        optimiser step (skipped when the loss or the gradient norm is not finite).
 
-        micro = [list(range(a, min(S, a + cfg.micro_batch_size))) for a in range(0, S, cfg.micro_batch_size)]
-        batches = []
-        for i, idx in enumerate(micro):
-            packed = rollout.pack(idx, device=dev)
-            it = torch.tensor(idx)
-            batches.append((packed, PolicyBatch(
-                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0,
-                rewards=rewards[it].to(dev),
-                advantages=None if advantages is None else advantages[it].to(dev),
-                old_logp=packed.old_logp if Signal.OLD_LOGP in sig else None,
-                teacher_mask=None if teacher_mask is None else teacher_mask[it].to(dev),
-                norm_length=float(cfg.max_new_tokens), step=step, total_steps=cfg.steps,
-                micro_batch=self.rank * len(micro) + i)))
-        counts: dict[str, float] = {}
-        for _, b in batches:
-            for k, v in normaliser_counts(b).items():
-                counts[k] = counts.get(k, 0.0) + v
-        keys = sorted(counts)
-        totals = self.accelerator.reduce(torch.tensor([counts[k] for k in keys], device=dev), reduction="sum")
-        for _, b in batches:
-            for k, v in zip(keys, totals.tolist()):
-                setattr(b, k, v)
-        t_signals = time.perf_counter() - t1
+        ``stoppable``: no update of this rollout batch was applied yet, so a stop request may abandon
+        the batch after a micro-batch (every process passes the same value: ``applied`` is agreed)."""
+        cfg, parts, loss_total = self.cfg, [], 0.0
+        for i, mb in enumerate(batches):
+            with timer("signals"):
+                teacher = self.signals.model_signals(rollout, mb)
+            with timer("update"):
+                loss, metrics = self.loss_module(mb.packed, self.objective, mb.batch, teacher, cfg.temperature,
+                                                 cfg.backend, cfg.chunk_size or None)
+                self.accelerator.backward(loss * self.world)  # DDP averages gradients; our normalisers are global sums
+                loss_total += float(loss.detach())
+                parts.append(metrics)
+            if stoppable:
+                self.stop.check(f"step {step + 1}, after micro-batch {i + 1}/{len(batches)}")
+        with timer("update"):
+            grad_norm = self._clip_gradients()
+            loss_sum = float(self._sum_over_processes(torch.tensor([loss_total]))[0])
+            applied = math.isfinite(loss_sum) and math.isfinite(grad_norm)
+            if applied:
+                self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return UpdateResult(loss_sum, grad_norm, applied, parts)
 
-        t2 = time.perf_counter()
-        t_forward_aux = 0.0
-        parts, loss_total = [], 0.0
-        for i, (packed, batch) in enumerate(batches):
-            teacher_hidden = teacher_weight = teacher_bias = None
-            ta = time.perf_counter()
-            with torch.no_grad():
-                if self.reference is not None:
-                    h_ref = completion_hidden_states(self.reference, packed)
-                    w_ref, b_ref = lm_head_params(self.reference)
-                    batch.ref_logp = token_stats(h_ref, w_ref, packed.targets, bias=b_ref, temperature=cfg.temperature,
-                                                 backend=cfg.backend).logp
-                if self.teacher is not None:
-                    tpacked = rollout.pack(micro[i], contexts=[teacher_contexts[j] for j in micro[i]], device=dev)
-                    teacher_model = self.teacher.model
-                    was_training = teacher_model.training
-                    teacher_model.eval()
-                    teacher_hidden = completion_hidden_states(teacher_model, tpacked)
-                    teacher_model.train(was_training)
-                    teacher_weight, teacher_bias = lm_head_params(teacher_model)
-                    if self.objective.core_options().get("need_divergence", True) is False:
-                        batch.extras["teacher_logp"] = token_stats(teacher_hidden, teacher_weight, packed.targets,
-                                                                   bias=teacher_bias, temperature=cfg.temperature,
-                                                                   backend=cfg.backend).logp
-            t_forward_aux += time.perf_counter() - ta
-            loss, metrics = self.loss_module(packed, self.objective, batch, teacher_hidden, teacher_weight, teacher_bias,
-                                             cfg.temperature, cfg.backend, cfg.chunk_size or None)
-            self.accelerator.backward(loss * self.world)  # DDP averages gradients; our normalisers are global sums
-            loss_total += float(loss.detach())
-            parts.append(metrics)
-            self.stop.check(f"step {step + 1}, after micro-batch {i + 1}/{len(batches)}")
-
-        grad_norm = None
-        if cfg.max_grad_norm > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm))
-        else:
-            sq = sum(float(p.grad.float().pow(2).sum()) for p in self.policy.parameters() if p.grad is not None)
-            grad_norm = math.sqrt(sq)
-        loss_sum = float(self.accelerator.reduce(torch.tensor([loss_total], device=dev), reduction="sum")[0])
-        finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
+    def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
+        """Once per rollout batch, when an update was applied: the LR schedule (so warmup counts rollout
+        batches), the EMA teacher (as SDPO's actor), the rollout engine's weights."""
+        if not any(u.applied for u in updates):
+            return
+        with timer("update"):
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update(self.policy)
-        self.optimizer.zero_grad(set_to_none=True)
-        t_update = time.perf_counter() - t2 - t_forward_aux
+            self.engine.update_weights(self.policy)
 
-        merged = merge_metrics(parts)
+    def _clip_gradients(self) -> float:
+        """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
+        if self.cfg.max_grad_norm > 0:
+            return float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm))
+        sq = sum(float(p.grad.float().pow(2).sum()) for p in self.policy.parameters() if p.grad is not None)
+        return math.sqrt(sq)
+
+    def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")
+
+    def _per_reward_means(self, scores: Scores) -> dict[str, float]:
+        """``reward/<name>``: the mean of each of a multi-reward task's rewards (same names on every process)."""
+        parts = per_reward_sums(scores.scores)
+        names = sorted(parts)
+        if not names:
+            return {}
+        totals = self._sum_over_processes(torch.tensor([list(parts[k]) for k in names], dtype=torch.float64))
+        return {f"reward/{k}": float(totals[i, 0] / totals[i, 1]) for i, k in enumerate(names)}
+
+    def _sampling_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Dynamic sampling's and overlong shaping's metrics, when they are on (over processes):
+        ``generation_rounds`` (mean over processes), ``groups_dropped``, ``groups_filled`` (sums),
+        ``overlong_penalty`` (mean over samples)."""
+        out: dict[str, float] = {}
+        if self.cfg.dynamic_sampling:
+            t = self._sum_over_processes(torch.tensor([float(batch.rounds), float(batch.dropped), float(batch.filled)]))
+            out.update(generation_rounds=float(t[0]) / self.world, groups_dropped=float(t[1]),
+                       groups_filled=float(t[2]))
+        if batch.scores.overlong is not None:
+            t = self._sum_over_processes(torch.tensor([float(batch.scores.overlong.sum()),
+                                                       float(batch.scores.overlong.numel())]))
+            out["overlong_penalty"] = float(t[0] / t[1].clamp_min(1))
+        return out
+
+    def _metrics_row(self, step: int, batch: RolloutBatch, updates: list[UpdateResult],
+                     timer: PhaseTimer) -> dict[str, Any]:
+        """The step's row of metrics.jsonl: sums and counts over processes (the objective's metrics over
+        every micro-batch of every update), then means; ``loss`` and ``grad_norm`` are means over the
+        updates, ``updates`` the optimiser updates applied and ``skipped`` those skipped."""
+        rollout, scores = batch.rollout, batch.scores
+        merged = merge_metrics([part for u in updates for part in u.metrics])
         names = sorted(merged)
-        sums = torch.tensor([[float(merged[k].sum), float(merged[k].count)] for k in names] or [[0.0, 0.0]], device=dev)
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        lengths = rollout.lengths.float()
-        stat = self.accelerator.reduce(torch.stack([rewards.sum(), (rewards ** 2).sum(), success.sum(),
-                                                    lengths.sum(), rollout.truncated.float().sum(),
-                                                    torch.tensor(float(S))]).to(dev), reduction="sum").tolist()
+        sums = torch.tensor([[float(merged[k].sum), float(merged[k].count)] for k in names] or [[0.0, 0.0]])
+        sums = self._sum_over_processes(sums)
+        rewards = scores.rewards
+        stat = self._sum_over_processes(torch.stack([
+            rewards.sum(), (rewards ** 2).sum(), scores.success.sum(), rollout.lengths.float().sum(),
+            rollout.truncated.float().sum(), torch.tensor(float(rollout.num_samples))])).tolist()
         n = max(stat[5], 1.0)
         mean_r = stat[0] / n
-        elapsed = time.perf_counter() - t0
-        row = {
+        per_reward = self._per_reward_means(scores)
+        elapsed = timer.elapsed()
+        return {
             "step": step + 1,
             "processes": self.world,
             "reward_mean": mean_r,
             "reward_std": math.sqrt(max(stat[1] / n - mean_r ** 2, 0.0)),
+            **per_reward,
+            **self._sampling_metrics(batch),
             "success_rate": stat[2] / n,
-            "loss": loss_sum,
+            "loss": sum(u.loss for u in updates) / len(updates),
             **{k: (float(sums[i, 0] / sums[i, 1]) if float(sums[i, 1]) > 0 else None) for i, k in enumerate(names)},
             "response_length": stat[3] / n,
             "truncated_frac": stat[4] / n,
-            "grad_norm": grad_norm,
+            "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
             "lr": self.scheduler.get_last_lr()[0],
-            "skipped": 0 if finite else 1,
-            "time_generate_s": t_gen,
-            "time_signals_s": t_signals + t_forward_aux,
-            "time_update_s": t_update,
+            "updates": sum(u.applied for u in updates),
+            "skipped": sum(not u.applied for u in updates),
+            "time_generate_s": timer.seconds.get("generate", 0.0),
+            "time_signals_s": timer.seconds.get("signals", 0.0),
+            "time_update_s": timer.seconds.get("update", 0.0),
             "step_time_s": elapsed,
             "tokens_per_s": stat[3] / elapsed,
         }
-        return row
 
     # ------------------------------------------------------------------------------------- run
 
-    def _write_metrics(self, row: dict) -> None:
-        if self.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-        self.metrics_rows += 1
-
     def _trainer_state(self, step: int, finished: bool) -> dict[str, Any]:
-        return {"step": step, "metrics_rows": self.metrics_rows, "skipped_total": self.skipped_total,
+        return {"step": step, "metrics_rows": self.run.metrics_rows, "skipped_total": self.skipped_total,
                 "consecutive_skips": self.consecutive_skips, "finished": finished}
 
     def save(self, step: int, *, finished: bool = False) -> Path | None:
@@ -537,14 +476,12 @@ class Trainer:
 
         A failed write (a full disk) leaves the previous checkpoints as they were and raises
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
-        from accelerate.utils import gather_object
-
         at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
         rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
         path, error = None, None
         if self.is_main:
             try:
-                _fsync_file(self.run_dir / "metrics.jsonl")  # the rows this checkpoint counts are on disk
+                self.run.sync_metrics()  # the rows this checkpoint counts are on disk
                 path = ckpt.save_checkpoint(
                     self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
                     scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
@@ -552,8 +489,7 @@ class Trainer:
                     rng=rng)
             except OSError as e:
                 error = e
-        failed = self.accelerator.reduce(torch.tensor([float(error is not None)], device=self.accelerator.device),
-                                         reduction="sum")
+        failed = self._sum_over_processes(torch.tensor([float(error is not None)]))
         if float(failed[0]) > 0:
             previous = ckpt.latest_checkpoint(self.run_dir)
             reason = f" ({error.strerror or error})" if isinstance(error, OSError) else ""
@@ -567,10 +503,16 @@ class Trainer:
         return path
 
     def train(self) -> dict[str, Any]:
+        """Run the remaining steps (with evaluations before and after, and checkpoints); a summary.
+
+        A stop request (SIGTERM, Ctrl-C through ``stop_signals``) abandons the step in progress, saves
+        the last finished step and raises :class:`~denser.trainers.preemption.Interrupted`."""
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "is_main": self.is_main}
         try:
             return self._train(summary)
         except Interrupted as stop:  # abandon the step in progress; keep every finished one
+            if self._owns_tracker:
+                self.tracker.finish()
             raise self._stopped(stop) from None
 
     def _train(self, summary: dict[str, Any]) -> dict[str, Any]:
@@ -586,11 +528,9 @@ class Trainer:
             self.stop.check("the evaluation before training")  # a stop during it: nothing was done, nothing saved
             summary["eval_accuracy_before"] = acc
             self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
-            self._write_metrics({"step": 0, "eval_accuracy": acc})
+            self._log_row({"step": 0, "eval_accuracy": acc})
         bar = None
         if cfg.progress and self.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
                        unit="step", file=sys.stderr, dynamic_ncols=True)
         last = None
@@ -600,16 +540,10 @@ class Trainer:
                     self.save(step)  # --save-every-minutes
                 row = self.step(step)
                 done = step + 1
-                self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
-                self.skipped_total += row["skipped"]
-                row["skipped_total"] = self.skipped_total
-                if row["skipped"]:
-                    self._note(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
-                             f"({row['grad_norm']}); update skipped, weights unchanged "
-                             f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
+                self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     row["eval_accuracy"] = self.evaluate()
-                self._write_metrics(row)
+                self._log_row(row)
                 self.steps_done = done
                 last = row
                 if bar is not None:
@@ -617,13 +551,7 @@ class Trainer:
                     bar.set_postfix(reward=f"{row['reward_mean']:.2f}", loss=f"{row['loss']:.3g}",
                                     **({"acc": f"{row['eval_accuracy']:.2f}"} if "eval_accuracy" in row else {}))
                 if self.consecutive_skips >= cfg.max_consecutive_skips:
-                    path = self.save(done)
-                    good = done - self.consecutive_skips
-                    raise TrainingStopped(
-                        f"stopped at step {done}: {self.consecutive_skips} consecutive updates had a non-finite loss "
-                        f"or gradient norm (--max-consecutive-skips {cfg.max_consecutive_skips}); the weights of the "
-                        f"last good update (step {good}) are saved in {path or ckpt.checkpoint_dir(self.run_dir, done)}; "
-                        "try a lower --lr or check the objective and rewards")
+                    self._stop(done)
                 if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
                     self.save(done)
         finally:
@@ -631,12 +559,14 @@ class Trainer:
                 bar.close()
         self.stop.check("the final evaluation")
         acc = self.evaluate()
-        self._write_metrics({"step": cfg.steps, "eval_accuracy": acc})
+        self._log_row({"step": cfg.steps, "eval_accuracy": acc})
         path = self.save(cfg.steps, finished=True)
         summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
         self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+        if self._owns_tracker:
+            self.tracker.finish()
         return summary
 
     def _stopped(self, stop: Interrupted) -> Interrupted:
@@ -661,21 +591,56 @@ class Trainer:
                             f"--config {self.run_dir / 'config.yaml'} --resume{flags}")
         return stop
 
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl, also sent to the trackers (main process)."""
+        self.run.append_metrics(row)
+        if self.is_main:
+            self.tracker.log(row)
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: a kill leaves the old or the new file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    def _count_skips(self, row: dict[str, Any], done: int) -> None:
+        """``consecutive_skips`` counts consecutive steps with a skipped update; ``skipped_total`` updates."""
+        self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
+        self.skipped_total += row["skipped"]
+        row["skipped_total"] = self.skipped_total
+        if row["skipped"]:
+            n = row["skipped"] + row["updates"]
+            what = "update skipped, weights unchanged" if n == 1 else f"{row['skipped']} of {n} updates skipped"
+            self._note(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
+                       f"({row['grad_norm']}); {what} "
+                       f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
+
+    def _stop(self, done: int) -> None:
+        """Too many consecutive skipped updates: checkpoint the last good weights and stop."""
+        path = self.save(done)
+        good = done - self.consecutive_skips
+        raise TrainingStopped(
+            f"stopped at step {done}: {self.consecutive_skips} consecutive updates had a non-finite loss "
+            f"or gradient norm (--max-consecutive-skips {self.cfg.max_consecutive_skips}); the weights of the "
+            f"last good update (step {good}) are saved in {path or ckpt.checkpoint_dir(self.run_dir, done)}; "
+            "try a lower --lr or check the objective and rewards")
+
+    # ------------------------------------------------------------------- carried between runs
+
+    def carry_state(self) -> dict[str, Any]:
+        """What a following run can start from: ``Trainer(cfg2, objective, **trainer.carry_state())``
+        continues the AdamW state and the EMA teacher (``teacher_state`` is None without one)."""
+        return {"optimizer_state": self.optimizer.state_dict(),
+                "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
+
+    def _start_from(self, optimizer_state: dict | None, teacher_state: dict | None) -> None:
+        if optimizer_state is not None:
+            lrs = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
+            self.optimizer.load_state_dict(optimizer_state)
+            for g, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):  # this run's schedule
+                g["lr"] = lr
+                if initial_lr is not None:
+                    g["initial_lr"] = initial_lr
+        if teacher_state is not None and self.teacher is not None:
+            self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
 
 
-def _fsync_file(path: Path) -> None:
-    if path.exists():
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+def _task_of(cfg: TrainConfig) -> Task:
+    try:
+        return get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
+    except TypeError as e:  # bad inline options (addition?foo=1)
+        raise ValueError(str(e)) from None

@@ -1,104 +1,196 @@
-"""The SDPO teacher: contexts built from a group's successes and feedback, and its weights.
+"""The teacher's weights: which model scores the teacher contexts, and how it follows the policy.
 
-Teacher context of sample i in a group (the SDPO recipe, as the public SDPO code builds it):
-  - a demonstration: the first successful sibling's answer (reward >= success_threshold), never
-    the sample's own when ``dont_reprompt_on_self_success``; ``<think>...</think>`` removed when
-    ``remove_thinking``;
-  - feedback: the task's feedback on sample i's own failed attempt, when ``include_feedback``
-    (only when there is no demonstration, with ``feedback_only_without_solution``);
-  - neither: no teacher for sample i (``teacher_mask`` False: it gets no distillation loss).
-The context is the original prompt's messages with the demonstration and/or feedback appended to
-the user turn, rendered with the chat template; the completion tokens stay the student's own.
+What the teacher is (how its contexts are built, which weights, the EMA or trust-region rate, the
+model it starts from) is the objective's :class:`~denser.objectives.TeacherSpec`; this module
+holds the weights that spec names and runs them on a packed batch (:meth:`TeacherWeights.outputs`):
+
+- ``live``: the policy itself;
+- ``ema``: a copy of the policy (or of ``spec.path``), ``teacher <- (1 - rate) * teacher + rate * policy``
+  after every optimiser step (:meth:`TeacherWeights.update`);
+- ``frozen``: the initial policy (or ``spec.path``), never updated;
+- ``trust-region`` (SDPO's ``TrustRegionTeacher``): logits ``lerp(reference, policy, rate)``, both
+  on the teacher context, the reference being what ``frozen`` would be. Written for the
+  hidden-state loss core without logits: since ``z = h @ W.T + b`` is linear,
+  ``(1 - rate) z_ref + rate z_pol = [(1 - rate) h_ref, rate h_pol] @ [W_ref, W_pol].T
+  + (1 - rate) b_ref + rate b_pol``, a teacher whose hidden state and output weight are the two
+  models' concatenated along H.
+
+``spec.init_alpha < 1`` starts the teacher (the reference, for trust-region) at
+``init_alpha * teacher + (1 - init_alpha) * policy``, parameter by parameter (SDPO-CL).
 """
 
 from __future__ import annotations
 
 import copy
-import re
 from dataclasses import dataclass
-from typing import Any, Sequence
+from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
-THINK_RE = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
-SOLUTION_TEMPLATE = "\n\nHere is a correct solution to this problem:\n{solution}"
-FEEDBACK_TEMPLATE = "\n\nYour previous attempt was wrong. Feedback on it:\n{feedback}"
-CLOSING = "\n\nCorrectly solve the original question."
+from denser.objectives import TeacherSpec
+from denser.objectives.teacher import TEACHER_MODES
+from denser.trainers import checkpoint as ckpt
+from denser.trainers.models import load_model
+from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 
 
 @dataclass
-class TeacherSettings:
-    success_threshold: float = 0.5
-    dont_reprompt_on_self_success: bool = True
-    remove_thinking: bool = True
-    include_feedback: bool = True
-    feedback_only_without_solution: bool = True
+class TeacherInputs:
+    """What the loss core receives of the teacher: its hidden states at the completion tokens and
+    its output layer (the core uses them when the objective's core options ask for a divergence)."""
 
-    @classmethod
-    def from_objective(cls, objective: Any) -> "TeacherSettings":
-        source = getattr(objective, "sdpo_part", None)
-        source = source() if callable(source) else objective
-        kw = {k: getattr(source, k) for k in cls.__dataclass_fields__ if hasattr(source, k)}
-        return cls(**kw)
+    hidden: Tensor  # [N, H_teacher]
+    weight: Tensor  # [V, H_teacher]
+    bias: Tensor | None
 
 
-def remove_thinking(text: str) -> str:
-    return THINK_RE.sub("", text).strip()
+def resolve_teacher_path(path: str) -> Path:
+    """The model directory ``--teacher-path`` names: a Hugging Face model directory (``config.json``),
+    a denser checkpoint (``<ckpt>/model``) or a denser run directory (its newest checkpoint's model).
+    Raises ``ValueError`` naming the flag for anything else."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ValueError(f"--teacher-path {path}: no such directory; give a local Hugging Face model directory "
+                         "(with config.json), a denser checkpoint directory or a denser run directory")
+    if (p / "config.json").is_file():
+        return p
+    if (p / "model" / "config.json").is_file():
+        return p / "model"
+    latest = ckpt.latest_checkpoint(p)
+    if latest is not None and (latest / "model" / "config.json").is_file():
+        return latest / "model"
+    raise ValueError(f"--teacher-path {path}: neither a Hugging Face model directory (no config.json), nor a "
+                     "denser checkpoint (no model/config.json), nor a run directory with a complete checkpoint")
 
 
-def teacher_messages(
-    prompt_messages: Sequence[dict[str, str]],
-    group_texts: Sequence[str],
-    group_rewards: Sequence[float],
-    group_feedback: Sequence[str | None],
-    index: int,
-    settings: TeacherSettings,
-) -> list[dict[str, str]] | None:
-    """Chat messages of the teacher context of sample ``index`` of a group, or None (no teacher)."""
-    demo = None
-    for j, (text, reward) in enumerate(zip(group_texts, group_rewards)):
-        if reward < settings.success_threshold:
-            continue
-        if j == index and settings.dont_reprompt_on_self_success:
-            continue
-        demo = remove_thinking(text) if settings.remove_thinking else text
-        break
-    feedback = None
-    own_success = group_rewards[index] >= settings.success_threshold
-    if settings.include_feedback and not own_success and group_feedback[index]:
-        if demo is None or not settings.feedback_only_without_solution:
-            feedback = group_feedback[index]
-    if demo is None and feedback is None:
-        return None
-    extra = ""
-    if demo is not None:
-        extra += SOLUTION_TEMPLATE.format(solution=demo)
-    if feedback is not None:
-        extra += FEEDBACK_TEMPLATE.format(feedback=feedback)
-    extra += CLOSING
-    messages = [dict(m) for m in prompt_messages]
-    last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
-    messages[last_user]["content"] = messages[last_user]["content"] + extra
-    return messages
+def _vocab(model: nn.Module) -> int:
+    return int(model.get_output_embeddings().weight.shape[0])
+
+
+def _same_parameters(teacher: nn.Module, policy: nn.Module) -> str | None:
+    """Why the two models cannot be mixed parameter by parameter, or None."""
+    t, p = dict(teacher.named_parameters()), dict(policy.named_parameters())
+    if list(t) != list(p):
+        missing = sorted(set(p) ^ set(t))
+        return f"their parameters differ ({missing[0] if missing else 'order'})"
+    for name, value in t.items():
+        if value.shape != p[name].shape:
+            return f"parameter {name} has shape {tuple(value.shape)} in the teacher, {tuple(p[name].shape)} in the policy"
+    return None
+
+
+@torch.no_grad()
+def interpolate_(teacher: nn.Module, policy: nn.Module, alpha: float) -> None:
+    """``teacher <- alpha * teacher + (1 - alpha) * policy``, parameter by parameter, in place."""
+    problem = _same_parameters(teacher, policy)
+    if problem:
+        raise ValueError(f"--teacher-init-alpha {alpha} mixes the teacher with the policy parameter by parameter, but "
+                         f"{problem}; use a teacher of the policy's architecture or --teacher-init-alpha 1")
+    for t, p in zip(teacher.parameters(), policy.parameters()):
+        t.mul_(alpha).add_(p.detach().to(t.dtype), alpha=1.0 - alpha)
+
+
+def _hidden(model: nn.Module, packed: PackedBatch) -> Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return completion_hidden_states(model, packed)
+    finally:
+        model.train(was_training)
 
 
 class TeacherWeights:
-    """Which weights score the teacher context: ``live`` (the policy itself), ``ema`` (an EMA copy
-    updated after every optimiser step at ``rate``) or ``frozen`` (the initial weights)."""
+    """Which weights score the teacher context (see the module docstring).
 
-    def __init__(self, policy: torch.nn.Module, mode: str, rate: float, shared_frozen: torch.nn.Module | None = None):
-        if mode not in ("live", "ema", "frozen"):
-            raise ValueError(f"teacher={mode!r} must be 'live', 'ema' or 'frozen'")
-        self.mode, self.rate = mode, float(rate)
+    ``model`` is the teacher's own model: the policy for ``live``, the EMA copy, the frozen model,
+    or the reference of ``trust-region`` (whose other half is ``policy``). ``TeacherWeights(policy,
+    mode, rate)`` starts an ``ema``/``frozen``/``trust-region`` teacher from a copy of ``policy``
+    (or from ``shared_frozen`` for ``frozen``/``trust-region``, or from ``weights``)."""
+
+    def __init__(self, policy: nn.Module, mode: str, rate: float, shared_frozen: nn.Module | None = None, *,
+                 weights: nn.Module | None = None):
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"teacher={mode!r} must be one of {', '.join(map(repr, TEACHER_MODES))}")
+        self.mode, self.rate, self.policy = mode, float(rate), policy
         if mode == "live":
             self.model = policy
-        elif mode == "frozen" and shared_frozen is not None:
+        elif weights is not None:
+            self.model = weights
+        elif mode in ("frozen", "trust-region") and shared_frozen is not None:
             self.model = shared_frozen
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
+        self._joint: tuple[tuple, Tensor] | None = None  # trust-region: [W_ref, W_pol] and the versions it holds
+
+    @classmethod
+    def from_spec(cls, spec: TeacherSpec, policy: nn.Module, initial: nn.Module | None = None, *,
+                  start: nn.Module | None = None) -> "TeacherWeights":
+        """The weights ``spec`` names.
+
+        ``initial``: the initial model a ``frozen`` teacher and the ``trust-region`` reference share
+        (not copied) when the caller has one loaded anyway; without it they start from a copy of
+        ``start``. ``start``: the policy this run started from (default ``policy``), which
+        ``spec.init_alpha < 1`` mixes in. ``spec.path`` replaces both as the teacher's starting point;
+        its vocabulary (and, for an EMA teacher, its parameters) are checked against the policy's
+        before anything is computed."""
+        start = policy if start is None else start
+        if spec.mode == "live":
+            return cls(policy, "live", spec.update_rate)
+        if spec.path:
+            path = resolve_teacher_path(spec.path)
+            with ckpt.quiet_transformers():
+                weights, _ = load_model(str(path), dtype=next(policy.parameters()).dtype)
+            if _vocab(weights) != _vocab(policy):
+                raise ValueError(f"--teacher-path {spec.path}: its vocabulary ({_vocab(weights)}) differs from the "
+                                 f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
+            problem = _same_parameters(weights, policy) if spec.mode == "ema" else None
+            if problem:
+                raise ValueError(f"--teacher-path {spec.path}: an EMA teacher averages the policy into the teacher "
+                                 f"parameter by parameter, but {problem}; use --teacher frozen or trust-region")
+        elif spec.mode == "ema":
+            weights = copy.deepcopy(policy)
+        elif initial is not None:
+            weights = initial
+        else:
+            weights = copy.deepcopy(start)
+        if spec.init_alpha < 1.0:
+            if weights is initial:  # shared with the reference model: mix a copy
+                weights = copy.deepcopy(initial)
+            interpolate_(weights, start, spec.init_alpha)
+        return cls(policy, spec.mode, spec.update_rate, weights=weights.eval().requires_grad_(False))
+
+    # ---------------------------------------------------------------------------------- forward
 
     @torch.no_grad()
-    def update(self, policy: torch.nn.Module) -> None:
+    def outputs(self, packed: PackedBatch) -> TeacherInputs:
+        """The teacher's hidden states at the completion tokens of ``packed`` (teacher contexts) and
+        its output layer; for ``trust-region`` the concatenation described in the module docstring."""
+        hidden = _hidden(self.model, packed)
+        weight, bias = lm_head_params(self.model)
+        if self.mode != "trust-region":
+            return TeacherInputs(hidden, weight, bias)
+        r = self.rate
+        h_pol = _hidden(self.policy, packed)
+        w_pol, b_pol = lm_head_params(self.policy)
+        hidden = torch.cat([(1.0 - r) * hidden, r * h_pol.to(hidden.dtype)], dim=-1)
+        if bias is not None or b_pol is not None:
+            bias = ((1.0 - r) * (bias if bias is not None else 0.0)
+                    + r * (b_pol.detach().to(hidden.dtype) if b_pol is not None else 0.0))
+        return TeacherInputs(hidden, self._joint_weight(weight, w_pol), bias)
+
+    def _joint_weight(self, w_ref: Tensor, w_pol: Tensor) -> Tensor:
+        """``[W_ref, W_pol]`` along H, rebuilt only when the policy's weight changed (an optimiser
+        step bumps its version), so the micro-batches of one step share one copy."""
+        key = (id(w_ref), w_ref._version, id(w_pol), w_pol._version, w_pol.device)
+        if self._joint is None or self._joint[0] != key:
+            self._joint = (key, torch.cat([w_ref.detach(), w_pol.detach().to(w_ref.dtype)], dim=-1))
+        return self._joint[1]
+
+    # ---------------------------------------------------------------------------------- updates
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
         if self.mode != "ema":
             return
         for t, p in zip(self.model.parameters(), policy.parameters()):

@@ -7,12 +7,15 @@ Time is the median of ``--repeats`` forward+backward steps timed with CUDA event
 (Triton compilation, autotuning, torch.compile); memory is the peak allocated bytes of one step,
 also given as ``extra`` = peak - inputs - gradients.
 
-    python -m bench.gpu                          # the issue-4 grid, writes bench/results/<device>-<date>.json
-    python -m bench.gpu --shapes 4096x4096x151936 --alphas 0.5 --cases floor,triton_fused
-    python -m bench.gpu --dry-run                # the plan, without a GPU
-    TRITON_INTERPRET=1 python -m bench.gpu --device cpu --shapes 40x24x70 --repeats 1 --warmup 0
-                                                 # smoke-run every case on CPU (Triton interpreter)
-    DENSER_TRITON_BLOCKS='{"fwd_block_v": 64}' python -m bench.gpu ...   # tune the fused tiles
+    denser bench gpu                          # the issue-4 grid, writes bench/results/<device>-<date>.json
+    denser bench gpu --shapes 4096x4096x151936 --alphas 0.5 --cases floor,triton_onchip
+    denser bench gpu --dry-run                # the plan, without a GPU
+    TRITON_INTERPRET=1 denser bench gpu --device cpu --shapes 40x24x70 --repeats 1 --warmup 0
+                                              # smoke-run every case on CPU (Triton interpreter)
+    DENSER_TRITON_BLOCKS='{"fwd_block_v": 64}' denser bench gpu ...   # tune the on-chip tiles
+
+(``python -m denser.bench gpu`` is the same.) Results go to ``bench/results/`` under the current
+directory (the clone's own ``bench/results`` when run from its root) unless ``--json`` says where.
 
 Shapes are NxHxV. Default grid: N in {4096, 16384, 65536}, H=4096, V=151936 and the peers'
 published shape 8192x4096x128256, alpha in {0.5, 1}, bf16.
@@ -29,9 +32,15 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from dataclasses import asdict, dataclass
 
-from bench.loss_core import parse_cases
+import torch
+from tqdm import tqdm
+
+from denser.bench.loss_core import parse_cases
+from denser.kernels import fused_loss, token_stats
+from denser.objectives import PolicyBatch, get_objective
 
 DEFAULT_SHAPES = ["4096x4096x151936", "16384x4096x151936", "65536x4096x151936", "8192x4096x128256"]
 DEFAULT_ALPHAS = [0.5, 1.0]
@@ -42,7 +51,7 @@ CASES = {
     "reference": "token_stats backend=reference (fp32 [N, V] logits, autograd)",
     "chunked": "token_stats backend=chunked (PyTorch sweeps, logits recomputed in backward)",
     "triton_chunked": "token_stats backend=triton_chunked (Triton sweeps, logits recomputed in backward)",
-    "triton_fused": "token_stats backend=triton_fused (logits tiles on chip, never stored)",
+    "triton_onchip": "token_stats backend=triton_onchip (logits tiles on chip, never stored)",
     "triton": "token_stats backend=triton (auto: path picked from free memory, see 'path')",
     "fused-sdpo[chunked]": "fused_loss sdpo full vocabulary, backend=chunked (gradients in forward)",
     "fused-sdpo[triton_chunked]": "fused_loss sdpo full vocabulary, backend=triton_chunked (gradients in forward)",
@@ -79,8 +88,6 @@ def parse_shape(text: str, alpha: float, dtype: str, device: str = "cuda") -> Sh
 
 
 def _inputs(shape: Shape):
-    import torch
-
     dtype = getattr(torch, shape.dtype)
     g = torch.Generator(device=shape.device).manual_seed(0)
     dev = dict(device=shape.device, dtype=torch.float32)
@@ -92,10 +99,6 @@ def _inputs(shape: Shape):
 
 
 def _policy_batch(shape: Shape):
-    import torch
-
-    from denser.objectives import PolicyBatch
-
     dev = shape.device
     seqs = max(1, shape.n // 512)
     seq_ids = torch.arange(shape.n, device=dev) * seqs // shape.n
@@ -108,8 +111,6 @@ def _policy_batch(shape: Shape):
 
 def make_step(case: str, shape: Shape):
     """(step, info, leaves) for ``case``: ``step()`` runs one forward+backward; inputs built here."""
-    import torch
-
     hidden, weight, teacher, targets = _inputs(shape)
     info: dict = {}
     step = _make_step(case, shape, hidden, weight, teacher, targets, info)
@@ -117,8 +118,6 @@ def make_step(case: str, shape: Shape):
 
 
 def _make_step(case, shape, hidden, weight, teacher, targets, info):
-    import torch
-
     def zero():
         hidden.grad = None
         weight.grad = None
@@ -139,11 +138,9 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
                 hidden.grad, weight.grad = d_hidden, d_weight
         return step
 
-    if case in ("reference", "chunked", "triton_chunked", "triton_fused", "triton"):
-        from denser.kernels import token_stats
-
+    if case in ("reference", "chunked", "triton_chunked", "triton_onchip", "triton"):
         if case == "triton":
-            from denser.kernels import triton_ops
+            from denser.kernels import triton_ops  # lazy: triton is optional (a dry run needs none)
 
             info["path"] = triton_ops.explain_triton_path(shape.n, shape.h, shape.v, shape.device,
                                                           dtype=hidden.dtype).as_dict()
@@ -155,20 +152,16 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
         return step
 
     if case.startswith("fused-"):
-        from denser.kernels import fused_loss
-        from denser.objectives import get_objective
-
         name, backend = re.fullmatch(r"fused-(\w+)\[(\w+)\]", case).groups()
         objective = get_objective("sdpo", alpha=shape.alpha, distill_mode="full") if name == "sdpo" else get_objective(name)
         batch = _policy_batch(shape)
-        kw = {"teacher_hidden": teacher} if objective.core_options().get("need_divergence") else {}
+        kw = {"teacher_hidden": teacher} if objective.core_options().need_divergence else {}
         if backend == "triton":
-            from denser.kernels import triton_ops
+            from denser.kernels import triton_ops  # lazy: triton is optional (a dry run needs none)
 
             info["path"] = triton_ops.explain_triton_path(shape.n, shape.h, shape.v, shape.device,
                                                           dtype=hidden.dtype).as_dict()
-            if hasattr(triton_ops, "fused_loss_path"):
-                info["fused_loss_path"] = triton_ops.fused_loss_path("triton", hidden, weight, teacher)
+            info["fused_loss_path"] = triton_ops.fused_loss_path("triton", hidden, weight, teacher)
 
         def step():
             zero()
@@ -176,7 +169,7 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
         return step
 
     if case == "liger-fljsd":
-        from liger_kernel.transformers import LigerFusedLinearJSD
+        from liger_kernel.transformers import LigerFusedLinearJSD  # lazy: optional peer (the bench extra)
 
         loss_fn = LigerFusedLinearJSD(jsd_beta=shape.alpha)
         t_weight = weight.detach()
@@ -187,7 +180,7 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
         return step
 
     if case == "liger-jsd-chunked":
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # lazy: optional peer
 
         loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=shape.alpha,
                                           compiled=shape.device == "cuda")
@@ -199,7 +192,7 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
         return step
 
     if case == "liger-kl":
-        from liger_kernel.transformers import LigerFusedLinearKLDivLoss
+        from liger_kernel.transformers import LigerFusedLinearKLDivLoss  # lazy: optional peer
 
         with torch.no_grad():  # an input of this peer, built outside the timing (its memory counts)
             probs = torch.softmax((teacher @ weight.t()).float(), dim=-1).to(hidden.dtype)
@@ -214,10 +207,6 @@ def _make_step(case, shape, hidden, weight, teacher, targets, info):
 
 
 def worker(case: str, shape: Shape, repeats: int, warmup: int) -> dict:
-    import time
-
-    import torch
-
     cuda = shape.device == "cuda"
     row = {"case": case, **asdict(shape)}
     try:
@@ -266,12 +255,11 @@ def worker(case: str, shape: Shape, repeats: int, warmup: int) -> dict:
 
 
 def run_case(case: str, shape: Shape, repeats: int, warmup: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bench.gpu", "--worker", case, "--shapes", f"{shape.n}x{shape.h}x{shape.v}",
+    cmd = [sys.executable, "-m", "denser.bench", "gpu", "--worker", case, "--shapes", f"{shape.n}x{shape.h}x{shape.v}",
            "--alphas", str(shape.alpha), "--dtype", shape.dtype, "--repeats", str(repeats), "--warmup", str(warmup),
            "--device", shape.device]
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=root)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"case": case, **asdict(shape), "error": f"timed out after {timeout:.0f}s"}
     lines = proc.stdout.strip().splitlines()
@@ -298,9 +286,9 @@ def format_table(rows: list[dict], shape: Shape) -> str:
             lines.append(f"| {r['case']} | - | - | - | - | | unavailable: {r['error']} |")
             continue
         ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
-        gib = lambda k: "-" if r.get(k) is None else f"{r[k]:.2f}"  # noqa: E731
-        lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {ratio} | {gib('peak_gib')} | "
-                     f"{gib('extra_gib')} | {_fmt_path(r)} | {what} |")
+        peak, extra = ("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("peak_gib", "extra_gib"))
+        lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {ratio} | {peak} | "
+                     f"{extra} | {_fmt_path(r)} | {what} |")
     return "\n".join(lines)
 
 
@@ -313,35 +301,29 @@ def check_targets(rows: list[dict]) -> list[str]:
         return by[a]["median_s"] / by[b]["median_s"] if a in by and b in by else None
 
     r = ratio("fused-sdpo[triton_chunked]", "floor")
-    out.append(f"fused_loss triton_chunked <= 1.3x floor: "
+    out.append("fused_loss triton_chunked <= 1.3x floor: "
                + ("n/a" if r is None else f"{'PASS' if r <= 1.3 else 'FAIL'} ({r:.2f}x)"))
     r = ratio("liger-fljsd", "fused-sdpo[triton_chunked]")
-    out.append(f"fused_loss triton_chunked >= 2x faster than Liger fused linear JSD: "
+    out.append("fused_loss triton_chunked >= 2x faster than Liger fused linear JSD: "
                + ("n/a" if r is None else f"{'PASS' if r >= 2.0 else 'FAIL'} ({r:.2f}x)"))
-    r = ratio("triton_fused", "floor")
-    out.append(f"triton_fused <= 2.5x floor: " + ("n/a" if r is None else f"{'PASS' if r <= 2.5 else 'FAIL'} ({r:.2f}x)"))
-    if by.get("triton_fused", {}).get("extra_gib") is not None:
-        extra = by["triton_fused"]["extra_gib"]
-        out.append(f"triton_fused peak <= inputs + gradients + 512 MiB: {'PASS' if extra <= 0.5 else 'FAIL'} "
+    r = ratio("triton_onchip", "floor")
+    out.append("triton_onchip <= 2.5x floor: " + ("n/a" if r is None else f"{'PASS' if r <= 2.5 else 'FAIL'} ({r:.2f}x)"))
+    if by.get("triton_onchip", {}).get("extra_gib") is not None:
+        extra = by["triton_onchip"]["extra_gib"]
+        out.append(f"triton_onchip peak <= inputs + gradients + 512 MiB: {'PASS' if extra <= 0.5 else 'FAIL'} "
                    f"(extra {extra * 1024:.0f} MiB)")
     else:
-        out.append("triton_fused peak <= inputs + gradients + 512 MiB: n/a")
+        out.append("triton_onchip peak <= inputs + gradients + 512 MiB: n/a")
     return out
 
 
 def device_info() -> dict:
-    info = {"machine": platform.platform(), "python": platform.python_version()}
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.version.cuda
-        if torch.cuda.is_available():
-            p = torch.cuda.get_device_properties(0)
-            info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
-                        sms=p.multi_processor_count)
-    except Exception:  # pragma: no cover
-        pass
+    info = {"machine": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cuda": torch.version.cuda}
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=round(p.total_memory / 2**30, 1),
+                    sms=p.multi_processor_count)
     for mod in ("triton", "liger_kernel"):
         try:
             info[mod] = __import__(mod).__version__
@@ -354,7 +336,7 @@ def device_info() -> dict:
 def results_path(info: dict, when: _dt.date | None = None) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", (info.get("device") or "unknown-device").lower()).strip("-")
     date = (when or _dt.date.today()).isoformat()
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"{slug}-{date}.json")
+    return os.path.join("bench", "results", f"{slug}-{date}.json")
 
 
 def plan(shapes: list[str], alphas: list[float], dtype: str, cases: list[str],
@@ -363,7 +345,7 @@ def plan(shapes: list[str], alphas: list[float], dtype: str, cases: list[str],
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
+    p = argparse.ArgumentParser(prog="denser bench gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(DEFAULT_SHAPES), help="comma-separated NxHxV")
     p.add_argument("--alphas", default=",".join(str(a) for a in DEFAULT_ALPHAS))
@@ -391,40 +373,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape.label}: {', '.join(cs)}")
         print(f"{sum(len(cs) for _, cs in grid)} subprocesses; results -> {a.json or results_path(device_info())}")
         return 0
-    import torch
-
     if a.device == "cuda" and not torch.cuda.is_available():
-        print("python -m bench.gpu needs a CUDA GPU (torch.cuda.is_available() is False). "
-              "Use --dry-run to see the plan, or `python -m bench` for the CPU benchmark.", file=sys.stderr)
+        print("denser bench gpu needs a CUDA GPU (torch.cuda.is_available() is False). "
+              "Use --dry-run to see the plan, or `denser bench` for the CPU benchmark.", file=sys.stderr)
         return 2
     info = device_info()
     out_path = a.json or results_path(info)
-    command = "python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "denser bench gpu " + " ".join(argv if argv is not None else sys.argv[1:])
     report = {"device": info, "command": command, "started": _dt.datetime.now().isoformat(timespec="seconds"),
               "floor_chunk": FLOOR_CHUNK, "shapes": []}
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = None
     total = sum(len(cs) for _, cs in grid)
-    bar = tqdm(total=total, desc="gpu bench", unit="case", file=sys.stderr) if tqdm else None
+    bar = tqdm(total=total, desc="gpu bench", unit="case", file=sys.stderr)
     tables = []
     for shape, cs in grid:
         rows = []
         for case in cs:
-            if bar:
-                bar.set_postfix_str(f"{case} N={shape.n} a={shape.alpha}")
+            bar.set_postfix_str(f"{case} N={shape.n} a={shape.alpha}")
             rows.append(run_case(case, shape, a.repeats, a.warmup, a.timeout))
-            if bar:
-                bar.update(1)
+            bar.update(1)
         targets = check_targets(rows)
         report["shapes"].append({"shape": asdict(shape), "rows": rows, "targets": targets})
         tables.append(format_table(rows, shape) + "\n\n" + "\n".join(f"- {t}" for t in targets))
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
         with open(out_path, "w") as f:  # rewritten after every shape: a crash keeps what was measured
             json.dump(report, f, indent=2)
-    if bar:
-        bar.close()
+    bar.close()
     head = (f"Loss core fwd+bwd on {info.get('device')} (torch {info.get('torch')}, CUDA {info.get('cuda')}, "
             f"triton {info.get('triton')}, liger-kernel {info.get('liger_kernel')}); median of {a.repeats} "
             f"steps, CUDA events. `{command}`\n")

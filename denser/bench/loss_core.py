@@ -3,8 +3,12 @@
 Every row is measured in the same run as the *floor*: the bare matmuls any exact method must do
 (student logits, teacher logits, dH, dW), so the ratios are comparable across machines.
 
-    python -m bench                      # N=2048, H=256, V=32000, fp32, alpha=0.5
-    python -m bench --n 4096 --json bench/results/cpu.json
+    denser bench                         # N=2048, H=256, V=32000, fp32, alpha=0.5
+    denser bench --n 4096 --json bench/results/cpu.json
+    denser bench --n 256 --v 4000 --cases chunked,fused-grpo --repeats 1   # a quick look
+
+(``python -m denser.bench`` is the same; ``python -m bench`` too, from a clone.) The other
+benchmarks: ``denser bench gpu --help`` (CUDA) and ``denser bench loop --help`` (the loop).
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from denser.kernels import fused_loss, token_stats
+from denser.kernels.memtrack import PeakMemory
+from denser.objectives import PolicyBatch, get_objective
 
 CASES = ["floor", "reference", "chunked", "fused-sdpo", "fused-sdpo-topk", "fused-grpo", "liger-jsd"]
 DESCRIPTIONS = {
@@ -46,8 +57,6 @@ def _rss_mb() -> float:
 
 
 def _make(shape: Shape):
-    import torch
-
     dtype = getattr(torch, shape.dtype)
     g = torch.Generator().manual_seed(0)
     hidden = (torch.randn(shape.n, shape.h, generator=g)).to(dtype).requires_grad_()
@@ -59,8 +68,6 @@ def _make(shape: Shape):
 
 def _step_fn(case: str, shape: Shape):
     """A closure running one forward+backward of ``case``; inputs built outside the timing."""
-    import torch
-
     hidden, weight, teacher, targets = _make(shape)
 
     def zero():
@@ -78,8 +85,6 @@ def _step_fn(case: str, shape: Shape):
         return step, (hidden, weight, teacher, targets)
 
     if case in ("reference", "chunked"):
-        from denser.kernels import token_stats
-
         def step():
             zero()
             s = token_stats(hidden, weight, targets, teacher_hidden=teacher, alpha=shape.alpha, backend=case)
@@ -87,11 +92,6 @@ def _step_fn(case: str, shape: Shape):
         return step, (hidden, weight, teacher, targets)
 
     if case.startswith("fused-"):
-        import torch
-
-        from denser.kernels import fused_loss
-        from denser.objectives import PolicyBatch, get_objective
-
         name = case.split("-")[1]
         if name == "sdpo":
             mode = "topk" if case.endswith("topk") else "full"
@@ -104,7 +104,7 @@ def _step_fn(case: str, shape: Shape):
                             advantages=torch.randn(seqs), rewards=torch.rand(seqs),
                             old_logp=torch.full((shape.n,), -10.0), ref_logp=torch.full((shape.n,), -10.0),
                             teacher_mask=torch.ones(seqs, dtype=torch.bool), norm_length=256.0)
-        kw = {"teacher_hidden": teacher} if objective.core_options().get("need_divergence") else {}
+        kw = {"teacher_hidden": teacher} if objective.core_options().need_divergence else {}
 
         def step():
             zero()
@@ -113,7 +113,7 @@ def _step_fn(case: str, shape: Shape):
         return step, (hidden, weight, teacher, targets)
 
     if case == "liger-jsd":
-        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss  # lazy: optional peer (the bench extra)
 
         loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=shape.alpha, compiled=False)
         t_weight = weight.detach()
@@ -127,10 +127,6 @@ def _step_fn(case: str, shape: Shape):
 
 
 def worker(case: str, shape: Shape, repeats: int) -> dict:
-    import torch
-
-    from denser.kernels.memtrack import PeakMemory
-
     torch.manual_seed(0)
     step, _inputs = _step_fn(case, shape)
     base = _rss_mb()
@@ -148,11 +144,10 @@ def worker(case: str, shape: Shape, repeats: int) -> dict:
 
 
 def run_case(case: str, shape: Shape, repeats: int, timeout: float) -> dict:
-    cmd = [sys.executable, "-m", "bench", "--worker", case, "--n", str(shape.n), "--h", str(shape.h),
+    cmd = [sys.executable, "-m", "denser.bench", "--worker", case, "--n", str(shape.n), "--h", str(shape.h),
            "--v", str(shape.v), "--alpha", str(shape.alpha), "--dtype", shape.dtype, "--repeats", str(repeats)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"case": case, "error": f"timed out after {timeout:.0f}s"}
     if proc.returncode != 0:
@@ -178,12 +173,7 @@ def format_table(rows: list[dict], shape: Shape) -> str:
 
 
 def _torch_version() -> str:
-    try:
-        import torch
-
-        return torch.__version__
-    except Exception:  # pragma: no cover
-        return "?"
+    return torch.__version__
 
 
 def parse_cases(parser: argparse.ArgumentParser, text: str, known: list[str]) -> list[str]:
@@ -196,13 +186,13 @@ def parse_cases(parser: argparse.ArgumentParser, text: str, known: list[str]) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n", type=int, default=2048)
-    p.add_argument("--h", type=int, default=256)
-    p.add_argument("--v", type=int, default=32000)
-    p.add_argument("--alpha", type=float, default=0.5)
+    p = argparse.ArgumentParser(prog="denser bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2048, help="tokens N")
+    p.add_argument("--h", type=int, default=256, help="hidden size H")
+    p.add_argument("--v", type=int, default=32000, help="vocabulary size V")
+    p.add_argument("--alpha", type=float, default=0.5, help="divergence alpha (0 forward KL, 1 reverse KL)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per case (median)")
     p.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of: " + ", ".join(CASES))
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per case")
     p.add_argument("--json", default=None, help="also write the rows and the machine to this file")
@@ -214,10 +204,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cases = parse_cases(p, a.cases, CASES)
     rows = []
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover
-        tqdm = lambda x, **k: x  # noqa: E731
     for case in tqdm(cases, desc="loss-core bench", unit="case", file=sys.stderr):
         rows.append(run_case(case, shape, a.repeats, a.timeout))
     table = format_table(rows, shape)
@@ -226,6 +212,6 @@ def main(argv: list[str] | None = None) -> int:
         os.makedirs(os.path.dirname(os.path.abspath(a.json)), exist_ok=True)
         with open(a.json, "w") as f:
             json.dump({"shape": shape.__dict__, "machine": platform.platform(), "cpus": os.cpu_count(),
-                       "torch": _torch_version(), "command": "python -m bench " + " ".join(argv or sys.argv[1:]),
+                       "torch": _torch_version(), "command": "denser bench " + " ".join(argv if argv is not None else sys.argv[1:]),
                        "rows": rows}, f, indent=2)
     return 0

@@ -1,4 +1,4 @@
-"""Backend ``triton_fused``: logits tiles computed on chip, never written to device memory.
+"""Backend ``triton_onchip``: logits tiles computed on chip, never written to device memory.
 
 Every kernel here computes ``z = (hidden @ weight.T + bias) / T`` one ``[block_n, block_v]`` tile
 at a time with ``tl.dot`` over H (fp32 accumulation), uses it, and drops it. Memory is the inputs,
@@ -23,6 +23,9 @@ are bitwise reproducible, and neither fp32 accumulator ever has to hold all of d
 (they run in waves of at most ``Blocks.scratch_bytes``), which is what keeps the path within
 "inputs + gradients + a few hundred MiB" at 64k tokens and a 152k vocabulary. Top-k is not
 implemented here: ``token_stats`` sends it to the chunked Triton path.
+
+One file on purpose (over the usual length): one op in Liger-Kernel's order, the kernels, then the
+host functions that launch them, then the autograd Function, all sharing one tile layout.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from denser.kernels import chunked, triton_chunk_math
 from denser.kernels.options import CoreOptions
 from denser.kernels.stats import TokenStats
 from denser.kernels.triton_common import (
@@ -349,7 +353,7 @@ def merge_partials(part: Tensor, has_teacher: bool, kl_mode: int) -> dict[str, T
     return out
 
 
-def fused_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts: CoreOptions, blocks: Blocks):
+def onchip_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts: CoreOptions, blocks: Blocks):
     """Per-token statistics ``dict(logp, lse_s, entropy, lse_t, divergence, aux)`` (absent ones missing)."""
     run = _Launch(hidden, weight, bias, t_hidden, t_weight, t_bias, opts, blocks)
     n, v, dev = run.n, run.v, hidden.device
@@ -382,7 +386,7 @@ def fused_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opt
     return stats
 
 
-def fused_backward(run: _Launch, targets, row: Tensor, coef: Tensor, mode: int, need_ent: bool,
+def onchip_backward(run: _Launch, targets, row: Tensor, coef: Tensor, mode: int, need_ent: bool,
                    need_h: bool, need_w: bool, need_b: bool):
     """(d_hidden, d_weight, d_bias) from the per-token coefficients; fp32 accumulation in bounded waves."""
     blocks, opts = run.blocks, run.opts
@@ -448,7 +452,7 @@ def fused_backward(run: _Launch, targets, row: Tensor, coef: Tensor, mode: int, 
     return d_hidden, d_weight, d_bias
 
 
-class FusedLinearStats(torch.autograd.Function):
+class OnChipStats(torch.autograd.Function):
     """(logp, entropy, divergence) of ``softmax((hidden @ weight.T + bias) / T)``, logits never stored.
 
     Saved for backward: the inputs and four fp32 scalars per token (lse_s, lse_t, entropy, aux).
@@ -466,7 +470,7 @@ class FusedLinearStats(torch.autograd.Function):
         if n == 0:
             stats = dict(logp=empty, lse_s=empty)
         else:
-            stats = fused_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts, blocks)
+            stats = onchip_forward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias, opts, blocks)
         entropy = stats.get("entropy") if opts.need_entropy else None
         ctx.save_for_backward(hidden, weight, bias, targets, t_hidden, t_weight, t_bias,
                               stats["lse_s"], stats.get("lse_t"), entropy, stats.get("aux"))
@@ -493,7 +497,7 @@ class FusedLinearStats(torch.autograd.Function):
                            aux if (aux is not None and mode != DIV_NONE) else zero]).contiguous()
         coef = upstream_coefficients(targets, opts.ignore_index, g_logp, g_ent, g_div, None, n, hidden.device)
         run = _Launch(hidden, weight, bias, t_hidden, t_weight, t_bias, opts, blocks)
-        d_hidden, d_weight, d_bias = fused_backward(run, targets, row, coef, mode, g_ent is not None,
+        d_hidden, d_weight, d_bias = onchip_backward(run, targets, row, coef, mode, g_ent is not None,
                                                     need_h, need_w, need_b)
         return d_hidden, d_weight, d_bias, None, None, None, None, None, None
 
@@ -501,7 +505,7 @@ class FusedLinearStats(torch.autograd.Function):
 @functools.cache
 def _warn_topk() -> None:
     warnings.warn(
-        "backend='triton_fused' computes the full-vocabulary divergence only; top-k distillation runs on the "
+        "backend='triton_onchip' computes the full-vocabulary divergence only; top-k distillation runs on the "
         "chunked Triton path (backend='triton_chunked') instead, with O(chunk x V) memory.",
         stacklevel=3,
     )
@@ -509,19 +513,17 @@ def _warn_topk() -> None:
 
 def token_stats(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts: CoreOptions,
                 chunk_size=None, blocks: Blocks | None = None) -> TokenStats:
-    """Backend ``triton_fused`` (same signature as ``chunked.token_stats``; ``chunk_size`` unused).
+    """Backend ``triton_onchip`` (same signature as ``chunked.token_stats``; ``chunk_size`` unused).
 
     Top-k falls back to the chunked Triton path (with a one-time warning).
     """
     if opts.topk is not None:
-        from denser.kernels import chunked, triton_sweeps
-
         _warn_topk()
         return chunked.token_stats(hidden, weight, targets, bias, teacher_hidden, teacher_weight, teacher_bias, opts,
-                                   chunk_size, sweeps=triton_sweeps)
+                                   chunk_size, sweep_impl=triton_chunk_math)
     blocks = blocks or default_blocks(hidden.device)
     _check_blocks(blocks)
-    logp, entropy, div = FusedLinearStats.apply(hidden, weight, bias, targets, teacher_hidden, teacher_weight,
-                                                teacher_bias, opts, blocks)
+    logp, entropy, div = OnChipStats.apply(hidden, weight, bias, targets, teacher_hidden, teacher_weight,
+                                           teacher_bias, opts, blocks)
     return TokenStats(logp=logp, entropy=entropy if opts.need_entropy else None,
                       divergence=div if teacher_hidden is not None else None)

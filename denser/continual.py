@@ -13,9 +13,13 @@ checkpoints) is the same as for ``denser train``. Between stages the runner carr
 - the AdamW state (``--carry-optimizer``) or a fresh optimizer (``--reset-optimizer``, the
   default, as when each stage is a separate fine-tuning job). The learning-rate schedule (and any
   schedule of the objective, e.g. hybrid's density schedule) restarts in every stage;
-- the SDPO EMA teacher (always, when the objective has one): it keeps averaging across stages;
-- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher and the GRPO reference
-  model (``kl_coef > 0``) are the initial model of stage 0 in every stage, not the stage's start.
+- the SDPO EMA teacher (when the objective has one): it keeps averaging across stages; with
+  ``--teacher-reset`` the teacher restarts from the stage's starting policy every stage instead
+  (``ema``, ``frozen`` and the ``trust-region`` reference alike), as SDPO-CL's runs restarted per
+  stage do;
+- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher, the ``trust-region``
+  reference (unless ``--teacher-reset``) and the GRPO reference model (``kl_coef > 0``, always) are
+  the initial model of stage 0 in every stage, not the stage's start.
 
 Before training and after every stage the runner measures, on fixed prompts (the first
 ``--eval-size`` rows of each task's eval split) of every training task and every ``--eval-tasks``
@@ -25,9 +29,20 @@ the initial weights, response drift from the initial model's responses and forma
 ``<run>/report.md`` and ``<run>/plots/*.png`` are rendered from it; the responses themselves are
 in ``<run>/responses/stage-NNN.jsonl``.
 
-The stage's own before/after evaluation in ``Trainer.train()`` is routed to the same fixed-prompt
-evaluator (``trainer.evaluate`` is replaced on the instance), so nothing is generated twice and
-the stage's ``metrics.jsonl`` shows the accuracies of the matrix. Single process only.
+Each stage's Trainer gets these as constructor arguments (``anchor``, ``optimizer_state``,
+``teacher_state``, from the previous stage's ``Trainer.carry_state()``), and its own
+before/after evaluation in ``Trainer.train()`` is the same fixed-prompt evaluator (its
+``evaluator`` argument), so nothing is generated twice and the stage's ``metrics.jsonl`` shows
+the accuracies of the matrix. Single process only.
+
+With ``--report-to``, the whole sequence is one tracker run (:mod:`denser.trainers.tracking`): each
+stage's trainer logs through a view of it (``Trainer(tracker=...)``) with stage-prefixed keys
+(``stage1/addition/reward_mean``) and steps counted over the sequence (stage k's step j is
+``(k - 1) * steps_per_task + j``); after every stage the runner logs the accuracy of every column
+(``eval/<task>/accuracy``), the averages and the drift (``drift/relative_l2``, ``drift/kl``).
+
+This module sits above :mod:`denser.analysis` and :mod:`denser.trainers` and drives both; the
+command line (``denser continual``) is in :mod:`denser.cli`.
 """
 
 from __future__ import annotations
@@ -37,17 +52,30 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
+from denser.analysis.forgetting import continual_metrics
+from denser.analysis.params import ParameterDrift
+from denser.analysis.report import write_run_report
+from denser.analysis.responses import Generations
+from denser.analysis.suite import EvalSuite, generations_to_rows
+from denser.objectives import Objective, get_objective
+from denser.tasks import get_task, list_tasks
+from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
+from denser.trainers.loop import Trainer
+from denser.trainers.models import load_model
+from denser.trainers.tracking import TENSORBOARD_DIR, Tracker
 
 FORMAT_VERSION = 1
-RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages")  # what a continual run writes
+# what a continual run writes
+RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages", TENSORBOARD_DIR)
 
 
 @dataclass
@@ -60,10 +88,9 @@ class ContinualConfig:
     carry_optimizer: bool = False
     spectral_rank: int = 16  # 0 = no spectral drift
     initial_eval_from: str = ""  # a continual run whose stage-0 measurement (same model and eval) is reused
+    teacher_reset: bool = False  # the teacher restarts from each stage's starting policy (else: EMA carried, frozen = stage 0)
 
     def __post_init__(self) -> None:
-        from denser.tasks import list_tasks
-
         self.tasks = [t.strip() for t in self.tasks if t.strip()]
         self.eval_tasks = [t.strip() for t in self.eval_tasks if t.strip()]
         problems = []
@@ -78,8 +105,9 @@ class ContinualConfig:
             problems.append(f"held-out task {both[0]!r} is also a training task; --eval-tasks are never trained on")
         known = set(list_tasks())
         for t in self.tasks + self.eval_tasks:
-            if not t.startswith("file:") and t.partition("?")[0] not in known:
-                problems.append(f"unknown task {t!r}; known tasks: {', '.join(sorted(known))}, or file:PATH.jsonl")
+            if not t.startswith(("file:", "hf:")) and t.partition("?")[0] not in known:
+                problems.append(f"unknown task {t!r}; known tasks: {', '.join(sorted(known))}, or file:PATH.jsonl, "
+                                "hf:NAME[:CONFIG]")
         if self.steps_per_task < 1:
             problems.append(f"--steps-per-task must be >= 1, got {self.steps_per_task}")
         if self.spectral_rank < 0:
@@ -128,9 +156,7 @@ class ContinualRunner:
         log: where progress lines go.
     """
 
-    def __init__(self, cfg: TrainConfig, objective, ccfg: ContinualConfig, *, log=print):
-        from denser.objectives import get_objective
-
+    def __init__(self, cfg: TrainConfig, objective: Objective | None, ccfg: ContinualConfig, *, log=print):
         self.cfg, self.ccfg, self.log = cfg, ccfg, log
         self.objective = objective if objective is not None else get_objective(cfg.objective)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.objective.name)
@@ -149,8 +175,6 @@ class ContinualRunner:
             raise ValueError(f"{self.run_dir} already holds a continual run; pass --resume to continue it, "
                              "--overwrite to replace it, or choose another --output-dir")
         if self.cfg.overwrite:  # only what a continual run writes, never the rest of the directory
-            import shutil
-
             for name in RUN_FILES:
                 p = self.run_dir / name
                 if p.is_dir():
@@ -208,17 +232,18 @@ class ContinualRunner:
         for key in [k for k in self._cache if k[1] < version]:
             del self._cache[key]
 
-    def _bind_evaluator(self, trainer, name: str) -> None:
-        """Route ``trainer.evaluate()`` (called by ``train()`` before and after the stage) to the
-        fixed-prompt suite, keyed by the weights' update count so nothing is generated twice."""
+    def _evaluator(self, name: str) -> Callable[[Trainer], float]:
+        """A stage trainer's ``evaluator`` (called by ``train()`` before and after the stage): the
+        fixed-prompt suite on task ``name``, keyed by the weights' update count so nothing is
+        generated twice."""
         base = self.updates
 
-        def evaluate(*_args, **_kwargs) -> float:
+        def evaluate(trainer: Trainer) -> float:
             version = base + int(trainer.scheduler.last_epoch)
             success = self._generate(trainer.policy, [name], version)[name].extra["success"]
             return sum(success) / len(success)
 
-        trainer.evaluate = evaluate
+        return evaluate
 
     def _measure(self, stage: int, task: str | None, model, checkpoint: str | None, train_info: dict | None) -> dict:
         t0 = time.perf_counter()
@@ -247,8 +272,6 @@ class ContinualRunner:
         })
 
     def _save_responses(self, stage: int, gens) -> None:
-        from denser.analysis.suite import generations_to_rows
-
         rows = [r for name in self.suite.names for r in generations_to_rows(name, gens[name])]
         path = self.run_dir / "responses" / f"stage-{stage:03d}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -256,8 +279,6 @@ class ContinualRunner:
     def _load_reference(self, run_dir: Path):
         """The initial model's responses saved by a run (texts and success flags are what is needed:
         similarity, and the stage-1 trainer's before-training accuracy)."""
-        from denser.analysis.responses import Generations
-
         rows = [json.loads(line) for line in (run_dir / "responses" / "stage-000.jsonl").read_text().splitlines()]
         out = {}
         for name in self.suite.names:
@@ -271,8 +292,6 @@ class ContinualRunner:
     def _reuse_stage0(self, record: dict) -> dict:
         """Stage 0 of another run of the same sequence: the initial model and the fixed prompts are the
         same, so is its measurement (greedy decoding); saves one evaluation per extra run."""
-        import shutil
-
         src = Path(self.ccfg.initial_eval_from)
         other = json.loads((src / "continual.json").read_text()) if (src / "continual.json").is_file() else None
         if other is None or not other.get("stages"):
@@ -296,37 +315,20 @@ class ContinualRunner:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
         return self.run_dir / "stages" / f"{k:02d}-{safe}"
 
-    def _anchor(self, trainer) -> None:
-        """Frozen teacher and reference model = the initial model of the whole sequence."""
-        state = None
-        for m in (trainer.reference, trainer.teacher.model if trainer.teacher is not None
-                  and trainer.teacher.mode == "frozen" else None):
-            if m is not None:
-                state = state or {k: v for k, v in self.initial.state_dict().items()}
-                m.load_state_dict(state)
-
-    def _carry(self, trainer, optimizer_state, teacher_state) -> None:
-        if optimizer_state is not None and self.ccfg.carry_optimizer:
-            lrs = [(g["lr"], g.get("initial_lr")) for g in trainer.optimizer.param_groups]
-            trainer.optimizer.load_state_dict(optimizer_state)
-            for g, (lr, initial_lr) in zip(trainer.optimizer.param_groups, lrs):  # this stage's schedule
-                g["lr"] = lr
-                if initial_lr is not None:
-                    g["initial_lr"] = initial_lr
-        if teacher_state is not None and trainer.teacher is not None and trainer.teacher.mode == "ema":
-            trainer.teacher.load_state_dict(teacher_state)
-
     def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state):
-        from denser.trainers.loop import Trainer
-
+        """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
+        initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
+        ``--teacher-reset``: a teacher that starts from ``model_path``)."""
         stage_cfg = dataclasses.replace(self.cfg, model=model_path, task=task_name, steps=self.ccfg.steps_per_task,
                                         output_dir=str(self._stage_dir(k, task_name)), resume=False, overwrite=True)
-        trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log)
+        trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
+                          anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
+                          teacher_state=None if self.ccfg.teacher_reset else teacher_state,
+                          teacher_from_policy=self.ccfg.teacher_reset, evaluator=self._evaluator(task_name),
+                          tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
+                                                      step_offset=(k - 1) * self.ccfg.steps_per_task))
         if trainer.world > 1:
             raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
-        self._anchor(trainer)
-        self._carry(trainer, optimizer_state, teacher_state)
-        self._bind_evaluator(trainer, task_name)
         t0 = time.perf_counter()
         summary = trainer.train()
         elapsed = time.perf_counter() - t0
@@ -356,13 +358,39 @@ class ContinualRunner:
     # ------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
-        from denser.analysis.forgetting import continual_metrics
-        from denser.analysis.params import ParameterDrift
-        from denser.analysis.suite import EvalSuite
-        from denser.tasks import get_task
-        from denser.trainers import checkpoint as ckpt
-        from denser.trainers.models import load_model
+        """Train and measure the sequence (resuming after the last finished stage with ``--resume``)."""
+        cfg = self.cfg
+        config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
+                  "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
+        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
+                               cpu=cfg.cpu or not torch.cuda.is_available())
+        try:
+            return self._run()
+        finally:
+            self.tracker.finish()
 
+    def _log_stage(self, stage: dict, record: dict) -> None:
+        """The tracker row of a measured stage: accuracy per column, averages, drift."""
+        train, held = self.ccfg.tasks, self.ccfg.eval_tasks
+        acc = stage["accuracy"]
+
+        def mean(cols):
+            vals = [acc[c] for c in cols if acc.get(c) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        row = {f"eval/{c}/accuracy": acc[c] for c in record["columns"]}
+        row.update({
+            "eval/average_accuracy": mean(record["columns"]),
+            "eval/seen_average_accuracy": mean(train[:stage["stage"]]) if stage["stage"] else None,
+            "eval/heldout_average_accuracy": mean(held),
+            "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
+            "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"),
+            "stage": stage["stage"],
+        })
+        self.tracker.log({k: v for k, v in row.items() if v is not None},
+                         step=stage["stage"] * self.ccfg.steps_per_task)
+
+    def _run(self) -> dict:
         cfg, ccfg = self.cfg, self.ccfg
         previous = self._prepare()
         t_start = time.perf_counter()
@@ -399,6 +427,7 @@ class ContinualRunner:
                 self.log(f"stage 0: measuring {cfg.model} on {', '.join(self.suite.names)} "
                          f"({cfg.eval_size} prompts each)")
                 stage0 = self._measure(0, None, self.initial, None, None)
+            self._log_stage(stage0, record)
             record["stages"] = [stage0]
             record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
             record["elapsed_s"] = time.perf_counter() - t_start
@@ -411,6 +440,7 @@ class ContinualRunner:
             self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for {ccfg.steps_per_task} steps")
             trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state)
             stage = self._measure(k, name, trainer.policy, str(checkpoint), info)
+            self._log_stage(stage, record)
             record["stages"].append(stage)
             record["accuracy_matrix"].append([stage["accuracy"][c] for c in record["columns"]])
             record["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
@@ -418,8 +448,9 @@ class ContinualRunner:
             self.log(f"stage {k} done: accuracy {acc}; relative L2 drift {stage['params']['relative_l2']:.2e}; "
                      f"KL to initial {stage['eval']['overall']['kl']:.3g}")
             model_path = str(checkpoint / "model")
-            optimizer_state = trainer.optimizer.state_dict() if ccfg.carry_optimizer else None
-            teacher_state = trainer.teacher.state_dict() if trainer.teacher is not None else None
+            carried = trainer.carry_state()
+            optimizer_state = carried["optimizer_state"] if ccfg.carry_optimizer else None
+            teacher_state = carried["teacher_state"]
             del trainer
             gc.collect()
             self._save(record)
@@ -430,90 +461,8 @@ class ContinualRunner:
         return record
 
     def _save(self, record: dict) -> None:
-        from denser.analysis.report import write_run_report
-
         _write_json(self.run_dir / "continual.json", _finite(record))
         try:
             write_run_report(self.run_dir, record=record)
         except Exception as e:  # a plotting problem must not lose a training run
             self.log(f"warning: could not render the report of {self.run_dir}: {type(e).__name__}: {e}")
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-
-def build_continual_parser(objective: str):
-    """``denser train``'s parser for ``objective`` plus the continual flags (used for --help)."""
-    from denser.cli import build_train_parser
-
-    p = build_train_parser(objective)
-    p.prog = "denser continual"
-    p.description = (f"Train {objective!r} on a sequence of tasks from one model and measure forgetting, drift and "
-                     "artifacts after every stage. Every `denser train` flag applies to every stage, except --task "
-                     "and --steps (use --tasks and --steps-per-task).")
-    _add_continual_flags(p.add_argument_group("continual"))
-    return p
-
-
-def _add_continual_flags(group) -> None:
-    import argparse
-
-    group.add_argument("--tasks", required=True, help="training tasks in order, comma-separated (e.g. addition,compare,reverse)")
-    group.add_argument("--eval-tasks", default="", help="held-out tasks, never trained on, evaluated after every stage")
-    group.add_argument("--steps-per-task", type=int, default=4, help="optimiser steps on each task (default: 4)")
-    group.add_argument("--carry-optimizer", action=argparse.BooleanOptionalAction, default=False,
-                       help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
-    group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
-                       help="a fresh AdamW state in every stage (the default)")
-    group.add_argument("--spectral-rank", type=int, default=16,
-                       help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
-    group.add_argument("--initial-eval-from", default="", metavar="RUN",
-                       help="reuse stage 0 (the initial model's measurement) of another continual run with the same "
-                            "model, tasks and eval settings, instead of measuring it again")
-
-
-def parse_continual_args(argv: list[str]):
-    """``(TrainConfig, objective, ContinualConfig)`` from a ``denser continual`` command line."""
-    import argparse
-
-    from denser.cli import CLIError, parse_train_args
-
-    if any(a in ("-h", "--help") for a in argv):
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--objective", default="sdpo")
-        known, _ = pre.parse_known_args(argv)
-        build_continual_parser(known.objective).print_help()
-        raise SystemExit(0)
-    mine = argparse.ArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
-    _add_continual_flags(mine)
-    try:
-        ns, rest = mine.parse_known_args(argv)
-    except SystemExit:
-        raise CLIError("--tasks is required (comma-separated training tasks, in order)") from None
-    for tok in rest:
-        flag = tok.split("=", 1)[0]
-        if flag in ("--task", "--steps"):
-            raise CLIError(f"{flag} is a `denser train` flag; a continual run takes --tasks a,b,c and --steps-per-task K")
-    cfg, objective = parse_train_args(rest)
-    try:
-        ccfg = ContinualConfig(tasks=ns.tasks.split(","), eval_tasks=ns.eval_tasks.split(","),
-                               steps_per_task=ns.steps_per_task, carry_optimizer=ns.carry_optimizer,
-                               spectral_rank=ns.spectral_rank, initial_eval_from=ns.initial_eval_from)
-    except ValueError as e:
-        raise CLIError(str(e)) from None
-    return cfg, objective, ccfg
-
-
-def main(argv: list[str]) -> int:
-    """``denser continual ...``: run the sequence, print where the report is."""
-    import shlex
-
-    cfg, objective, ccfg = parse_continual_args(argv)
-    runner = ContinualRunner(cfg, objective, ccfg)
-    runner.command = "denser continual " + shlex.join(argv)
-    record = runner.run()
-    m = record["metrics"]
-    print(f"final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
-          f"{(m['final_average_forgetting'] or 0.0):.3f}, relative L2 drift {record['stages'][-1]['params']['relative_l2']:.3e}")
-    print(f"report: {runner.run_dir / 'report.md'}  (data: {runner.run_dir / 'continual.json'})")
-    return 0

@@ -1,6 +1,6 @@
-"""Triton vocabulary sweeps over one chunk of materialised logits (backend ``triton_chunked``).
+"""The per-chunk vocabulary math in Triton: sweeps over one chunk of materialised logits (backend ``triton_chunked``).
 
-Drop-in for ``denser.kernels.sweeps``: ``forward_sweep`` and ``backward_sweep`` have the same
+Drop-in for ``denser.kernels.chunk_math``: ``forward_sweep`` and ``backward_sweep`` have the same
 signatures and results, so the chunk drivers (``chunked.py`` for ``token_stats``, ``fused.py``
 for ``fused_loss``) run either module. Each program owns ``sweep_rows`` rows of the chunk and
 walks the vocabulary once in tiles of ``sweep_block_v`` columns:
@@ -21,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from denser.kernels.chunk_math import SweepOut
 from denser.kernels.options import CoreOptions
-from denser.kernels.sweeps import SweepOut
 from denser.kernels.triton_common import (
     DIV_NONE,
     alpha_constants,
@@ -33,7 +33,6 @@ from denser.kernels.triton_common import (
     online_update,
     upstream_coefficients,
 )
-
 
 # rows of the forward kernel's output buffer [6, c] (literals in the kernel: Triton reads no globals)
 _LOGP, _LSE_S, _ENT, _LSE_T, _DIV, _AUX = range(6)
@@ -141,8 +140,8 @@ def _rows_last_contiguous(z: Tensor) -> Tensor:
 
 def forward_sweep(z_s: Tensor, z_t: Tensor | None, targets: Tensor, opts: CoreOptions, full_divergence: bool,
                   ws: dict | None = None, keep: bool = False) -> SweepOut:
-    """Statistics of one chunk; same contract as ``sweeps.forward_sweep``. ``z_s``/``z_t`` are not
-    modified; ``ws`` (the torch sweeps' workspace) and ``keep`` are accepted and unused: the
+    """Statistics of one chunk; same contract as ``chunk_math.forward_sweep``. ``z_s``/``z_t`` are not
+    modified; ``ws`` (the PyTorch sweeps' workspace) and ``keep`` are accepted and unused: the
     backward kernel recomputes its tiles from the logits in one pass."""
     c, vocab = z_s.shape
     z_s = _rows_last_contiguous(z_s)
@@ -182,7 +181,7 @@ def backward_sweep(
     opts: CoreOptions,
     ws: dict | None = None,
 ) -> Tensor:
-    """d loss / d raw logits ``[c, V]`` fp32; same contract as ``sweeps.backward_sweep``.
+    """d loss / d raw logits ``[c, V]`` fp32; same contract as ``chunk_math.backward_sweep``.
 
     Written over ``z_s`` in place when it is fp32 with unit column stride (the drivers' buffers);
     ``z_t`` is only read. ``ws`` is accepted and unused.

@@ -1,10 +1,10 @@
-"""Per-chunk vocabulary sweeps in PyTorch: the math every chunked backend shares.
+"""The per-chunk vocabulary math of the chunked backends, in PyTorch (backend ``chunked``).
 
 A *sweep* sees one chunk of logits ``[c, V]`` at a time. The forward sweep turns the student's
 (and teacher's) logits into per-token scalars; the backward sweep turns per-token upstream
-gradients into the gradient with respect to the chunk's raw logits. The Triton backend
-implements the same two functions (``denser.kernels.triton_ops``) with the same signatures, so
-the chunk drivers in ``chunked.py`` and ``fused.py`` serve both.
+gradients into the gradient with respect to the chunk's raw logits. ``triton_chunk_math.py``
+implements the same two functions in Triton (backend ``triton_chunked``) with the same
+signatures, so the chunk drivers in ``chunked.py`` and ``fused.py`` serve both.
 
 Notation (DESIGN.md): z = logits / T, p = softmax(z), lse = logsumexp(z), g the upstream grads.
 

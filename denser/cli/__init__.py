@@ -1,0 +1,39 @@
+"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench.
+
+    denser train --objective sdpo                       # the embedded model on the default task
+    denser train --objective grpo --model tiny --steps 3
+    denser train --objective sdpo --help                # every sdpo field is a flag
+    denser train --import my_objectives.py --objective reinforce --report-to tensorboard
+    denser eval --model runs/grpo-addition --tasks addition,compare --samples 8 --json eval.json
+    denser continual --objective sdpo --tasks addition,compare --eval-tasks logic
+    denser report RUN ; denser report drift A B ; denser compare RUN RUN
+    denser objectives ; denser tasks ; denser bench
+"""
+
+from __future__ import annotations
+
+import sys
+
+from denser.cli.commands import COMMANDS
+from denser.cli.flags import CLIError, build_train_parser, load_config_file, one_line, parse_train_args
+
+__all__ = ["COMMANDS", "CLIError", "build_train_parser", "load_config_file", "main", "parse_train_args"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``denser COMMAND ...`` (the console script and ``python -m denser``): the command's exit code;
+    a bad command line is one line on stderr and exit code 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        print(f"\ncommands: {', '.join(COMMANDS)}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd not in COMMANDS:
+        print(f"denser: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[cmd](rest)
+    except ValueError as e:  # CLIError, and the ValueError of a bad value found before any compute
+        print(f"denser {cmd}: error: {one_line(e)}", file=sys.stderr)
+        return 2

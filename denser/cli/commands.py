@@ -1,0 +1,296 @@
+"""Every ``denser`` command: ``cmd_<name>(argv) -> exit code``.
+
+A bad command line raises :class:`~denser.cli.flags.CLIError` (or ``ValueError``), which
+:func:`denser.cli.main` prints as one line with exit code 2. What a command runs (the loop, the
+continual runner, the reports, the benchmarks) is imported inside the command: those modules pull
+in transformers, accelerate and matplotlib, and ``denser --help``, ``denser objectives`` or
+``denser train --help`` should not wait for them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+from denser.cli.flags import (
+    IMPORT_HELP,
+    CLIError,
+    TrainArgumentParser,
+    one_line,
+    parse_continual_args,
+    parse_train_args,
+)
+from denser.objectives import list_objectives
+from denser.plugins import import_plugins
+
+# -------------------------------------------------------------------------------------- training
+
+
+def cmd_train(argv: list[str]) -> int:
+    """Exit codes: 0 done, 2 bad input (before any compute), 1 the run stopped (non-finite updates,
+    a checkpoint that could not be written), 143 / 130 stopped by SIGTERM / SIGINT (a checkpoint of
+    the last finished step was written). Each error is one line on stderr."""
+    cfg, objective = parse_train_args(argv)
+    # imported here for start-up time (transformers, accelerate): see the module docstring
+    from denser.trainers.checkpoint import CheckpointError
+    from denser.trainers.loop import Trainer, TrainingStopped
+    from denser.trainers.models import EmbeddedModelMissingError
+    from denser.trainers.preemption import Interrupted, StopSignals
+
+    try:
+        with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
+            summary = Trainer(cfg, objective, stop_signals=signals).train()
+    except EmbeddedModelMissingError as e:
+        raise CLIError(str(e)) from None
+    except (TrainingStopped, CheckpointError) as e:
+        print(f"denser train: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    except Interrupted as stop:
+        if stop.is_main:
+            print(f"denser train: {one_line(stop.message)}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a handler could not be installed (not the main thread)
+        print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
+              file=sys.stderr)
+        return 130
+    before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
+    if before is not None and summary.get("is_main", True):
+        print(f"eval accuracy: {before:.3f} -> {after:.3f}")
+    return 0
+
+
+def cmd_continual(argv: list[str]) -> int:
+    """``denser continual ...``: run the sequence, print where the report is."""
+    cfg, objective, values = parse_continual_args(argv)
+    # imported here for start-up time (the loop and the analysis): see the module docstring
+    from denser.continual import ContinualConfig, ContinualRunner
+
+    runner = ContinualRunner(cfg, objective, ContinualConfig(**values))
+    runner.command = "denser continual " + shlex.join(argv)
+    record = runner.run()
+    m = record["metrics"]
+    print(f"final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
+          f"{(m['final_average_forgetting'] or 0.0):.3f}, relative L2 drift {record['stages'][-1]['params']['relative_l2']:.3e}")
+    print(f"report: {runner.run_dir / 'report.md'}  (data: {runner.run_dir / 'continual.json'})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = TrainArgumentParser(  # one-line errors, as `denser train`
+        prog="denser eval",
+        description="Evaluate a model or checkpoint on tasks without training: greedy accuracy, and with --samples N "
+                    "the sampled mean@N, pass@k (unbiased estimator from the N samples) and maj@k (majority vote over "
+                    "parsed answers, averaged over all k-subsets of the N), each with its standard error over "
+                    "prompts. A table on stdout; --json FILE writes every number.")
+    p.add_argument("--model", default="default",
+                   help="'default', 'tiny', a Hugging Face model directory, a checkpoint directory (.../step-000012 or "
+                        "its model/), a `denser train` run directory (its newest checkpoint) or RUN@K of a continual "
+                        "run (default: default)")
+    p.add_argument("--tasks", default="", help="comma-separated tasks (names, file:PATH); default: the task a run "
+                   "directory was trained on, else the default task")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
+    p.add_argument("--eval-size", type=int, default=32, help="prompts per task: the first rows of its eval split "
+                   "(0 = all; default: 32, as `denser train`)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24, as `denser train`)")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure greedy accuracy (default: on)")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="sampled completions per prompt for mean@N, pass@k and maj@k (default: 0, no sampling)")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
+                   help="the k of pass@k and maj@k, each <= N (default: 1, 2, 4, ... up to N, and N)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    p.add_argument("--seed", type=int, default=0, help="task generation, tiny model and sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="completions per generate call (default: 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--json", default="", metavar="FILE", help="also write the result as JSON to FILE")
+    return p
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """``denser eval --model M --tasks a,b [--samples N]``: a table, and JSON with ``--json``."""
+    args = build_eval_parser().parse_args(argv)
+    import_plugins(args.imports)
+    # imported here for start-up time (models, generation): see the module docstring
+    from denser.analysis.evaluation import (
+        EvalSettings,
+        eval_table,
+        evaluate_model,
+        write_json,
+    )
+    from denser.trainers.models import EmbeddedModelMissingError
+
+    settings = EvalSettings(eval_size=args.eval_size, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                            samples=args.samples, ks=args.k or [], temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, batch_size=args.batch_size, dtype=args.dtype)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    try:
+        result = evaluate_model(args.model, tasks, settings, device="cpu" if args.cpu else None,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    except EmbeddedModelMissingError as e:
+        raise CLIError(str(e)) from None
+    print(eval_table(result))
+    if args.json:
+        print(f"written: {write_json(result, args.json)}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------- reports
+
+
+def cmd_report(argv: list[str]) -> int:
+    """``denser report RUN [RUN ...]``: re-render ``<run>/report.md`` and plots from ``continual.json``;
+    ``denser report drift A B``: every drift measure of model B against model A."""
+    if argv and argv[0] == "drift":
+        return cmd_report_drift(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="denser report",
+        description="Render report.md and plots of `denser continual` runs from their continual.json. "
+                    "`denser report drift A B --help`: drift of one model from another.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="continual run directories")
+    args = p.parse_args(argv)
+    from denser.analysis.report import (
+        write_run_report,  # start-up time (matplotlib): see the module docstring
+    )
+
+    for run in args.runs:
+        try:
+            out = write_run_report(run)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        print(f"report: {out}")
+    return 0
+
+
+def cmd_report_drift(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="denser report drift",
+        description="Parameter drift, response drift (KL(B || A) on B's greedy responses, similarity to A's), "
+                    "accuracy and formatting artifacts of model B against model A. A model is 'default', 'tiny', "
+                    "a model or checkpoint directory, a run directory (its newest checkpoint), or RUN@K for stage K "
+                    "of a `denser continual` run.")
+    p.add_argument("a", metavar="A", help="the reference model (e.g. the initial one)")
+    p.add_argument("b", metavar="B", help="the model whose drift from A is measured")
+    p.add_argument("--tasks", default="", help="comma-separated tasks whose eval prompts are used "
+                   "(default: the columns of a continual run given as A or B, else the default task)")
+    p.add_argument("--eval-size", type=int, default=16, help="prompts per task (default: 16)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24)")
+    p.add_argument("--spectral-rank", type=int, default=16, help="r of the singular-subspace drift (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="task generation seed (and the tiny model's)")
+    p.add_argument("--backend", default="auto", help="loss-core backend for KL and entropy")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--out", default="", help="write drift.json and drift.md into this directory")
+    args = p.parse_args(argv)
+    if args.eval_size < 1 or args.max_new_tokens < 1 or args.spectral_rank < 0:
+        raise CLIError("--eval-size and --max-new-tokens must be >= 1 and --spectral-rank >= 0")
+    # imported here for start-up time (models, generation): see the module docstring
+    from denser.analysis.checkpoints import compare_checkpoints, drift_markdown
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    try:
+        result = compare_checkpoints(args.a, args.b, tasks=tasks, eval_size=args.eval_size,
+                                     max_new_tokens=args.max_new_tokens, spectral_rank=args.spectral_rank,
+                                     seed=args.seed, backend=args.backend, device="cpu" if args.cpu else None,
+                                     log=lambda m: print(m, flush=True))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    text = drift_markdown(result)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "drift.json").write_text(json.dumps(result, indent=1))
+        (out / "drift.md").write_text(text)
+        print(f"written: {out / 'drift.json'}, {out / 'drift.md'}")
+    return 0
+
+
+def cmd_compare(argv: list[str]) -> int:
+    """``denser compare RUN RUN [...]``: several continual runs overlaid in one report."""
+    p = argparse.ArgumentParser(prog="denser compare",
+                                description="Overlay several `denser continual` runs (e.g. grpo vs sdpo vs hybrid) "
+                                            "in one report: <out>/report.md and <out>/plots/compare_*.png.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="continual run directories")
+    p.add_argument("--out", default="runs/compare", help="report directory (default: runs/compare)")
+    p.add_argument("--labels", default="", help="comma-separated run names for legends (default: objective and teacher)")
+    args = p.parse_args(argv)
+    from denser.analysis.report import (
+        write_compare_report,  # start-up time (matplotlib): see the module docstring
+    )
+
+    labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
+    try:
+        out = write_compare_report(args.runs, args.out, labels=labels, command="denser compare " + shlex.join(argv))
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(f"report: {out}")
+    return 0
+
+
+# -------------------------------------------------------------------------------- the registries
+
+
+def _listing_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description + " Installed plugins (entry-point groups "
+                                "denser.objectives and denser.tasks) are included.")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
+    return p
+
+
+def cmd_objectives(argv: list[str]) -> int:
+    import_plugins(_listing_parser("denser objectives", "List the registered objectives.").parse_args(argv).imports)
+    rows = list_objectives()
+    width = max(len(r[0]) for r in rows)
+    for name, doc, signals in rows:
+        sig = ",".join(sorted(s.value for s in signals))
+        print(f"{name:<{width}}  [{sig}]  {doc}")
+    print("\nflags of one objective: denser train --objective NAME --help")
+    return 0
+
+
+def cmd_tasks(argv: list[str]) -> int:
+    import_plugins(_listing_parser("denser tasks", "List the registered tasks.").parse_args(argv).imports)
+    from denser.tasks import (  # start-up time (datasets): see the module docstring
+        DEFAULT_TASK,
+        task_descriptions,
+    )
+
+    desc = task_descriptions()
+    width = max(len(n) for n in desc)
+    for name, text in desc.items():
+        mark = " (default)" if name == DEFAULT_TASK else ""
+        print(f"{name:<{width}}  {text}{mark}")
+    print("\nany local file: --task file:PATH.jsonl (columns prompt, answer)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ benchmarks
+
+
+def cmd_bench(argv: list[str]) -> int:
+    """``denser bench [gpu|loop|step] ...``: the benchmark runners of ``denser.bench``."""
+    from denser.bench import (
+        main as bench_main,  # imported here for start-up time (see the module docstring)
+    )
+
+    return bench_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
+            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare}

@@ -1,0 +1,141 @@
+"""The run directory of ``denser train``: ``config.yaml``, ``metrics.jsonl`` and ``checkpoints/``.
+
+:meth:`RunDir.check` refuses a directory that holds another run and, with ``--resume``, finds
+the checkpoint to resume from; it writes nothing, so a run that fails its checks before any
+compute leaves no trace. :meth:`RunDir.init` then creates the directory and its
+``config.yaml``. ``metrics.jsonl`` holds one JSON row per rollout batch (and the eval rows); a
+checkpoint records how many rows were written before it, and a resume cuts the file back to
+that many (:meth:`RunDir.truncate_metrics`), so the rows of steps after the checkpoint (or half
+a row of a killed write) never count twice. Only the main process writes; every process keeps
+the row count, and ``barrier`` (``accelerator.wait_for_everyone``) keeps them in step.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from denser.trainers import checkpoint as ckpt
+from denser.trainers.io import atomic_write_text, fsync_file
+
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run directory holds (and --overwrite removes)
+# Differences between a run's config.yaml and a --resume that make it another run.
+RESUME_MUST_MATCH = ("objective", "model", "task")
+# Settings that may differ on a --resume without a note.
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "progress", "output_dir"})
+
+
+class RunDir:
+    """One run's directory. ``log`` prints a message (on the main process only)."""
+
+    def __init__(self, path: str | Path, *, is_main: bool = True, log: Callable[[str], Any] = print,
+                 barrier: Callable[[], Any] = lambda: None):
+        self.path = Path(path)
+        self.is_main, self.log, self.barrier = is_main, log, barrier
+        self.metrics_rows = 0  # rows of metrics.jsonl written so far (on every process)
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def note(self, message: str) -> None:
+        """A message every process would print alike: printed once, by the main process."""
+        if self.is_main:
+            self.log(message)
+
+    def check(self, run_config: dict[str, Any], *, resume: bool, overwrite: bool, steps: int) -> Path | None:
+        """Refuse a directory that holds another run; with ``resume``, the checkpoint to resume from.
+
+        ``run_config`` is what :meth:`init` will write to config.yaml. Writes nothing."""
+        run = self.path
+        if run.exists() and not run.is_dir():
+            raise ValueError(f"--output-dir {run} is a file, not a directory")
+        holds = [n for n in RUN_FILES if (run / n).exists()]
+        if holds and not resume and not overwrite:
+            raise ValueError(f"{run} already holds a run ({', '.join(holds)}); pass --resume to continue it, "
+                             "--overwrite to replace it, or choose another --output-dir")
+        if not resume:
+            return None
+        existing = run / "config.yaml"
+        if existing.exists():
+            self._check_same_run(existing, run_config)
+        for p in ckpt.incomplete_checkpoints(run):
+            self.note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
+        try:  # the newest checkpoint that matches its manifest; damaged ones are named and skipped
+            latest = ckpt.latest_checkpoint(run, verify=True, note=lambda m: self.note(f"--resume: {m}"))
+        except ckpt.CheckpointError as e:  # damaged or pickled (an older denser): before any compute
+            raise ValueError(f"--resume: {e}") from None
+        if latest is None:
+            self.note(f"--resume: no complete checkpoint in {run}; starting from step 0")
+            return None
+        step = ckpt.checkpoint_step(latest)
+        if step > steps:
+            raise ValueError(f"--resume: the newest checkpoint {latest} is at step {step}, beyond --steps {steps}; "
+                             f"pass --steps {step} or more")
+        return latest
+
+    def _check_same_run(self, existing: Path, new: dict[str, Any]) -> None:
+        try:
+            old = yaml.safe_load(existing.read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--resume: cannot read {existing} ({str(e).splitlines()[0]})") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"--resume: {existing} is not a run config (a mapping)")
+        diffs = [f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in RESUME_MUST_MATCH if old.get(k) != new.get(k)]
+        if diffs:
+            raise ValueError(f"--resume: {self.path} holds a different run ({'; '.join(diffs)}); resume with the same "
+                             f"objective, model and task (e.g. --config {existing} --resume), or use another "
+                             "--output-dir")
+        changed = [f"{k} {old.get(k)!r} -> {v!r}" for k, v in new.items()
+                   if k not in RESUME_MAY_CHANGE and k != "objective_args" and k in old and old[k] != v]
+        old_args = old.get("objective_args") or {}
+        changed += [f"{k} {old_args.get(k)!r} -> {v!r}" for k, v in new["objective_args"].items()
+                    if k in old_args and old_args[k] != v]
+        if changed:
+            self.note(f"--resume: settings changed since the run started: {'; '.join(changed)}")
+
+    def init(self, run_config: dict[str, Any], *, fresh: bool, overwrite: bool) -> None:
+        """Create the directory and its config.yaml (after every check has passed). ``overwrite``
+        removes what a run writes (never the rest of the directory); ``fresh`` (no checkpoint to
+        resume from) starts metrics.jsonl over."""
+        run = self.path
+        if self.is_main:
+            if overwrite:
+                for name in RUN_FILES:
+                    p = run / name
+                    if p.is_dir():
+                        shutil.rmtree(p)
+                    elif p.exists():
+                        p.unlink()
+            run.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
+            if fresh and self.metrics_path.exists():  # --resume without a checkpoint starts over
+                self.metrics_path.unlink()
+        self.barrier()
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        """Append one row to metrics.jsonl (main process) and count it (every process)."""
+        if self.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        self.metrics_rows += 1
+
+    def truncate_metrics(self, rows: int) -> None:
+        """Keep the first ``rows`` rows of metrics.jsonl: those written before the checkpoint."""
+        path = self.metrics_path
+        if self.is_main:
+            lines = path.read_text().splitlines() if path.exists() else []
+            if len(lines) < rows:
+                self.log(f"warning: {path} has {len(lines)} rows but the checkpoint counted {rows}; "
+                         "rows written before the checkpoint are missing")
+            if len(lines) > rows:  # rows of steps after the checkpoint (or half a row of a killed write)
+                atomic_write_text(path, "".join(line + "\n" for line in lines[:rows]))
+        self.barrier()
+
+    def sync_metrics(self) -> None:
+        """Make the rows written so far durable (before a checkpoint counts them)."""
+        fsync_file(self.metrics_path)

@@ -1,0 +1,31 @@
+"""``denser bench`` from the package: the kinds it dispatches to, and one small loss-core run end
+to end (its workers are ``python -m denser.bench`` subprocesses, so nothing needs the clone's
+``bench/`` folder). Timings are printed, never asserted."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import denser.bench as bench
+
+
+def test_first_argument_picks_the_benchmark(capsys):
+    assert set(bench.KINDS) == {"gpu", "loop"}
+    assert bench.main(["gpu", "--dry-run", "--shapes", "128x64x1000", "--alphas", "1", "--cases", "chunked"]) == 0
+    assert "N=128 H=64 V=1000 alpha=1.0 bfloat16: floor, chunked" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # the loss-core flags are checked by the loss-core parser
+        bench.main(["--cases", "nope"])
+    assert "unknown case(s) nope" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_small_loss_core_run_end_to_end(capsys):
+    assert bench.main(["--n", "48", "--h", "8", "--v", "40", "--cases", "chunked,fused-grpo", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "N=48 H=8 V=40 float32" in out
+    for case in ("floor", "chunked", "fused-grpo"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {case} |"))
+        assert "unavailable" not in row, row
+        assert re.match(rf"\| {case} \| \d+\.\d{{3}} \| \d+\.\d\d \|", row), row
