@@ -327,8 +327,10 @@ def _phase_hooks(hooks: dict[str, str]) -> None:
     def enter(phase: str, step) -> None:
         if show:
             print("PHASE", phase, step, flush=True)
+        nonlocal target
         if target is not None and (phase, step) == target[:2]:
-            os.kill(os.getpid(), target[2])
+            sig, target = target[2], None  # once: a phase that begins again (several updates) is no second signal
+            os.kill(os.getpid(), sig)
 
     def wrap(owner, name: str, phase_of) -> None:
         real = getattr(owner, name)
