@@ -98,8 +98,8 @@ def test_sampled_eval_is_deterministic_and_leaves_the_training_rng_alone(tmp_pat
     calls = []
     real = trainer.engine.generate
 
-    def spy(prompt_ids, params, *, seed=None):
-        out = real(prompt_ids, params, seed=seed)
+    def spy(prompt_ids, params, *, seed=None, stop=None):
+        out = real(prompt_ids, params, seed=seed, stop=stop)
         calls.append(out.completion_ids)
         return out
 
