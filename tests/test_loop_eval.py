@@ -32,7 +32,7 @@ class ScriptedEngine:
     def __init__(self, greedy: list[bool], sampled: list[list[bool]]):
         self.greedy, self.sampled, self.seeds = greedy, sampled, []
 
-    def generate(self, prompt_ids, params, *, seed=None):
+    def generate(self, prompt_ids, params, *, seed=None, stop=None):
         n = params.num_generations
         table = [[g] for g in self.greedy] if not params.do_sample else self.sampled
         if params.do_sample:

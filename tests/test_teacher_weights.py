@@ -188,7 +188,8 @@ def test_teacher_context_is_cut_on_the_right_and_truncated_completions_are_maske
         if mask[s]:
             assert len(full[s]) > 12 and cut[s] == full[s][:12]  # SDPO: reprompt_truncation right
     assert rollout.truncated.any()
-    batches = short.signals.micro_batches(rollout, rows, scores, 0)
+    sample = short.signals.per_sample(rollout, rows, scores)
+    batches = short.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)
     for mb in batches:
         b = mb.batch
         assert torch.equal(b.token_mask, ~rollout.truncated[mb.indices][b.seq_ids])
