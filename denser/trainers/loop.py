@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -133,6 +134,16 @@ class UpdateResult:
     metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
 
 
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator. accelerate keeps one state per process and refuses a second Accelerator
+    with another mixed precision; in a single process (a notebook, ``denser.train`` called twice, a
+    test session) the earlier run's state is dropped instead. Launched processes keep theirs: there
+    every process builds the same Accelerator."""
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+
+
 class Trainer:
     """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics.
 
@@ -168,7 +179,7 @@ class Trainer:
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        self.accelerator = _accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.task = task if task is not None else _task_of(cfg)
