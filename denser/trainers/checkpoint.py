@@ -299,9 +299,11 @@ def quiet_transformers():
 
 def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
                     teacher_state: dict[str, torch.Tensor] | None, keep_last: int,
-                    rng: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
+                    rng: dict[str, Any] | list[dict[str, Any]] | None = None, merged=None) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones; returns its directory.
 
+    ``merged``: a model saved as ``merged/`` beside ``model/`` (a LoRA run's adapter merged into its
+    base, ``--merge-lora``), with the tokenizer.
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
@@ -314,6 +316,9 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
         with quiet_transformers():
             model.save_pretrained(tmp / "model", safe_serialization=True)
             tokenizer.save_pretrained(tmp / "model")
+            if merged is not None:
+                merged.save_pretrained(tmp / "merged", safe_serialization=True)
+                tokenizer.save_pretrained(tmp / "merged")
         state = tmp / "state"
         state.mkdir()
         tree, tensors = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

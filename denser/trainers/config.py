@@ -7,6 +7,7 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -99,6 +100,16 @@ class TrainConfig:
                               "-overlong_penalty over the last this many tokens of --max-new-tokens (0 = off; a "
                               "buffer longer than the budget covers all of it)")
     overlong_penalty: float = _f(1.0, "the overlong penalty at the full length budget (DAPO: 1.0)")
+    lora_r: int = _f(0, "LoRA rank: train a low-rank adapter with peft instead of every weight (0 = full "
+                     "fine-tuning); the reference and a frozen teacher are then the base model with the adapter "
+                     "disabled, an EMA teacher an EMA of the adapter (needs denser[lora])")
+    lora_alpha: float = _f(16.0, "LoRA scale numerator: the adapter's update is (lora_alpha / lora_r) * B @ A")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA adapter's input in training forwards (0 keeps the policy "
+                             "deterministic: the first update's ratios are exactly 1)")
+    lora_target_modules: str = _f("all-linear", "layers that get an adapter: 'all-linear' (every linear layer of the "
+                                  "blocks, never the output layer) or comma-separated module names (q_proj,v_proj)")
+    merge_lora: bool = _f(False, "with --lora-r: the final checkpoint also holds merged/, the base model with the "
+                          "adapter merged in (loadable with from_pretrained); `denser merge-lora RUN` does it later")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     progress: bool = _f(True, "show a progress bar")
     report_to: str = _f("none", "experiment trackers, comma-separated: none | " + " | ".join(TRACKERS) + " (through "
@@ -176,8 +187,25 @@ class TrainConfig:
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other; pick one")
         problems += report_to_problems(self.report_to)
+        problems += self._lora_problems()
         if problems:
             raise ValueError("; ".join(problems))
+
+    def _lora_problems(self) -> list[str]:
+        problems = []
+        if self.lora_r < 0:
+            problems.append(f"--lora-r must be >= 0 (0 = full fine-tuning), got {self.lora_r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            problems.append(f"--lora-alpha must be a number > 0, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            problems.append(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if not self.lora_target_modules.strip(" ,"):
+            problems.append("--lora-target-modules is empty; give 'all-linear' or comma-separated module names")
+        if self.merge_lora and self.lora_r == 0:
+            problems.append("--merge-lora needs --lora-r > 0 (without LoRA the checkpoint's model/ is the full model)")
+        if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
+            problems.append("--lora-r needs the peft package: pip install 'denser[lora]' (or pip install peft)")
+        return problems
 
 
 def resolve_run_settings(cfg: TrainConfig, task) -> TrainConfig:

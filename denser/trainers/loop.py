@@ -43,6 +43,7 @@ from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
+from denser.trainers import lora
 from denser.trainers.config import TrainConfig, resolve_run_settings
 from denser.trainers.estimators import mean_stderr
 from denser.trainers.models import load_model
@@ -180,6 +181,7 @@ class Trainer:
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
         self.accelerator = _accelerator(cfg)
+        lora.check_lora_run(cfg, self.accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         self.task = task if task is not None else _task_of(cfg)
@@ -269,6 +271,10 @@ class Trainer:
         weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
         the reference's copy of the initial weights."""
         cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
+        if cfg.lora_r:  # the base model plus an adapter; reference and teachers are views of it (trainers/lora.py)
+            policy, self.tokenizer, self.reference, self.teacher = lora.load_lora_models(cfg, declared, spec,
+                                                                                         resume_from)
+            return policy
         dtype = getattr(torch, cfg.dtype)
         with ckpt.quiet_transformers():
             policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
@@ -550,7 +556,7 @@ class Trainer:
                     self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
                     scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
                     teacher_state=self.teacher.state_dict() if self.teacher else None, keep_last=self.cfg.keep_last,
-                    rng=rng)
+                    rng=rng, merged=lora.merged_model(self.policy) if finished and self.cfg.merge_lora else None)
             except OSError as e:
                 error = e
         failed = self._sum_over_processes(torch.tensor([float(error is not None)]))
@@ -629,7 +635,7 @@ class Trainer:
                        checkpoint=str(path) if path else None)
         self._note(f"eval accuracy after {cfg.steps} steps: {format_eval(metrics, cfg.eval_samples)}")
         if path:
-            self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+            self._note(f"final checkpoint: {path} ({_loading_hint(path, cfg)})")
         if self._owns_tracker:
             self.tracker.finish()
         return summary
@@ -726,6 +732,15 @@ def format_eval(metrics: dict[str, Any], samples: int = 0) -> str:
     if samples and metrics.get("eval_mean_at_n") is not None:
         text += f"; mean@{samples} {pm(metrics['eval_mean_at_n'], metrics.get('eval_mean_at_n_se'))}"
     return text
+
+
+def _loading_hint(path: Path, cfg: TrainConfig) -> str:
+    if not cfg.lora_r:
+        return f"AutoModelForCausalLM.from_pretrained('{path / 'model'}')"
+    hint = f"a LoRA adapter: PeftModel.from_pretrained(base, '{path / 'model'}')"
+    if cfg.merge_lora:
+        return f"{hint}; merged: AutoModelForCausalLM.from_pretrained('{path / lora.MERGED_DIR}')"
+    return f"{hint}, or merge it with: denser merge-lora {path}"
 
 
 def _task_of(cfg: TrainConfig) -> Task:

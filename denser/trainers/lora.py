@@ -1,0 +1,340 @@
+"""LoRA training with peft: the policy is the base model plus a low-rank adapter, and everything
+that used to be a second copy of the weights is the base model itself.
+
+``--lora-r R`` (> 0) wraps the policy with peft (:func:`attach_lora`): only the adapter's ``A`` and
+``B`` matrices train, every base weight is frozen, the output layer included (so the loss core gets
+an ``lm_head.weight`` that needs no gradient and skips the dW matmul). The other models the loop
+may need are views of that one model (:class:`AdapterView`), never copies:
+
+- the frozen reference (``ref_logp``), a ``frozen`` teacher and the ``trust-region`` teacher's
+  reference: the policy with its adapter disabled (= the base model, since a fresh adapter's ``B``
+  is zero, the model the run started from);
+- an ``ema`` teacher: the base model with an exponential moving average of the adapter's weights,
+  ``A`` and ``B`` averaged separately (:class:`LoraTeacherWeights`; the EMA of a product ``B @ A``
+  is not the product of the EMAs, so this teacher is not the EMA of the full weights; it is what
+  keeps the teacher's memory at one adapter);
+- the ``live`` teacher: the policy itself, as without LoRA.
+
+``--teacher-path`` loads its own full model as before (``frozen`` and ``trust-region``; an EMA of
+adapter weights cannot start from another model, so ``ema`` with a path is refused, as is
+``--teacher-init-alpha`` below 1 with a path: that mixes full weights with the policy's).
+
+Checkpoints hold the adapter in peft's format in ``<ckpt>/model`` (``adapter_config.json``,
+``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained(base, <ckpt>/model)``);
+``--merge-lora`` adds ``<ckpt>/merged``, the base with the adapter merged in, loadable with
+``AutoModelForCausalLM.from_pretrained``, to the final checkpoint; :func:`merge_lora` (``denser
+merge-lora``) merges any checkpoint afterwards. A resumed run loads the base model again
+(``--model``) and the adapter from the checkpoint. FSDP with LoRA is not supported (refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from denser.objectives import Signal, TeacherSpec
+from denser.trainers import checkpoint as ckpt
+from denser.trainers.io import fsync_dir
+from denser.trainers.models import load_model
+from denser.trainers.teacher import TeacherWeights
+
+#: ``--lora-target-modules`` default: every linear layer of the blocks (peft's shorthand; never the output layer)
+ALL_LINEAR = "all-linear"
+#: where ``--merge-lora`` puts the merged model inside a checkpoint
+MERGED_DIR = "merged"
+ADAPTER_CONFIG = "adapter_config.json"
+
+__all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterView", "LoraTeacherWeights", "attach_lora", "check_lora_run",
+           "is_adapter_dir", "load_lora_models", "merge_lora", "merged_model", "trainable_adapter"]
+
+
+def _peft():
+    # lazy: peft is an optional extra (denser[lora]); TrainConfig names it when --lora-r needs it
+    import peft
+
+    return peft
+
+
+# ------------------------------------------------------------------------------------ attach
+
+
+def _target_modules(spec: str, model: nn.Module) -> str | list[str]:
+    """``--lora-target-modules`` as peft takes it, checked against ``model``: ``all-linear`` or a
+    list of module names (each matching the end of a module's dotted name). Raises ``ValueError``
+    naming the flag for a name that matches no module, matches a non-linear one, or names the
+    input or output embeddings (their weight is the loss core's frozen ``lm_head``, or tied to it)."""
+    if spec.strip().lower() == ALL_LINEAR:
+        return ALL_LINEAR
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    modules = dict(model.named_modules())
+    embeddings = {id(model.get_output_embeddings()), id(model.get_input_embeddings())}
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules.items()
+                     if isinstance(m, nn.Linear) and id(m) not in embeddings})
+    problems = []
+    for name in names:
+        hits = [m for n, m in modules.items() if n == name or n.endswith("." + name)]
+        if not hits:
+            problems.append(f"{name!r} matches no module")
+        elif any(id(m) in embeddings for m in hits):
+            problems.append(f"{name!r} is the input or output embedding layer, which stays frozen (the loss core "
+                            "reads the output layer's weight as is)")
+        elif not all(isinstance(m, nn.Linear) for m in hits):
+            problems.append(f"{name!r} is not a linear layer")
+    if problems:
+        raise ValueError(f"--lora-target-modules {spec}: {'; '.join(problems)}; give '{ALL_LINEAR}' or "
+                         f"comma-separated linear layers of the blocks, of this model: {', '.join(linear)}")
+    return names
+
+
+def attach_lora(model: nn.Module, *, r: int, alpha: float, dropout: float, target_modules: str = ALL_LINEAR,
+                adapter: str | os.PathLike | None = None) -> nn.Module:
+    """``model`` (loaded, unwrapped) wrapped with a trainable LoRA adapter: peft's ``PeftModel``.
+
+    A fresh adapter (``B = 0``: the wrapped model computes what ``model`` did) with rank ``r``,
+    scale ``alpha / r`` and dropout on the adapter's input, on ``target_modules``; or, with
+    ``adapter`` (a directory in peft's format, e.g. a checkpoint's ``model/``), that adapter's
+    weights, trainable. Every base parameter is frozen, the output layer included. The adapter's
+    ``base_model_name_or_path`` is the base model's directory (empty for ``--model tiny``)."""
+    peft = _peft()
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's concern
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter is not None:
+            policy = peft.PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        else:
+            config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, bias="none", task_type="CAUSAL_LM",
+                                     target_modules=_target_modules(target_modules, model))
+            policy = peft.get_peft_model(model, config)
+    head = policy.get_output_embeddings()
+    if any(p.requires_grad for p in head.parameters()):  # e.g. an adapter from elsewhere that trains lm_head
+        raise ValueError("the LoRA adapter trains the output layer; denser's loss core reads the output layer's "
+                         "weight directly, so only adapters of the blocks' layers are supported")
+    return policy
+
+
+def trainable_adapter(policy: nn.Module) -> dict[str, Tensor]:
+    """The adapter's trainable tensors (``lora_A`` and ``lora_B`` of each adapted layer), keyed by
+    their names relative to the decoder (``policy.get_decoder()``). Raises ``ValueError`` when one
+    lies outside the decoder (the views below run only the decoder)."""
+    decoder = policy.get_decoder()
+    inside = {id(p): n for n, p in decoder.named_parameters()}
+    out = {}
+    for name, p in policy.named_parameters():
+        if p.requires_grad:
+            if id(p) not in inside:
+                raise ValueError(f"LoRA parameter {name} lies outside the model's decoder; adapt the blocks' layers only")
+            out[inside[id(p)]] = p
+    return out
+
+
+# ------------------------------------------------------------------------------------- views
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+class AdapterView:
+    """The LoRA policy run with other adapter weights: the base model (``weights=None``: the adapter
+    disabled) or the base with ``weights`` in place of the adapter's (an EMA teacher's). Not a copy:
+    it holds no base weight of its own.
+
+    It offers what the loop asks of a frozen model (``get_decoder()``, ``get_output_embeddings()``,
+    ``parameters()``, ``eval()``, ``to()``, ``config``), so it stands where a reference or teacher
+    model stands. Its decoder always runs in eval mode (no adapter dropout) and without gradients."""
+
+    def __init__(self, policy: nn.Module, weights: dict[str, Tensor] | None = None):
+        self.policy, self.weights = policy, weights
+        self.training = False
+
+    @property
+    def config(self) -> Any:
+        return self.policy.config
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.policy.get_output_embeddings()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.policy.get_input_embeddings()
+
+    def get_decoder(self):
+        return self._decode
+
+    @torch.no_grad()
+    def _decode(self, **inputs: Any) -> Any:
+        decoder = self.policy.get_decoder()
+        with _eval_mode(self.policy):
+            if self.weights is None:
+                with self.policy.disable_adapter():
+                    return decoder(**inputs)
+            return functional_call(decoder, self.weights, args=(), kwargs=inputs, strict=False)
+
+    def parameters(self) -> Iterator[Tensor]:
+        return iter(self.weights.values()) if self.weights else self.policy.parameters()
+
+    def eval(self) -> "AdapterView":
+        return self
+
+    def train(self, mode: bool = True) -> "AdapterView":
+        return self
+
+    def requires_grad_(self, requires_grad: bool = True) -> "AdapterView":
+        return self
+
+    def to(self, device: Any) -> "AdapterView":
+        if self.weights is not None:
+            for k, v in self.weights.items():
+                self.weights[k] = v.to(device)
+        return self
+
+
+class LoraTeacherWeights(TeacherWeights):
+    """An ``ema`` teacher of a LoRA policy: the base model with an EMA of the adapter's weights,
+    ``A <- (1 - rate) A + rate A_policy`` and likewise ``B``, each matrix on its own (not the EMA of
+    ``B @ A``). Starts from the policy's adapter. Its state (checkpoints, ``carry_state``) is the
+    averaged adapter tensors."""
+
+    def __init__(self, policy: nn.Module, rate: float):
+        weights = {k: v.detach().clone() for k, v in trainable_adapter(policy).items()}
+        super().__init__(policy, "ema", rate, weights=AdapterView(policy, weights))
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        live = trainable_adapter(policy)
+        for name, t in self.model.weights.items():
+            t.lerp_(live[name].detach().to(t.dtype), self.rate)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.weights.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is None:
+            return
+        mine = self.model.weights
+        if set(state) != set(mine):
+            raise ValueError("the EMA teacher state does not match this run's LoRA adapter (different target "
+                             "modules?); resume with the --lora-* flags the run was started with")
+        for k, v in state.items():
+            mine[k].copy_(v)
+
+
+def lora_teacher(spec: TeacherSpec, policy: nn.Module) -> TeacherWeights:
+    """The teacher ``spec`` names for a LoRA policy (see the module docstring)."""
+    if spec.path:
+        if spec.mode == "ema":
+            raise ValueError(f"--teacher-path {spec.path} with --teacher ema and --lora-r: a LoRA run's EMA teacher "
+                             "averages the policy's adapter weights, so it starts from the policy; use --teacher "
+                             "frozen or trust-region with --teacher-path")
+        if spec.init_alpha < 1.0:
+            raise ValueError(f"--teacher-init-alpha {spec.init_alpha} with --teacher-path and --lora-r: mixing a full "
+                             "teacher model into a LoRA policy parameter by parameter is not supported; use "
+                             "--teacher-init-alpha 1 or train without --lora-r")
+        return TeacherWeights.from_spec(spec, policy)
+    if spec.mode == "live":
+        return TeacherWeights(policy, "live", spec.update_rate)
+    if spec.mode == "ema":
+        return LoraTeacherWeights(policy, spec.update_rate)
+    # frozen, trust-region: the base model. --teacher-init-alpha mixes in the policy the run starts
+    # from, which is the base model too (a fresh adapter adds zero): nothing to mix.
+    return TeacherWeights(policy, spec.mode, spec.update_rate, weights=AdapterView(policy))
+
+
+def check_lora_run(cfg: Any, accelerator: Any) -> None:
+    """Refuse what LoRA does not support, before any model is loaded: FSDP (its flat parameters
+    and peft's adapter layers are not wired together here)."""
+    if not cfg.lora_r:
+        return
+    if str(getattr(accelerator, "distributed_type", "")).upper().endswith("FSDP"):
+        raise ValueError("--lora-r with FSDP is not supported: a LoRA run holds one frozen base model and a small "
+                         "adapter, which DDP (accelerate launch without an FSDP config) trains fine; or drop --lora-r")
+
+
+def load_lora_models(cfg: Any, declared: frozenset, spec: TeacherSpec | None,
+                     resume_from: Path | None) -> tuple[nn.Module, Any, Any, TeacherWeights | None]:
+    """``(policy, tokenizer, reference, teacher)`` of a LoRA run: the base model ``cfg.model`` with a
+    fresh adapter (or the adapter of ``resume_from``), the base-model view as the reference when
+    ``ref_logp`` is declared, and the teacher ``spec`` names (see the module docstring)."""
+    with ckpt.quiet_transformers():
+        base, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
+    adapter = resume_from / "model" if resume_from is not None else None
+    policy = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                         target_modules=cfg.lora_target_modules, adapter=adapter)
+    reference = AdapterView(policy) if Signal.REF_LOGP in declared else None
+    teacher = lora_teacher(spec, policy) if spec is not None else None
+    return policy, tokenizer, reference, teacher
+
+
+# ------------------------------------------------------------------------------------- merge
+
+
+def merged_model(policy: nn.Module) -> nn.Module:
+    """A copy of the LoRA ``policy`` with the adapter merged into the base weights: a plain
+    transformers model (``save_pretrained`` -> loadable with ``from_pretrained``). ``policy`` is
+    unchanged (the copy costs one model's memory while it lives)."""
+    return copy.deepcopy(policy).merge_and_unload()
+
+
+def is_adapter_dir(path: str | os.PathLike) -> bool:
+    """A directory holding a peft adapter (``adapter_config.json``) and no full model (``config.json``)."""
+    p = Path(path)
+    return (p / ADAPTER_CONFIG).is_file() and not (p / "config.json").is_file()
+
+
+def merge_lora(path: str | os.PathLike, output: str | os.PathLike | None = None, *,
+               model: str | None = None) -> Path:
+    """Merge the LoRA adapter of a checkpoint (or of a run directory's newest complete checkpoint)
+    into its base model and write the result, loadable with ``from_pretrained``, to ``output``
+    (default ``<run>/merged-step-NNNNNN``), atomically (a temporary directory renamed into place).
+
+    The base model is the run's ``--model`` (with its ``--seed`` and ``--dtype``, from the run's
+    ``config.yaml``) unless ``model`` names another. Returns ``output``."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{path}: no such directory; give a denser run directory or one of its checkpoints")
+    found = p if (p / "model").is_dir() else ckpt.latest_checkpoint(p, verify=True)
+    if found is None or not is_adapter_dir(found / "model"):
+        raise ValueError(f"{path}: no LoRA checkpoint there (a checkpoint's model/ with {ADAPTER_CONFIG}); "
+                         "only runs trained with --lora-r have an adapter to merge")
+    run_dir = found.parent.parent
+    config = {}
+    if (run_dir / "config.yaml").is_file():
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    name = model or config.get("model")
+    if not name:
+        raise ValueError(f"{path}: the run's config.yaml names no --model; pass the base model with --model")
+    out = Path(output) if output is not None else run_dir / f"merged-{found.name}"
+    if out.exists():
+        raise ValueError(f"{out} exists; remove it or pass another --output")
+    with ckpt.quiet_transformers():
+        base, tokenizer = load_model(name, dtype=config.get("dtype", "float32"), seed=int(config.get("seed", 0)))
+        policy = attach_lora(base, r=0, alpha=0.0, dropout=0.0, adapter=found / "model")
+        merged = policy.merge_and_unload()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o755)  # mkdtemp makes it private
+            merged.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "denser_merged_from.json").write_text(json.dumps({"checkpoint": str(found), "base": name}))
+            os.replace(tmp, out)
+            fsync_dir(out.parent)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
