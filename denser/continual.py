@@ -170,6 +170,9 @@ class ContinualRunner:
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None, ccfg: ContinualConfig, *, log=print):
         self.cfg, self.ccfg, self.log = cfg, ccfg, log
+        if cfg.lora_r:
+            raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
+                             "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
         self.objective = objective if objective is not None else get_objective(cfg.objective)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.objective.name)
         self.updates = 0  # optimiser updates so far over the whole sequence: names the current weights

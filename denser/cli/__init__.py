@@ -1,4 +1,4 @@
-"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench.
+"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench | merge-lora.
 
     denser train --objective sdpo                       # the embedded model on the default task
     denser train --objective grpo --model tiny --steps 3
@@ -8,6 +8,7 @@
     denser continual --objective sdpo --tasks addition,compare --eval-tasks logic
     denser report RUN ; denser report drift A B ; denser compare RUN RUN
     denser objectives ; denser tasks ; denser bench
+    denser train --objective grpo --lora-r 16 ; denser merge-lora runs/grpo-addition
 """
 
 from __future__ import annotations

@@ -295,5 +295,24 @@ def cmd_bench(argv: list[str]) -> int:
     return bench_main(argv)
 
 
+def cmd_merge_lora(argv: list[str]) -> int:
+    """``denser merge-lora RUN_OR_CHECKPOINT [--output DIR] [--model BASE]``: the LoRA adapter of a
+    checkpoint merged into its base model, written as a model directory ``from_pretrained`` loads."""
+    p = TrainArgumentParser(
+        prog="denser merge-lora",
+        description="Merge the LoRA adapter of a `denser train --lora-r` checkpoint (or of a run directory's newest "
+                    "complete checkpoint) into its base model; the result loads with "
+                    "AutoModelForCausalLM.from_pretrained.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory or one of its checkpoints")
+    p.add_argument("--output", default=None, help="where to write the merged model (default: <run>/merged-step-N)")
+    p.add_argument("--model", default=None, help="the base model (default: the run's --model from its config.yaml)")
+    args = p.parse_args(argv)
+    from denser.trainers.lora import merge_lora  # start-up time (transformers, peft): see the module docstring
+
+    out = merge_lora(args.path, args.output, model=args.model)
+    print(f"merged model: {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
-            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare}
+            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare, "merge-lora": cmd_merge_lora}

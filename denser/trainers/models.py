@@ -112,6 +112,10 @@ def load_model(
         model, tokenizer = build_tiny_model(seed=seed, dtype=dtype)
     elif Path(key).expanduser().is_dir():
         path = Path(key).expanduser()
+        if not (path / "config.json").is_file() and (path / "adapter_config.json").is_file():
+            raise ModelNotFoundError(
+                f"{str(path)!r} is a LoRA adapter (peft format), not a whole model: merge it into its base with "
+                "`denser merge-lora CHECKPOINT` (or train with --merge-lora and use CHECKPOINT/merged)")
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(
                 f"model directory {str(path)!r} has no config.json, so it is not a Hugging Face model directory. "

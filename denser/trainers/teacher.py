@@ -48,21 +48,21 @@ class TeacherInputs:
 
 def resolve_teacher_path(path: str) -> Path:
     """The model directory ``--teacher-path`` names: a Hugging Face model directory (``config.json``),
-    a denser checkpoint (``<ckpt>/model``) or a denser run directory (its newest checkpoint's model).
-    Raises ``ValueError`` naming the flag for anything else."""
+    a denser checkpoint (``<ckpt>/model``, or a LoRA checkpoint's merged model ``<ckpt>/merged``) or a
+    denser run directory (its newest checkpoint's model). Raises ``ValueError`` naming the flag for anything else."""
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ValueError(f"--teacher-path {path}: no such directory; give a local Hugging Face model directory "
                          "(with config.json), a denser checkpoint directory or a denser run directory")
     if (p / "config.json").is_file():
         return p
-    if (p / "model" / "config.json").is_file():
-        return p / "model"
-    latest = ckpt.latest_checkpoint(p)
-    if latest is not None and (latest / "model" / "config.json").is_file():
-        return latest / "model"
+    for ckpt_dir in (p, ckpt.latest_checkpoint(p)):  # a checkpoint, a run's newest; a LoRA run's merged model
+        for sub in ("model", "merged"):
+            if ckpt_dir is not None and (ckpt_dir / sub / "config.json").is_file():
+                return ckpt_dir / sub
     raise ValueError(f"--teacher-path {path}: neither a Hugging Face model directory (no config.json), nor a "
-                     "denser checkpoint (no model/config.json), nor a run directory with a complete checkpoint")
+                     "denser checkpoint (no model/config.json), nor a run directory with a complete checkpoint; a "
+                     "LoRA checkpoint's model/ is an adapter: merge it (--merge-lora, or denser merge-lora) first")
 
 
 def _vocab(model: nn.Module) -> int:
