@@ -62,7 +62,7 @@ def assert_same_state(a: Path, b: Path) -> None:
     import torch
     from safetensors.torch import load_file
 
-    for rel in ("model/model.safetensors", "state/teacher.safetensors"):
+    for rel in ("model/model.safetensors", "model/adapter_model.safetensors", "state/teacher.safetensors"):
         if not (a / rel).exists():
             assert not (b / rel).exists(), rel
             continue
@@ -95,6 +95,10 @@ CASES = {
     # several updates per rollout batch (shuffled mini-batches, old_logp from a pre-update forward) and
     # DAPO's dynamic sampling (refill rounds) and overlong shaping
     "dapo_updates": (["--objective", "dapo", "--mini-batches", "2", "--epochs", "2"], "step"),
+    # LoRA: the adapter (peft format) and the EMA of its A and B are what a checkpoint holds; the
+    # adapter's dropout draws from the RNG streams
+    "lora_sdpo": (["--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3", "--lora-r", "4",
+                   "--lora-dropout", "0.1", "--use-old-logp", "--distill-mode", "full"], "step"),
 }
 
 
@@ -152,8 +156,9 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, name):
     # the weights did move (a run that never changes its weights would pass trivially)
     from safetensors.torch import load_file
 
-    first = load_file(str(ref_dir / "checkpoints" / f"step-{STEPS - 1:06d}" / "model" / "model.safetensors"))
-    last = load_file(str(ref_dir / final / "model" / "model.safetensors"))
+    weights = "adapter_model.safetensors" if "--lora-r" in flags else "model.safetensors"
+    first = load_file(str(ref_dir / "checkpoints" / f"step-{STEPS - 1:06d}" / "model" / weights))
+    last = load_file(str(ref_dir / final / "model" / weights))
     assert any(not torch_equal(first[k], last[k]) for k in first)
     if name == "sdpo":
         assert any(r.get("teacher_frac", 0) > 0 for r in rows[1:-1]), "no sample had a teacher"
@@ -396,9 +401,10 @@ def _break_resume(what: str) -> None:
     elif what == "rank0_rng":  # every process restores process 0's streams (as before per-process states)
         ckpt.set_rng_state = lambda state, rank=0: real_set(state, 0)
     elif what == "teacher":
+        from denser.trainers.lora import LoraTeacherWeights
         from denser.trainers.teacher import TeacherWeights
 
-        TeacherWeights.load_state_dict = lambda self, state: None
+        TeacherWeights.load_state_dict = LoraTeacherWeights.load_state_dict = lambda self, state: None
     elif what == "optimizer":
         from accelerate.optimizer import AcceleratedOptimizer
 
