@@ -12,7 +12,7 @@ import denser.bench as bench
 
 
 def test_first_argument_picks_the_benchmark(capsys):
-    assert set(bench.KINDS) == {"gpu", "loop", "step", *({"fsdp"} if "fsdp" in bench.KINDS else set())}
+    assert set(bench.KINDS) == {"gpu", "loop", "step", "lora", *({"fsdp"} if "fsdp" in bench.KINDS else set())}
     assert bench.main(["gpu", "--dry-run", "--shapes", "128x64x1000", "--alphas", "1", "--cases", "chunked"]) == 0
     assert "N=128 H=64 V=1000 alpha=1.0 bfloat16: floor, chunked" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the loss-core flags are checked by the loss-core parser
@@ -29,3 +29,16 @@ def test_small_loss_core_run_end_to_end(capsys):
         row = next(line for line in out.splitlines() if line.startswith(f"| {case} |"))
         assert "unavailable" not in row, row
         assert re.match(rf"\| {case} \| \d+\.\d{{3}} \| \d+\.\d\d \|", row), row
+
+
+@pytest.mark.slow
+def test_lora_benchmark_runs_full_and_lora_cases(tmp_path, capsys):
+    pytest.importorskip("peft")
+    argv = ["lora", "--model", "tiny", "--steps", "1", "--cases", "full-grpo,lora-grpo", "--lora-r", "2",
+            "--out-dir", str(tmp_path), "--max-new-tokens", "4", "--prompts-per-step", "1", "--num-generations", "2"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    for case in ("full-grpo", "lora-grpo"):
+        assert re.search(rf"\| {case} \| \d+\.\d\d GiB \| \d", out), out
+    assert "- grpo: peak RSS x" in out
+    assert len(list(tmp_path.glob("lora-*.md"))) == 1 and len(list(tmp_path.glob("lora-*.json"))) == 1

@@ -287,6 +287,11 @@ def test_checkpoint_holds_a_peft_adapter_and_a_merged_model_with_the_same_logits
     assert "merged model:" in capsys.readouterr().out
     later, _ = load_model(str(tmp_path / "merged"))
     torch.testing.assert_close(_logits(later, packed), expected, rtol=0, atol=1e-5)
+    # `denser eval`, `denser report drift` and --teacher-path find the merged model of a LoRA run
+    from denser.analysis.checkpoints import resolve_model
+    from denser.trainers.teacher import resolve_teacher_path
+
+    assert resolve_model(str(run)) == str(final / "merged") and resolve_teacher_path(str(final)) == final / "merged"
     # the adapter directory is not a whole model: one line naming the way out
     with pytest.raises(ModelNotFoundError, match="LoRA adapter .*denser merge-lora"):
         load_model(str(final / "model"))

@@ -3,7 +3,7 @@
 A model is named by any of:
 
 - ``default`` / ``tiny`` / a Hugging Face model directory (with ``config.json``);
-- a checkpoint directory ``<run>/checkpoints/step-XXXXXX`` (its ``model/``);
+- a checkpoint directory ``<run>/checkpoints/step-XXXXXX`` (its ``model/``; a LoRA checkpoint's ``merged/``);
 - a ``denser train`` run directory (its newest complete checkpoint);
 - a ``denser continual`` run directory (its last stage), or ``RUN@K`` for the model after stage K
   (``RUN@0`` = the model the run started from).
@@ -42,11 +42,13 @@ def resolve_model(spec: str) -> str:
         raise ValueError(f"{spec}: '@K' names a stage of a `denser continual` run, and {base} is not one")
     if (path / "config.json").is_file():
         return str(path)
-    if (path / "model" / "config.json").is_file():
-        return str(path / "model")
     latest = ckpt.latest_checkpoint(path)
+    for found in (path, latest):  # a checkpoint, or a run's newest; a LoRA checkpoint's merged model (--merge-lora)
+        for sub in ("model", "merged"):
+            if found is not None and (found / sub / "config.json").is_file():
+                return str(found / sub)
     if latest is not None:
-        return str(latest / "model")
+        return str(latest / "model")  # a LoRA adapter without merged/: load_model says how to merge it
     raise ValueError(f"{spec}: not a model name ({', '.join(KNOWN_MODELS)}), a model or checkpoint directory, "
                      "or a run directory with a complete checkpoint")
 
