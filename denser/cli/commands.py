@@ -232,7 +232,7 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/compare", help="report directory (default: runs/compare)")
     p.add_argument("--labels", default="", help="comma-separated run names for legends (default: objective and teacher)")
     args = p.parse_args(argv)
-    from denser.analysis.report import (
+    from denser.analysis.compare import (
         write_compare_report,  # start-up time (matplotlib): see the module docstring
     )
 
