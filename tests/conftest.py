@@ -14,3 +14,24 @@ def gen():
 
     name = os.environ.get("PYTEST_CURRENT_TEST", "seed")
     return torch.Generator().manual_seed(zlib.crc32(name.encode()))
+
+
+TINY_CONTINUAL = ["--model", "tiny", "--steps-per-task", "1", "--eval-size", "2", "--max-new-tokens", "6",
+                  "--num-generations", "2", "--prompts-per-step", "1", "--spectral-rank", "4", "--no-progress",
+                  "--lr", "1e-3", "--eval-samples", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_continual_runs(tmp_path_factory):
+    """Two tiny continual runs over addition, compare (reverse held out) through the CLI, shared by the
+    continual and compare tests: sdpo with the optimizer carried, grpo with it reset and sdpo's stage 0
+    reused. Tests copy them before changing anything."""
+    from denser.cli import main
+
+    root = tmp_path_factory.mktemp("continual")
+    sdpo, grpo = root / "sdpo", root / "grpo"
+    assert main(["continual", "--objective", "sdpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--carry-optimizer", "--output-dir", str(sdpo), *TINY_CONTINUAL]) == 0
+    assert main(["continual", "--objective", "grpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
+                 "--output-dir", str(grpo), "--initial-eval-from", str(sdpo), *TINY_CONTINUAL]) == 0
+    return sdpo, grpo

@@ -1,171 +1,256 @@
-"""Several continual runs in one report: ``write_compare_report(runs, out)``."""
+"""Several continual runs in one report, seeds pooled per configuration.
+
+    write_compare_report(runs, out_dir, labels=[...])   # <out>/report.md and <out>/plots/compare_*.png
+
+Runs sharing a label are seeds of one configuration (:func:`denser.analysis.seeds.group_runs`; the
+default label is the recorded objective with its teacher and lam, so seeds group by themselves).
+Every measure is the mean over seeds ± its standard error (n given); a configuration with one seed
+is reported without an error bar, never ± 0. The accuracy measures also get a bootstrap over seeds
+and eval prompts where the runs hold per-prompt successes (``responses/``). The report holds the
+claims table of "Denser ≠ Better" (:mod:`denser.analysis.claims`) when GRPO and SDPO runs are both
+present, and the density frontier when hybrid runs cover several lam values.
+"""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Sequence
 
-from denser.analysis.plotting import ARTIFACT_PANELS, figure, plot_accuracy_matrix, save, stage_axis
-from denser.analysis.records import config_line, dig, fmt, load_run, nan, run_label, series, signed, stage_labels
-from denser.analysis.report import matrix_table
+import numpy as np
+
+from denser.analysis.claims import (
+    SE_MULTIPLE,
+    claim_rows,
+    describe,
+    dominance,
+    frontier_families,
+    lam_values,
+    objective_role,
+)
+from denser.analysis.compare_plots import compare_plots, frontier_plot
+from denser.analysis.records import config_line, fmt, load_run, run_label
+from denser.analysis.seeds import (
+    BOOTSTRAP_SAMPLES,
+    MEASURE,
+    RunGroup,
+    Stat,
+    bootstrap_group,
+    group_runs,
+    group_summary,
+    mean_se,
+)
+
+FRONTIER_AUTO = 3  # distinct lam values of one hybrid family that draw the frontier without --frontier
+ACCURACY_KEYS = ("final_accuracy", "in_domain_gain", "forgetting", "worst_forgetting", "bwt", "fwt", "heldout_delta",
+                 "sampled_final", "sampled_delta")
+DRIFT_KEYS = ("relative_l2", "one_minus_cosine", "mean_angle", "mean_overlap", "kl", "similarity", "token_f1")
+ARTIFACT_KEYS = ("repeated_answer_rate", "no_answer_rate", "repeated_ngram_rate", "length_limit_rate", "mean_length",
+                 "mean_entropy")
+
+
+def pm(stat: Stat, digits: int = 3, *, n: int | None = None, signed: bool = False) -> str:
+    """``mean ± se``; the bare mean for one seed (the table names it "1 seed, no error bar"); ``(n=k)``
+    where fewer seeds than the configuration's have the value."""
+    if stat.mean is None:
+        return "–"
+
+    sci = "e" in fmt(stat.mean, digits)  # a tiny (or huge) mean: its se in the same notation
+
+    def f(v: float, sign: bool) -> str:
+        if sci:
+            return f"{v:+.2e}" if sign else f"{v:.2e}"
+        return f"{v:+.{digits}f}" if sign else f"{v:.{digits}f}"
+
+    text = f(stat.mean, signed) if stat.se is None else f"{f(stat.mean, signed)} ± {f(stat.se, False)}"
+    return text + (f" (n={stat.n})" if n is not None and stat.n != n else "")
+
+
+def seeds_cell(g: RunGroup) -> str:
+    return f"{g.n}" if g.n > 1 else "1 seed, no error bar"
+
+
+def frontier_wanted(groups: list[RunGroup], frontier: bool | None) -> bool:
+    """None: when one hybrid family has runs at >= 3 constant lam values; True: required (>= 2 values)."""
+    lams = lam_values(groups)
+    if frontier and lams < 2:
+        raise ValueError(f"--frontier needs hybrid runs at 2 or more constant lam values; these runs have {lams}")
+    return lams >= FRONTIER_AUTO if frontier is None else frontier
 
 
 def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, labels: Sequence[str] | None = None,
-                         command: str | None = None) -> Path:
-    """One report with every run's curves overlaid: ``<out>/report.md`` and ``<out>/plots/compare_*.png``."""
+                         command: str | None = None, frontier: bool | None = None,
+                         bootstrap_samples: int = BOOTSTRAP_SAMPLES) -> Path:
+    """``<out>/report.md`` and ``<out>/plots/compare_*.png``. ``frontier``: None draws the density
+    frontier when one hybrid family has at least 3 lam values, True requires it (2 or more), False
+    leaves it out."""
     records = [load_run(r) for r in runs]
     if not records:
         raise ValueError("denser compare needs at least one run")
-    names = list(labels) if labels else _unique_labels(records)
-    if len(names) != len(records):
-        raise ValueError(f"{len(names)} labels for {len(records)} runs")
+    groups = group_runs(records, list(labels) if labels else [run_label(r) for r in records])
+    draw_frontier = frontier_wanted(groups, frontier)
     out_dir = Path(out_dir)
-    plots = out_dir / "plots"
-    plots.mkdir(parents=True, exist_ok=True)
-    files = _compare_plots(records, names, plots)
+    summaries = {g.label: group_summary(g) for g in groups}
+    boots = {g.label: bootstrap_group(g, samples=bootstrap_samples) for g in groups}
+    files = compare_plots(groups, out_dir / "plots")
+
     lines = ["# Continual post-training: comparison", ""]
     if command:
         lines += ["```", command, "```", ""]
-    lines += ["| run | objective | tasks | held out | status | minutes |", "|---|---|---|---|---|---|"]
-    for name, r in zip(names, records):
-        lines.append(f"| {name} | `{r['objective']}` | {', '.join(r['train_tasks'])} | "
-                     f"{', '.join(r.get('heldout_tasks') or []) or '–'} | {r.get('status')} | "
-                     f"{fmt((r.get('elapsed_s') or 0) / 60, 1)} |")
-    lines += ["", f"Settings of the first run: {config_line(records[0])}.", "", "## Summary", ""]
-    head = ["run", "final avg acc", "avg forgetting", "worst avg forgetting", "BWT", "FWT", "held-out Δ", "rel. L2", "mean angle°",
-            "KL/tok", "similarity", "repeated answer", "rep-3", "length limit", "entropy"]
-    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
-    for name, r in zip(names, records):
-        m = r.get("metrics") or {}
-        T = len(r["train_tasks"])
-        last = r["stages"][-1]
-        art = dig(last, "eval", "overall", "artifacts") or {}
-        held = (m.get("heldout_mean_delta") or [None] * (T + 1))[T] if m else None
-        lines.append("| " + " | ".join([
-            name, fmt(m.get("final_average_accuracy")), fmt(m.get("final_average_forgetting")),
-            fmt(max((v for v in m.get("average_forgetting") or [] if v is not None), default=None)),
-            signed(m.get("final_backward_transfer")), signed(m.get("forward_transfer")), signed(held),
-            fmt(dig(last, "params", "relative_l2")), fmt(dig(last, "params", "spectral", "mean_angle_deg"), 2),
-            fmt(dig(last, "eval", "overall", "kl"), 4), fmt(dig(last, "eval", "overall", "similarity")),
-            fmt(art.get("repeated_answer_rate")), fmt(art.get("repeated_ngram_rate")),
-            fmt(art.get("length_limit_rate")), fmt(art.get("mean_entropy"))]) + " |")
-    lines += ["", "Final-stage values (worst avg forgetting: the largest average forgetting after any stage; minutes: "
-              "wall time on a machine shared with other jobs, stage 0 measured once and reused). Forgetting = best "
-              "earlier accuracy minus current (Chaudhry et al. 2018), BWT/FWT "
-              "as in Lopez-Paz & Ranzato 2017 (FWT against the initial model); held-out Δ = change of the mean "
-              "held-out accuracy from the initial model.", ""]
-    for key, title in (("summary", "Accuracy and forgetting"), ("accuracy", "Accuracy per task"),
-                       ("matrices", "Accuracy matrices"), ("drift", "Drift"), ("artifacts", "Formatting artifacts")):
-        lines += [f"## {title}", "", f"![{key}](plots/{files[key]})", ""]
-    lines += ["## Accuracy matrices as tables", ""]
-    for name, r in zip(names, records):
-        lines += [f"### {name}", "", *matrix_table(r), ""]
+    lines += ["| label | recorded configuration | seeds | n | status | minutes per run (mean) |", "|---|---|---|---|---|---|"]
+    for g in groups:
+        minutes = mean_se([(r.get("elapsed_s") or 0) / 60 for r in g.records]).mean
+        lines.append(f"| {g.label} | `{describe(g)}` | {', '.join(str(s) for s in g.seeds)} | {seeds_cell(g)} | "
+                     f"{', '.join(sorted({r.get('status') for r in g.records}))} | {fmt(minutes, 1)} |")
+    lines += ["", f"Settings of the first run: {config_line(records[0])}; tasks {', '.join(records[0]['train_tasks'])}"
+              + (f", held out {', '.join(records[0]['heldout_tasks'])}" if records[0].get("heldout_tasks") else "") + ".",
+              "", "Every number is the mean over a configuration's seeds ± its standard error over seeds "
+              "(stdev / √n, n in the table above); a configuration with one seed has no error bar and shows its "
+              "value alone. Plots show the mean with a band (or error bar) of ± 1 standard error.", ""]
+    lines += _claims_section(groups, summaries, boots, files)
+    if draw_frontier:
+        lines += _frontier_section(groups, summaries, out_dir / "plots")
+    lines += ["## Accuracy and forgetting", "", f"![summary](plots/{files['summary']})", "",
+              *_table(groups, summaries, ACCURACY_KEYS), "",
+              "Final-stage values over the trained tasks. In-domain gain = mean over stages of R[j,j] - R[j-1,j] "
+              "(what training on a task did for it); forgetting = best earlier accuracy minus current (Chaudhry et "
+              "al. 2018), worst = the largest average forgetting after any stage; BWT/FWT as in Lopez-Paz & Ranzato "
+              "2017 (FWT against the initial model); held-out Δ = change of the mean held-out accuracy from the "
+              "initial model; sampled mean@n over all tasks where the runs measured it.", ""]
+    lines += _bootstrap_table(groups, boots, bootstrap_samples)
+    lines += ["## Final accuracy per task", "", f"![accuracy](plots/{files['accuracy']})", "", *_per_task(groups, boots), ""]
+    lines += ["## Drift from the initial model", "", f"![drift](plots/{files['drift']})", "",
+              *_table(groups, summaries, DRIFT_KEYS), "",
+              "Relative L2 = ‖θ-θ0‖/‖θ0‖; angle = mean over weight matrices of the largest principal angle "
+              "between the top-r left singular subspaces of the matrix and its initial value; overlap = ‖UᵀU0‖²_F / r "
+              "(1 = the same subspace); KL = mean per-token KL(current || initial) along the current model's greedy "
+              "responses; similarity = difflib ratio to the initial model's response to the same prompt.", ""]
+    lines += ["## Formatting artifacts", "", f"![artifacts](plots/{files['artifacts']})", "",
+              *_table(groups, summaries, ARTIFACT_KEYS), ""]
+    lines += ["## Mean accuracy matrices", "", f"![matrices](plots/{files['matrices']})", ""]
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "report.md"
     out.write_text("\n".join(lines))
     return out
 
 
-def _unique_labels(records: list[dict]) -> list[str]:
-    base = [run_label(r) for r in records]
-    out = []
-    for b, r in zip(base, records):
-        out.append(b if base.count(b) == 1 else f"{b} [{Path(r['run_dir']).name}]")
-    return out
+def _table(groups: list[RunGroup], summaries: dict, keys: Sequence[str]) -> list[str]:
+    keys = [k for k in keys if any(summaries[g.label][k].mean is not None for g in groups)]
+    head = ["label", "n", *[MEASURE[k].title for k in keys]]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for g in groups:
+        lines.append("| " + " | ".join([g.label, seeds_cell(g), *[pm(summaries[g.label][k], MEASURE[k].digits, n=g.n)
+                                                                  for k in keys]]) + " |")
+    return lines
 
 
-def _compare_plots(records: list[dict], names: list[str], plots: Path) -> dict[str, str]:
-    files = {}
-    width = max(len(r["stages"]) for r in records)
-    same_sequence = all(r["train_tasks"] == records[0]["train_tasks"] for r in records)
-    labels = (stage_labels(max(records, key=lambda r: len(r["stages"]))) if same_sequence
-              else [f"{k}" if k else "initial" for k in range(width)])
-    styles = [dict(color=f"C{i % 10}", marker="osD^v<>ph*"[i % 10]) for i in range(len(records))]
-    # accuracies take few distinct values, so runs would hide each other: shift each run a little sideways
-    shift = [(i - (len(records) - 1) / 2) * 0.06 for i in range(len(records))]
+def _ci(v: np.ndarray) -> str:
+    lo, hi = np.percentile(v, [2.5, 97.5])
+    return f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f} [{lo:.3f}, {hi:.3f}]"
 
-    fig, axes = figure(1, 4, w=3.8)
-    for r, name, st, dx in zip(records, names, styles, shift):
-        m = r.get("metrics") or {}
-        T = len(r["train_tasks"])
-        x = [k + dx for k in range(T + 1)]
-        axes[0][0].plot(x, [nan(v) for v in (m.get("average_accuracy") or [None] * (T + 1))], label=name, **st)
-        axes[0][1].plot(x, [nan(v) for v in (m.get("average_forgetting") or [None] * (T + 1))], label=name, **st)
-        axes[0][2].plot(x, [nan(v) for v in (m.get("heldout_mean_accuracy") or [None] * (T + 1))], label=name, **st)
-        axes[0][3].plot(x, [nan(dig(s, "eval", "overall", "artifacts", "repeated_answer_rate")) for s in r["stages"]],
-                        label=name, **st)
-    for i, (ax, title) in enumerate(zip(axes[0], ("average accuracy on tasks seen so far", "average forgetting",
-                                                  "held-out mean accuracy", "repeated answer markers (rate)"))):
-        ax.set_title(title, fontsize=9)
-        if i == 1:
-            ax.axhline(0.0, color="gray", lw=0.8)
-        else:
-            ax.set_ylim(-0.03, 1.03)
-        stage_axis(ax, labels)
-    axes[0][0].legend(fontsize=7)
-    files["summary"] = save(fig, plots / "compare_summary.png")
 
-    columns = []
-    for r in records:
-        columns += [c for c in r["columns"] if c not in columns]
-    cols = min(4, len(columns))
-    rows = math.ceil(len(columns) / cols)
-    fig, axes = figure(rows, cols, w=3.6, h=3.0)
-    flat = [a for row in axes for a in row]
-    for ax, c in zip(flat, columns):
-        for r, name, st, dx in zip(records, names, styles, shift):
-            if c in r["columns"]:
-                ax.plot([k + dx for k in range(len(r["stages"]))], series(r, "accuracy", c), label=name, **st)
-        held = any(c in r.get("heldout_tasks", []) for r in records)
-        trained_at = [r["train_tasks"].index(c) + 1 for r in records if c in r["train_tasks"]]
-        if trained_at and len(set(trained_at)) == 1:
-            ax.axvspan(trained_at[0] - 0.5, trained_at[0] + 0.5, color="gray", alpha=0.12, lw=0)
-        ax.set_title(c + (" (held-out)" if held else f" (trained in stage {trained_at[0]})" if trained_at else ""),
-                     fontsize=9)
-        ax.set_ylim(-0.03, 1.03)
-        stage_axis(ax, labels)
-    for ax in flat[len(columns):]:
-        ax.axis("off")
-    flat[0].legend(fontsize=7)
-    fig.suptitle("greedy accuracy per task after every stage (shaded: the stage that trains it; runs shifted "
-                 "sideways so that equal values stay visible)", fontsize=10)
-    files["accuracy"] = save(fig, plots / "compare_accuracy.png")
+def _bootstrap_table(groups: list[RunGroup], boots: dict, samples: int) -> list[str]:
+    have = [g for g in groups if boots[g.label] is not None]
+    lines = [f"Bootstrap over seeds and eval prompts ({samples} resamples: seeds with replacement, then each "
+             "drawn seed's eval prompts with replacement, the same prompts at every stage; mean ± standard "
+             "deviation [95% percentile interval]):", ""]
+    if not have:
+        return lines[:0] + ["(No bootstrap over prompts: the runs hold no per-prompt successes in responses/.)", ""]
+    keys = [k for k in ACCURACY_KEYS if MEASURE[k].accuracy and k in boots[have[0].label]
+            and not np.isnan(boots[have[0].label][k]).all()]
+    head = ["label", "n", *[MEASURE[k].title for k in keys]]
+    lines += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for g in have:
+        n = f"{g.n}" if g.n > 1 else "1 seed: prompts only"
+        lines.append("| " + " | ".join([g.label, n, *[_ci(boots[g.label][k]) for k in keys]]) + " |")
+    missing = [g.label for g in groups if boots[g.label] is None]
+    if missing:
+        lines += ["", f"No per-prompt successes for {', '.join(missing)}: no bootstrap."]
+    return lines + [""]
 
-    n = len(records)
-    fig, axes = figure(1, n, w=1.0 * max(5, len(columns)) + 1.5, h=0.5 * width + 2.4)
-    for ax, r, name in zip(axes[0], records, names):
-        plot_accuracy_matrix(ax, r, title=name, colorbar=False)
-    files["matrices"] = save(fig, plots / "compare_matrices.png")
 
-    fig, axes = figure(2, 3, w=3.8)
-    panels = (("params", "relative_l2", "parameter drift ||θ-θ0||/||θ0||"),
-              ("params", "spectral", "mean_angle_deg", "mean largest principal angle (deg)"),
-              ("params", "spectral", "mean_overlap", "1 - mean subspace overlap"),
-              ("eval", "overall", "kl", "KL(current || initial) per token"),
-              ("eval", "overall", "similarity", "similarity to initial responses"),
-              ("params", "cosine", "1 - cosine(θ, θ0)"))
-    for ax, (*keys, title) in zip([a for row in axes for a in row], panels):
-        for r, name, st in zip(records, names, styles):
-            ys = series(r, *keys)
-            if title.startswith("1 - "):
-                ys = [1 - y for y in ys]
-            ax.plot(range(len(r["stages"])), ys, label=name, **st)
-        ax.set_title(title, fontsize=9)
-        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3), useOffset=False)
-        stage_axis(ax, labels)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("drift from the initial model after every stage", fontsize=10)
-    files["drift"] = save(fig, plots / "compare_drift.png")
+def _per_task(groups: list[RunGroup], boots: dict) -> list[str]:
+    columns: list[str] = []
+    for g in groups:
+        columns += [c for c in g.records[0]["columns"] if c not in columns]
+    head = ["label", "n", *[c + (" †" if any(c in g.records[0].get("heldout_tasks", []) for g in groups) else "")
+                            for c in columns]]
+    lines = ["Greedy accuracy after the last stage, mean ± se over seeds (bootstrap 95% interval over seeds and "
+             "prompts in brackets); † held out.", "", "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    sampled = False
+    for g in groups:
+        cells = []
+        for c in columns:
+            st = mean_se([r["stages"][-1]["accuracy"].get(c) for r in g.records])
+            b = (boots[g.label] or {}).get(f"final:{c}")
+            ci = f" [{np.percentile(b, 2.5):.2f}, {np.percentile(b, 97.5):.2f}]" if b is not None else ""
+            cells.append(pm(st, 2, n=g.n) + ci)
+            sampled |= any((r["stages"][-1].get("sampled_accuracy") or {}).get(c) is not None for r in g.records)
+        lines.append("| " + " | ".join([g.label, seeds_cell(g), *cells]) + " |")
+    if sampled:
+        lines += ["", "Sampled mean@n after the last stage (initial → final), mean ± se over seeds:", "",
+                  "| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for g in groups:
+            cells = []
+            for c in columns:
+                a = mean_se([(r["stages"][0].get("sampled_accuracy") or {}).get(c) for r in g.records])
+                b = mean_se([(r["stages"][-1].get("sampled_accuracy") or {}).get(c) for r in g.records])
+                cells.append("–" if b.mean is None else f"{pm(a, 2)} → {pm(b, 2)}")
+            lines.append("| " + " | ".join([g.label, seeds_cell(g), *cells]) + " |")
+    return lines
 
-    fig, axes = figure(2, 3, w=3.8)
-    for ax, (key, title) in zip([a for row in axes for a in row], ARTIFACT_PANELS):
-        for r, name, st in zip(records, names, styles):
-            ax.plot(range(len(r["stages"])), series(r, "eval", "overall", "artifacts", key), label=name, **st)
-        ax.set_title(title, fontsize=9)
-        if key.endswith("_rate"):
-            ax.set_ylim(-0.03, 1.03)
-        stage_axis(ax, labels)
-    axes[0][0].legend(fontsize=7)
-    fig.suptitle("formatting artifacts on the fixed eval prompts (all tasks pooled)", fontsize=10)
-    files["artifacts"] = save(fig, plots / "compare_artifacts.png")
-    return files
+
+def _claims_section(groups: list[RunGroup], summaries: dict, boots: dict, files: dict) -> list[str]:
+    lines = ["## The claims of \"Denser ≠ Better\"", ""]
+    rows = claim_rows(groups, summaries, boots)
+    roles = {objective_role(g) for g in groups}
+    if not rows:
+        missing = " and ".join(r for r in ("grpo", "sdpo") if r not in roles) or "a shared task sequence"
+        return lines + [f"(No claims table: these runs have no {missing} configuration, by their recorded objective.)",
+                        ""]
+    lines += ["| claim | measure (final stage) | sdpo | grpo | sdpo − grpo ± se | bootstrap 95% interval | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        m = MEASURE[row.claim.measure]
+        d = row.diff
+        diff = "–" if d.diff is None else (f"{d.diff:+.{m.digits}f}" + (f" ± {fmt(d.se, m.digits)}" if d.se is not None
+                                                                       else " (1 seed: no se)"))
+        ci = f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–"
+        lines.append(f"| {row.claim.text} | {m.title} ({'higher' if row.claim.sign > 0 else 'lower'} for sdpo) | "
+                     f"{row.sdpo.label}: {pm(row.sdpo_stat, m.digits)} (n={row.sdpo.n}) | "
+                     f"{row.grpo.label}: {pm(row.grpo_stat, m.digits)} (n={row.grpo.n}) | {diff} | {ci} | "
+                     f"**{row.verdict}** |")
+    lines += ["", f"GRPO and SDPO configurations are identified by each run's recorded objective (and teacher), not "
+              f"by their labels. Rule: with d = mean(sdpo) − mean(grpo) over seeds and se = √(se_sdpo² + se_grpo²) "
+              f"(for accuracy measures the larger of that and the bootstrap standard deviation of d over seeds and "
+              f"prompts), |d| > {SE_MULTIPLE:g} se in the claimed direction is *reproduced*, in the other direction "
+              f"*contradicted*, anything else (including a side with one seed) *not resolved at this scale*.", "",
+              f"![claims](plots/{files['claims']})", ""]
+    return lines
+
+
+def _frontier_section(groups: list[RunGroup], summaries: dict, plots: Path) -> list[str]:
+    families = frontier_families(groups)
+    train = groups[0].records[0]["train_tasks"]
+    refs = [g for g in groups if objective_role(g) and g.records[0]["train_tasks"] == train]
+    path = frontier_plot(families, refs, summaries, plots / "compare_frontier.png")
+    lines = ["## The density frontier", "", f"![frontier](plots/{path})", "",
+             "| family | lam | label | n | in-domain gain | forgetting | KL(cur‖init)/token |", "|---|---|---|---|---|---|---|"]
+    for fam, gs in families.items():
+        for g in gs:
+            s = summaries[g.label]
+            lines.append(f"| {fam} | {g.args['lam']:g} | {g.label} | {seeds_cell(g)} | {pm(s['in_domain_gain'], signed=True)} | "
+                         f"{pm(s['forgetting'])} | {pm(s['kl'], 4)} |")
+    lines.append("")
+    for fam, gs in families.items():
+        if len(gs) < 2:
+            continue
+        lines.append(f"**{fam}:**")
+        lines.append("")
+        for cost, name in (("forgetting", "forgetting"), ("kl", "response KL")):
+            lines += [f"- {s}" for s in dominance(gs, refs, summaries, cost, name)]
+        lines.append("")
+    lines += ["lam is the weight of the sparse GRPO part (lam 1 = GRPO's loss, lam 0 = SDPO's). A mix dominates an end "
+              "when its point estimate has at least the end's in-domain gain and at most its cost, one strictly; it "
+              f"is resolved when one of the two differences exceeds {SE_MULTIPLE:g} se of the difference.", ""]
+    return lines
+
