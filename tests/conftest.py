@@ -22,16 +22,24 @@ TINY_CONTINUAL = ["--model", "tiny", "--steps-per-task", "1", "--eval-size", "2"
 
 
 @pytest.fixture(scope="session")
-def tiny_continual_runs(tmp_path_factory):
-    """Two tiny continual runs over addition, compare (reverse held out) through the CLI, shared by the
-    continual and compare tests: sdpo with the optimizer carried, grpo with it reset and sdpo's stage 0
-    reused. Tests copy them before changing anything."""
+def tiny_sdpo_run(tmp_path_factory):
+    """A tiny sdpo continual run over addition, compare (reverse held out), the optimizer carried,
+    through the CLI; shared by the continual and compare tests, which copy it before changing anything."""
     from denser.cli import main
 
-    root = tmp_path_factory.mktemp("continual")
-    sdpo, grpo = root / "sdpo", root / "grpo"
+    sdpo = tmp_path_factory.mktemp("continual") / "sdpo"
     assert main(["continual", "--objective", "sdpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
                  "--carry-optimizer", "--output-dir", str(sdpo), *TINY_CONTINUAL]) == 0
+    return sdpo
+
+
+@pytest.fixture(scope="session")
+def tiny_continual_runs(tiny_sdpo_run):
+    """``tiny_sdpo_run`` and a tiny grpo run of the same sequence, the optimizer reset, sdpo's stage 0 reused."""
+    from denser.cli import main
+
+    sdpo = tiny_sdpo_run
+    grpo = sdpo.parent / "grpo"
     assert main(["continual", "--objective", "grpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
                  "--output-dir", str(grpo), "--initial-eval-from", str(sdpo), *TINY_CONTINUAL]) == 0
     return sdpo, grpo

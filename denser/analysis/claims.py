@@ -149,18 +149,19 @@ def lam_values(groups: list[RunGroup]) -> int:
 
 
 def dominance(family: list[RunGroup], refs: list[RunGroup], summaries: dict[str, dict[str, Stat]],
-              cost: str, cost_name: str) -> list[str]:
-    """Sentences: for each end of the frontier (lowest and highest lam; GRPO and SDPO configurations
-    in ``refs``), which mixes dominate it in (in-domain gain, ``cost``)."""
+              cost: str, cost_name: str) -> str:
+    """One sentence: for each end of the frontier (its lowest and highest lam, and the GRPO and SDPO
+    configurations in ``refs``), which mixes dominate it in (in-domain gain, ``cost``)."""
     lams = [g.args["lam"] for g in family]
     lo, hi = min(lams), max(lams)
     mixes = [g for g in family if lo < g.args["lam"] < hi and 0 < g.args["lam"] < 1]
-    ends = [(g, f"the dense end `{g.label}` (lam {lo:g})") for g in family if g.args["lam"] == lo]
-    ends += [(g, f"the sparse end `{g.label}` (lam {hi:g})") for g in family if g.args["lam"] == hi]
+    ends = [(g, f"the dense end (lam {lo:g})") for g in family if g.args["lam"] == lo]
+    ends += [(g, f"the sparse end (lam {hi:g})") for g in family if g.args["lam"] == hi]
     ends += [(g, f"`{g.label}` ({describe(g)})") for g in refs]
+    head = f"In-domain gain vs {cost_name}: "
     if not mixes:
-        return [f"No mix strictly between lam {lo:g} and {hi:g} is present, so no dominance can be stated."]
-    out = []
+        return head + f"no mix strictly between lam {lo:g} and {hi:g} was run, so no dominance can be stated."
+    found, none = [], []
     for end, name in ends:
         e_gain, e_cost = summaries[end.label]["in_domain_gain"], summaries[end.label][cost]
         winners = []
@@ -172,11 +173,16 @@ def dominance(family: list[RunGroup], refs: list[RunGroup], summaries: dict[str,
                     m_gain.mean > e_gain.mean or m_cost.mean < e_cost.mean):
                 gd, cd = difference(m_gain, e_gain), difference(e_cost, m_cost)
                 resolved = any(d.se is not None and d.diff > SE_MULTIPLE * d.se for d in (gd, cd))
-                winners.append(f"lam {m.args['lam']:g} (gain {gd.diff:+.3f}, {cost_name} {-cd.diff:+.3f}; "
-                               + ("resolved: beyond 2 se" if resolved else "within 2 se or 1 seed: not resolved") + ")")
+                winners.append(f"lam {m.args['lam']:g} (gain {gd.diff:+.3g}, {cost_name} {-cd.diff:+.3g}; "
+                               + ("resolved: beyond 2 se" if resolved else "not resolved: within 2 se or 1 seed") + ")")
         if winners:
-            out.append(f"A sparse-dense mix dominates {name} in in-domain gain vs {cost_name}: {'; '.join(winners)}.")
+            found.append(f"{' and '.join(winners)} {'dominates' if len(winners) == 1 else 'dominate'} {name}")
         else:
-            out.append(f"No sparse-dense mix dominates {name} in in-domain gain vs {cost_name}: every mix has less "
-                       f"in-domain gain or more {cost_name} (point estimates).")
-    return out
+            none.append(name)
+    parts = []
+    if found:
+        parts.append("a sparse-dense mix dominates an end: " + "; ".join(found))
+    if none:
+        parts.append(("no sparse-dense mix dominates " if not found else "none dominates ") + ", ".join(none)
+                     + f" (each mix has less in-domain gain or more {cost_name})")
+    return head + "; ".join(parts) + " (point estimates)."

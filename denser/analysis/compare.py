@@ -212,8 +212,8 @@ def _claims_section(groups: list[RunGroup], summaries: dict, boots: dict, files:
     for row in rows:
         m = MEASURE[row.claim.measure]
         d = row.diff
-        diff = "–" if d.diff is None else (f"{d.diff:+.{m.digits}f}" + (f" ± {fmt(d.se, m.digits)}" if d.se is not None
-                                                                       else " (1 seed: no se)"))
+        diff = "–" if d.diff is None else (pm(Stat(d.diff, d.se, 2), m.digits, signed=True)
+                                          + ("" if d.se is not None else " (1 seed: no se)"))
         ci = f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–"
         lines.append(f"| {row.claim.text} | {m.title} ({'higher' if row.claim.sign > 0 else 'lower'} for sdpo) | "
                      f"{row.sdpo.label}: {pm(row.sdpo_stat, m.digits)} (n={row.sdpo.n}) | "
@@ -244,10 +244,9 @@ def _frontier_section(groups: list[RunGroup], summaries: dict, plots: Path) -> l
     for fam, gs in families.items():
         if len(gs) < 2:
             continue
-        lines.append(f"**{fam}:**")
-        lines.append("")
-        for cost, name in (("forgetting", "forgetting"), ("kl", "response KL")):
-            lines += [f"- {s}" for s in dominance(gs, refs, summaries, cost, name)]
+        lines += [f"**{fam}:**", ""]
+        lines += [f"- {dominance(gs, refs, summaries, cost, name)}" for cost, name in (("forgetting", "forgetting"),
+                                                                                     ("kl", "response KL"))]
         lines.append("")
     lines += ["lam is the weight of the sparse GRPO part (lam 1 = GRPO's loss, lam 0 = SDPO's). A mix dominates an end "
               "when its point estimate has at least the end's in-domain gain and at most its cost, one strictly; it "
