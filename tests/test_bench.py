@@ -39,6 +39,6 @@ def test_lora_benchmark_runs_full_and_lora_cases(tmp_path, capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     for case in ("full-grpo", "lora-grpo"):
-        assert re.search(rf"\| {case} \| \d+\.\d\d GiB \| \d", out), out
-    assert "- grpo: peak RSS x" in out
+        assert re.search(rf"\| {case} \| \d+\.\d\d GiB \| \d+\.\d\d GiB \| \d+\.\d\d GiB \| \d", out), out
+    assert "- grpo: training peak RSS x" in out
     assert len(list(tmp_path.glob("lora-*.md"))) == 1 and len(list(tmp_path.glob("lora-*.json"))) == 1

@@ -5,10 +5,12 @@
     denser bench lora --out-dir bench/results            # also write lora-<date>.json and .md there
 
 Each case runs ``python -m denser train`` in a child process on the embedded model (``--model
-default``, SmolLM2-135M-Instruct, fp32) as a user runs it. ``peak_rss_mb`` is the child's peak
-resident memory over its whole life (``ru_maxrss``: the model, and for full fine-tuning its
-gradients, the two AdamW moments and the EMA teacher's copy; for LoRA one base model and the
-adapter's share of those); ``s_per_step`` the median of its metrics.jsonl ``step_time_s`` with the
+default``, SmolLM2-135M-Instruct, fp32) as a user runs it. ``train_peak_rss_mb`` is the child's
+peak resident memory from the start of training (the models loaded; the high-water mark reset
+there, ``/proc/self/clear_refs``) to its end: the model, and for full fine-tuning its gradients,
+the two AdamW moments and the EMA teacher's copy; for LoRA one base model and the adapter's share
+of those. ``peak_rss_mb`` is the peak over the child's whole life, model loading included;
+``setup_rss_mb`` the RSS when training starts. ``s_per_step`` the median of its metrics.jsonl ``step_time_s`` with the
 first step left out as a warm-up, and ``update_s`` the policy-update part of it. Seconds are
 comparable only between cases of one run on an otherwise idle machine: the results record the load
 average.
@@ -21,6 +23,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from denser.bench.step import _cpu_name, _versions
+from denser.bench.step import _cpu_name, _reset_peak, _status_kb, _versions
 
 #: case -> the `denser train` flags it adds (the LoRA cases get --lora-r from the command line)
 CASES: dict[str, list[str]] = {
@@ -40,11 +43,33 @@ CASES: dict[str, list[str]] = {
 }
 # the run's own evaluations (before and after training) are not part of a step: keep them small
 TRAIN_DEFAULTS = ["--no-progress", "--eval-size", "1", "--cpu"]
-MARK = "LORA_BENCH_MAXRSS_KB "
-# the child: run `denser train`, then report its own peak RSS (ru_maxrss of a reaped child would be
-# the maximum over every child this process ever waited for)
-CHILD = ("import resource, sys; from denser.cli import main; rc = main(sys.argv[1:]); "
-         f"print({MARK!r} + str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), flush=True); sys.exit(rc)")
+MARK = "LORA_BENCH_RSS "
+# the child reports its own peaks (ru_maxrss of a reaped child would be the maximum over every child
+# this process ever waited for)
+CHILD = "import sys; from denser.bench.lora import child; sys.exit(child(sys.argv[1:]))"
+
+
+def child(argv: list[str]) -> int:
+    """In the child process: ``denser train argv``, the high-water mark reset when training starts;
+    prints ``MARK`` and the RSS figures as JSON."""
+    # lazy: the loop imports transformers and accelerate; `denser bench --help` should not wait for them
+    from denser.cli import main
+    from denser.trainers import loop
+
+    marks: dict[str, float | bool | None] = {}
+    real_train = loop.Trainer.train
+
+    def train(self):
+        marks["setup_rss_kb"] = _status_kb("VmRSS")
+        marks["reset"] = _reset_peak()
+        return real_train(self)
+
+    loop.Trainer.train = train
+    rc = main(argv)
+    marks["train_hwm_kb"] = _status_kb("VmHWM") if marks.get("reset") else None
+    marks["maxrss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(MARK + json.dumps(marks), flush=True)
+    return rc
 
 
 def run_case(case: str, model: str, steps: int, lora_r: int, extra: list[str], threads: int) -> dict:
@@ -58,7 +83,8 @@ def run_case(case: str, model: str, steps: int, lora_r: int, extra: list[str], t
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
             return {"case": case, "status": "error", "message": last}
-        kb = [float(line[len(MARK):]) for line in proc.stdout.splitlines() if line.startswith(MARK)]
+        marks = [json.loads(line[len(MARK):]) for line in proc.stdout.splitlines() if line.startswith(MARK)]
+        rss = marks[-1] if marks else {}
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines() if line.strip()]
         cfg = yaml.safe_load((Path(out) / "config.yaml").read_text())
     timed = [r for r in rows if "step_time_s" in r]
@@ -67,7 +93,11 @@ def run_case(case: str, model: str, steps: int, lora_r: int, extra: list[str], t
     def med(key: str) -> float:
         return statistics.median(r[key] for r in timed)
 
-    return {"case": case, "status": "ok", "flags": flags, "peak_rss_mb": kb[-1] / 1024 if kb else None,
+    def mb(key: str) -> float | None:
+        return rss[key] / 1024 if rss.get(key) is not None else None
+
+    return {"case": case, "status": "ok", "flags": flags, "train_peak_rss_mb": mb("train_hwm_kb"),
+            "peak_rss_mb": mb("maxrss_kb"), "setup_rss_mb": mb("setup_rss_kb"),
             "s_per_step": med("step_time_s"), "update_s": med("time_update_s"), "generate_s": med("time_generate_s"),
             "signals_s": med("time_signals_s"), "steps_timed": len(timed),
             "completion_tokens": med("response_length") * cfg["prompts_per_step"] * cfg["num_generations"]}
@@ -80,6 +110,10 @@ def _peft_version() -> str | None:
         return version("peft")
     except PackageNotFoundError:
         return None
+
+
+def _gib(mb: float | None) -> str:
+    return "-" if mb is None else f"{mb / 1024:.2f} GiB"
 
 
 def _ratio(rows: dict[str, dict], key: str, objective: str) -> str:
@@ -97,20 +131,26 @@ def markdown(result: dict) -> str:
              "(a loaded machine: other jobs shared the cores, so seconds are noisy; the LoRA/full ratios come from "
              "cases of this one run); versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v),
              "", f"`denser train --model {result['model']}` for {result['steps']} steps (the first a warm-up, left "
-             f"out of the seconds), LoRA rank {result['lora_r']} on every linear layer of the blocks, fp32. Peak RSS: "
-             "the training process's whole life (the model, gradients, AdamW state, EMA teacher).", "",
-             "| case | peak RSS | s/step | update s | generate s | signals s | completion tokens/step |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f"out of the seconds), LoRA rank {result['lora_r']} on every linear layer of the blocks, fp32"
+             + (f", extra flags `{' '.join(result['extra_flags'])}`" if result.get("extra_flags") else "") + ". "
+             "Training peak: the peak RSS from the start of training (models loaded) to its end (model, gradients, "
+             "AdamW state, EMA teacher, activations); lifetime peak: model loading included; at start: the RSS when "
+             "training starts.", "",
+             "| case | training peak RSS | lifetime peak RSS | RSS at start | s/step | update s | generate s | signals s "
+             "| completion tokens/step |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['case']} | {r['status']}: {r.get('message', '')} | | | | | |")
             continue
-        lines.append(f"| {r['case']} | {r['peak_rss_mb'] / 1024:.2f} GiB | {r['s_per_step']:.1f} | {r['update_s']:.1f} "
+        lines.append(f"| {r['case']} | {_gib(r.get('train_peak_rss_mb'))} | {_gib(r.get('peak_rss_mb'))} | "
+                     f"{_gib(r.get('setup_rss_mb'))} | {r['s_per_step']:.1f} | {r['update_s']:.1f} "
                      f"| {r['generate_s']:.1f} | {r['signals_s']:.1f} | {r['completion_tokens']:.0f} |")
     lines += ["", "LoRA / full:", ""]
     for objective in ("grpo", "sdpo"):
         if f"full-{objective}" in rows or f"lora-{objective}" in rows:
-            lines.append(f"- {objective}: peak RSS x{_ratio(rows, 'peak_rss_mb', objective)}, s/step "
+            lines.append(f"- {objective}: training peak RSS x{_ratio(rows, 'train_peak_rss_mb', objective)}, lifetime "
+                         f"peak RSS x{_ratio(rows, 'peak_rss_mb', objective)}, s/step "
                          f"x{_ratio(rows, 's_per_step', objective)}, update s x{_ratio(rows, 'update_s', objective)}")
     return "\n".join(lines) + "\n"
 
