@@ -120,7 +120,7 @@ def _ratio(rows: dict[str, dict], key: str, objective: str) -> str:
     full, lora = rows.get(f"full-{objective}"), rows.get(f"lora-{objective}")
     if not (full and lora and full.get(key) and lora.get(key)):
         return "-"
-    return f"{lora[key] / full[key]:.2f}"
+    return f"x{lora[key] / full[key]:.2f}"
 
 
 def markdown(result: dict) -> str:
@@ -149,9 +149,9 @@ def markdown(result: dict) -> str:
     lines += ["", "LoRA / full:", ""]
     for objective in ("grpo", "sdpo"):
         if f"full-{objective}" in rows or f"lora-{objective}" in rows:
-            lines.append(f"- {objective}: training peak RSS x{_ratio(rows, 'train_peak_rss_mb', objective)}, lifetime "
-                         f"peak RSS x{_ratio(rows, 'peak_rss_mb', objective)}, s/step "
-                         f"x{_ratio(rows, 's_per_step', objective)}, update s x{_ratio(rows, 'update_s', objective)}")
+            lines.append(f"- {objective}: training peak RSS {_ratio(rows, 'train_peak_rss_mb', objective)}, lifetime "
+                         f"peak RSS {_ratio(rows, 'peak_rss_mb', objective)}, s/step "
+                         f"{_ratio(rows, 's_per_step', objective)}, update s {_ratio(rows, 'update_s', objective)}")
     return "\n".join(lines) + "\n"
 
 
