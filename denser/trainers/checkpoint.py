@@ -95,10 +95,13 @@ def quiet_transformers():
 
 def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
                     teacher_state: dict[str, torch.Tensor] | None, keep_last: int,
-                    rng: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
+                    rng: dict[str, Any] | list[dict[str, Any]] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones; returns its directory.
 
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
+    ``model_state``, ``optimizer_state``: whole tensors gathered from sharded ones (FSDP), stored
+    instead of ``model``'s and ``optimizer``'s own (the checkpoint is then that of one process).
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
     """
@@ -108,11 +111,12 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     aside = None
     try:
         with quiet_transformers():
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(tmp / "model")
         state = tmp / "state"
         state.mkdir()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                     "rng": rng if rng is not None else [rng_state()]}, state / "train_state.pt")
         if teacher_state is not None:
             save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(state / "teacher.safetensors"))

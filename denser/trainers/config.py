@@ -54,6 +54,8 @@ class TrainConfig:
     teacher_max_context_tokens: int = _f(768, "teacher contexts longer than this are truncated on the left")
     max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
+    fsdp: bool = _f(False, "shard the policy, reference and teacher across processes with FSDP2 (launch with torchrun; "
+                    "an accelerate config with distributed_type FSDP turns it on too); without it, processes run DDP")
     progress: bool = _f(True, "show a progress bar")
 
     def __post_init__(self) -> None:

@@ -44,6 +44,7 @@ from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_he
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.signals import (
     MicroBatch,
     Scores,
@@ -59,24 +60,24 @@ class TrainingStopped(RuntimeError):
     """The run stopped itself (too many consecutive non-finite updates); a checkpoint was written."""
 
 
-class PolicyLoss(nn.Module):
-    """The policy and its loss in one forward, so that wrappers (DDP, FSDP) see the lm_head weight
-    whole where the loss core runs, and gradient sync hooks fire as usual."""
+class PolicyLoss(ModelCall):
+    """The policy, whose forward runs a function of it: ``loss_module(policy_loss, ...)`` is the
+    policy and its loss in one forward, so that wrappers (DDP, FSDP) see the lm_head weight whole
+    where the loss core runs, and gradient sync hooks fire as usual. Under FSDP, generation and a
+    live teacher's forward run through it too (:mod:`denser.trainers.sharding`)."""
 
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
 
-    def forward(self, packed: PackedBatch, objective: Objective, batch: PolicyBatch, teacher: TeacherInputs | None,
-                temperature: float, backend: str, chunk_size: int | None):
-        hidden = completion_hidden_states(self.model, packed)
-        weight, bias = lm_head_params(self.model)
-        out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias,
-                         teacher_hidden=teacher.hidden if teacher else None,
-                         teacher_weight=teacher.weight if teacher else None,
-                         teacher_bias=teacher.bias if teacher else None,
-                         temperature=temperature, backend=backend, chunk_size=chunk_size)
-        return out.loss, out.metrics
+def policy_loss(model: nn.Module, packed: PackedBatch, objective: Objective, batch: PolicyBatch,
+                teacher: TeacherInputs | None, temperature: float, backend: str, chunk_size: int | None):
+    """``(loss, metrics)`` of one micro-batch: hidden states [N, H] -> ``fused_loss``."""
+    hidden = completion_hidden_states(model, packed)
+    weight, bias = lm_head_params(model)
+    out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias,
+                     teacher_hidden=teacher.hidden if teacher else None,
+                     teacher_weight=teacher.weight if teacher else None,
+                     teacher_bias=teacher.bias if teacher else None,
+                     temperature=temperature, backend=backend, chunk_size=chunk_size)
+    return out.loss, out.metrics
 
 
 class PhaseTimer:
@@ -126,6 +127,10 @@ class Trainer:
       restores that checkpoint instead;
     - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
       (before, during and after training).
+
+    Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
+    :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
+    sharded alike; a run equals one process doing the same global batch, up to float summation order.
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
@@ -138,6 +143,10 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp)
+        if self.sharding is not None and (anchor is not None or optimizer_state is not None or teacher_state is not None):
+            raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state) do not run "
+                             "under FSDP; run them without --fsdp or an FSDP accelerate config")
         self.task = task if task is not None else _task_of(cfg)
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
@@ -153,20 +162,25 @@ class Trainer:
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
+        self.loss_module, self.reference_root = PolicyLoss(policy), None
+        if self.sharding is not None:  # before the optimizer, which holds the sharded parameters
+            self._shard_models()
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         self.scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
-        self.loss_module, self.optimizer = self.accelerator.prepare(PolicyLoss(policy), self.optimizer)
-        self.policy = self.accelerator.unwrap_model(self.loss_module).model
         device = self.accelerator.device
-        for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
-            if m is not None:
-                m.to(device)
+        if self.sharding is None:
+            self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+            for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
+                if m is not None:
+                    m.to(device)
+        self.policy = self.accelerator.unwrap_model(self.loss_module).model
         self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
-                                      reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec)
+                                      reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
+                                      reference_root=self.reference_root)
         self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
                                       rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
                                       context_limit=getattr(self.policy.config, "max_position_embeddings", None))
@@ -220,9 +234,29 @@ class Trainer:
             self.teacher = TeacherWeights.from_spec(self.teacher_spec, policy, initial)
         return policy
 
+    def _shard_models(self) -> None:
+        """FSDP: the policy, then the frozen initial model (reference and frozen teacher share it)
+        and the teacher, each sharded alike under its own root; nothing is gathered until used."""
+        sharding = self.sharding
+        sharding.shard(self.loss_module)
+        initial = self.reference if self.reference is not None else (
+            self.teacher.model if self.teacher is not None and self.teacher.mode == "frozen" and self.teacher.shared
+            else None)
+        if initial is not None:
+            self.reference_root = sharding.shard(ModelCall(initial), frozen=True)
+        if self.teacher is not None:
+            self.teacher.shard(sharding, policy_root=self.loss_module, shared_root=self.reference_root)
+        units = len(sharding.units(self.loss_module.model))
+        models = ", ".join(["the policy"] + (["the reference"] if self.reference is not None else [])
+                           + ([f"the {self.teacher.mode} teacher"] if self.teacher is not None else []))
+        self._note(f"FSDP2: {models} sharded over {self.world} process(es) ({units} layer units + a root each)")
+
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharding is not None:  # a whole state (any number of processes wrote it): keep our shards
+            self.sharding.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             if self.teacher.mode == "ema" and teacher_state is None:
@@ -252,7 +286,7 @@ class Trainer:
         if idx:
             rows = [data[i] for i in idx]
             params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, num_generations=1, do_sample=False)
-            rollout = self.engine.generate(self.prompts.prompt_ids(rows), params)
+            rollout = self._generate(self.prompts.prompt_ids(rows), params)
             scores = self.task.score_batch(rollout.texts, rows)
             correct[0] = sum(float(self.task.is_success(s)) for s in scores)
             correct[1] = len(rows)
@@ -278,9 +312,17 @@ class Trainer:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self.engine.generate(self.prompts.prompt_ids(rows), params)
+        rollout = self._generate(self.prompts.prompt_ids(rows), params)
         self.policy.train()
         return rollout
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+        """The engine's completions; under FSDP inside the policy root's forward, which gathers
+        the weights the engine's model (the policy) runs on."""
+        if self.sharding is None:
+            return self.engine.generate(prompt_ids, params)
+        with torch.no_grad():
+            return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params))
 
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer) -> UpdateResult:
         """Accumulate the gradients of every micro-batch, then one optimiser step (skipped when
@@ -290,9 +332,10 @@ class Trainer:
             with timer("signals"):
                 teacher = self.signals.model_signals(rollout, mb)
             with timer("update"):
-                loss, metrics = self.loss_module(mb.packed, self.objective, mb.batch, teacher, cfg.temperature,
-                                                 cfg.backend, cfg.chunk_size or None)
-                self.accelerator.backward(loss * self.world)  # DDP averages gradients; our normalisers are global sums
+                loss, metrics = self.loss_module(policy_loss, mb.packed, self.objective, mb.batch, teacher,
+                                                 cfg.temperature, cfg.backend, cfg.chunk_size or None)
+                # DDP and FSDP average gradients over processes; our normalisers are global sums
+                self.accelerator.backward(loss * self.world)
                 loss_total += float(loss.detach())
                 parts.append(metrics)
         with timer("update"):
@@ -310,6 +353,8 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
+        if self.sharding is not None:
+            return self.sharding.grad_norm(list(self.policy.parameters()), self.cfg.max_grad_norm)
         if self.cfg.max_grad_norm > 0:
             return float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm))
         sq = sum(float(p.grad.float().pow(2).sum()) for p in self.policy.parameters() if p.grad is not None)
@@ -375,6 +420,12 @@ class Trainer:
         A failed write (a full disk) leaves the previous checkpoints as they were and raises
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
         rng = gather_object([ckpt.rng_state()])  # one entry per process, in rank order
+        # FSDP: whole tensors gathered by every process for the main one (a single-process checkpoint)
+        model_state = optimizer_state = None
+        if self.sharding is not None:
+            model_state = Sharding.full_state(self.policy.state_dict(), keep=self.is_main)
+            optimizer_state = self.sharding.full_optimizer_state(self.optimizer, keep=self.is_main)
+        teacher_state = self.teacher.state_dict() if self.teacher else None
         path, error = None, None
         if self.is_main:
             try:
@@ -382,8 +433,8 @@ class Trainer:
                 path = ckpt.save_checkpoint(
                     self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
                     scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
-                    teacher_state=self.teacher.state_dict() if self.teacher else None, keep_last=self.cfg.keep_last,
-                    rng=rng)
+                    teacher_state=teacher_state, keep_last=self.cfg.keep_last, rng=rng,
+                    model_state=model_state, optimizer_state=optimizer_state)
             except OSError as e:
                 error = e
         failed = self._sum_over_processes(torch.tensor([float(error is not None)]))
@@ -469,6 +520,8 @@ class Trainer:
     def carry_state(self) -> dict[str, Any]:
         """What a following run can start from: ``Trainer(cfg2, objective, **trainer.carry_state())``
         continues the AdamW state and the EMA teacher (``teacher_state`` is None without one)."""
+        if self.sharding is not None:
+            raise ValueError("carry_state: runs under FSDP are not chained by the continual runner")
         return {"optimizer_state": self.optimizer.state_dict(),
                 "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
 

@@ -36,6 +36,7 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.rollout import Rollout
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.teacher import TeacherWeights
 
 # What a task must be able to feed (``Task.provides``): rewards, and the successes and feedback
@@ -91,7 +92,7 @@ class TeacherInputs:
     its output layer (the core uses them when the objective's core options ask for a divergence)."""
 
     hidden: Tensor  # [N, H_teacher]
-    weight: Tensor  # [V, H_teacher]
+    weight: Tensor | None  # [V, H_teacher]; None: the policy's own (a live teacher)
     bias: Tensor | None
 
 
@@ -100,16 +101,18 @@ class SignalComputer:
 
     ``reference``: the frozen reference model (when ``Signal.REF_LOGP`` is declared);
     ``teacher``: the teacher's weights (when ``Signal.TEACHER`` or ``TEACHER_LOGP`` is declared),
-    scoring contexts built as ``teacher_spec`` says; ``reduce`` sums a tensor over processes.
+    scoring contexts built as ``teacher_spec`` says; ``reduce`` sums a tensor over processes;
+    ``reference_root``: under FSDP, the root of the sharded reference (its forward gathers the weights).
     """
 
     def __init__(self, objective: Objective, task: Task, tokenizer: Any, cfg: TrainConfig, *, device: torch.device,
                  rank: int, reduce, reference: nn.Module | None, teacher: TeacherWeights | None,
-                 teacher_spec: TeacherSpec | None):
+                 teacher_spec: TeacherSpec | None, reference_root: ModelCall | None = None):
         self.objective, self.task, self.tokenizer, self.cfg = objective, task, tokenizer, cfg
         self.declared = objective.signals()
         self.device, self.rank, self.reduce = device, rank, reduce
         self.reference, self.teacher, self.teacher_spec = reference, teacher, teacher_spec
+        self.reference_root = reference_root
 
     # ----------------------------------------------------------------------- per rollout batch
 
@@ -190,21 +193,30 @@ class SignalComputer:
         ``ref_logp`` (REF_LOGP), and the teacher's hidden states (TEACHER) and its log-prob of
         each sampled token (TEACHER_LOGP, in ``batch.extras[TEACHER_LOGP]``)."""
         cfg, packed, batch = self.cfg, mb.packed, mb.batch
+
+        def logp(model: nn.Module, hidden: Tensor) -> Tensor:
+            weight, bias = lm_head_params(model)
+            return token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature,
+                               backend=cfg.backend).logp
+
         if self.reference is not None:
-            h_ref = completion_hidden_states(self.reference, packed)
-            w_ref, b_ref = lm_head_params(self.reference)
-            batch.ref_logp = token_stats(h_ref, w_ref, packed.targets, bias=b_ref, temperature=cfg.temperature,
-                                         backend=cfg.backend).logp
+            def ref_logp(model: nn.Module) -> Tensor:
+                return logp(model, completion_hidden_states(model, packed))
+
+            batch.ref_logp = (ref_logp(self.reference) if self.reference_root is None
+                              else Sharding.run(self.reference_root, ref_logp))
         if self.teacher is None:
             return None
         tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device)
-        model = self.teacher.model
-        was_training = model.training
-        model.eval()
-        hidden = completion_hidden_states(model, tpacked)
-        model.train(was_training)
-        weight, bias = lm_head_params(model)
-        if Signal.TEACHER_LOGP in self.declared:
-            batch.extras[TEACHER_LOGP] = token_stats(hidden, weight, packed.targets, bias=bias,
-                                                     temperature=cfg.temperature, backend=cfg.backend).logp
-        return TeacherInputs(hidden, weight, bias)
+        teacher = self.teacher
+
+        def teacher_forward(model: nn.Module) -> TeacherInputs:
+            was_training = model.training
+            model.eval()
+            hidden = completion_hidden_states(model, tpacked)
+            model.train(was_training)
+            if Signal.TEACHER_LOGP in self.declared:
+                batch.extras[TEACHER_LOGP] = logp(model, hidden)
+            return TeacherInputs(hidden, *teacher.head(*lm_head_params(model)))
+
+        return teacher.run(teacher_forward)

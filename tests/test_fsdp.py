@@ -1,0 +1,269 @@
+"""FSDP and DDP on two CPU processes equal one process doing the same global batch.
+
+Sampling is seeded per process, so the runs compared here get their completions from a test-only
+rollout engine, ``fixed``: each completion is a function of its prompt and its index in the group
+only (not of the process, the weights or any RNG), with the policy's own log-probs as behaviour
+log-probs. Two processes with ``--prompts-per-step P`` then train on exactly the samples one
+process with ``2P`` trains on (the prompt schedule gives process ``r`` of ``W`` the draws
+``[(tW + r)P, (tW + r + 1)P)``), and the loss normalisers are global sums: the loss, the gradient
+norm and the weights after each update must agree up to the order of float sums.
+
+Every multi-process run is this file run by ``torch.distributed.run``: the ``__main__`` block
+registers the engine and a deterministic task, then runs ``denser train`` once per group of flags
+(groups separated by ``:::``), so one launch (~10 s of start-up on two cores) covers several runs.
+
+Tolerance. Two processes sum the same float32 terms in another order (each process sums its own
+micro-batches, then the gradients are reduce-scattered; the loss and normalisers are all-reduced),
+so values differ by a few float32 roundings: relative 1e-6 of a value's scale (float32 epsilon is
+1.2e-7; a sum of n terms in another order moves by up to ~n*eps of its largest term). The checks use
+``rtol = 2e-5`` on loss and gradient norm, and on weights ``atol = 1e-5`` (the learning rate here is
+1e-3: AdamW's first steps move every weight by about lr, so 1e-5 is 1% of a step; an element whose
+gradient is ~0 can see its tiny gradient change sign and its step move by up to ~lr: none did in
+these runs, and a wrong formula (a gradient off by the process count, a missed micro-batch, a
+teacher not updated) moves whole tensors by a full step).
+
+``DENSER_FSDP_TESTS=1`` adds the long forms: every built-in objective under FSDP, live and frozen
+teachers and a reference model, DDP equality, and SIGKILL + ``--resume`` of two FSDP processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve()
+ROOT = HERE.parent.parent
+TASK = "parity_fixed"
+ENGINE = "fixed"
+LONG = bool(os.environ.get("DENSER_FSDP_TESTS"))
+
+BASE = ["--model", "tiny", "--task", TASK, "--engine", ENGINE, "--steps", "2", "--max-new-tokens", "6",
+        "--num-generations", "4", "--eval-size", "2", "--micro-batch-size", "3", "--no-progress", "--lr", "1e-3",
+        "--save-every", "1", "--keep-last", "3", "--cpu"]
+PROMPTS = 2  # per process with two processes; one process takes 2 * PROMPTS
+RTOL, ATOL_WEIGHTS = 2e-5, 1e-5
+
+OBJECTIVES = {
+    "grpo": ["--objective", "grpo"],
+    "sdpo-ema": ["--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3"],
+}
+LONG_OBJECTIVES = {
+    "grpo-kl": ["--objective", "grpo", "--kl-coef", "0.1"],  # a frozen reference model
+    "dr_grpo": ["--objective", "dr_grpo"],
+    "dapo": ["--objective", "dapo"],
+    "gspo": ["--objective", "gspo"],
+    "sdpo-live": ["--objective", "sdpo", "--teacher", "live"],
+    "sdpo-frozen": ["--objective", "sdpo", "--teacher", "frozen", "--distill-mode", "full"],
+    "hybrid": ["--objective", "hybrid", "--teacher", "ema"],
+    "hybrid_adv": ["--objective", "hybrid_adv"],
+}
+
+
+# ------------------------------------------------------------------------ test-only parts
+
+
+def register_test_parts() -> None:
+    """The ``fixed`` rollout engine and the deterministic ``parity_fixed`` task (idempotent)."""
+    import torch
+
+    from denser.tasks import Score, list_tasks, register_task
+    from denser.tasks.builtin import Addition
+    from denser.trainers.packing import build_packed_batch, completion_logprobs
+    from denser.trainers.rollout import Rollout, RolloutEngine, list_rollout_engines, register_rollout_engine
+
+    if TASK not in list_tasks():
+        @register_task(TASK, "addition prompts; reward 1 for an even-length reply (deterministic)")
+        class ParityFixed(Addition):
+            def check(self, completion, row):
+                ok = len(completion) % 2 == 0
+                return Score(float(ok), None if ok else "The reply should have an even number of characters.", None)
+
+    if ENGINE not in list_rollout_engines():
+        @register_rollout_engine(ENGINE)
+        class FixedEngine(RolloutEngine):
+            """Completion ``g`` of a prompt is drawn from a generator seeded by (prompt ids, g):
+            the same on any process, at any step, for any weights. Behaviour log-probs are the
+            policy's (a forward pass: under FSDP the loop runs this inside the gathering forward)."""
+
+            def __init__(self, model, tokenizer):
+                self.model, self.tokenizer = model, tokenizer
+                self.eos = int(tokenizer.eos_token_id)
+
+            def generate(self, prompt_ids, params, *, seed=None):
+                prompts = [list(map(int, p)) for p in prompt_ids]
+                vocab = self.model.get_output_embeddings().weight.shape[0]
+                completions, truncated = [], []
+                for p in prompts:
+                    for g in range(params.num_generations):
+                        gen = torch.Generator().manual_seed(zlib.crc32(repr((p, g)).encode()))
+                        n = 1 + int(torch.randint(params.max_new_tokens, (1,), generator=gen))
+                        tokens = torch.randint(40, min(vocab, 120), (n,), generator=gen).tolist()
+                        if n < params.max_new_tokens:
+                            tokens[-1] = self.eos
+                        completions.append(tokens)
+                        truncated.append(tokens[-1] != self.eos)
+                contexts = [p for p in prompts for _ in range(params.num_generations)]
+                batch = build_packed_batch(contexts, completions, pad_token_id=int(self.tokenizer.pad_token_id))
+                was = self.model.training
+                self.model.eval()
+                with torch.no_grad():
+                    logp = completion_logprobs(self.model, batch, temperature=params.temperature).float().cpu()
+                self.model.train(was)
+                logps = list(logp.split([len(c) for c in completions]))
+                return Rollout(prompt_ids=prompts, completion_ids=completions,
+                               texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True),
+                               logps=logps, truncated=torch.tensor(truncated), num_generations=params.num_generations,
+                               params=params, pad_token_id=int(self.tokenizer.pad_token_id))
+
+
+def _main(argv: list[str]) -> int:
+    """Run ``denser train`` once per ``:::``-separated group of flags, in this process group."""
+    register_test_parts()
+    from denser.cli import main
+
+    groups, current = [], []
+    for a in argv:
+        if a == ":::":
+            groups.append(current)
+            current = []
+        else:
+            current.append(a)
+    groups.append(current)
+    for flags in groups:
+        rc = main(["train", *flags])
+        if rc:
+            return rc
+    return 0
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(ROOT)}
+
+
+def launch(runs: list[list[str]], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc tests/test_fsdp.py RUN ::: RUN ...``."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(HERE)]
+    for i, flags in enumerate(runs):
+        cmd += ([":::"] if i else []) + flags
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def single(flags: list[str]) -> None:
+    """One process, in this process (world 1, no sharding)."""
+    register_test_parts()
+    from denser.cli import main
+
+    assert main(["train", *flags]) == 0
+
+
+def steps_of(run: Path) -> list[dict]:
+    return [r for r in (json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def _checkpoint(run: Path, step: int) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    from denser.trainers import checkpoint as ckpt
+
+    path = ckpt.checkpoint_dir(run, step)
+    state, _, teacher = ckpt.load_train_state(path)
+    opt = {f"{i}.{k}": torch.as_tensor(v) for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
+    return {"model": load_file(str(path / "model" / "model.safetensors")), "teacher": teacher or {}, "opt": opt}
+
+
+def assert_equal_runs(one: Path, many: Path, *, what: str) -> None:
+    """Loss, gradient norm and weights (and EMA teacher) after each update: ``many`` == ``one``."""
+    import torch
+
+    a, b = steps_of(one), steps_of(many)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    assert [r["processes"] for r in b] == [2, 2] and [r["processes"] for r in a] == [1, 1]
+    for ra, rb in zip(a, b):
+        assert ra["skipped"] == rb["skipped"] == 0
+        for k in ("loss", "grad_norm", "reward_mean", "response_length"):
+            assert rb[k] == pytest.approx(ra[k], rel=RTOL, abs=1e-7), (what, ra["step"], k, ra[k], rb[k])
+    moved = False
+    for step in (1, 2):
+        ca, cb = _checkpoint(one, step), _checkpoint(many, step)
+        for part in ("model", "teacher", "opt"):
+            assert ca[part].keys() == cb[part].keys(), (what, step, part)
+            for k in ca[part]:
+                ta, tb = ca[part][k].float(), cb[part][k].float()
+                atol = ATOL_WEIGHTS if part != "opt" else 1e-6 + 1e-4 * float(ta.abs().max())
+                err = float((ta - tb).abs().max()) if ta.numel() else 0.0
+                assert err <= atol, f"{what}: step {step} {part} {k} differs by {err:.3g} (tolerance {atol:.3g})"
+        if step == 2:
+            c1 = _checkpoint(one, 1)["model"]
+            moved = any(not torch.equal(c1[k], ca["model"][k]) for k in c1)
+    assert moved, f"{what}: the weights did not move"
+
+
+def _flags(objective: list[str], out: Path, prompts: int, *extra: str) -> list[str]:
+    return [*objective, *BASE, "--prompts-per-step", str(prompts), "--output-dir", str(out), *extra]
+
+
+# --------------------------------------------------------------------------------- tests
+
+
+def test_fixed_engine_is_a_function_of_prompt_and_index():
+    """The premise of every comparison here: the engine ignores process, weights and RNG."""
+    import torch
+
+    from denser.trainers.models import load_model
+    from denser.trainers.rollout import SamplingParams, get_rollout_engine
+
+    register_test_parts()
+    m0, tok = load_model("tiny", seed=0)
+    m1, _ = load_model("tiny", seed=1)
+    params = SamplingParams(max_new_tokens=6, num_generations=3)
+    a = get_rollout_engine(ENGINE, m0, tok).generate([[5, 6], [7, 8, 9]], params)
+    torch.manual_seed(123)
+    b = get_rollout_engine(ENGINE, m1, tok).generate([[7, 8, 9]], params)
+    assert a.completion_ids[3:] == b.completion_ids
+    assert len({len(c) for c in a.completion_ids}) > 1  # lengths vary: parity rewards vary within groups
+
+
+@pytest.mark.slow
+def test_two_fsdp_processes_equal_one_process(tmp_path):
+    """grpo and sdpo with an EMA teacher: 2 FSDP processes == 1 process, after one and two updates."""
+    runs = {name: tmp_path / name for name in OBJECTIVES}
+    launch([_flags(flags, runs[name] / "fsdp", PROMPTS, "--fsdp") for name, flags in OBJECTIVES.items()])
+    for name, flags in OBJECTIVES.items():
+        single(_flags(flags, runs[name] / "one", 2 * PROMPTS))
+        assert_equal_runs(runs[name] / "one", runs[name] / "fsdp", what=f"{name} fsdp")
+    if "sdpo-ema" in runs:
+        rows = steps_of(runs["sdpo-ema"] / "fsdp")
+        assert any(r.get("teacher_frac", 0) > 0 for r in rows), "no sample had a teacher"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="two processes, every objective, FSDP and DDP: DENSER_FSDP_TESTS=1")
+def test_every_objective_fsdp_and_ddp_equal_one_process(tmp_path):
+    cases = {**OBJECTIVES, **LONG_OBJECTIVES}
+    runs = []
+    for name, flags in cases.items():
+        runs.append(_flags(flags, tmp_path / name / "fsdp", PROMPTS, "--fsdp"))
+        runs.append(_flags(flags, tmp_path / name / "ddp", PROMPTS))
+    launch(runs, timeout=1800)
+    for name, flags in cases.items():
+        single(_flags(flags, tmp_path / name / "one", 2 * PROMPTS))
+        for mode in ("fsdp", "ddp"):
+            assert_equal_runs(tmp_path / name / "one", tmp_path / name / mode, what=f"{name} {mode}")
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
