@@ -43,6 +43,7 @@ ROOT = HERE.parent.parent
 TASK = "parity_fixed"
 ENGINE = "fixed"
 LONG = bool(os.environ.get("DENSER_FSDP_TESTS"))
+CONFIG = ROOT / "configs" / "accelerate_fsdp.yaml"
 
 BASE = ["--model", "tiny", "--task", TASK, "--engine", ENGINE, "--steps", "2", "--max-new-tokens", "6",
         "--num-generations", "4", "--eval-size", "2", "--micro-batch-size", "3", "--no-progress", "--lr", "1e-3",
@@ -151,9 +152,23 @@ def _env() -> dict[str, str]:
             "PYTHONPATH": str(ROOT)}
 
 
-def launch(runs: list[list[str]], nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc tests/test_fsdp.py RUN ::: RUN ...``."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(HERE)]
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(runs: list[list[str]], nproc: int = 2, timeout: float = 600, *, accelerate: bool = False,
+           ) -> subprocess.CompletedProcess:
+    """Run this file's driver on ``nproc`` processes: ``torchrun --standalone`` or, with ``accelerate``,
+    ``accelerate launch --config_file configs/accelerate_fsdp.yaml`` (the README's two commands)."""
+    if accelerate:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIG),
+               "--num_processes", str(nproc), "--main_process_port", str(_free_port()), str(HERE)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), str(HERE)]
     for i, flags in enumerate(runs):
         cmd += ([":::"] if i else []) + flags
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
@@ -239,15 +254,48 @@ def test_fixed_engine_is_a_function_of_prompt_and_index():
 
 @pytest.mark.slow
 def test_two_fsdp_processes_equal_one_process(tmp_path):
-    """grpo and sdpo with an EMA teacher: 2 FSDP processes == 1 process, after one and two updates."""
+    """grpo and sdpo with an EMA teacher, launched as the README says (``accelerate launch`` with
+    configs/accelerate_fsdp.yaml, no denser flag): 2 FSDP processes == 1 process, after one and two updates."""
     runs = {name: tmp_path / name for name in OBJECTIVES}
-    launch([_flags(flags, runs[name] / "fsdp", PROMPTS, "--fsdp") for name, flags in OBJECTIVES.items()])
+    proc = launch([_flags(flags, runs[name] / "fsdp", PROMPTS) for name, flags in OBJECTIVES.items()], accelerate=True)
+    assert proc.stdout.count("FSDP2: the policy") == len(OBJECTIVES), proc.stdout  # sharded, not DDP
+    assert "FSDP2: the policy, the ema teacher sharded over 2 process(es)" in proc.stdout
     for name, flags in OBJECTIVES.items():
         single(_flags(flags, runs[name] / "one", 2 * PROMPTS))
         assert_equal_runs(runs[name] / "one", runs[name] / "fsdp", what=f"{name} fsdp")
-    if "sdpo-ema" in runs:
-        rows = steps_of(runs["sdpo-ema"] / "fsdp")
-        assert any(r.get("teacher_frac", 0) > 0 for r in rows), "no sample had a teacher"
+    rows = steps_of(runs["sdpo-ema"] / "fsdp")
+    assert any(r.get("teacher_frac", 0) > 0 for r in rows), "no sample had a teacher"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(runs["grpo"] / "fsdp" / "checkpoints" / "step-000002" / "model")
+
+
+def test_sharding_settings_denser_does_not_run_fail_with_the_fix():
+    from types import SimpleNamespace
+
+    import torch
+
+    from denser.trainers.sharding import Sharding
+
+    base = dict(fsdp_version=2, activation_checkpointing=False, cpu_ram_efficient_loading=False)
+    for change, words in ((dict(fsdp_version=1), "fsdp_version: 2"),
+                          (dict(activation_checkpointing=True), "fsdp_activation_checkpointing"),
+                          (dict(cpu_ram_efficient_loading=True), "fsdp_cpu_ram_efficient_loading")):
+        with pytest.raises(ValueError, match=words):
+            Sharding(SimpleNamespace(**{**base, **change}), torch.device("cpu"))
+
+
+def test_continual_chaining_is_refused_under_fsdp(tmp_path):
+    """Before any model is loaded or any process group started."""
+    import torch
+
+    from denser.trainers.config import TrainConfig
+    from denser.trainers.loop import Trainer
+
+    cfg = TrainConfig(model="tiny", fsdp=True, output_dir=str(tmp_path / "r"), progress=False)
+    with pytest.raises(ValueError, match="continual runner"):
+        Trainer(cfg, anchor=torch.nn.Linear(1, 1), log=lambda *a: None)
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.slow
@@ -263,6 +311,51 @@ def test_every_objective_fsdp_and_ddp_equal_one_process(tmp_path):
         single(_flags(flags, tmp_path / name / "one", 2 * PROMPTS))
         for mode in ("fsdp", "ddp"):
             assert_equal_runs(tmp_path / name / "one", tmp_path / name / mode, what=f"{name} {mode}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="two FSDP processes killed and resumed, ~2 min: DENSER_FSDP_TESTS=1")
+def test_two_fsdp_processes_sigkill_then_resume_is_bit_exact(tmp_path):
+    """SIGKILL of both FSDP processes after checkpoint c, then --resume: the final checkpoint
+    (weights, EMA teacher, optimizer, scheduler, counters) and the metrics are bit-identical to an
+    uninterrupted two-process FSDP run (gloo reduces in a fixed order on CPU; the gathered
+    checkpoint is resharded exactly). ``DENSER_TEST_BREAK=teacher`` (any ``break=`` of
+    tests/test_resume.py's driver) resumes with that part broken: the test must then fail."""
+    import random
+    import time
+
+    import test_resume as tr  # its driver: a task whose rewards draw from every RNG stream, and hooks
+
+    launch_cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(tr.HERE)]
+    args = [*tr.CASES["sdpo"][0], *tr.FAST, "--steps", str(tr.STEPS), "--save-every", "1", "--fsdp"]
+    ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "killed"
+    quiet = dict(env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ref = subprocess.Popen([*launch_cmd, "--", *args, "--output-dir", str(ref_dir)], **quiet)
+    victim = subprocess.Popen([*launch_cmd, "slow_after_step=2", "--", *args, "--output-dir", str(run_dir)], **quiet)
+    try:
+        marker = run_dir / "checkpoints" / f"step-{tr.CHECKPOINT:06d}" / "COMPLETE"
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert victim.poll() is None and time.monotonic() < deadline, "no checkpoint c"
+            time.sleep(0.05)
+        time.sleep(random.uniform(0.0, 0.6))
+        tr._kill_tree(victim.pid)
+        victim.wait()
+        assert tr.ckpt_names(run_dir)[-1] != f"step-{tr.STEPS:06d}", "the run finished before the kill"
+        breaks = [f"break={os.environ['DENSER_TEST_BREAK']}"] if os.environ.get("DENSER_TEST_BREAK") else []
+        resumed = subprocess.run([*launch_cmd, *breaks, "--", *args, "--output-dir", str(run_dir), "--resume"], env=_env(),
+                                 cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "resumed from" in resumed.stdout and "FSDP2:" in resumed.stdout
+        assert ref.wait(timeout=600) == 0
+    finally:
+        for p in (ref, victim):
+            if p.poll() is None:
+                tr._kill_tree(p.pid)
+                p.wait()
+    final = f"checkpoints/step-{tr.STEPS:06d}"
+    tr.assert_same_state(ref_dir / final, run_dir / final)
+    assert tr.metrics_rows(run_dir) == tr.metrics_rows(ref_dir)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_he
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
-from denser.trainers.sharding import ModelCall, Sharding
+from denser.trainers.sharding import ModelCall, Sharding, fsdp_requested
 from denser.trainers.signals import (
     MicroBatch,
     Scores,
@@ -143,10 +143,10 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp)
-        if self.sharding is not None and (anchor is not None or optimizer_state is not None or teacher_state is not None):
+        if fsdp_requested(cfg.fsdp, self.accelerator) and any(x is not None for x in (anchor, optimizer_state, teacher_state)):
             raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state) do not run "
                              "under FSDP; run them without --fsdp or an FSDP accelerate config")
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp)  # None: one process, or DDP
         self.task = task if task is not None else _task_of(cfg)
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")

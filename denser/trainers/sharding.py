@@ -67,14 +67,15 @@ def fsdp_requested(cfg_fsdp: bool, accelerator: Any) -> bool:
             or accelerator.distributed_type == DistributedType.FSDP)
 
 
-def _plugin(accelerator: Any) -> Any:
+def fsdp_plugin(accelerator: Any | None = None) -> Any:
     """accelerate's FSDP settings: the accelerator's own (an FSDP launch on accelerators), those of
     the launch's environment (an FSDP config on CPU processes, which accelerate leaves unsharded),
     or denser's defaults for ``--fsdp``."""
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.utils import DistributedType
 
-    if accelerator.distributed_type == DistributedType.FSDP and accelerator.state.fsdp_plugin is not None:
+    if (accelerator is not None and accelerator.distributed_type == DistributedType.FSDP
+            and accelerator.state.fsdp_plugin is not None):
         return accelerator.state.fsdp_plugin
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
         return FullyShardedDataParallelPlugin()
@@ -119,7 +120,7 @@ class Sharding:
         if not dist.is_initialized():
             backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        return cls(_plugin(accelerator), accelerator.device)
+        return cls(fsdp_plugin(accelerator), accelerator.device)
 
     # ----------------------------------------------------------------------------- sharding
 
