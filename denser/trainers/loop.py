@@ -130,7 +130,8 @@ class Trainer:
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
-    sharded alike; a run equals one process doing the same global batch, up to float summation order.
+    sharded alike (``policy``'s parameters are this process's shards, DTensors; checkpoints hold
+    the whole model); a run equals one process doing the same global batch, up to float summation order.
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
