@@ -13,15 +13,25 @@ checkpoints) is the same as for ``denser train``. Between stages the runner carr
 - the AdamW state (``--carry-optimizer``) or a fresh optimizer (``--reset-optimizer``, the
   default, as when each stage is a separate fine-tuning job). The learning-rate schedule (and any
   schedule of the objective, e.g. hybrid's density schedule) restarts in every stage;
-- the SDPO EMA teacher (always, when the objective has one): it keeps averaging across stages;
-- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher and the GRPO reference
-  model (``kl_coef > 0``) are the initial model of stage 0 in every stage, not the stage's start.
+- the SDPO EMA teacher (when the objective has one): it keeps averaging across stages; with
+  ``--teacher-reset`` the teacher restarts from the stage's starting policy every stage instead
+  (``ema``, ``frozen`` and the ``trust-region`` reference alike), as SDPO-CL's runs restarted per
+  stage do;
+- anchors stay at the start of the sequence: a ``frozen`` SDPO teacher, the ``trust-region``
+  reference (unless ``--teacher-reset``) and the GRPO reference model (``kl_coef > 0``, always) are
+  the initial model of stage 0 in every stage, not the stage's start.
 
 Before training and after every stage the runner measures, on fixed prompts (the first
 ``--eval-size`` rows of each task's eval split) of every training task and every ``--eval-tasks``
 task (held out: never trained on): greedy accuracy (the accuracy matrix), parameter drift from
 the initial weights, response drift from the initial model's responses and formatting artifacts
-(:mod:`denser.analysis`). ``<run>/continual.json`` holds everything, rewritten after every stage;
+(:mod:`denser.analysis`), each accuracy with its standard error over prompts. With
+``--eval-samples n`` it also records mean@n (``n`` completions per prompt at ``--eval-temperature``
+and ``--eval-top-p``, seeded) per task, at the stages ``--sampled-eval-stages`` selects (``first-last``:
+stage 0 and the last stage, the default; ``all``; ``none``): ``stages[k]["sampled_accuracy"]``.
+``--eval-size 0`` (the default) takes each task's whole eval split, at most 64 rows;
+``--max-new-tokens 0`` (the default) is the largest ``suggested_max_new_tokens`` of the sequence's
+tasks, for every stage and every eval. ``<run>/continual.json`` holds everything, rewritten after every stage;
 ``<run>/report.md`` and ``<run>/plots/*.png`` are rendered from it; the responses themselves are
 in ``<run>/responses/stage-NNN.jsonl``.
 
@@ -30,6 +40,12 @@ Each stage's Trainer gets these as constructor arguments (``anchor``, ``optimize
 before/after evaluation in ``Trainer.train()`` is the same fixed-prompt evaluator (its
 ``evaluator`` argument), so nothing is generated twice and the stage's ``metrics.jsonl`` shows
 the accuracies of the matrix. Single process only.
+
+With ``--report-to``, the whole sequence is one tracker run (:mod:`denser.trainers.tracking`): each
+stage's trainer logs through a view of it (``Trainer(tracker=...)``) with stage-prefixed keys
+(``stage1/addition/reward_mean``) and steps counted over the sequence (stage k's step j is
+``(k - 1) * steps_per_task + j``); after every stage the runner logs the accuracy of every column
+(``eval/<task>/accuracy``), the averages and the drift (``drift/relative_l2``, ``drift/kl``).
 
 This module sits above :mod:`denser.analysis` and :mod:`denser.trainers` and drives both; the
 command line (``denser continual``) is in :mod:`denser.cli`.
@@ -50,6 +66,7 @@ from typing import Any, Callable
 
 import torch
 
+from denser.analysis.estimators import mean_stderr
 from denser.analysis.forgetting import continual_metrics
 from denser.analysis.params import ParameterDrift
 from denser.analysis.report import write_run_report
@@ -58,12 +75,15 @@ from denser.analysis.suite import EvalSuite, generations_to_rows
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task, list_tasks
 from denser.trainers import checkpoint as ckpt
-from denser.trainers.config import TrainConfig
+from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import load_model
+from denser.trainers.tracking import TENSORBOARD_DIR, Tracker
 
 FORMAT_VERSION = 1
-RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages")  # what a continual run writes
+SAMPLED_EVAL_STAGES = ("first-last", "all", "none")
+# what a continual run writes
+RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages", TENSORBOARD_DIR)
 
 
 @dataclass
@@ -76,6 +96,8 @@ class ContinualConfig:
     carry_optimizer: bool = False
     spectral_rank: int = 16  # 0 = no spectral drift
     initial_eval_from: str = ""  # a continual run whose stage-0 measurement (same model and eval) is reused
+    teacher_reset: bool = False  # the teacher restarts from each stage's starting policy (else: EMA carried, frozen = stage 0)
+    sampled_eval_stages: str = "first-last"  # stages measured with --eval-samples too: first-last | all | none
 
     def __post_init__(self) -> None:
         self.tasks = [t.strip() for t in self.tasks if t.strip()]
@@ -99,6 +121,9 @@ class ContinualConfig:
             problems.append(f"--steps-per-task must be >= 1, got {self.steps_per_task}")
         if self.spectral_rank < 0:
             problems.append(f"--spectral-rank must be >= 0, got {self.spectral_rank}")
+        if self.sampled_eval_stages not in SAMPLED_EVAL_STAGES:
+            problems.append(f"--sampled-eval-stages must be one of {', '.join(SAMPLED_EVAL_STAGES)}, "
+                            f"got {self.sampled_eval_stages!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -195,6 +220,10 @@ class ContinualRunner:
             "continual": dataclasses.asdict(self.ccfg),
             "config": dataclasses.asdict(self.cfg),
             "eval": {"eval_size": self.cfg.eval_size, "max_new_tokens": self.cfg.max_new_tokens, "decoding": "greedy",
+                     "sampled": ({"samples": self.cfg.eval_samples, "temperature": self.cfg.eval_temperature,
+                                  "top_p": self.cfg.eval_top_p, "seed": self.cfg.seed,
+                                  "stages": self.ccfg.sampled_eval_stages}
+                                 if self.cfg.eval_samples and self.ccfg.sampled_eval_stages != "none" else None),
                      "similarity": "difflib.SequenceMatcher ratio vs the initial model's response",
                      "kl": "mean per-token KL(current || initial) on the current model's greedy responses",
                      "ngram": 3},
@@ -219,7 +248,7 @@ class ContinualRunner:
         for key in [k for k in self._cache if k[1] < version]:
             del self._cache[key]
 
-    def _evaluator(self, name: str) -> Callable[[Trainer], float]:
+    def _evaluator(self, name: str) -> Callable[[Trainer], dict]:
         """A stage trainer's ``evaluator`` (called by ``train()`` before and after the stage): the
         fixed-prompt suite on task ``name``, keyed by the weights' update count so nothing is
         generated twice."""
@@ -228,7 +257,8 @@ class ContinualRunner:
         def evaluate(trainer: Trainer) -> float:
             version = base + int(trainer.scheduler.last_epoch)
             success = self._generate(trainer.policy, [name], version)[name].extra["success"]
-            return sum(success) / len(success)
+            mean, se = mean_stderr([float(x) for x in success])
+            return {"eval_accuracy": mean, "eval_accuracy_se": se}
 
         return evaluate
 
@@ -243,6 +273,10 @@ class ContinualRunner:
             self.reference = gens
             for rec in (*record["tasks"].values(), record["overall"]):
                 rec.update(kl=0.0, similarity=1.0, token_f1=1.0)
+        sampled = self._sampled(stage, model)
+        for name, values in sampled.items():
+            mean, se = mean_stderr(values)
+            record["tasks"][name]["sampled"] = {"n": self.cfg.eval_samples, "mean_at_n": mean, "mean_at_n_se": se}
         params = self.meter(model)
         self._save_responses(stage, gens)
         self._drop_cache_before(version)
@@ -252,11 +286,25 @@ class ContinualRunner:
             "checkpoint": checkpoint,
             "updates": version,
             "accuracy": record["accuracy"],
+            "accuracy_se": {n: record["tasks"][n]["accuracy_se"] for n in self.suite.names},
+            "sampled_accuracy": {n: record["tasks"][n]["sampled"]["mean_at_n"] for n in sampled} or None,
             "eval": {"tasks": record["tasks"], "overall": record["overall"]},
             "params": params,
             "train": train_info,
             "measure_time_s": time.perf_counter() - t0,
         })
+
+    def _sampled(self, stage: int, model) -> dict[str, list[float]]:
+        """Per task, the per-prompt mean@n values of the stages ``--sampled-eval-stages`` selects (the
+        first and the last by default: sampling costs ``--eval-samples`` times a greedy eval); empty
+        without ``--eval-samples``."""
+        which = self.ccfg.sampled_eval_stages
+        chosen = which == "all" or (which == "first-last" and stage in (0, len(self.ccfg.tasks)))
+        if not self.cfg.eval_samples or not chosen:
+            return {}
+        cfg = self.cfg
+        return self.suite.sample_many(model, self.tokenizer, self.suite.names, samples=cfg.eval_samples,
+                                      temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed)
 
     def _save_responses(self, stage: int, gens) -> None:
         rows = [r for name in self.suite.names for r in generations_to_rows(name, gens[name])]
@@ -304,12 +352,16 @@ class ContinualRunner:
 
     def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state):
         """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
-        initial model of the whole sequence, with the carried optimizer and EMA teacher state."""
+        initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
+        ``--teacher-reset``: a teacher that starts from ``model_path``)."""
         stage_cfg = dataclasses.replace(self.cfg, model=model_path, task=task_name, steps=self.ccfg.steps_per_task,
                                         output_dir=str(self._stage_dir(k, task_name)), resume=False, overwrite=True)
         trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
                           anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
-                          teacher_state=teacher_state, evaluator=self._evaluator(task_name))
+                          teacher_state=None if self.ccfg.teacher_reset else teacher_state,
+                          teacher_from_policy=self.ccfg.teacher_reset, evaluator=self._evaluator(task_name),
+                          tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
+                                                      step_offset=(k - 1) * self.ccfg.steps_per_task))
         if trainer.world > 1:
             raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
         t0 = time.perf_counter()
@@ -341,12 +393,48 @@ class ContinualRunner:
     # ------------------------------------------------------------------------------------- run
 
     def run(self) -> dict:
+        """Train and measure the sequence (resuming after the last finished stage with ``--resume``)."""
+        cfg = self.cfg
+        config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
+                  "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
+        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
+                               cpu=cfg.cpu or not torch.cuda.is_available())
+        try:
+            return self._run()
+        finally:
+            self.tracker.finish()
+
+    def _log_stage(self, stage: dict, record: dict) -> None:
+        """The tracker row of a measured stage: accuracy per column, averages, drift."""
+        train, held = self.ccfg.tasks, self.ccfg.eval_tasks
+        acc = stage["accuracy"]
+
+        def mean(cols):
+            vals = [acc[c] for c in cols if acc.get(c) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        row = {f"eval/{c}/accuracy": acc[c] for c in record["columns"]}
+        row.update({
+            "eval/average_accuracy": mean(record["columns"]),
+            "eval/seen_average_accuracy": mean(train[:stage["stage"]]) if stage["stage"] else None,
+            "eval/heldout_average_accuracy": mean(held),
+            "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
+            "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"),
+            "stage": stage["stage"],
+        })
+        self.tracker.log({k: v for k, v in row.items() if v is not None},
+                         step=stage["stage"] * self.ccfg.steps_per_task)
+
+    def _run(self) -> dict:
         cfg, ccfg = self.cfg, self.ccfg
         previous = self._prepare()
         t_start = time.perf_counter()
         self.task_objs = {n: get_task(n, seed=cfg.seed) for n in ccfg.tasks + ccfg.eval_tasks}
-        self.suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size, max_new_tokens=cfg.max_new_tokens,
-                               backend=cfg.backend)
+        if cfg.max_new_tokens == 0:  # one budget for every stage and every eval: the largest the tasks suggest
+            budget = max(int(t.suggested_max_new_tokens) for t in self.task_objs.values())
+            self.cfg = cfg = dataclasses.replace(cfg, max_new_tokens=budget)
+        self.suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size or EVAL_SIZE_CAP,
+                               max_new_tokens=cfg.max_new_tokens, backend=cfg.backend)
         dtype = getattr(torch, cfg.dtype)
         self.initial, self.tokenizer = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
         self.initial.eval().requires_grad_(False)
@@ -375,8 +463,9 @@ class ContinualRunner:
                 stage0 = self._reuse_stage0(record)
             else:
                 self.log(f"stage 0: measuring {cfg.model} on {', '.join(self.suite.names)} "
-                         f"({cfg.eval_size} prompts each)")
+                         f"({', '.join(str(len(r)) for r in self.suite.rows.values())} prompts)")
                 stage0 = self._measure(0, None, self.initial, None, None)
+            self._log_stage(stage0, record)
             record["stages"] = [stage0]
             record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
             record["elapsed_s"] = time.perf_counter() - t_start
@@ -389,6 +478,7 @@ class ContinualRunner:
             self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for {ccfg.steps_per_task} steps")
             trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state)
             stage = self._measure(k, name, trainer.policy, str(checkpoint), info)
+            self._log_stage(stage, record)
             record["stages"].append(stage)
             record["accuracy_matrix"].append([stage["accuracy"][c] for c in record["columns"]])
             record["elapsed_s"] = elapsed_before + time.perf_counter() - t_start

@@ -48,7 +48,7 @@ def run(backend, inp, gen_seed=0, **opts):
     n = inp["hidden"].shape[0]
     outs = {"logp": stats.logp, "entropy": stats.entropy, "divergence": stats.divergence}
     loss = 0.0
-    for name, t in outs.items():
+    for t in outs.values():
         if t is not None:
             loss = loss + (t * torch.randn(n, generator=g)).sum()
     loss.backward()

@@ -12,7 +12,8 @@ from denser.cli import main
 pytestmark = pytest.mark.slow
 
 TINY = ["--model", "tiny", "--steps-per-task", "1", "--eval-size", "2", "--max-new-tokens", "6",
-        "--num-generations", "2", "--prompts-per-step", "1", "--spectral-rank", "4", "--no-progress", "--lr", "1e-3"]
+        "--num-generations", "2", "--prompts-per-step", "1", "--spectral-rank", "4", "--no-progress", "--lr", "1e-3",
+        "--eval-samples", "2"]
 PLOTS = ("accuracy_matrix.png", "accuracy_per_task.png", "drift.png", "artifacts.png", "training.png")
 
 
@@ -65,6 +66,20 @@ def test_continual_run_writes_matrix_drift_artifacts_and_plots(runs):
     for section in ("## Accuracy matrix", "## Continual-learning measures", "## Drift from the initial model",
                     "## Formatting artifacts", "plots/drift.png", "denser continual --objective sdpo"):
         assert section in report
+    # greedy accuracy with its standard error at every stage; mean@2 of sampled replies at the first and last only
+    for s in (s0, s1, s2):
+        assert set(s["accuracy_se"]) == set(r["columns"])
+        for c in r["columns"]:
+            assert s["eval"]["tasks"][c]["accuracy_se"] == s["accuracy_se"][c]
+    assert r["eval"]["sampled"] == {"samples": 2, "temperature": 0.6, "top_p": 0.95, "seed": 0, "stages": "first-last"}
+    assert s1["sampled_accuracy"] is None and "sampled" not in s1["eval"]["tasks"]["addition"]
+    for s in (s0, s2):
+        assert set(s["sampled_accuracy"]) == set(r["columns"])
+        for c in r["columns"]:
+            t = s["eval"]["tasks"][c]["sampled"]
+            assert t["n"] == 2 and t["mean_at_n"] == s["sampled_accuracy"][c] and 0 <= t["mean_at_n"] <= 1
+            assert t["mean_at_n_se"] is not None
+    assert rows[0]["eval_accuracy_se"] == s1["accuracy_se"]["compare"]
     responses = (sdpo / "responses" / "stage-002.jsonl").read_text().splitlines()
     assert len(responses) == 6 and {json.loads(x)["task"] for x in responses} == {"addition", "compare", "reverse"}
 
@@ -106,6 +121,29 @@ def test_ema_teacher_keeps_averaging_across_stages(runs):
     name = "model.layers.0.mlp.up_proj.weight"
     # one EMA update in stage 2, from stage 1's teacher (not from stage 2's starting policy)
     assert torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
+
+
+def test_teacher_reset_restarts_the_ema_teacher_from_each_stages_start(tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "reset"
+    assert main(["continual", "--objective", "sdpo", "--teacher", "ema", "--teacher-reset", "--tasks",
+                 "addition,compare", "--output-dir", str(run), *TINY]) == 0
+    record = _record(run)
+    assert record["continual"]["teacher_reset"] is True
+
+    def final(stage):
+        return next((run / "stages" / stage / "checkpoints").glob("step-*"))
+
+    p1 = load_file(str(final("01-addition") / "model" / "model.safetensors"))
+    t1 = load_file(str(final("01-addition") / "state" / "teacher.safetensors"))
+    t2 = load_file(str(final("02-compare") / "state" / "teacher.safetensors"))
+    p2 = load_file(str(final("02-compare") / "model" / "model.safetensors"))
+    rate = record["objective_args"]["teacher_update_rate"]
+    name = "model.layers.0.mlp.up_proj.weight"
+    # one EMA update in stage 2, from stage 2's starting policy (stage 1's final weights), not stage 1's teacher
+    assert torch.allclose(t2[name], (1 - rate) * p1[name] + rate * p2[name], atol=1e-7)
+    assert not torch.allclose(t2[name], (1 - rate) * t1[name] + rate * p2[name], atol=1e-7)
 
 
 def test_report_rerenders_from_the_record(runs, tmp_path):
@@ -178,6 +216,7 @@ def test_resume_finishes_only_the_missing_stages(runs, tmp_path):
     (["--tasks", "addition,nosuchtask"], "unknown task 'nosuchtask'"),
     (["--eval-tasks", "reverse"], "--tasks is required"),
     (["--tasks", "addition", "--steps-per-task", "0"], "--steps-per-task must be >= 1"),
+    (["--tasks", "addition", "--sampled-eval-stages", "some"], "--sampled-eval-stages"),
 ])
 def test_continual_cli_errors(args, message, capsys, tmp_path):
     assert main(["continual", "--objective", "grpo", "--model", "tiny", "--output-dir", str(tmp_path / "x"), *args]) == 2

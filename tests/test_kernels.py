@@ -8,10 +8,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kernel_cases import IGNORE, assert_close_to_reference, make_inputs, run
 
 from denser.kernels import TokenStats, token_stats, token_stats_from_logits
 from denser.kernels.memtrack import PeakMemory
-from kernel_cases import IGNORE, assert_close_to_reference, make_inputs, run
 
 N, H, V = 37, 19, 101  # odd: no block or chunk divides them
 CHUNK = 8

@@ -121,6 +121,18 @@ def test_killed_conversion_leaves_no_cache(tmp_path, monkeypatch):
     assert models.ensure_embedded_model(cache) == path  # valid cache: no second conversion
 
 
+def test_conversion_runs_in_a_child_and_reports_its_failure(tmp_path):
+    """The GGUF is converted in a child process (its memory never stays in the caller); a bad
+    file gives one error naming it, not the child's traceback."""
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf file")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(RuntimeError, match=r"converting the embedded model .*broken\.gguf.* failed"):
+        models._convert_gguf(bad, out)
+    assert not any(out.iterdir())
+
+
 def test_embedded_default_loads_and_caches():
     """Converts the GGUF once into the user cache (~20 s the first time), then loads fast."""
     try:

@@ -111,8 +111,9 @@ def test_normaliser_counts_sum_over_micro_batches():
     a = small_batch(teacher_mask=torch.tensor([True, False]))
     assert normaliser_counts(a) == {"global_tokens": 4.0, "global_seqs": 2.0,
                                     "global_teacher_tokens": 2.0, "global_teacher_seqs": 1.0}
+    # a sequence whose tokens are all masked still counts in the per-sequence normaliser (as TRL's mean)
     empty_seq = small_batch(token_mask=torch.tensor([False, False, True, True, True]))
-    assert normaliser_counts(empty_seq)["global_seqs"] == 1.0
+    assert normaliser_counts(empty_seq)["global_seqs"] == 2.0 and normaliser_counts(empty_seq)["global_tokens"] == 3.0
 
 
 def test_sequence_mean_uses_full_batch_lengths():

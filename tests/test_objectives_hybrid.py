@@ -56,7 +56,10 @@ def test_hybrid_blend_between(gen):
 def test_hybrid_fields_are_shared_and_validated():
     hybrid = get_objective("hybrid", clip_high=0.28, alpha=0.1, loss_agg_mode="seq-mean-token-sum")
     assert hybrid.grpo_part().clip_high == 0.28 and hybrid.sdpo_part().alpha == 0.1
-    assert hybrid.grpo_part().loss_agg_mode == hybrid.sdpo_part().loss_agg_mode == "seq-mean-token-sum"
+    assert hybrid.grpo_part().loss_agg_mode == "seq-mean-token-sum"
+    # the SDPO part has its own aggregation, SDPO's per-sequence token mean unless set
+    assert hybrid.sdpo_part().loss_agg_mode == get_objective("sdpo").loss_agg_mode == "seq-mean-token-mean"
+    assert get_objective("hybrid", sdpo_loss_agg_mode="token-mean").sdpo_part().loss_agg_mode == "token-mean"
     assert get_objective("hybrid", ratio_level="sequence").separable == "sequence"
     with pytest.raises(ValueError, match="objective 'hybrid'.*clip_ratio_c"):
         get_objective("hybrid", clip_ratio_c=0.5)
@@ -135,7 +138,9 @@ def test_hybrid_adv_lam_zero_gradient_is_sampled_token_sdpo(gen):
     adv = get_objective("hybrid_adv", lam=0.0)
     assert Signal.ADVANTAGES not in adv.signals()
     _, a_grad = loss_and_grad(adv, case, dataclasses.replace(b, advantages=None))
-    _, s_grad = loss_and_grad(get_objective("sdpo", distill_mode="sampled_token", alpha=1.0), case, b)
+    # the same aggregation on both sides: the GRPO surrogate's token-mean
+    sdpo = get_objective("sdpo", distill_mode="sampled_token", alpha=1.0, loss_agg_mode="token-mean")
+    _, s_grad = loss_and_grad(sdpo, case, b)
     assert torch.allclose(a_grad, s_grad, rtol=1e-5, atol=1e-8) and a_grad.abs().sum() > 0
 
 

@@ -91,6 +91,9 @@ CASES = {
     # random token mask and the IS weight on behaviour log-probs
     "sdpo": (["--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3", "--mask-ratio", "0.25",
               "--use-old-logp", "--distill-mode", "full"], "step"),
+    # several updates per rollout batch (shuffled mini-batches, old_logp from a pre-update forward) and
+    # DAPO's dynamic sampling (refill rounds) and overlong shaping
+    "dapo_updates": (["--objective", "dapo", "--mini-batches", "2", "--epochs", "2"], "step"),
 }
 
 
@@ -153,6 +156,8 @@ def test_sigkill_then_resume_is_bit_exact(tmp_path, name):
     assert any(not torch_equal(first[k], last[k]) for k in first)
     if name == "sdpo":
         assert any(r.get("teacher_frac", 0) > 0 for r in rows[1:-1]), "no sample had a teacher"
+    if name == "dapo_updates":
+        assert all(r["updates"] == 4 and r["generation_rounds"] >= 1 for r in rows[1:-1])
 
 
 def _kill_tree(pid: int) -> None:

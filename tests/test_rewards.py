@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from denser.cli import main
+from denser.objectives.teacher import TeacherSpec, teacher_messages
 from denser.tasks import (
     FileTaskError,
     Score,
@@ -24,7 +25,6 @@ from denser.tasks import (
 )
 from denser.tasks.rewards import parse_reward_spec
 from denser.trainers.rollout import HFRolloutEngine
-from denser.trainers.teacher import TeacherSettings, teacher_messages
 
 BUILTIN = {"exact", "numeric", "contains", "format", "math"}
 
@@ -127,10 +127,10 @@ def test_feedback_from_any_reward_reaches_the_sdpo_teacher(tmp_path, custom):
     texts = ["c", "a"]  # both fail: no demonstration, so the teacher sees each one's own feedback
     scores = task.score_batch(texts, [row, row])
     assert [s.feedback for s in scores] == ["missing 2 characters", "missing 2 characters"]
-    settings = TeacherSettings(success_threshold=1.0)
+    settings = TeacherSpec(success_threshold=1.0)
     messages = teacher_messages(task.prompt(row), texts, [s.score for s in scores], [s.feedback for s in scores], 0,
                                 settings)
-    assert "Feedback on it:\nmissing 2 characters" in messages[-1]["content"]
+    assert "unsuccessful earlier attempt:\n\nmissing 2 characters" in messages[-1]["content"]
 
 
 def test_reward_options_and_answer_checks(tmp_path):

@@ -148,7 +148,7 @@ def test_parse_number():
 
 def test_too_few_problems_for_eval():
     with pytest.raises(ValueError, match="distinct problems"):
-        get_task("addition", num_eval=196).train
+        _ = get_task("addition", num_eval=196).train
 
 
 # ---------------------------------------------------------------------------------------- file tasks
@@ -224,3 +224,87 @@ def test_file_task_errors(tmp_path):
     other.write_text("x")
     with pytest.raises(FileTaskError, match="unsupported extension"):
         get_task(f"file:{other}")
+
+
+# ------------------------------------------------------------------------------- continual-learning tasks
+
+CONTINUAL_TASKS = ("larger", "smaller", "multiply", "units", "subtract")
+# independent table of the unit conversions the `units` task asks about
+FACTORS = {("hours", "minutes"): 60, ("minutes", "seconds"): 60, ("weeks", "days"): 7, ("days", "hours"): 24,
+           ("meters", "centimeters"): 100, ("kilograms", "grams"): 1000, ("dozens", "eggs"): 12,
+           ("years", "months"): 12}
+
+
+def _expected(name: str, question: str) -> int:
+    """The right answer, recomputed from the question text alone."""
+    import re
+
+    if name in ("larger", "smaller"):
+        a, b = map(int, re.fullmatch(r"Which number is (?:larger|smaller): (\d+) or (\d+)\? .*", question).groups())
+        assert a != b and 10 <= min(a, b) and max(a, b) <= 99
+        return max(a, b) if name == "larger" else min(a, b)
+    if name == "units":
+        n, big = re.fullmatch(r"How many (\w+) are in (\d+) (\w+)\? .*", question).groups()[1:]
+        small = re.fullmatch(r"How many (\w+) are in.*", question).group(1)
+        return int(n) * FACTORS[(big, small)]
+    a, op, b = re.fullmatch(r"What is (\d+) ([*-]) (\d+)\? .*", question).groups()
+    return int(a) * int(b) if op == "*" else int(a) - int(b)
+
+
+@pytest.mark.parametrize("name", CONTINUAL_TASKS)
+def test_continual_tasks_answers_and_ranges(name):
+    task = get_task(name, seed=3)
+    assert name in BUILTIN and task.suggested_max_new_tokens == 24
+    assert len(task.eval) == 48 and len(task.train) >= 100  # 48 eval prompts, and a train split to learn from
+    for row in list(task.eval) + list(task.train)[:200]:
+        assert int(row["answer"]) == _expected(name, row["question"]), row
+        assert row["question"].endswith("End with 'Answer: <number>'.")
+    ops = {"multiply": (3, 19), "subtract": (1, 19)}
+    if name in ops:
+        lo, hi = ops[name]
+        for q in task.train["question"]:
+            a, b = (int(x) for x in q.split("?")[0].split()[-3::2])  # "What is A op B?"
+            assert lo <= a <= hi and lo <= b <= hi
+            assert name != "subtract" or a >= b  # non-negative differences
+    # the same seed gives the same problems, another seed other ones
+    assert get_task(name, seed=3).eval.to_list() == task.eval.to_list()
+    assert get_task(name, seed=4).eval["question"] != task.eval["question"]
+
+
+def test_larger_smaller_feedback_and_example_pair():
+    larger, smaller = get_task("larger"), get_task("smaller")
+    row = {"question": "Which number is larger: 38 or 83? End with 'Answer: <number>'.", "answer": "83", "other": "38"}
+    assert larger.score("Answer: 83", row) == Score(1.0, None, "83")
+    assert larger.score("83 is larger than 38.\nAnswer: **83**.", row).score == 1.0
+    assert larger.score("Answer: 38", row).feedback == "38 is the smaller of the two numbers."
+    assert larger.score("Answer: 8", row).feedback == "Your answer '8' is not one of the two numbers."
+    assert larger.score("Answer: 38 or 83", row).score == 0.0
+    srow = {"question": "q", "answer": "38", "other": "83"}
+    assert smaller.score("Answer: 38", srow).score == 1.0
+    assert smaller.score("Answer: 83", srow).feedback == "83 is the larger of the two numbers."
+    # the worked example's pair (and its mirror) never appears as a problem
+    for task in (larger, smaller):
+        big = get_task(task.name, num_train=8000, num_eval=10)  # every pair but the example's
+        pairs = {tuple(sorted(map(int, q.split(":")[1].split("?")[0].split(" or ")))) for q in
+                 list(big.train["question"]) + list(big.eval["question"])}
+        assert (47, 74) not in pairs and len(pairs) == 90 * 89 // 2 - 1
+
+
+def test_arithmetic_and_units_feedback():
+    mul = get_task("multiply")
+    row = {"question": "What is 13 * 7? End with 'Answer: <number>'.", "answer": "91"}
+    assert mul.score("13 * 7 = 91\nAnswer: 91", row).score == 1.0
+    assert mul.score("13 * 7 = 81\nAnswer: 81", row).feedback == "Your answer 81 is wrong: it is too low."
+    sub = get_task("subtract")
+    row = {"question": "What is 12 - 1? End with 'Answer: <number>'.", "answer": "11"}
+    assert sub.score("12 - 1 = 11\nAnswer: 11", row).score == 1.0
+    assert sub.score("12 - 1 = 12\nAnswer: 12", row).feedback == "Your answer 12 is wrong: it is too high."
+    assert "Answer:" in sub.score("12 - 1 = 11", row).feedback  # no marker: told how to answer
+    units = get_task("units")
+    row = {"question": "How many minutes are in 3 hours? End with 'Answer: <number>'.", "answer": "180",
+           "unit": "minutes"}
+    assert units.score("3 * 60 = 180\nAnswer: 180", row).score == 1.0
+    assert units.score("Answer: 180 minutes", row).score == 1.0
+    assert units.score("Answer: 300", row).feedback == "Your answer 300 is wrong: it is too high."
+    assert units.score("Answer: 3 or 180", row).feedback == "Your answer '3 or 180' is not a single number of minutes."
+    assert units.score("3 hours", row).feedback == "No final answer found. End with 'Answer: <number of minutes>'."

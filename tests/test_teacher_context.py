@@ -48,3 +48,57 @@ def test_feedback_and_solution_together():
     msgs = build(["A: 4", "A: 5"], [0.0, 1.0], ["off by one", None], 0, feedback_only_without_solution=False)
     text = msgs[-1]["content"]
     assert "A: 5" in text and "off by one" in text
+
+
+def test_sdpo_templates_word_for_word():
+    """The default context is SDPO's (actor.yaml, self_distillation): the last user message becomes
+    reprompt_template with the solution and feedback sections; earlier messages are kept."""
+    msgs = build(["A: 4", "A: 5"], [0.0, 1.0], ["off by one", None], 0, feedback_only_without_solution=False)
+    assert msgs[:-1] == PROMPT[:-1] and msgs[-1]["role"] == "user" and len(msgs) == len(PROMPT)
+    assert msgs[-1]["content"] == (
+        "What is 2+3?"
+        "\nCorrect solution:\n\nA: 5"
+        "\nThe following is feedback from your unsuccessful earlier attempt:\n\noff by one"
+        "\n\nCorrectly solve the original question.")
+    only_feedback = build(["A: 4", "A: 6"], [0.0, 0.0], ["off by one", None], 0)
+    assert only_feedback[-1]["content"] == ("What is 2+3?\nThe following is feedback from your unsuccessful earlier "
+                                            "attempt:\n\noff by one\n\nCorrectly solve the original question.")
+
+
+def test_templates_are_options_and_prompt_is_the_last_user_message():
+    conversation = [{"role": "system", "content": "S"}, {"role": "user", "content": "first"},
+                    {"role": "assistant", "content": "a1"}, {"role": "user", "content": "second"}]
+    spec = TeacherSpec(reprompt_template="[{prompt}|{solution}|{feedback}]", solution_template="sol={successful_previous_attempt}",
+                       feedback_template="fb={feedback_raw}", feedback_only_without_solution=False)
+    msgs = teacher_messages(conversation, ["x", "good"], [0.0, 1.0], ["bad", None], 0, spec)
+    assert msgs[:3] == conversation[:3]  # every earlier message as it was
+    assert msgs[3] == {"role": "user", "content": "[second|sol=good|fb=bad]"}
+    assert conversation[3]["content"] == "second"
+
+
+def test_options_reach_the_spec_and_bad_templates_fail():
+    import pytest
+
+    from denser.objectives import get_objective
+
+    spec = get_objective("sdpo", reprompt_template="{prompt}!{solution}", include_feedback=False).teacher_spec()
+    assert spec.reprompt_template == "{prompt}!{solution}" and not spec.include_feedback
+    assert get_objective("hybrid_adv", feedback_template="F: {feedback_raw}").teacher_spec().feedback_template == "F: {feedback_raw}"
+    with pytest.raises(ValueError, match="feedback_template uses the placeholder"):
+        TeacherSpec(feedback_template="{feedback}")
+
+
+def test_unopened_think_prefix_is_stripped_as_sdpo_cl():
+    assert remove_thinking("reasoning without an opening tag</think>\nAnswer: 5") == "Answer: 5"
+    assert remove_thinking("<think>a</think>b</think> Answer: 5") == "Answer: 5"
+    assert remove_thinking("Answer: 5") == "Answer: 5"
+    msgs = build(["x", "so 2+3=5</think>Answer: 5"], [0.0, 1.0], [None, None], 0)
+    assert "so 2+3" not in msgs[-1]["content"] and msgs[-1]["content"].count("Answer: 5") == 1
+
+
+def test_feedback_is_used_whenever_the_task_gave_it():
+    """As SDPO's code: any non-empty feedback on the sample's own attempt, not only on failures
+    (a multi-reward task may give a successful reply feedback on one of its rewards)."""
+    msgs = build(["A: 5", "A: 5"], [1.0, 0.0], ["format: add the Answer line", None], 0)
+    assert "format: add the Answer line" in msgs[-1]["content"]  # own success excluded, no sibling success
+    assert build(["A: 4", "A: 6"], [0.0, 0.0], ["   ", None], 0) is None  # blank feedback is no feedback

@@ -15,6 +15,7 @@ from denser.cli import main, parse_train_args
 from denser.objectives import Signal
 from denser.trainers import loop as loop_mod
 from denser.trainers import signals as signals_mod
+from denser.trainers import teacher as teacher_mod
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 
@@ -90,7 +91,7 @@ def test_only_declared_signals_are_computed(tmp_path, monkeypatch, argv, policy_
     assert (trainer.teacher is not None) == has_teacher
     assert (Signal.REF_LOGP in objective.signals()) == has_ref
     spy = _Spy(loop_mod.completion_hidden_states)
-    for module in (loop_mod, signals_mod):  # the policy's forward, and the reference's and teacher's
+    for module in (loop_mod, signals_mod, teacher_mod):  # the policy's forward, the reference's, the teacher's
         monkeypatch.setattr(module, "completion_hidden_states", spy)
     trainer.step(0)
     micro_batches = -(-cfg.prompts_per_step * cfg.num_generations // cfg.micro_batch_size)
@@ -139,7 +140,8 @@ def test_objective_fields_are_documented_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--objective", "sdpo", "--help"])
     out = capsys.readouterr().out
-    for flag in ("--alpha", "--topk", "--is-clip", "--teacher {live,ema,frozen}", "--teacher-update-rate", "--mask-ratio",
+    for flag in ("--alpha", "--topk", "--is-clip", "--teacher {live,ema,frozen,trust-region}", "--teacher-update-rate",
+                 "--teacher-path", "--teacher-init-alpha", "--reprompt-template", "--mask-truncated-completions", "--mask-ratio",
                  "--steps", "--num-generations", "--prompts-per-step", "--max-new-tokens", "--lr", "--seed",
                  "--output-dir", "--resume", "--eval-every", "--config", "--model", "--task"):
         assert flag in out, flag
@@ -192,7 +194,8 @@ def test_a_new_teacher_objective_gets_its_teacher_and_teacher_logp(tmp_path, mon
     )
 
     seen = []
-    spec = TeacherSpec(mode="frozen", include_feedback=True, closing="\n\nNow answer again, carefully.")
+    spec = TeacherSpec(mode="frozen", include_feedback=True,
+                       reprompt_template="{prompt}{solution}{feedback}\n\nNow answer again, carefully.")
 
     @register_objective("test_teacher_gap")
     @dataclass

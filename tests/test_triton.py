@@ -62,10 +62,13 @@ triton_common, triton_chunk_math, triton_onchip, triton_ops = _mods or (None,) *
 _SUBPROCESS_REASON = ("triton was imported without TRITON_INTERPRET by an earlier test module; this file's "
                       "tests run in a subprocess instead (test_interpreter_suite_in_subprocess)")
 
-from denser.kernels import chunk_math  # noqa: E402
-from denser.kernels import token_stats  # noqa: E402
-from denser.kernels.options import CoreOptions  # noqa: E402
 from kernel_cases import IGNORE, assert_close_to_reference, make_inputs, run  # noqa: E402
+
+from denser.kernels import (
+    chunk_math,  # noqa: E402
+    token_stats,  # noqa: E402
+)
+from denser.kernels.options import CoreOptions  # noqa: E402
 
 N, H, V = 37, 23, 69  # odd: no tile divides them (tiles are 16 wide under the interpreter)
 CHUNK = 16

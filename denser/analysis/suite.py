@@ -12,7 +12,9 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Sequence
 
 from denser.analysis.artifacts import DEFAULT_NGRAM, artifact_rates
+from denser.analysis.estimators import mean_stderr
 from denser.analysis.responses import Generations, generate_responses, mean_similarity, token_drift
+from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
 
 class EvalSuite:
@@ -82,6 +84,23 @@ class EvalSuite:
             start = end
         return out
 
+    def sample_many(self, model, tokenizer, names: Sequence[str], *, samples: int, temperature: float, top_p: float,
+                    seed: int = 0) -> dict[str, list[float]]:
+        """Per task, each fixed prompt's fraction of ``samples`` completions (sampled at ``temperature``
+        and ``top_p`` by the loop's rollout engine, seeded: the same model gives the same samples) that
+        succeed: the per-prompt values of mean@n."""
+        engine = HFRolloutEngine(model, tokenizer, max_batch_size=self.batch_size)
+        params = SamplingParams(max_new_tokens=self.max_new_tokens, num_generations=samples, temperature=temperature,
+                                top_p=top_p)
+        out = {}
+        for name in names:
+            rows, task = self.rows[name], self.tasks[name]
+            rollout = engine.generate(self.prompt_ids(tokenizer, name), params, seed=seed)
+            scores = task.score_batch(rollout.texts, [r for r in rows for _ in range(samples)])
+            ok = [float(task.is_success(sc)) for sc in scores]
+            out[name] = [sum(ok[p * samples:(p + 1) * samples]) / samples for p in range(len(rows))]
+        return out
+
     def measure(self, model, tokenizer, *, initial=None, reference: Mapping[str, Generations] | None = None,
                 generate: Callable[[list[str]], dict[str, Generations]] | None = None) -> tuple[dict, dict[str, Generations]]:
         """Measure ``model`` on every task.
@@ -94,7 +113,7 @@ class EvalSuite:
                 (e.g. a cache in front of it).
 
         Returns ``(record, {task: Generations})``. ``record`` = ``{"accuracy": {task: acc},
-        "tasks": {task: {"accuracy", "n", "artifacts", "kl", "similarity", "token_f1", "tokens"}},
+        "tasks": {task: {"accuracy", "accuracy_se" (over prompts), "n", "artifacts", "kl", "similarity", "token_f1", "tokens"}},
         "overall": {"artifacts", "kl", "similarity", "token_f1", "tokens"}}``; pooled values
         weight every response (and, for KL and entropy, every token) equally.
         """
@@ -114,6 +133,7 @@ class EvalSuite:
             success = gens.extra.get("success", [])
             tasks[name] = {
                 "accuracy": sum(success) / len(success) if success else None,
+                "accuracy_se": mean_stderr([float(x) for x in success])[1],
                 "n": len(gens),
                 "artifacts": artifact_rates(gens.texts, truncated=gens.truncated, lengths=gens.lengths,
                                             entropy=drift["mean_entropy"], ngram=self.ngram),

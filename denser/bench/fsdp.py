@@ -2,7 +2,7 @@
 
     denser bench fsdp                                   # grpo and sdpo (EMA teacher): 1 process, 1 and 2 FSDP processes
     denser bench fsdp --model default --steps 2         # the embedded SmolLM2-135M-Instruct
-    denser bench fsdp --processes 1,2,4 --objectives sdpo --max-new-tokens 8   # other flags go to `denser train`
+    denser bench fsdp --processes 1,2,4 --objectives sdpo --max-new-tokens 8
     denser bench fsdp --teacher-head --model default    # what handing a sharded teacher's lm_head to the core costs
 
 Every configuration is ``torchrun --standalone --nproc_per_node N -m denser.bench.fsdp_worker train``
@@ -28,8 +28,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-OBJECTIVE_FLAGS = {"grpo": ["--objective", "grpo"], "sdpo": ["--objective", "sdpo", "--teacher", "ema"]}
-TRAIN_DEFAULTS = ["--no-progress", "--eval-size", "2", "--num-generations", "4", "--max-new-tokens", "16"]
+OBJECTIVES = {"grpo": ("grpo", {}), "sdpo": ("sdpo", {"teacher": "ema"})}
+NUM_GENERATIONS = 4
 
 
 def teacher_head(model: str) -> str:
@@ -49,18 +49,21 @@ def teacher_head(model: str) -> str:
         f"| {r['forward_ms']:.1f} | {r['copy_inside_ms']:.1f} | {r['full_tensor_after_ms']:.1f} |"])
 
 
-def run(objective: str, processes: int, model: str, steps: int, prompts: int, extra: list[str], *,
+def run(objective: str, processes: int, model: str, steps: int, prompts: int, max_new_tokens: int, *,
         fsdp: bool = True) -> dict:
     """Peak RSS of each of ``processes`` FSDP processes (``fsdp=False``: unsharded) training
     ``objective`` on ``prompts`` prompts per step in all."""
     if prompts % processes:
         raise ValueError(f"--prompts {prompts} does not divide among {processes} processes")
+    name, args = OBJECTIVES[objective]
     with tempfile.TemporaryDirectory() as tmp:
         report = str(Path(tmp) / "rss")
+        config = dict(model=model, steps=steps, prompts_per_step=prompts // processes, fsdp=fsdp,
+                      output_dir=str(Path(tmp) / "run"), progress=False, eval_size=2,
+                      num_generations=NUM_GENERATIONS, max_new_tokens=max_new_tokens)
+        settings = json.dumps({"objective": name, "objective_args": args, "config": config})
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
-               "-m", "denser.bench.fsdp_worker", "train", report, "--", *OBJECTIVE_FLAGS[objective], "--model", model,
-               "--steps", str(steps), "--prompts-per-step", str(prompts // processes), *(["--fsdp"] if fsdp else []),
-               "--output-dir", str(Path(tmp) / "run"), *TRAIN_DEFAULTS, *extra]
+               "-m", "denser.bench.fsdp_worker", "train", report, settings]
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -70,7 +73,8 @@ def run(objective: str, processes: int, model: str, steps: int, prompts: int, ex
         reports = [json.loads(Path(f"{report}.{r}.json").read_text()) for r in range(processes)]
         rows = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps_rows = [r for r in rows if "loss" in r]
-    return {"objective": objective, "processes": f"{processes}" if fsdp else f"{processes}, no FSDP", "peak_rss_mib": [r["peak_rss_mib"] for r in reports],
+    return {"objective": objective, "processes": f"{processes}" if fsdp else f"{processes}, no FSDP",
+            "peak_rss_mib": [r["peak_rss_mib"] for r in reports],
             "training_rss_mib": [r.get("before_last_save_mib", r["peak_rss_mib"]) for r in reports],
             "s_per_step": sum(r["step_time_s"] for r in steps_rows) / max(1, len(steps_rows))}
 
@@ -84,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated process counts; 'plain': one process without FSDP")
     p.add_argument("--steps", type=int, default=2, help="training steps per run")
     p.add_argument("--prompts", type=int, default=4, help="prompts per step over all processes")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
     p.add_argument("--output", default="", help="also write the table (markdown) to this file")
     p.add_argument("--teacher-head", action="store_true", help="time the ways a sharded teacher's lm_head reaches "
                    "the loss core instead")
-    args, extra = p.parse_known_args(argv)
+    args = p.parse_args(argv)
     if args.teacher_head:
         text = teacher_head(args.model)
         print(text)
@@ -99,11 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     for o in args.objectives.split(","):
         for n in counts:
             plain = n == "plain"
-            results.append(run(o, 1 if plain else int(n), args.model, args.steps, args.prompts, extra, fsdp=not plain))
+            results.append(run(o, 1 if plain else int(n), args.model, args.steps, args.prompts, args.max_new_tokens,
+                               fsdp=not plain))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-    lines = [f"FSDP peak RSS per process, model={args.model}, {args.steps} steps, {args.prompts} prompts x 4 "
-             f"completions per step in all, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}, "
-             f"{platform.machine()}, {os.cpu_count()} CPUs, extra flags: {' '.join(extra) or '-'}", "",
+    lines = [f"FSDP peak RSS per process, model={args.model}, {args.steps} steps, {args.prompts} prompts x "
+             f"{NUM_GENERATIONS} completions x {args.max_new_tokens} new tokens per step in all, OMP_NUM_THREADS="
+             f"{os.environ.get('OMP_NUM_THREADS', '1')}, MALLOC_MMAP_THRESHOLD_="
+             f"{os.environ.get('MALLOC_MMAP_THRESHOLD_', '-')}, {platform.machine()}, {os.cpu_count()} CPUs", "",
              "| objective | processes | peak RSS per process before the final checkpoint (MiB) | "
              "peak RSS per process, whole run (MiB) | s/step |", "|---|---:|---|---|---:|"]
     for r in results:

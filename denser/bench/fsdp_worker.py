@@ -1,6 +1,6 @@
 """The processes of ``denser bench fsdp`` (started by torchrun; see :mod:`denser.bench.fsdp`).
 
-    python -m denser.bench.fsdp_worker train OUT -- TRAIN FLAGS   # denser train, then this process's memory
+    python -m denser.bench.fsdp_worker train OUT SETTINGS_JSON    # a training run, then this process's memory
     python -m denser.bench.fsdp_worker head MODEL OUT             # the teacher lm_head timings
 """
 
@@ -22,26 +22,30 @@ def _hwm_mib() -> float:
 
 
 def train(argv: list[str]) -> int:
-    """``train OUT -- flags``: run ``denser train``; write OUT.<rank>.json with this process's peak
-    resident memory before its last checkpoint (loading, sharding, the steps and evaluations) and
-    over the whole run (the last checkpoint gathers whole tensors on process 0)."""
-    from denser.cli import main
+    """``train OUT SETTINGS``: run ``Trainer`` with ``SETTINGS`` (JSON: ``objective``, ``objective_args``,
+    ``config``, TrainConfig's fields); write OUT.<rank>.json with this process's peak resident memory
+    before its last checkpoint (loading, sharding, the steps and evaluations) and over the whole run
+    (the last checkpoint gathers whole tensors on process 0)."""
+    from denser.objectives import get_objective
+    from denser.trainers.config import TrainConfig
     from denser.trainers.loop import Trainer
 
-    out, flags = argv[0], argv[2:] if argv[1:2] == ["--"] else argv[1:]
+    out, settings = argv[0], json.loads(argv[1])
     marks: dict[str, float] = {}
-    save = Trainer.save
+    trainer = Trainer(TrainConfig(**settings["config"]),
+                      get_objective(settings["objective"], **settings.get("objective_args", {})))
+    save = trainer.save
 
-    def measured_save(self, step, **kw):  # instrumentation of this benchmark only
+    def measured_save(step, **kw):  # this benchmark's instrumentation: the mark before the final checkpoint
         if kw.get("finished"):
             marks["before_last_save_mib"] = _hwm_mib()
-        return save(self, step, **kw)
+        return save(step, **kw)
 
-    Trainer.save = measured_save
-    rc = main(["train", *flags])
+    trainer.save = measured_save
+    trainer.train()
     rank = int(os.environ.get("RANK", "0"))
-    Path(f"{out}.{rank}.json").write_text(json.dumps({"rank": rank, "rc": rc, "peak_rss_mib": _hwm_mib(), **marks}))
-    return rc
+    Path(f"{out}.{rank}.json").write_text(json.dumps({"rank": rank, "peak_rss_mib": _hwm_mib(), **marks}))
+    return 0
 
 
 def head(argv: list[str]) -> int:

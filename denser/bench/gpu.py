@@ -286,9 +286,9 @@ def format_table(rows: list[dict], shape: Shape) -> str:
             lines.append(f"| {r['case']} | - | - | - | - | | unavailable: {r['error']} |")
             continue
         ratio = f"{r['median_s'] / floor:.2f}" if floor else "-"
-        gib = lambda k: "-" if r.get(k) is None else f"{r[k]:.2f}"  # noqa: E731
-        lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {ratio} | {gib('peak_gib')} | "
-                     f"{gib('extra_gib')} | {_fmt_path(r)} | {what} |")
+        peak, extra = ("-" if r.get(k) is None else f"{r[k]:.2f}" for k in ("peak_gib", "extra_gib"))
+        lines.append(f"| {r['case']} | {r['median_s'] * 1e3:.1f} | {ratio} | {peak} | "
+                     f"{extra} | {_fmt_path(r)} | {what} |")
     return "\n".join(lines)
 
 

@@ -1,8 +1,10 @@
-"""``denser``: train | continual | report | compare | objectives | tasks | bench.
+"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench.
 
     denser train --objective sdpo                       # the embedded model on the default task
     denser train --objective grpo --model tiny --steps 3
     denser train --objective sdpo --help                # every sdpo field is a flag
+    denser train --import my_objectives.py --objective reinforce --report-to tensorboard
+    denser eval --model runs/grpo-addition --tasks addition,compare --samples 8 --json eval.json
     denser continual --objective sdpo --tasks addition,compare --eval-tasks logic
     denser report RUN ; denser report drift A B ; denser compare RUN RUN
     denser objectives ; denser tasks ; denser bench

@@ -15,8 +15,16 @@ import shlex
 import sys
 from pathlib import Path
 
-from denser.cli.flags import CLIError, one_line, parse_continual_args, parse_train_args
+from denser.cli.flags import (
+    IMPORT_HELP,
+    CLIError,
+    TrainArgumentParser,
+    one_line,
+    parse_continual_args,
+    parse_train_args,
+)
 from denser.objectives import list_objectives
+from denser.plugins import import_plugins
 
 # -------------------------------------------------------------------------------------- training
 
@@ -27,7 +35,7 @@ def cmd_train(argv: list[str]) -> int:
     cfg, objective = parse_train_args(argv)
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
-    from denser.trainers.loop import Trainer, TrainingStopped
+    from denser.trainers.loop import Trainer, TrainingStopped, format_eval
     from denser.trainers.models import EmbeddedModelMissingError
 
     try:
@@ -41,9 +49,12 @@ def cmd_train(argv: list[str]) -> int:
         print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
               file=sys.stderr)
         return 130
-    before, after = summary.get("eval_accuracy_before"), summary.get("eval_accuracy_after")
-    if before is not None and summary.get("is_main", True):
-        print(f"eval accuracy: {before:.3f} -> {after:.3f}")
+    before, after = summary.get("eval_before"), summary.get("eval_after")
+    if before is not None and after is not None and summary.get("is_main", True):
+        print(f"eval accuracy: {format_eval(before)} -> {format_eval(after)}")
+        if after.get("eval_mean_at_n") is not None and before.get("eval_mean_at_n") is not None:
+            print(f"eval mean@{cfg.eval_samples}: {before['eval_mean_at_n']:.3f} ± {before['eval_mean_at_n_se'] or 0:.3f} "
+                  f"-> {after['eval_mean_at_n']:.3f} ± {after['eval_mean_at_n_se'] or 0:.3f}")
     return 0
 
 
@@ -63,6 +74,78 @@ def cmd_continual(argv: list[str]) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ evaluation
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = TrainArgumentParser(  # one-line errors, as `denser train`
+        prog="denser eval",
+        description="Evaluate a model or checkpoint on tasks without training: greedy accuracy, and with --samples N "
+                    "the sampled mean@N, pass@k (unbiased estimator from the N samples) and maj@k (majority vote over "
+                    "parsed answers, averaged over all k-subsets of the N), each with its standard error over "
+                    "prompts. A table on stdout; --json FILE writes every number.")
+    p.add_argument("--model", default="default",
+                   help="'default', 'tiny', a Hugging Face model directory, a checkpoint directory (.../step-000012 or "
+                        "its model/), a `denser train` run directory (its newest checkpoint) or RUN@K of a continual "
+                        "run (default: default)")
+    p.add_argument("--tasks", default="", help="comma-separated tasks (names, file:PATH); default: the task a run "
+                   "directory was trained on, else the default task")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
+    p.add_argument("--eval-size", type=int, default=32, help="prompts per task: the first rows of its eval split "
+                   "(0 = all; default: 32, as `denser train`)")
+    p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24, as `denser train`)")
+    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure greedy accuracy (default: on)")
+    p.add_argument("--samples", type=int, default=0, metavar="N",
+                   help="sampled completions per prompt for mean@N, pass@k and maj@k (default: 0, no sampling)")
+    p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
+                   help="the k of pass@k and maj@k, each <= N (default: 1, 2, 4, ... up to N, and N)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
+    p.add_argument("--seed", type=int, default=0, help="task generation, tiny model and sampling seed (default: 0)")
+    p.add_argument("--batch-size", type=int, default=64, help="completions per generate call (default: 64)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    p.add_argument("--json", default="", metavar="FILE", help="also write the result as JSON to FILE")
+    return p
+
+
+def cmd_eval(argv: list[str]) -> int:
+    """``denser eval --model M --tasks a,b [--samples N]``: a table, and JSON with ``--json``."""
+    args = build_eval_parser().parse_args(argv)
+    import_plugins(args.imports)
+    # imported here for start-up time (models, generation): see the module docstring
+    from denser.analysis.evaluation import (
+        EvalSettings,
+        eval_table,
+        evaluate_model,
+        write_json,
+    )
+    from denser.trainers.models import EmbeddedModelMissingError
+
+    settings = EvalSettings(eval_size=args.eval_size, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
+                            samples=args.samples, ks=args.k or [], temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed, batch_size=args.batch_size, dtype=args.dtype)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    try:
+        result = evaluate_model(args.model, tasks, settings, device="cpu" if args.cpu else None,
+                                log=lambda m: print(m, file=sys.stderr, flush=True))
+    except EmbeddedModelMissingError as e:
+        raise CLIError(str(e)) from None
+    print(eval_table(result))
+    if args.json:
+        print(f"written: {write_json(result, args.json)}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------- reports
 
 
@@ -77,7 +160,9 @@ def cmd_report(argv: list[str]) -> int:
                     "`denser report drift A B --help`: drift of one model from another.")
     p.add_argument("runs", nargs="+", metavar="RUN", help="continual run directories")
     args = p.parse_args(argv)
-    from denser.analysis.report import write_run_report  # start-up time (matplotlib): see the module docstring
+    from denser.analysis.report import (
+        write_run_report,  # start-up time (matplotlib): see the module docstring
+    )
 
     for run in args.runs:
         try:
@@ -140,7 +225,9 @@ def cmd_compare(argv: list[str]) -> int:
     p.add_argument("--out", default="runs/compare", help="report directory (default: runs/compare)")
     p.add_argument("--labels", default="", help="comma-separated run names for legends (default: objective and teacher)")
     args = p.parse_args(argv)
-    from denser.analysis.report import write_compare_report  # start-up time (matplotlib): see the module docstring
+    from denser.analysis.report import (
+        write_compare_report,  # start-up time (matplotlib): see the module docstring
+    )
 
     labels = [x.strip() for x in args.labels.split(",")] if args.labels else None
     try:
@@ -154,8 +241,16 @@ def cmd_compare(argv: list[str]) -> int:
 # -------------------------------------------------------------------------------- the registries
 
 
+def _listing_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description + " Installed plugins (entry-point groups "
+                                "denser.objectives and denser.tasks) are included.")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
+    return p
+
+
 def cmd_objectives(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="denser objectives", description="List the registered objectives.").parse_args(argv)
+    import_plugins(_listing_parser("denser objectives", "List the registered objectives.").parse_args(argv).imports)
     rows = list_objectives()
     width = max(len(r[0]) for r in rows)
     for name, doc, signals in rows:
@@ -166,8 +261,11 @@ def cmd_objectives(argv: list[str]) -> int:
 
 
 def cmd_tasks(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="denser tasks", description="List the built-in tasks.").parse_args(argv)
-    from denser.tasks import DEFAULT_TASK, task_descriptions  # start-up time (datasets): see the module docstring
+    import_plugins(_listing_parser("denser tasks", "List the registered tasks.").parse_args(argv).imports)
+    from denser.tasks import (  # start-up time (datasets): see the module docstring
+        DEFAULT_TASK,
+        task_descriptions,
+    )
 
     desc = task_descriptions()
     width = max(len(n) for n in desc)
@@ -183,10 +281,12 @@ def cmd_tasks(argv: list[str]) -> int:
 
 def cmd_bench(argv: list[str]) -> int:
     """``denser bench [gpu|loop|step] ...``: the benchmark runners of ``denser.bench``."""
-    from denser.bench import main as bench_main  # imported here for start-up time (see the module docstring)
+    from denser.bench import (
+        main as bench_main,  # imported here for start-up time (see the module docstring)
+    )
 
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
             "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare}

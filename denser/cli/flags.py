@@ -5,7 +5,10 @@
   ``Literal``, ``X | None``);
 - :func:`load_config_file`: a ``--config FILE.yaml`` checked key by key against the same dataclasses;
 - :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
-  overriding the config file; :func:`parse_continual_args` adds ``denser continual``'s flags.
+  overriding the config file, both overriding the objective's ``run_defaults()`` (the ``dapo``
+  preset's loop options); :func:`parse_continual_args` adds ``denser continual``'s flags.
+- ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
+  (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
 A bad command line or config file raises :class:`CLIError`: one line, exit code 2.
 """
@@ -21,12 +24,16 @@ from typing import Any, Literal
 
 import yaml
 
-from denser.objectives import get_objective
+from denser.objectives import get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
+from denser.plugins import import_plugins
 from denser.trainers.config import TrainConfig
 
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
-CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from")
+IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
+               "repeatable; a config file's 'import:' key does the same")
+CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
+                   "teacher_reset", "sampled_eval_stages")
 
 
 class CLIError(ValueError):
@@ -84,9 +91,9 @@ def _value_parser(annotation):
     return parse
 
 
-def _add_field(group, f: dataclasses.Field, annotation, flag: str, default) -> None:
+def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, default_note: str = "") -> None:
     base, optional = _strip_optional(annotation)
-    help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r})"
+    help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r}{default_note})"
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
     if base is bool and not optional:
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kwargs)
@@ -102,17 +109,23 @@ def _add_field(group, f: dataclasses.Field, annotation, flag: str, default) -> N
     group.add_argument(f"--{flag}", **kwargs)
 
 
-def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None) -> None:
+def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None,
+                        defaults_from: tuple[str, dict[str, Any]] | None = None) -> None:
     """One ``--flag`` per init field of dataclass ``cls`` (``--field-name`` unless ``flags`` renames
     it), its help text from the field's ``metadata["help"]`` plus the default. A flag left off the
     command line is absent from the parsed namespace (``argparse.SUPPRESS``), so a config file's
-    value is not overridden by a default."""
+    value is not overridden by a default. ``defaults_from = (who, values)`` shows ``values`` as the
+    defaults of those fields, set by ``who`` (an objective's ``run_defaults()``)."""
     hints = typing.get_type_hints(cls)
     defaults = cls()
+    who, overrides = defaults_from or ("", {})
     for f in dataclasses.fields(cls):
         if f.init:
             flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
-            _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
+            if f.name in overrides:
+                _add_field(group, f, hints[f.name], flag, overrides[f.name], f", set by {who}")
+            else:
+                _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
 
 
 def _objective_flag_names(objective: str) -> dict[str, str]:
@@ -152,6 +165,8 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise CLIError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
+    if "import" in data:  # plugins first: the objective the file names may be one of theirs
+        import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)
     objective = objective_hint or data.get("objective") or "sdpo"
     if not isinstance(objective, str):
@@ -182,6 +197,19 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     return run_vals, obj_vals
 
 
+def _near(specs, folder: str):
+    """A config file's relative ``.py`` paths: from the current directory, else from the file's own."""
+    if not isinstance(specs, (list, tuple)):
+        return specs if not isinstance(specs, str) else _near([specs], folder)[0]
+    out = []
+    for s in specs:
+        if isinstance(s, str) and s.endswith(".py") and not os.path.isabs(s) and not os.path.exists(s) \
+                and os.path.isfile(os.path.join(folder, s)):
+            s = os.path.join(folder, s)
+        out.append(s)
+    return out
+
+
 def _coerce_config_value(where: str, key, owner: str, name: str, annotation, value):
     try:
         return coerce_field_value(owner, name, annotation, value)
@@ -193,25 +221,39 @@ def _coerce_config_value(where: str, key, owner: str, name: str, annotation, val
 # ----------------------------------------------------------------------------------- denser train
 
 
-def build_train_parser(objective: str) -> argparse.ArgumentParser:
-    """``denser train``'s parser for ``objective``: ``--config``, the run flags, the objective's flags."""
-    p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.",
+def build_train_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:
+    """``denser train``'s parser for ``objective``: ``--config``, ``--import``, the run flags, the
+    objective's flags (``known``: the registered objectives, listed in the description)."""
+    listing = f" Objectives: {', '.join(known)}." if known else ""
+    p = TrainArgumentParser(prog="denser train", description=f"Train with the {objective!r} objective.{listing}",
                             epilog=RUN_EPILOG)
     p.add_argument("--config", default=None, help="YAML file of run and objective options")
-    add_dataclass_flags(p.add_argument_group("run"), TrainConfig)
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
     cls = objective_class(objective)
+    add_dataclass_flags(p.add_argument_group("run"), TrainConfig,
+                        defaults_from=(f"the {objective} objective", cls().run_defaults()))
     doc = (cls.__doc__ or "").strip().splitlines()
     group = p.add_argument_group(f"objective {objective}", doc[0] if doc else None)
     add_dataclass_flags(group, cls, _objective_flag_names(objective))
     return p
 
 
-def parse_train_args(argv: list[str]):
-    """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
+def pre_parse(argv: list[str]) -> argparse.Namespace:
+    """``--objective``, ``--config`` and ``--import`` of a command line, read before its parser can
+    be built (the objective decides the flags); the ``--import`` modules are imported here."""
     pre = TrainArgumentParser(prog="denser train", add_help=False)
     pre.add_argument("--objective", default=None)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--import", dest="imports", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
+    import_plugins(known.imports)
+    return known
+
+
+def parse_train_args(argv: list[str]):
+    """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
+    known = pre_parse(argv)
     file_run, file_obj = ({}, {})
     if known.config:
         file_run, file_obj = load_config_file(known.config, known.objective)
@@ -220,17 +262,20 @@ def parse_train_args(argv: list[str]):
         objective_class(objective)
     except ValueError as e:
         raise CLIError(str(e)) from None
-    parser = build_train_parser(objective)
+    wants_help = any(a in ("-h", "--help") for a in argv)
+    parser = build_train_parser(objective, [r[0] for r in list_objectives()] if wants_help else None)
     ns = vars(parser.parse_args(argv))
     ns.pop("config", None)
+    ns.pop("imports", None)
     run_names = {f.name for f in dataclasses.fields(TrainConfig)}
     obj_names = {f.name for f in objective_fields(objective_class(objective))}
     run_vals = {**file_run, **{k: v for k, v in ns.items() if k in run_names}}
     obj_vals = {**file_obj, **{k: v for k, v in ns.items() if k in obj_names and k not in run_names}}
-    run_vals["objective"] = objective
     try:
-        cfg = TrainConfig(**run_vals)
         obj = get_objective(objective, **obj_vals)
+        # the objective's run defaults (dapo: dynamic sampling, overlong shaping) where neither a flag nor
+        # the config file sets the option
+        cfg = TrainConfig.for_objective(obj, **run_vals)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return cfg, obj
@@ -248,20 +293,28 @@ def add_continual_flags(group) -> None:
                        help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
     group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
                        help="a fresh AdamW state in every stage (the default)")
+    group.add_argument("--teacher-reset", action=argparse.BooleanOptionalAction, default=False,
+                       help="the teacher restarts from each stage's starting policy (as SDPO-CL runs restarted per "
+                            "stage); default: the EMA teacher keeps averaging across stages and a frozen or "
+                            "trust-region teacher stays the initial model")
     group.add_argument("--spectral-rank", type=int, default=16,
                        help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
     group.add_argument("--initial-eval-from", default="", metavar="RUN",
                        help="reuse stage 0 (the initial model's measurement) of another continual run with the same "
                             "model, tasks and eval settings, instead of measuring it again")
+    group.add_argument("--sampled-eval-stages", default="first-last", metavar="first-last|all|none",
+                       help="with --eval-samples N: the stages also measured by mean@N of sampled completions "
+                            "(default: first-last, the initial model and the final stage, to budget CPU)")
 
 
-def build_continual_parser(objective: str) -> argparse.ArgumentParser:
+def build_continual_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:
     """``denser train``'s parser for ``objective`` plus the continual flags (used for --help)."""
-    p = build_train_parser(objective)
+    p = build_train_parser(objective, known)
     p.prog = "denser continual"
     p.description = (f"Train {objective!r} on a sequence of tasks from one model and measure forgetting, drift and "
                      "artifacts after every stage. Every `denser train` flag applies to every stage, except --task "
-                     "and --steps (use --tasks and --steps-per-task).")
+                     "and --steps (use --tasks and --steps-per-task)."
+                     + (f" Objectives: {', '.join(known)}." if known else ""))
     add_continual_flags(p.add_argument_group("continual"))
     return p
 
@@ -270,10 +323,12 @@ def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, A
     """``(TrainConfig, objective, ContinualConfig keyword arguments)`` from a ``denser continual``
     command line (``--help`` prints the help and exits)."""
     if any(a in ("-h", "--help") for a in argv):
-        pre = argparse.ArgumentParser(add_help=False)
-        pre.add_argument("--objective", default="sdpo")
-        known, _ = pre.parse_known_args(argv)
-        build_continual_parser(known.objective).print_help()
+        objective = pre_parse(argv).objective or "sdpo"
+        try:
+            objective_class(objective)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        build_continual_parser(objective, [r[0] for r in list_objectives()]).print_help()
         raise SystemExit(0)
     mine = argparse.ArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
     add_continual_flags(mine)

@@ -9,6 +9,8 @@ is a method of :class:`Objective`, with its default here (DESIGN.md, Contract 2)
     core_options()  which per-token statistics the loss core computes, and how
     prepare()       once per micro-batch, before chunking (e.g. random token masks)
     loss()          the loss over the core's per-token statistics and the batch
+    for_run()       a copy configured for the run's optimiser updates per rollout batch
+    run_defaults()  run options (TrainConfig fields) the objective turns on where the user sets none
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from denser.objectives.batch import PolicyBatch
 from denser.objectives.common import group_advantages
 from denser.objectives.fields import check_value
 from denser.objectives.teacher import TeacherSpec
+from denser.plugins import OBJECTIVES_GROUP, PluginError, load_entry_points
 
 
 class Signal(str, Enum):
@@ -93,6 +96,23 @@ class Objective:
     def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
         raise NotImplementedError
 
+    def for_run(self, updates_per_rollout: int) -> Objective:
+        """The objective as a run making ``updates_per_rollout`` optimiser updates per rollout batch
+        uses it (``--mini-batches`` x ``--epochs``); the loop calls it once, before anything else, and
+        uses the result throughout. Default: ``self``, unchanged.
+
+        An objective whose ratios or importance weights need behaviour log-probs when the policy has
+        moved since sampling returns a copy that declares ``Signal.OLD_LOGP`` when
+        ``updates_per_rollout > 1`` (``grpo``, ``sdpo`` and the hybrids turn ``use_old_logp`` on), so
+        several updates per rollout can never run with every ratio at 1."""
+        return self
+
+    def run_defaults(self) -> dict[str, Any]:
+        """Run options (``TrainConfig`` field names -> values) this objective turns on, applied where the
+        user sets none (flag or config file; ``TrainConfig.for_objective``). Default: none. The ``dapo``
+        preset turns on dynamic sampling and overlong reward shaping, which belong to the loop and task."""
+        return {}
+
 
 # --------------------------------------------------------------------------------------- registry
 
@@ -110,10 +130,11 @@ def register_objective(name: str):
     def decorate(cls):
         if not isinstance(cls, type) or not issubclass(cls, Objective):
             raise TypeError(f"@register_objective({name!r}) must decorate a subclass of denser.objectives.Objective")
-        if name in _REGISTRY:
+        existing = _REGISTRY.get(name)
+        if existing is not None and not _same_class(existing, cls):
             raise ValueError(
-                f"an objective named {name!r} is already registered ({_REGISTRY[name].__qualname__}); "
-                "pick another name"
+                f"an objective named {name!r} is already registered ({_qualified(existing)}); "
+                f"{_qualified(cls)} must pick another name"
             )
         if not dataclasses.is_dataclass(cls) or "__dataclass_fields__" not in cls.__dict__:
             cls = dataclass(cls)
@@ -124,13 +145,25 @@ def register_objective(name: str):
     return decorate
 
 
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _same_class(a: type, b: type) -> bool:
+    """The same class, or the same definition run again (a module reloaded): registering it twice is harmless."""
+    return a is b or _qualified(a) == _qualified(b)
+
+
 def unregister_objective(name: str) -> None:
     """Remove a registered objective (for tests and interactive sessions)."""
     _REGISTRY.pop(name, None)
 
 
 def objective_class(name: str) -> type[Objective]:
-    """The class registered as ``name`` (importing ``denser.objectives`` registers the built-ins)."""
+    """The class registered as ``name``; an unknown name first loads the installed plugins
+    (entry points of the ``denser.objectives`` group, see :mod:`denser.plugins`)."""
+    if name not in _REGISTRY:
+        _load_plugins()
     if name not in _REGISTRY:
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"unknown objective {name!r}; registered objectives: {known}")
@@ -170,7 +203,9 @@ def coerce_field_value(objective: str, field_name: str, annotation, value):
 
 
 def list_objectives() -> list[tuple[str, str, frozenset[Signal]]]:
-    """``(name, one-line doc, signals with default fields)`` for every registered objective."""
+    """``(name, one-line doc, signals with default fields)`` for every registered objective,
+    installed plugins included."""
+    _load_plugins()
     rows = []
     for name in sorted(_REGISTRY):
         cls = _REGISTRY[name]
@@ -178,3 +213,13 @@ def list_objectives() -> list[tuple[str, str, frozenset[Signal]]]:
         rows.append((name, doc[0] if doc else "", cls().signals()))
     return rows
 
+
+def _load_plugins() -> None:
+    """Register the objectives of installed packages (entry-point group ``denser.objectives``): a
+    module entry registers on import; a class entry is registered under the entry's name."""
+    for entry, obj in load_entry_points(OBJECTIVES_GROUP):
+        if isinstance(obj, type) and issubclass(obj, Objective) and obj not in _REGISTRY.values():
+            try:
+                register_objective(entry)(obj)
+            except ValueError as e:
+                raise PluginError(f"plugin {entry!r} ({OBJECTIVES_GROUP} entry point {obj.__module__}): {e}") from None

@@ -27,18 +27,21 @@ class PolicyBatch:
 
     ``global_tokens`` and ``global_seqs`` are the loss normalisers: the number of loss tokens and
     sequences in the *whole* optimiser step (all gradient-accumulation micro-batches on all
-    processes), so that summing micro-batch losses gives the loss of the full batch.
+    processes), so that summing micro-batch losses gives the loss of the full batch. Every
+    sequence counts in ``global_seqs``, also one whose tokens are all masked.
     ``norm_length`` is the constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO): usually
     the generation budget ``max_new_tokens``.
     ``global_teacher_tokens`` and ``global_teacher_seqs`` are the same counts restricted to the
-    samples that have a teacher context (``teacher_mask``): the normalisers of a distillation
-    loss, which averages over distilled tokens only. ``None`` falls back to ``global_tokens`` /
-    ``global_seqs`` (the distillation loss is then scaled by the fraction of samples with a teacher).
+    samples that have a teacher context (``teacher_mask``): e.g. the normaliser of ``sdpo``'s
+    ``token-mean``, which averages over distilled tokens only. ``None`` falls back to
+    ``global_tokens`` / ``global_seqs`` (the distillation loss is then scaled by the fraction of
+    samples with a teacher).
     ``normaliser_counts(batch)`` in ``denser.objectives.common`` gives a micro-batch's share of all
     four counts; the loop sums them over micro-batches and processes.
-    ``micro_batch`` numbers the micro-batches of one optimiser step across processes
-    (``rank * accumulation_steps + i``) so that random draws in ``Objective.prepare`` (token
-    masks) differ between micro-batches and are reproducible.
+    ``micro_batch`` numbers the micro-batches of one optimiser update across processes
+    (``rank * accumulation_steps + i``) and ``update`` the updates of one rollout batch (``step``),
+    so that random draws in ``Objective.prepare`` (token masks) differ between micro-batches and
+    updates and are reproducible.
     """
 
     seq_ids: Tensor
@@ -57,7 +60,8 @@ class PolicyBatch:
     extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # per-token [N] tensors an objective prepares
     global_teacher_tokens: float | None = None  # loss tokens of samples with a teacher, whole step
     global_teacher_seqs: float | None = None  # samples with a teacher, whole step
-    micro_batch: int = 0  # index of this micro-batch in the step (across processes), for random draws
+    micro_batch: int = 0  # index of this micro-batch in its update (across processes), for random draws
+    update: int = 0  # index of the optimiser update within the step (rollout batch), for random draws
     # True: ``advantages`` is per-token [N]; False: per-sequence [S]; None: inferred from its size
     # on the full micro-batch (and then kept, so a chunk of tokens is never mistaken for sequences).
     token_level_advantages: bool | None = None

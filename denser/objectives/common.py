@@ -96,7 +96,8 @@ def aggregate(
 
     ``m`` is ``mask`` (default ``batch.token_mask``); ``L_s`` the loss tokens of sequence ``s``
     (``batch.seq_lens``, from the full micro-batch); ``T`` and ``S`` the step's loss tokens and
-    sequences (``batch.global_tokens``/``global_seqs`` unless given).
+    sequences (``batch.global_tokens``/``global_seqs`` unless given; ``S`` counts every sequence
+    of the step, also those whose tokens are all masked).
 
     - ``token-mean``:              sum_i m_i v_i / T
     - ``seq-mean-token-mean``:     sum_i m_i v_i / L_{s(i)} / S      (GRPO paper, GSPO)
@@ -133,16 +134,17 @@ def normaliser_counts(batch: PolicyBatch) -> dict[str, float]:
 
     The loop sums the four counts over the gradient-accumulation micro-batches (and all-reduces
     them over processes) and sets ``global_tokens``, ``global_seqs``, ``global_teacher_tokens`` and
-    ``global_teacher_seqs`` on every micro-batch before any loss is computed. A sequence counts
-    when it has at least one loss token.
+    ``global_teacher_seqs`` on every micro-batch before any loss is computed. Tokens count where
+    ``token_mask`` is set; every sequence counts, including one whose tokens are all masked (e.g.
+    by ``mask_truncated_completions``) or that has no teacher: a per-sequence mean is over all the
+    step's sequences, as TRL computes it (and SDPO's code, whose micro-batches hold one sequence).
     """
     lens = batch.seq_lens
-    has_tokens = lens > 0
-    counts = {"global_tokens": float(lens.sum()), "global_seqs": float(has_tokens.sum())}
+    counts = {"global_tokens": float(lens.sum()), "global_seqs": float(batch.num_seqs)}
     if batch.teacher_mask is not None:
         teacher = batch.teacher_mask.to(torch.bool)
         counts["global_teacher_tokens"] = float(lens[teacher].sum())
-        counts["global_teacher_seqs"] = float((has_tokens & teacher).sum())
+        counts["global_teacher_seqs"] = float(teacher.sum())
     return counts
 
 
@@ -199,17 +201,19 @@ def sequence_mean(values: Tensor, batch: PolicyBatch) -> Tensor:
 def token_keep_mask(batch: PolicyBatch, keep_prob: float, seed: int, stream: str) -> Tensor:
     """``[N]`` bool, each token kept with probability ``keep_prob``; reproducible.
 
-    Drawn on the CPU from a generator seeded by ``(seed, batch.step, batch.micro_batch, stream)``,
-    so it does not depend on the device, differs between steps, micro-batches and streams, and is
-    the same every time the same batch is prepared. Call it from ``Objective.prepare`` (on the
-    full micro-batch, before chunking).
+    Drawn on the CPU from a generator seeded by ``(seed, batch.step, batch.update, batch.micro_batch,
+    stream)`` (step: the rollout batch; update: the optimiser update within it), so it does not
+    depend on the device, differs between steps, updates, micro-batches and streams, and is the
+    same every time the same batch is prepared. Update 0 draws what a run of one update per rollout
+    batch always drew. Call it from ``Objective.prepare`` (on the full micro-batch, before chunking).
     """
     n = batch.num_tokens
     if keep_prob >= 1.0:
         return torch.ones(n, dtype=torch.bool, device=batch.seq_ids.device)
     if keep_prob <= 0.0:
         return torch.zeros(n, dtype=torch.bool, device=batch.seq_ids.device)
-    key = f"{int(seed)}:{int(batch.step)}:{int(batch.micro_batch)}:{stream}".encode()
+    update = f":update{int(batch.update)}" if batch.update else ""
+    key = f"{int(seed)}:{int(batch.step)}:{int(batch.micro_batch)}:{stream}{update}".encode()
     generator = torch.Generator(device="cpu").manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
     draws = torch.rand(n, generator=generator)
     return (draws < keep_prob).to(batch.seq_ids.device)
@@ -237,6 +241,15 @@ def require(condition: bool, objective: str, message: str) -> None:
     """Raise ``ValueError("objective 'name': message")`` unless ``condition``."""
     if not condition:
         raise ValueError(f"objective {objective!r}: {message}")
+
+
+def with_old_logp(objective, updates_per_rollout: int):
+    """``objective`` (a dataclass with a ``use_old_logp`` field) as a run of ``updates_per_rollout``
+    optimiser updates per rollout batch needs it: a copy with ``use_old_logp=True`` when there are
+    several (the ratios and importance weights then compare with the pre-update policy), else itself."""
+    if updates_per_rollout <= 1 or objective.use_old_logp:
+        return objective
+    return dataclasses.replace(objective, use_old_logp=True)
 
 
 def same_field(cls, name: str, default):

@@ -34,7 +34,9 @@ def objective_section(name: str, doc: str, signals) -> str:
         doc,
         "",
         f"Signals with the defaults: {', '.join(f'`{s}`' for s in sorted(map(str, signals)))}. "
-        f"Separable: `{obj.separable}`.",
+        f"Separable: `{obj.separable}`."
+        + ("" if not obj.run_defaults() else " Run options it turns on (where the user sets none): "
+           + ", ".join(f"`{k}={v!r}`" for k, v in obj.run_defaults().items()) + "."),
         "",
         "| field | type | default | help |",
         "| --- | --- | --- | --- |",

@@ -10,19 +10,19 @@ The loss is the PPO-clip surrogate on group-relative advantages,
 with ``r_t = exp(logp_t - old_logp_t)`` (``ratio_level="token"``) or the GSPO sequence ratio
 ``r_t = s_i = exp(mean_{t' in i}(logp_t' - old_logp_t'))`` (``ratio_level="sequence"``).
 
-Behaviour log-probs: ``grpo`` declares ``Signal.OLD_LOGP`` only with ``use_old_logp=True``. Without
-it the run is taken to be fully on-policy with one optimiser update per rollout batch, and
-``old_logp = logp.detach()`` (as TRL does when ``num_iterations == 1``): the ratio is 1, clipping
-never binds and the gradient is ``-A grad logp``. Set ``use_old_logp=True`` whenever the loop makes
-several updates per rollout batch (mini-batches, PPO epochs) or the rollout engine's log-probs
-differ from the trainer's; a batch that carries ``old_logp`` anyway is always used.
+Behaviour log-probs: ``grpo`` declares ``Signal.OLD_LOGP`` when the run makes several optimiser
+updates per rollout batch (``for_run``: ``--mini-batches`` x ``--epochs`` > 1 turns ``use_old_logp``
+on; the loop then gives the pre-update policy's log-probs), or with ``use_old_logp=True``. Otherwise
+the run is fully on-policy with one update per rollout batch and ``old_logp = logp.detach()`` (as
+TRL does when ``num_iterations == 1``, verl when ``on_policy``): the ratio is 1, clipping never binds
+and the gradient is ``-A grad logp``. A batch that carries ``old_logp`` anyway is always used.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -44,7 +44,10 @@ from denser.objectives.common import (
     require,
     same_field,
     sequence_mean,
+    with_old_logp,
 )
+
+DAPO_OVERLONG_BUFFER = 5  # tokens: DAPO's 4096 of 20480 (a fifth) of the default --max-new-tokens 24
 
 
 def clipped_surrogate(
@@ -142,15 +145,17 @@ class GRPO(Objective):
     loss_agg_mode: AggMode = field(
         default="token-mean",
         metadata={
-            "help": "loss aggregation with step-global normalisers: token-mean (DAPO, verl and SDPO default), "
-            "seq-mean-token-mean (GRPO paper), seq-mean-token-sum, seq-mean-token-sum-norm (Dr. GRPO)"
+            "help": "loss aggregation with step-global normalisers: token-mean (verl's default, DAPO), "
+            "seq-mean-token-mean (GRPO paper; SDPO's GRPO baseline, micro-batches of one sequence), seq-mean-token-sum, "
+            "seq-mean-token-sum-norm (Dr. GRPO)"
         },
     )
     use_old_logp: bool = field(
         default=False,
         metadata={
-            "help": "declare behaviour log-probs (Signal.OLD_LOGP); needed when the loop makes several updates per "
-            "rollout batch. Off: fully on-policy, old_logp = logp.detach()"
+            "help": "declare behaviour log-probs (Signal.OLD_LOGP) even with one update per rollout batch (then the "
+            "engine's sampling log-probs, see --old-logp-source); the loop turns it on itself when a step makes "
+            "several updates (--mini-batches, --epochs). Off with one update: old_logp = logp.detach(), ratio 1"
         },
     )
 
@@ -172,6 +177,10 @@ class GRPO(Objective):
     @property
     def separable(self) -> Literal["token", "sequence"]:  # type: ignore[override]
         return "sequence" if self.ratio_level == "sequence" else "token"
+
+    def for_run(self, updates_per_rollout: int) -> GRPO:
+        """With several updates per rollout batch the ratios need the pre-update policy: use_old_logp on."""
+        return with_old_logp(self, updates_per_rollout)
 
     def signals(self) -> frozenset[Signal]:
         out = {Signal.REWARDS, Signal.ADVANTAGES}
@@ -235,7 +244,7 @@ class DrGRPO(GRPO):
 @register_objective("dapo")
 @dataclass
 class DAPO(GRPO):
-    """DAPO (Yu et al. 2025): clip-higher (0.2 / 0.28), token-level loss, no KL; dynamic sampling and overlong shaping belong to the loop and task."""
+    """DAPO (Yu et al. 2025): clip-higher (0.2 / 0.28), token-level loss, no KL; turns on the loop's dynamic sampling and overlong reward shaping."""
 
     clip_low: float = same_field(GRPO, "clip_low", 0.2)
     clip_high: float = same_field(GRPO, "clip_high", 0.28)
@@ -243,6 +252,12 @@ class DAPO(GRPO):
         GRPO, "loss_agg_mode", "token-mean"
     )
     kl_coef: float = same_field(GRPO, "kl_coef", 0.0)
+
+    def run_defaults(self) -> dict[str, Any]:
+        """DAPO's dynamic sampling (drop groups whose rewards are all equal, generate more) and its soft
+        overlong punishment (penalty factor 1.0; DAPO's buffer is a fifth of its 20480-token budget, here
+        DAPO_OVERLONG_BUFFER tokens, a fifth of the default budget of 24)."""
+        return {"dynamic_sampling": True, "overlong_buffer": DAPO_OVERLONG_BUFFER, "overlong_penalty": 1.0}
 
 
 @register_objective("gspo")

@@ -5,8 +5,9 @@
   ``lam * A_group + (1 - lam) * sg[logp_teacher(y_t) - logp_student(y_t)]``.
 
 Both compose the ``grpo`` and ``sdpo`` objectives: their fields are the union of the two
-families' fields (one flag where both have it: ``loss_agg_mode``, ``use_old_logp``), and their
-loss calls ``GRPO.loss`` / ``SDPO.loss`` on parts built from those fields. ``lam == 1`` returns
+families' fields (one flag where both have it: ``use_old_logp``, ``seed``; ``loss_agg_mode`` is the
+GRPO part's, and ``hybrid``'s SDPO part has its own, ``sdpo_loss_agg_mode``, defaulting to SDPO's
+per-sequence mean), and their loss calls ``GRPO.loss`` / ``SDPO.loss`` on parts built from those fields. ``lam == 1`` returns
 exactly the ``grpo`` loss (the SDPO part is not evaluated and no teacher is needed), ``lam == 0``
 exactly the ``sdpo`` loss (``hybrid``) or the pure dense-advantage surrogate (``hybrid_adv``).
 
@@ -32,9 +33,9 @@ from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, Signal, register_objective
 from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
-from denser.objectives.common import linear_or_cosine, require, token_keep_mask
+from denser.objectives.common import AggMode, linear_or_cosine, require, token_keep_mask
 from denser.objectives.grpo import GRPO
-from denser.objectives.sdpo import SDPO, TOKEN_WEIGHT
+from denser.objectives.sdpo import SDPO, SDPO_AGG_MODE, TOKEN_WEIGHT
 from denser.objectives.teacher import TeacherOptions, TeacherSpec
 
 DENSE_MASK = "hybrid_dense_mask"  # batch.extras key written by HybridAdv.prepare(): 1 = token gets the dense part
@@ -62,7 +63,7 @@ class DensitySchedule:
     density_end: float | None = field(
         default=None, metadata={"help": "density at the last step; none keeps density constant"}
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random token draws (combined with the step and micro-batch)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random token draws (combined with the step, update and micro-batch)"})
 
     def lam_at(self, batch: PolicyBatch) -> float:
         return linear_or_cosine(self.lam, self.lam_end, batch.step, batch.total_steps, self.lam_schedule)
@@ -84,10 +85,11 @@ class DensitySchedule:
         require(self.lam_schedule in ("linear", "cosine"), name, f"lam_schedule={self.lam_schedule!r} must be 'linear' or 'cosine'")
 
 
-def _part(obj: Any, cls: type[Objective]) -> Objective:
-    """An instance of ``cls`` (e.g. GRPO) with the values of ``obj``'s fields of the same names."""
+def _part(obj: Any, cls: type[Objective], **overrides: Any) -> Objective:
+    """An instance of ``cls`` (e.g. GRPO) with the values of ``obj``'s fields of the same names
+    (and ``overrides``)."""
     try:
-        return cls(**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init})
+        return cls(**{**{f.name: getattr(obj, f.name) for f in dataclasses.fields(cls) if f.init}, **overrides})
     except ValueError as e:  # name the objective the user asked for, not the part
         raise ValueError(str(e).replace(f"objective {cls.name!r}", f"objective {type(obj).name!r}", 1)) from None
 
@@ -102,6 +104,13 @@ def _lam_metric(lam: float, batch: PolicyBatch) -> Metric:
 class Hybrid(DensitySchedule, GRPO, SDPO):
     """Loss blend lam * grpo + (1 - lam) * sdpo, with a lam and density schedule."""
 
+    sdpo_loss_agg_mode: AggMode = field(
+        default=SDPO_AGG_MODE,
+        metadata={"help": "aggregation of the sdpo part (sdpo's loss_agg_mode; loss_agg_mode is the grpo part's): "
+                          "seq-mean-token-mean = SDPO's per-sequence token mean over all sequences, token-mean = "
+                          "over the distilled tokens"},
+    )
+
     def __post_init__(self) -> None:
         self.grpo_part(), self.sdpo_part()  # validate both families' fields
         self.check_schedule(self.name or "hybrid")
@@ -110,7 +119,7 @@ class Hybrid(DensitySchedule, GRPO, SDPO):
         return _part(self, GRPO)
 
     def sdpo_part(self) -> SDPO:
-        return _part(self, SDPO)
+        return _part(self, SDPO, loss_agg_mode=self.sdpo_loss_agg_mode)
 
     def signals(self) -> frozenset[Signal]:
         low, high = self.lam_range()

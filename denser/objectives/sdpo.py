@@ -1,15 +1,22 @@
 """SDPO: self-distillation policy optimisation (Huebotter et al. 2026; the SDPO and SDPO-CL code).
 
-The teacher is the policy itself (live, EMA or frozen weights) conditioned on a successful
-sibling's answer and/or the environment's feedback; it scores the student's own completion, and
-the student is pulled towards it token by token:
+The teacher is the policy itself (live, EMA, frozen or trust-region weights) conditioned on a
+successful sibling's answer and/or the environment's feedback; it scores the student's own
+completion, and the student is pulled towards it token by token:
 
     per token t of a sample with a teacher context:
         full / topk:    l_t = D_alpha(p_teacher,t || p_student,t)        (``stats.divergence``)
         sampled_token:  l_t = sg[logp_s(y_t) - logp_t(y_t)] * logp_s(y_t)
         weighted by     w_t = sg[min(exp(logp_t - old_logp_t), is_clip)]   (IS correction)
-    loss = aggregate(w * l, loss_agg_mode) over the distilled tokens, normalised by the step's
-           tokens (or sequences) *of samples with a teacher* (``batch.global_teacher_tokens``).
+    loss = aggregate(w * l, loss_agg_mode) over the distilled tokens:
+        seq-mean-token-mean (default): sum over distilled sequences of their token mean, divided by
+                                       the number of *all* sequences of the step (``batch.global_seqs``:
+                                       samples without a teacher and fully masked ones count), as the
+                                       SDPO code (token-mean over micro-batches of one sequence) and
+                                       TRL's SDPOTrainer compute it;
+        token-mean:                    sum over distilled tokens / the step's distilled tokens
+                                       (``batch.global_teacher_tokens``; denser's earlier default);
+        seq-mean-token-sum(-norm):     as ``aggregate``, over all sequences of the step.
 
 ``sampled_token`` is the reverse KL estimated on the sampled token only, written as the SDPO code
 writes it: a REINFORCE surrogate whose gradient ``(logp_s(y) - logp_t(y)) grad logp_s(y)`` is the
@@ -29,8 +36,9 @@ the unmasked one (SDPO-CL averages over the kept tokens, which is the same in ex
 
 Defaults follow the SDPO repository's ``actor.yaml`` (``self_distillation``): alpha 0.5, top-100
 with a tail bucket, IS clip 2; the teacher fields (:class:`~denser.objectives.teacher.TeacherOptions`:
-EMA teacher at rate 0.05, success threshold 0.5, no reprompting on self-success, thinking removed
-from demonstrations, feedback included) become the ``TeacherSpec`` of ``teacher()``.
+EMA teacher at rate 0.05, success threshold 0.5, the sample's own success never its demonstration,
+thinking removed from demonstrations, feedback included, SDPO's templates) become the
+``TeacherSpec`` of ``teacher_spec()``.
 """
 
 from __future__ import annotations
@@ -45,9 +53,19 @@ from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
 from denser.objectives.base import Objective, Signal, register_objective
 from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
-from denser.objectives.common import AGG_MODES, AggMode, aggregate, behaviour_log_ratio, require, token_keep_mask
+from denser.objectives.common import (
+    AGG_MODES,
+    AggMode,
+    aggregate,
+    behaviour_log_ratio,
+    require,
+    token_keep_mask,
+    with_old_logp,
+)
 from denser.objectives.teacher import TeacherOptions, TeacherSpec
 
+# SDPO's aggregation: each distilled sequence's token mean, summed, / all sequences of the step
+SDPO_AGG_MODE: AggMode = "seq-mean-token-mean"
 TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 = dropped, else 1/keep_prob
 
 
@@ -79,16 +97,21 @@ class SDPO(Objective, TeacherOptions):
         default=0.0,
         metadata={"help": "fraction of distilled tokens dropped at random each step (SDPO-CL); kept ones are weighted 1/(1-mask_ratio)"},
     )
-    seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step and micro-batch)"})
+    seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step, update and micro-batch)"})
     loss_agg_mode: AggMode = field(
-        default="token-mean",
-        metadata={"help": "aggregation over the distilled tokens: token-mean (SDPO), seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm"},
+        default=SDPO_AGG_MODE,
+        metadata={
+            "help": "seq-mean-token-mean: each distilled sequence's token mean, summed, / all sequences of the step "
+            "(SDPO's code and TRL's SDPOTrainer); token-mean: / the step's distilled tokens (denser's earlier "
+            "default); seq-mean-token-sum, seq-mean-token-sum-norm: / all sequences"
+        },
     )
     use_old_logp: bool = field(
         default=False,
         metadata={
-            "help": "declare behaviour log-probs (Signal.OLD_LOGP) for the IS weight; off: fully on-policy, "
-            "old_logp = logp.detach() and the weight is 1"
+            "help": "declare behaviour log-probs (Signal.OLD_LOGP) for the IS weight even with one update per rollout "
+            "batch (then the engine's sampling log-probs, see --old-logp-source); the loop turns it on itself when "
+            "a step makes several updates. Off with one update: old_logp = logp.detach() and the weight is 1"
         },
     )
 
@@ -106,6 +129,10 @@ class SDPO(Objective, TeacherOptions):
         require(0.0 <= self.mask_ratio < 1.0, name, f"mask_ratio={self.mask_ratio} must be in [0, 1)")
         require(self.loss_agg_mode in AGG_MODES, name, f"loss_agg_mode={self.loss_agg_mode!r} must be one of {AGG_MODES}")
         self.check_teacher_options(name)
+
+    def for_run(self, updates_per_rollout: int) -> SDPO:
+        """With several updates per rollout batch the IS weight needs the pre-update policy: use_old_logp on."""
+        return with_old_logp(self, updates_per_rollout)
 
     def signals(self) -> frozenset[Signal]:
         out = {Signal.REWARDS, Signal.TEACHER}
@@ -188,7 +215,7 @@ class SDPO(Objective, TeacherOptions):
         if weight is not None:
             per_token = per_token * weight.to(per_token.dtype)
 
+        # token-mean: over the step's distilled tokens; sequence modes: over all of the step's sequences
         tokens = batch.global_teacher_tokens if batch.global_teacher_tokens is not None else batch.global_tokens
-        seqs = batch.global_teacher_seqs if batch.global_teacher_seqs is not None else batch.global_seqs
-        loss = aggregate(per_token, batch, self.loss_agg_mode, mask=distilled, global_tokens=tokens, global_seqs=seqs)
+        loss = aggregate(per_token, batch, self.loss_agg_mode, mask=distilled, global_tokens=tokens)
         return LossOutput(loss, metrics)

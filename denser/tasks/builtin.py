@@ -15,7 +15,21 @@ name               skill                      example question
 ``count_letter``   string manipulation        How many times does 'r' appear in 'cherry'?
 ``format``         instruction following      Write 'apple' in capital letters.
 ``logic``          ordering puzzle            Ann is taller than Bob. Bob is taller than Cid. Who is the shortest?
+``larger``         number sense               Which number is larger: 37 or 52?
+``smaller``        number sense               Which number is smaller: 37 or 52?
+``multiply``       arithmetic (times table)   What is 7 * 13?
+``units``          unit conversion            How many minutes are in 3 hours?
+``subtract``       arithmetic (easy)          What is 17 - 9?
 =================  =========================  ======================================================
+
+The last five are the continual-learning tasks: chosen by measuring the embedded
+SmolLM2-135M-Instruct with the default 24-token budget so that each starts between about 20% and
+80% accuracy, greedy and sampled (48 eval prompts; the numbers are in each class's docstring). A
+135M model copies the worked example's shape closely: an example whose answer has fewer digits
+than the task's answers ("Which is larger, 5 or 3? ... Answer: 5") makes it truncate two-digit
+answers to one digit (``compare`` starts at 0.31 greedy for that reason), and an example reply
+that does not fit the token budget makes it run out before the ``Answer:`` line. So these tasks'
+examples have answers shaped like the task's and replies of at most a dozen tokens.
 """
 
 from __future__ import annotations
@@ -264,3 +278,120 @@ class Logic(Task):
         if row["ask"] == "tallest":
             return Score(0.0, f"{name} is not the tallest: {people[i - 1]} is taller than {name}.", got_text)
         return Score(0.0, f"{name} is not the shortest: {name} is taller than {people[i + 1]}.", got_text)
+
+
+# ------------------------------------------------------------------------------------------------
+# continual-learning tasks: each starts between about 20% and 80% on the embedded model
+
+
+class _PickNumber(Task):
+    """Pick one of two distinct numbers from 10 to 99 (``larger`` / ``smaller``)."""
+
+    word: str = "larger"
+    #: the worked example's pair, kept out of the problem space
+    example_pair: tuple[int, int] = (47, 74)
+    default_num_eval = 48
+    suggested_max_new_tokens = 24
+
+    def make_problem(self, rng: random.Random) -> dict[str, Any]:
+        while True:
+            a, b = rng.sample(range(10, 100), 2)
+            if {a, b} != set(self.example_pair):
+                break
+        pick, other = (max(a, b), min(a, b)) if self.word == "larger" else (min(a, b), max(a, b))
+        return {"question": f"Which number is {self.word}: {a} or {b}? {_instr('number')}", "answer": str(pick),
+                "other": str(other)}
+
+    def check(self, completion: str, row: dict[str, Any]) -> Score:
+        got_text = extract_answer(completion)
+        if got_text is None:
+            return Score(0.0, self.no_answer_feedback("number"), None)
+        got = parse_number(got_text)
+        if got is not None and numbers_equal(got, float(row["answer"])):
+            return Score(1.0, None, got_text)
+        if got is not None and numbers_equal(got, float(row["other"])):
+            wrong_end = "smaller" if self.word == "larger" else "larger"
+            return Score(0.0, f"{_fmt(got)} is the {wrong_end} of the two numbers.", got_text)
+        return Score(0.0, f"Your answer '{got_text[:40]}' is not one of the two numbers.", got_text)
+
+
+@register_task("larger", "which of two numbers (10-99) is larger, two-digit worked example")
+class Larger(_PickNumber):
+    """``compare`` with a prompt the embedded model follows: its one-digit example ("5 or 3 ...
+    Answer: 5") made the model answer one digit (0.31 greedy, most failures a truncated number);
+    a two-digit example pair outside the problem space and a bare ``Answer:`` reply start it at
+    0.56 greedy and 0.50 sampled (mean@4, temperature 0.6, top-p 0.95) on the 48 eval prompts (a
+    reply "74 is larger than 47." before the answer: 0.38). The start is a position habit, not a
+    comparison: greedy, the model names the second number 39 times in 48 (the example's answer is
+    the second), so training has to teach the comparison itself."""
+
+    description = "which of two numbers (10-99) is larger, two-digit worked example"
+    word = "larger"
+    examples = ((f"Which number is larger: 47 or 74? {_instr('number')}", "Answer: 74"),)
+
+
+@register_task("smaller", "which of two numbers (10-99) is smaller")
+class Smaller(_PickNumber):
+    """The mirror of ``larger``: pairs from 10 to 99, the other choice; 0.52 greedy, 0.47 sampled
+    (it names the first number 33 times in 48, the example's position). Trained after ``larger``
+    it competes with it directly."""
+
+    description = "which of two numbers (10-99) is smaller"
+    word = "smaller"
+    examples = ((f"Which number is smaller: 47 or 74? {_instr('number')}", "Answer: 47"),)
+
+
+@register_task("multiply", "multiplication of two numbers from 3 to 19")
+class Multiply(ArithmeticTask):
+    """Times tables beyond 10: operands 3-19 (289 problems) start at 0.48 greedy and 0.42 sampled on
+    the 48 eval prompts; operands 2-12 started at 0.79 (too easy), 2-15 at 0.67."""
+
+    description = "multiplication of two numbers from 3 to 19"
+    examples = ((f"What is 21 * 3? {_instr('number')}", "21 * 3 = 63\nAnswer: 63"),)  # outside 3-19
+    ops = ("*",)
+    low, high = 3, 19
+    default_num_eval = 48
+    suggested_max_new_tokens = 24
+
+
+@register_task("subtract", "subtraction of two numbers from 1 to 19 (non-negative result)")
+class Subtract(ArithmeticTask):
+    """Addition's sibling: the embedded model writes ``12 - 1 = 12`` or leaves out the
+    ``Answer:`` line (a third of the sampled replies); 0.33 greedy and 0.23 sampled on the 48 eval
+    prompts (with a bare ``Answer: 20`` example reply: 0.12 greedy)."""
+
+    description = "subtraction of two numbers from 1 to 19 (non-negative result)"
+    examples = ((f"What is 25 - 5? {_instr('number')}", "25 - 5 = 20\nAnswer: 20"),)  # outside 1-19
+    ops = ("-",)
+    low, high = 1, 19
+    default_num_eval = 48
+    suggested_max_new_tokens = 24
+
+
+#: (larger unit, smaller unit, how many smaller units make one larger unit)
+UNIT_CONVERSIONS = (
+    ("hours", "minutes", 60), ("minutes", "seconds", 60), ("weeks", "days", 7), ("days", "hours", 24),
+    ("meters", "centimeters", 100), ("kilograms", "grams", 1000), ("dozens", "eggs", 12), ("years", "months", 12),
+)
+
+
+@register_task("units", "unit conversion: how many minutes are in 3 hours")
+class Units(Task):
+    """Knowing a conversion factor and multiplying by it: 2-20 of eight everyday units (152
+    problems). With the worked reply "3 * 100 = 300" it starts at 0.42 greedy and 0.35 sampled on
+    the 48 eval prompts; with a reply in words ("3 dollars is 3 * 100 = 300 pennies.") it ran out of
+    24 tokens before the answer (0.21)."""
+
+    description = "unit conversion: how many minutes are in 3 hours"
+    examples = ((f"How many pennies are in 3 dollars? {_instr('number')}", "3 * 100 = 300\nAnswer: 300"),)
+    default_num_eval = 48
+    suggested_max_new_tokens = 24
+
+    def make_problem(self, rng: random.Random) -> dict[str, Any]:
+        big, small, factor = rng.choice(UNIT_CONVERSIONS)
+        n = rng.randint(2, 20)
+        return {"question": f"How many {small} are in {n} {big}? {_instr('number')}", "answer": str(n * factor),
+                "unit": small}
+
+    def check(self, completion: str, row: dict[str, Any]) -> Score:
+        return _check_number(completion, float(row["answer"]), unit=f"number of {row['unit']}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Callable
 from urllib.parse import parse_qsl
 
+from denser.plugins import TASKS_GROUP, PluginError, load_entry_points
 from denser.tasks.base import Task
 from denser.tasks.file_task import FileTask, HFTask
 
@@ -29,8 +30,10 @@ def register_task(name: str, description: str | None = None):
     """Decorator: register a ``Task`` subclass (or a factory returning a task) under ``name``."""
 
     def deco(factory: TaskFactory) -> TaskFactory:
-        if name in _TASKS:
-            raise ValueError(f"task {name!r} is already registered")
+        existing = _TASKS.get(name)
+        if existing is not None and _qualified(existing) != _qualified(factory):  # the same one again is harmless
+            raise ValueError(f"a task named {name!r} is already registered ({_qualified(existing)}); "
+                             f"{_qualified(factory)} must pick another name")
         if isinstance(factory, type) and issubclass(factory, Task):
             factory.name = name
         _TASKS[name] = factory
@@ -46,8 +49,14 @@ def unregister_task(name: str) -> None:
     _DESCRIPTIONS.pop(name, None)
 
 
+def _qualified(factory) -> str:
+    return f"{getattr(factory, '__module__', '?')}.{getattr(factory, '__qualname__', repr(factory))}"
+
+
 def list_tasks() -> list[str]:
-    """Registered task names (``file:PATH`` and ``hf:NAME`` tasks are not listed: any works)."""
+    """Registered task names, installed plugins included (``file:PATH`` and ``hf:NAME`` tasks are not
+    listed: any works)."""
+    _load_plugins()
     return sorted(_TASKS)
 
 
@@ -75,16 +84,30 @@ def get_task(name: str, **options: Any) -> Task:
         factory, args = FileTask, (base[len(FILE_PREFIX):],)
     elif base.startswith(HF_PREFIX):
         factory, args = HFTask, (base[len(HF_PREFIX):],)
-    elif base in _TASKS:
-        factory = _TASKS[base]
     else:
-        known = ", ".join(list_tasks())
-        raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file, "
-                         "hf:NAME[:CONFIG] for a dataset")
+        if base not in _TASKS:
+            _load_plugins()
+        if base not in _TASKS:
+            known = ", ".join(list_tasks())
+            raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file, "
+                             "hf:NAME[:CONFIG] for a dataset")
+        factory = _TASKS[base]
     try:
         return factory(*args, **options)
     except TypeError as exc:
         raise TypeError(f"task {base!r}: bad options {sorted(options)}: {exc}") from exc
+
+
+def _load_plugins() -> None:
+    """Register the tasks of installed packages (entry-point group ``denser.tasks``, see
+    :mod:`denser.plugins`): a module entry registers on import; a ``Task`` subclass (or a factory
+    function) entry is registered under the entry's name."""
+    for entry, obj in load_entry_points(TASKS_GROUP):
+        if callable(obj) and obj not in _TASKS.values() and (not isinstance(obj, type) or issubclass(obj, Task)):
+            try:
+                register_task(entry)(obj)
+            except ValueError as e:
+                raise PluginError(f"plugin {entry!r} ({TASKS_GROUP} entry point {_qualified(obj)}): {e}") from None
 
 
 def _split_options(name: str) -> tuple[str, dict[str, Any]]:

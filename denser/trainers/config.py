@@ -6,14 +6,19 @@ dataclass and become flags of their own (``denser train --objective sdpo --help`
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 from denser.kernels.options import BACKENDS
 from denser.objectives import DEFAULT_OBJECTIVE
 from denser.objectives.fields import type_problems
 from denser.trainers.rollout import DEFAULT_ENGINE, list_rollout_engines
+from denser.trainers.tracking import TRACKERS, report_to_problems
+
+#: the most eval rows ``eval_size: 0`` (the default) takes: every built-in task's eval split up to this
+EVAL_SIZE_CAP = 64
 
 
 def _f(default, help: str, **kw):
@@ -25,13 +30,27 @@ class TrainConfig:
     objective: str = _f(DEFAULT_OBJECTIVE, "registered objective to optimise (see `denser objectives`)")
     model: str = _f("default", "'default' (embedded SmolLM2-135M-Instruct), 'tiny' (random-init, for tests) or a local HF model directory")
     task: str = _f("", "built-in task name (see `denser tasks`), file:PATH (jsonl/json/csv/parquet/arrow or a dataset directory) or hf:NAME[:CONFIG], with options after '?' (docs/tasks.md); empty = the default task")
-    steps: int = _f(12, "optimiser steps (one rollout batch each)")
+    steps: int = _f(12, "training steps: rollout batches (each makes --mini-batches x --epochs optimiser updates)")
     num_generations: int = _f(4, "completions per prompt (the group size)")
     prompts_per_step: int = _f(4, "prompts per step on each process")
-    max_new_tokens: int = _f(24, "generation budget per completion")
+    max_new_tokens: int = _f(0, "generation budget per completion (0 = the task's suggested_max_new_tokens, "
+                             "32 for the default task)")
     temperature: float = _f(1.0, "sampling temperature; the loss core uses the same temperature for log-probs")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
-    micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over the step)")
+    micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
+    mini_batches: int = _f(1, "optimiser updates per pass over a rollout batch: the batch is cut into this many "
+                           "mini-batches (verl: train_batch_size / ppo_mini_batch_size; TRL: steps_per_generation)")
+    epochs: int = _f(1, "passes over each rollout batch (verl: ppo_epochs; TRL: num_iterations); a step makes "
+                     "mini_batches x epochs optimiser updates, and with more than one the objective's ratios and "
+                     "importance weights use old_logp (see --old-logp-source)")
+    shuffle_mini_batches: bool = _f(True, "with --mini-batches > 1: cut each epoch's mini-batches from a fresh permutation "
+                                    "of the rollout batch, seeded by (seed, step, epoch) (PPO's minibatch SGD; TRL "
+                                    "shuffles once per rollout); off: in rollout order, each mini-batch whole groups "
+                                    "(verl's FSDP actor, as the SDPO code runs it)")
+    old_logp_source: Literal["auto", "forward", "engine"] = _f(
+        "auto", "old_logp, where the objective uses them: 'forward' = the policy before the step's first update "
+        "(a no-grad forward, as verl's compute_log_prob and TRL), 'engine' = the rollout engine's sampling "
+        "log-probs, 'auto' = forward when a step makes several updates, engine when it makes one")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
     warmup_steps: int = _f(0, "linear warmup steps")
@@ -42,34 +61,85 @@ class TrainConfig:
     output_dir: str = _f("", "run directory (config.yaml, metrics.jsonl, checkpoints); empty = runs/<objective>-<task>")
     resume: bool = _f(False, "continue the run in --output-dir from its newest complete checkpoint")
     overwrite: bool = _f(False, "replace an existing run in --output-dir")
-    eval_every: int = _f(0, "greedy eval accuracy every N steps (0 = only before and after training)")
-    eval_size: int = _f(32, "eval-split prompts used by each eval")
+    eval_every: int = _f(0, "eval accuracy every N steps (0 = only before and after training)")
+    eval_size: int = _f(0, f"eval-split prompts used by each eval: its first N rows (0 = the whole split, at most "
+                        f"{EVAL_SIZE_CAP} rows: 50 for the default task)")
+    eval_samples: int = _f(0, "also sample N completions per eval prompt and report mean@N accuracy (0 = greedy only)")
+    eval_temperature: float = _f(0.6, "sampling temperature of the --eval-samples completions (SDPO's eval: 0.6)")
+    eval_top_p: float = _f(0.95, "nucleus mass of the --eval-samples completions (SDPO's eval: 0.95)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
     keep_last: int = _f(2, "checkpoints to keep")
     engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.trainers.register_rollout_engine): "
                      + " | ".join(list_rollout_engines()))
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")
-    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype")
-    teacher_max_context_tokens: int = _f(768, "teacher contexts longer than this are truncated on the left")
+    dtype: Literal["float32", "bfloat16"] = _f("float32", "parameter dtype (bfloat16 trains pure bf16; for fp32 master "
+                                                "weights with bf16 compute use --mixed-precision bf16)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = _f("no", "accelerate's mixed precision: autocast compute, fp32 "
+                                                        "master weights and optimiser state")
+    gradient_checkpointing: bool = _f(False, "recompute the policy's activations in backward (transformers' "
+                                      "gradient checkpointing): activation memory of one layer instead of all")
+    log_teacher_entropy: bool = _f(False, "log teacher_entropy and student_entropy: the mean entropy (nats, at "
+                                   "--temperature) of the teacher's and the student's next-token distributions on the "
+                                   "tokens of samples with a teacher context (two extra no-grad lm_head passes per "
+                                   "micro-batch; no effect without a teacher)")
+    teacher_max_context_tokens: int = _f(10240, "teacher contexts (the reprompted prompt) longer than this are cut on "
+                                         "the right, as SDPO's max_reprompt_len with reprompt_truncation=right")
+    mask_truncated_completions: bool = _f(False, "completions that hit --max-new-tokens without a stop token get no "
+                                          "loss (TRL's option); they still count in per-sequence normalisers")
     max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
+    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero "
+                                "advantage) and generate more prompts until the step has --prompts-per-step groups with "
+                                "varied rewards, or --max-generation-rounds is reached (the rest is then filled with "
+                                "dropped groups)")
+    max_generation_rounds: int = _f(4, "dynamic sampling: at most this many generation rounds per step (the first included)")
+    overlong_buffer: int = _f(0, "DAPO's overlong reward shaping: a penalty growing linearly from 0 to "
+                              "-overlong_penalty over the last this many tokens of --max-new-tokens (0 = off; a "
+                              "buffer longer than the budget covers all of it)")
+    overlong_penalty: float = _f(1.0, "the overlong penalty at the full length budget (DAPO: 1.0)")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     fsdp: bool = _f(False, "shard the policy, reference and teacher across processes with FSDP2 (launch with torchrun; "
                     "an accelerate config with distributed_type FSDP turns it on too); without it, processes run DDP")
     progress: bool = _f(True, "show a progress bar")
+    report_to: str = _f("none", "experiment trackers, comma-separated: none | " + " | ".join(TRACKERS) + " (through "
+                        "accelerate; metrics.jsonl is always written; TensorBoard logs go to <run>/tensorboard)")
+    tracker_project: str = _f("denser", "project name for --report-to (W&B and trackio project, MLflow experiment, "
+                              "TensorBoard folder); the tracker run is named after the run directory")
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimiser updates per rollout batch: ``mini_batches * epochs``."""
+        return self.mini_batches * self.epochs
+
+    @classmethod
+    def for_objective(cls, objective: Any, /, **values: Any) -> "TrainConfig":
+        """A config for ``objective``: ``values`` first, then the objective's ``run_defaults()`` (e.g. the
+        ``dapo`` preset turns on dynamic sampling and overlong shaping) for the fields ``values`` leaves out,
+        then the defaults. ``denser train`` builds its config this way (flags and --config values are
+        ``values``); ``TrainConfig(...)`` itself applies no objective's run defaults."""
+        defaults = objective.run_defaults()
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(defaults) - names)
+        if unknown:
+            raise ValueError(f"objective {objective.name!r}: run_defaults() names {', '.join(unknown)}, which "
+                             f"{'is not a run option' if len(unknown) == 1 else 'are not run options'} (TrainConfig fields)")
+        return cls(**{**defaults, **values, "objective": objective.name})
 
     def __post_init__(self) -> None:
         problems = type_problems(self, _flag)
         if problems:  # wrong types first: the range checks below would fail on them in confusing ways
             raise ValueError("; ".join(problems))
-        for name in ("steps", "num_generations", "prompts_per_step", "max_new_tokens", "micro_batch_size", "eval_size",
-                     "keep_last", "max_consecutive_skips", "teacher_max_context_tokens"):
+        for name in ("steps", "num_generations", "prompts_per_step", "micro_batch_size", "keep_last",
+                     "max_consecutive_skips", "teacher_max_context_tokens", "mini_batches", "epochs",
+                     "max_generation_rounds"):
             if getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "save_every", "warmup_steps", "chunk_size"):
+        for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
+                     "chunk_size", "overlong_buffer"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr", "temperature", "top_p", "weight_decay", "adam_beta2", "max_grad_norm"):
+        for name in ("lr", "temperature", "top_p", "eval_temperature", "eval_top_p", "weight_decay", "adam_beta2",
+                     "max_grad_norm", "overlong_penalty"):
             if not math.isfinite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -78,6 +148,10 @@ class TrainConfig:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if not self.eval_temperature > 0:
+            problems.append(f"--eval-temperature must be > 0, got {self.eval_temperature}")
+        if not 0 < self.eval_top_p <= 1:
+            problems.append(f"--eval-top-p must be in (0, 1], got {self.eval_top_p}")
         if not self.weight_decay >= 0:
             problems.append(f"--weight-decay must be >= 0, got {self.weight_decay}")
         if not 0 <= self.adam_beta2 < 1:
@@ -88,10 +162,39 @@ class TrainConfig:
             problems.append(f"--engine must be one of {', '.join(list_rollout_engines())}, got {self.engine!r}")
         if self.backend not in BACKENDS:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not self.overlong_penalty >= 0:
+            problems.append(f"--overlong-penalty must be >= 0 (a penalty, subtracted), got {self.overlong_penalty}")
+        if self.old_logp_source not in ("auto", "forward", "engine"):
+            problems.append(f"--old-logp-source must be auto, forward or engine, got {self.old_logp_source!r}")
+        samples = self.prompts_per_step * self.num_generations
+        if not problems and self.mini_batches > samples:
+            problems.append(f"--mini-batches {self.mini_batches} is more than the {samples} completions of a rollout "
+                            f"batch on each process (--prompts-per-step {self.prompts_per_step} x --num-generations "
+                            f"{self.num_generations}); every mini-batch needs at least one")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite contradict each other; pick one")
+        problems += report_to_problems(self.report_to)
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def resolve_run_settings(cfg: TrainConfig, task) -> TrainConfig:
+    """``cfg`` with the settings that default to the task made concrete (a copy; ``cfg`` is unchanged):
+    ``max_new_tokens`` 0 -> ``task.suggested_max_new_tokens``; ``eval_size`` 0 -> the whole eval split,
+    at most :data:`EVAL_SIZE_CAP` rows (at least 1, so that a task without an eval split still passes)."""
+    changes = {}
+    if cfg.max_new_tokens == 0:
+        changes["max_new_tokens"] = int(task.suggested_max_new_tokens)
+    if cfg.eval_size == 0:
+        changes["eval_size"] = resolve_eval_size(0, len(task.eval))
+    return dataclasses.replace(cfg, **changes) if changes else cfg
+
+
+def resolve_eval_size(eval_size: int, eval_rows: int) -> int:
+    """The eval rows ``eval_size`` means for a split of ``eval_rows`` rows (0: all, at most :data:`EVAL_SIZE_CAP`)."""
+    if eval_size == 0:
+        return max(1, min(eval_rows, EVAL_SIZE_CAP))
+    return eval_size
 
 
 def _flag(name: str) -> str:

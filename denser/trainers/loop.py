@@ -3,12 +3,15 @@
 One step is one rollout batch (DESIGN.md, Contract 3)::
 
     rollout   prompts of the step -> rollout engine -> completions + behaviour log-probs
-    score     task.score -> rewards (+ feedback)
-    signals   what the objective declared, and only those (trainers/signals.py): advantages,
-              teacher contexts, packed micro-batches with global normalisers
-    update    per micro-batch: reference / teacher forwards (no grad), then the policy forward to
-              final hidden states [N, H] -> kernels.fused_loss(...) -> backward;
-              then clip, optimiser step, LR schedule, teacher EMA, engine weights
+    score     task.score -> rewards (+ feedback, + overlong shaping); with dynamic sampling, rounds of
+              rollout + score until enough groups have varied rewards (trainers/sampling.py)
+    signals   what the objective declared, and only those (trainers/signals.py): old_logp (a no-grad
+              forward of the pre-update policy when a step makes several updates), advantages,
+              teacher contexts
+    updates   epochs x mini-batches optimiser updates; each: per micro-batch, reference / teacher
+              forwards (no grad), then the policy forward to final hidden states [N, H] ->
+              kernels.fused_loss(...) -> backward (normalisers: the update's mini-batch); clip, step
+    finish    once per rollout batch: LR schedule, teacher EMA, engine weights
     metrics   one row of metrics.jsonl, summed over processes
 
 The run directory (config.yaml, metrics.jsonl, resume) is :class:`~denser.trainers.run_dir.RunDir`;
@@ -33,27 +36,30 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.kernels import Metric, fused_loss, merge_metrics
+from denser.kernels import Metric, fused_loss, merge_metrics, token_stats
 from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
+from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
-from denser.trainers.config import TrainConfig
+from denser.trainers.config import TrainConfig, resolve_run_settings
+from denser.trainers.estimators import mean_stderr
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
+from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
 from denser.trainers.sharding import ModelCall, Sharding, fsdp_requested
 from denser.trainers.signals import (
     MicroBatch,
-    Scores,
     SignalComputer,
     TeacherInputs,
     check_signals,
     check_teacher_vocabulary,
 )
-from denser.trainers.teacher import TeacherWeights
+from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+from denser.trainers.tracking import Tracker
 
 
 class TrainingStopped(RuntimeError):
@@ -61,10 +67,17 @@ class TrainingStopped(RuntimeError):
 
 
 class PolicyLoss(ModelCall):
-    """The policy, whose forward runs a function of it: ``loss_module(policy_loss, ...)`` is the
-    policy and its loss in one forward, so that wrappers (DDP, FSDP) see the lm_head weight whole
-    where the loss core runs, and gradient sync hooks fire as usual. Under FSDP, generation and a
-    live teacher's forward run through it too (:mod:`denser.trainers.sharding`)."""
+    """The policy and its loss in one forward, ``loss_module(packed, objective, batch, teacher,
+    temperature, backend, chunk_size) -> (loss, metrics)`` (:func:`policy_loss`), so that wrappers
+    (DDP, FSDP) see the lm_head weight whole where the loss core runs, and gradient sync hooks fire
+    as usual. ``loss_module(fn)`` runs ``fn(policy)`` in the forward instead (:class:`ModelCall`):
+    under FSDP, generation and the policy's no-grad forwards (a live teacher, pre-update
+    log-probs) run so (:mod:`denser.trainers.sharding`)."""
+
+    def forward(self, *args: Any, **kwargs: Any):
+        if args and callable(args[0]):
+            return super().forward(*args, **kwargs)
+        return policy_loss(self.model, *args, **kwargs)
 
 
 def policy_loss(model: nn.Module, packed: PackedBatch, objective: Objective, batch: PolicyBatch,
@@ -77,7 +90,25 @@ def policy_loss(model: nn.Module, packed: PackedBatch, objective: Objective, bat
                      teacher_weight=teacher.weight if teacher else None,
                      teacher_bias=teacher.bias if teacher else None,
                      temperature=temperature, backend=backend, chunk_size=chunk_size)
+    if teacher is not None and teacher.entropy is not None:
+        return out.loss, {**out.metrics, **_entropy_metrics(hidden, weight, bias, packed, batch, teacher.entropy,
+                                                            temperature, backend, chunk_size)}
     return out.loss, out.metrics
+
+
+@torch.no_grad()
+def _entropy_metrics(hidden, weight, bias, packed: PackedBatch, batch: PolicyBatch, teacher_entropy: torch.Tensor,
+                     temperature: float, backend: str, chunk_size: int | None) -> dict[str, Metric]:
+    """``teacher_entropy`` and ``student_entropy`` (--log-teacher-entropy): mean entropies over the tokens
+    of samples with a teacher context, the student's from the update's own hidden states (a chunked
+    no-grad pass of the output layer)."""
+    student = token_stats(hidden.detach(), weight.detach(), packed.targets,
+                          bias=None if bias is None else bias.detach(), temperature=temperature, need_entropy=True,
+                          backend=backend, chunk_size=chunk_size).entropy
+    mask = batch.token_mask
+    if batch.teacher_mask is not None:
+        mask = mask & batch.teacher_mask.to(mask.device, torch.bool)[batch.seq_ids]
+    return {"teacher_entropy": Metric.of(teacher_entropy, mask), "student_entropy": Metric.of(student, mask)}
 
 
 class PhaseTimer:
@@ -125,8 +156,13 @@ class Trainer:
       as :meth:`carry_state` returns them (the learning rates stay this run's schedule; a
       non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
       restores that checkpoint instead;
-    - ``evaluator``: ``evaluator(trainer) -> accuracy`` replaces :meth:`evaluate`'s greedy eval
-      (before, during and after training).
+    - ``evaluator``: ``evaluator(trainer) -> accuracy`` (or a dict of :meth:`evaluate_all`'s metrics)
+      replaces :meth:`evaluate_all` (before, during and after training);
+    - ``teacher_from_policy``: a ``frozen`` teacher and the ``trust-region`` reference start from the
+      policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
+    - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
+      trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
+      tracker for a whole sequence).
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
@@ -137,18 +173,27 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
-                 evaluator: Callable[[Trainer], float] | None = None):
-        self.anchor, self.evaluator = anchor, evaluator
+                 evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
+                 teacher_from_policy: bool = False):
+        self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
-        self.objective = objective if objective is not None else get_objective(cfg.objective)
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available())
+        # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
+        self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
+            cfg.updates_per_step)
+        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        if fsdp_requested(cfg.fsdp, self.accelerator) and any(x is not None for x in (anchor, optimizer_state, teacher_state)):
-            raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state) do not run "
-                             "under FSDP; run them without --fsdp or an FSDP accelerate config")
+        if fsdp_requested(cfg.fsdp, self.accelerator):
+            if any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy:
+                raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state, "
+                                 "teacher_from_policy) do not run under FSDP; run them without --fsdp or an FSDP "
+                                 "accelerate config")
+            if cfg.mixed_precision == "fp16":
+                raise ValueError("--mixed-precision fp16 needs a gradient scaler, which FSDP runs do not use; "
+                                 "use --mixed-precision bf16 (or no)")
         self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp)  # None: one process, or DDP
         self.task = task if task is not None else _task_of(cfg)
+        self.cfg = cfg = resolve_run_settings(cfg, self.task)  # max_new_tokens, eval_size: 0 = from the task
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
         self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone)
@@ -159,16 +204,22 @@ class Trainer:
         check_signals(self.objective, self.task)
         declared = self.objective.signals()
         self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+        if self.teacher_spec is not None and self.teacher_spec.path:
+            resolve_teacher_path(self.teacher_spec.path)  # a bad --teacher-path fails before any model is loaded
         policy = self._load_models(resume_from)
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
         policy.train()
+        if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.loss_module, self.reference_root = PolicyLoss(policy), None
         if self.sharding is not None:  # before the optimizer, which holds the sharded parameters
             self._shard_models()
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
-        self.scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+        # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
+        schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
         device = self.accelerator.device
         if self.sharding is None:
@@ -181,10 +232,12 @@ class Trainer:
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
                                       reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
-                                      reference_root=self.reference_root)
+                                      policy=self.policy, reference_root=self.reference_root,
+                                      policy_root=self.loss_module if self.sharding is not None else None)
         self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
                                       rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
-                                      context_limit=getattr(self.policy.config, "max_position_embeddings", None))
+                                      context_limit=getattr(self.policy.config, "max_position_embeddings", None),
+                                      rounds=cfg.max_generation_rounds if cfg.dynamic_sampling else 1)
         self.prompts.check_lengths(cfg.steps, cfg.eval_size)
         self.run.init(self._run_config(), fresh=resume_from is None, overwrite=cfg.overwrite)
         self.start_step, self.skipped_total, self.consecutive_skips = 0, 0, 0
@@ -193,6 +246,8 @@ class Trainer:
             self._load_state(resume_from)
         else:
             self._start_from(optimizer_state, teacher_state)
+        self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
+        self._owns_tracker = tracker is None
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -202,7 +257,9 @@ class Trainer:
             self.log(message)
 
     def _run_config(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.cfg), "objective": self.objective.name,
+        imports = plugin_imports(self.objective, self.task)  # what --config needs to find them again
+        return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
+                "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
                 "objective_args": dataclasses.asdict(self.objective)}
 
@@ -216,37 +273,47 @@ class Trainer:
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
         need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
-        weights ``self.teacher_spec`` names). A frozen teacher shares the reference's copy of the
-        initial weights."""
-        cfg, declared = self.cfg, self.objective.signals()
+        weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
+        the reference's copy of the initial weights."""
+        cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
         dtype = getattr(torch, cfg.dtype)
         with ckpt.quiet_transformers():
             policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
                                                 dtype=dtype, seed=cfg.seed)
         initial = None
-        if Signal.REF_LOGP in declared or (self.teacher_spec is not None and self.teacher_spec.mode == "frozen"):
+        # the initial weights: the reference; a frozen teacher or trust-region reference unless it starts
+        # elsewhere; and, on resume, the weights this run started from (what --teacher-init-alpha mixes in)
+        initial_teacher = spec is not None and spec.mode in ("frozen", "trust-region") and (
+            resume_from is not None or not (spec.path or self.teacher_from_policy))
+        if Signal.REF_LOGP in declared or initial_teacher:
             with ckpt.quiet_transformers():
                 initial, _ = ((self.anchor, None) if self.anchor is not None
                               else load_model(cfg.model, dtype=dtype, seed=cfg.seed))
             initial = initial.eval().requires_grad_(False)
         self.reference = initial if Signal.REF_LOGP in declared else None
         self.teacher = None
-        if self.teacher_spec is not None:
-            self.teacher = TeacherWeights.from_spec(self.teacher_spec, policy, initial)
+        if spec is not None:
+            start = policy if resume_from is None else initial
+            shared = None if self.teacher_from_policy else initial
+            self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
 
     def _shard_models(self) -> None:
-        """FSDP: the policy, then the frozen initial model (reference and frozen teacher share it)
-        and the teacher, each sharded alike under its own root; nothing is gathered until used."""
-        sharding = self.sharding
+        """FSDP: the policy, then each frozen model (the reference; a frozen, EMA or trust-region
+        teacher's own model, one root when they share it), all sharded alike; nothing is gathered
+        until used."""
+        sharding, roots = self.sharding, {}
         sharding.shard(self.loss_module)
-        initial = self.reference if self.reference is not None else (
-            self.teacher.model if self.teacher is not None and self.teacher.mode == "frozen" and self.teacher.shared
-            else None)
-        if initial is not None:
-            self.reference_root = sharding.shard(ModelCall(initial), frozen=True)
+
+        def root_of(model: nn.Module) -> ModelCall:
+            if id(model) not in roots:
+                roots[id(model)] = sharding.shard(ModelCall(model), frozen=True)
+            return roots[id(model)]
+
+        if self.reference is not None:
+            self.reference_root = root_of(self.reference)
         if self.teacher is not None:
-            self.teacher.shard(sharding, policy_root=self.loss_module, shared_root=self.reference_root)
+            self.teacher.shard(sharding, policy_root=self.loss_module, root_of=root_of)
         units = len(sharding.units(self.loss_module.model))
         models = ", ".join(["the policy"] + (["the reference"] if self.reference is not None else [])
                            + ([f"the {self.teacher.mode} teacher"] if self.teacher is not None else []))
@@ -278,35 +345,91 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes), or what
-        the ``evaluator`` given to the constructor returns."""
+        the ``evaluator`` given to the constructor returns; :meth:`evaluate_all` adds standard errors
+        and the sampled accuracy."""
+        return float(self.evaluate_all()["eval_accuracy"])
+
+    @torch.no_grad()
+    def evaluate_all(self) -> dict[str, float | None]:
+        """The eval metrics of the current policy on the first ``eval_size`` rows of the eval split:
+        ``eval_accuracy`` (one greedy completion per prompt) and its standard error over prompts
+        ``eval_accuracy_se``; with ``--eval-samples n`` also ``eval_mean_at_n`` (the mean over prompts
+        of the fraction of ``n`` completions sampled at ``--eval-temperature``/``--eval-top-p`` that
+        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the process index) and
+        leaves the training RNG streams alone, so an eval is reproducible and does not change the run.
+        With an ``evaluator``, what it returns (a float is the greedy accuracy)."""
         if self.evaluator is not None:
-            return float(self.evaluator(self))
-        data = self.task.eval
-        idx = list(range(min(self.cfg.eval_size, len(data))))[self.rank::self.world]
-        correct = torch.zeros(2, device=self.accelerator.device)
-        if idx:
-            rows = [data[i] for i in idx]
-            params = SamplingParams(max_new_tokens=self.cfg.max_new_tokens, num_generations=1, do_sample=False)
-            rollout = self._generate(self.prompts.prompt_ids(rows), params)
-            scores = self.task.score_batch(rollout.texts, rows)
-            correct[0] = sum(float(self.task.is_success(s)) for s in scores)
-            correct[1] = len(rows)
-        correct = self.accelerator.reduce(correct, reduction="sum")
-        return float(correct[0] / correct[1].clamp_min(1))
+            out = self.evaluator(self)
+            return dict(out) if isinstance(out, dict) else {"eval_accuracy": float(out)}
+        cfg, data = self.cfg, self.task.eval
+        idx = list(range(min(cfg.eval_size, len(data))))[self.rank::self.world]
+        rows = [data[i] for i in idx]
+        greedy: list[float] = []
+        sampled: list[float] = []
+        if rows:
+            prompt_ids = self.prompts.prompt_ids(rows)
+            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=1, do_sample=False)
+            greedy = self._successes(self._generate(prompt_ids, params), rows)
+            if cfg.eval_samples:
+                n = cfg.eval_samples
+                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=n,
+                                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
+                rollout = self._generate(prompt_ids, params, seed=cfg.seed * 1009 + self.rank)
+                ok = self._successes(rollout, [r for r in rows for _ in range(n)])
+                sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
+        return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)
+
+    def _successes(self, rollout: Rollout, rows: list[dict]) -> list[float]:
+        """1.0 / 0.0 per completion: did the task count it as a success."""
+        return [float(self.task.is_success(s)) for s in self.task.score_batch(rollout.texts, rows)]
+
+    def _eval_line(self, metrics: dict[str, Any]) -> str:
+        """``0.656 ± 0.085 (addition, 32 greedy prompts); mean@4 0.610 ± 0.070 (temperature 0.6, top-p 0.95)``."""
+        cfg = self.cfg
+        prompts = min(cfg.eval_size, len(self.task.eval))
+        greedy = format_eval({"eval_accuracy": metrics["eval_accuracy"],
+                              "eval_accuracy_se": metrics.get("eval_accuracy_se")})
+        line = f"{greedy} ({self.task.name}, {prompts} greedy prompts)"
+        if metrics.get("eval_mean_at_n") is not None:
+            line += (f"; {format_eval(metrics, cfg.eval_samples).split('; ', 1)[1]} "
+                     f"(temperature {cfg.eval_temperature:g}, top-p {cfg.eval_top_p:g})")
+        return line
 
     # ------------------------------------------------------------------------------------- step
 
     def step(self, step: int) -> dict[str, Any]:
-        """One rollout batch (0-based ``step``): generate, score, signals, one update; its metrics row."""
+        """One rollout batch (0-based ``step``): generate, score, signals, ``epochs x mini_batches``
+        optimiser updates, then the once-per-rollout-batch schedule; its metrics row."""
         timer = PhaseTimer()
-        with timer("generate"):
-            rows = self.prompts.rows_for_step(step)
-            rollout = self._rollout(rows)
+        batch = self._rollout_batch(step, timer)
         with timer("signals"):
-            scores = self.signals.score(rollout, rows)
-            batches = self.signals.micro_batches(rollout, rows, scores, step)
-        update = self._update(rollout, batches, timer)
-        return self._metrics_row(step, rollout, scores, update, timer)
+            self.tracker.log_samples(step + 1, self.task, [batch.rows[s // batch.rollout.num_generations]
+                                                           for s in range(batch.rollout.num_samples)],
+                                     batch.rollout.texts, batch.scores.scores)
+            rollout = self.signals.pre_update_logp(batch.rollout)
+            sample = self.signals.per_sample(rollout, batch.rows, batch.scores)
+        updates = []
+        for u, indices in enumerate(self.signals.update_plan(rollout.num_samples, step)):
+            with timer("signals"):
+                micro_batches = self.signals.micro_batches(rollout, sample, indices, step, u)
+            updates.append(self._update(rollout, micro_batches, timer))
+        self._finish_step(updates, timer)
+        return self._metrics_row(step, batch, updates, timer)
+
+    def _rollout_batch(self, step: int, timer: PhaseTimer) -> RolloutBatch:
+        """Generate and score the step's prompts; with dynamic sampling, further rounds (at most
+        ``max_generation_rounds``) until ``prompts_per_step`` groups have varied rewards."""
+
+        def generate_round(j: int) -> tuple[Rollout, list[dict], Scores]:
+            with timer("generate"):
+                rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
+                rollout = self._rollout(rows)
+            with timer("signals"):
+                return rollout, rows, self.signals.score(rollout, rows)
+
+        if not self.cfg.dynamic_sampling:
+            return RolloutBatch(*generate_round(0))
+        return dynamic_batch(generate_round, self.cfg.prompts_per_step, self.cfg.max_generation_rounds)
 
     def _rollout(self, rows: list[dict]) -> Rollout:
         cfg = self.cfg
@@ -317,24 +440,26 @@ class Trainer:
         self.policy.train()
         return rollout
 
-    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams) -> Rollout:
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
         """The engine's completions; under FSDP inside the policy root's forward, which gathers
         the weights the engine's model (the policy) runs on."""
         if self.sharding is None:
-            return self.engine.generate(prompt_ids, params)
+            return self.engine.generate(prompt_ids, params, **kw)
         with torch.no_grad():
-            return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params))
+            return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params, **kw))
 
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer) -> UpdateResult:
-        """Accumulate the gradients of every micro-batch, then one optimiser step (skipped when
-        the loss or the gradient norm is not finite)."""
+        """One optimiser update: accumulate the gradients of the update's micro-batches, then one
+        optimiser step (skipped when the loss or the gradient norm is not finite)."""
         cfg, parts, loss_total = self.cfg, [], 0.0
         for mb in batches:
             with timer("signals"):
                 teacher = self.signals.model_signals(rollout, mb)
             with timer("update"):
-                loss, metrics = self.loss_module(policy_loss, mb.packed, self.objective, mb.batch, teacher,
-                                                 cfg.temperature, cfg.backend, cfg.chunk_size or None)
+                # under FSDP the module is not accelerate's: its mixed precision applies here
+                with self.accelerator.autocast() if self.sharding is not None else contextlib.nullcontext():
+                    loss, metrics = self.loss_module(mb.packed, self.objective, mb.batch, teacher, cfg.temperature,
+                                                     cfg.backend, cfg.chunk_size or None)
                 # DDP and FSDP average gradients over processes; our normalisers are global sums
                 self.accelerator.backward(loss * self.world)
                 loss_total += float(loss.detach())
@@ -345,12 +470,19 @@ class Trainer:
             applied = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if applied:
                 self.optimizer.step()
-                self.scheduler.step()
-                if self.teacher is not None:
-                    self.teacher.update(self.policy)
-                self.engine.update_weights(self.policy)
             self.optimizer.zero_grad(set_to_none=True)
         return UpdateResult(loss_sum, grad_norm, applied, parts)
+
+    def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
+        """Once per rollout batch, when an update was applied: the LR schedule (so warmup counts rollout
+        batches), the EMA teacher (as SDPO's actor), the rollout engine's weights."""
+        if not any(u.applied for u in updates):
+            return
+        with timer("update"):
+            self.scheduler.step()
+            if self.teacher is not None:
+                self.teacher.update(self.policy)
+            self.engine.update_weights(self.policy)
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
@@ -373,10 +505,28 @@ class Trainer:
         totals = self._sum_over_processes(torch.tensor([list(parts[k]) for k in names], dtype=torch.float64))
         return {f"reward/{k}": float(totals[i, 0] / totals[i, 1]) for i, k in enumerate(names)}
 
-    def _metrics_row(self, step: int, rollout: Rollout, scores: Scores, update: UpdateResult,
+    def _sampling_metrics(self, batch: RolloutBatch) -> dict[str, float]:
+        """Dynamic sampling's and overlong shaping's metrics, when they are on (over processes):
+        ``generation_rounds`` (mean over processes), ``groups_dropped``, ``groups_filled`` (sums),
+        ``overlong_penalty`` (mean over samples)."""
+        out: dict[str, float] = {}
+        if self.cfg.dynamic_sampling:
+            t = self._sum_over_processes(torch.tensor([float(batch.rounds), float(batch.dropped), float(batch.filled)]))
+            out.update(generation_rounds=float(t[0]) / self.world, groups_dropped=float(t[1]),
+                       groups_filled=float(t[2]))
+        if batch.scores.overlong is not None:
+            t = self._sum_over_processes(torch.tensor([float(batch.scores.overlong.sum()),
+                                                       float(batch.scores.overlong.numel())]))
+            out["overlong_penalty"] = float(t[0] / t[1].clamp_min(1))
+        return out
+
+    def _metrics_row(self, step: int, batch: RolloutBatch, updates: list[UpdateResult],
                      timer: PhaseTimer) -> dict[str, Any]:
-        """The step's row of metrics.jsonl: sums and counts over processes, then means."""
-        merged = merge_metrics(update.metrics)
+        """The step's row of metrics.jsonl: sums and counts over processes (the objective's metrics over
+        every micro-batch of every update), then means; ``loss`` and ``grad_norm`` are means over the
+        updates, ``updates`` the optimiser updates applied and ``skipped`` those skipped."""
+        rollout, scores = batch.rollout, batch.scores
+        merged = merge_metrics([part for u in updates for part in u.metrics])
         names = sorted(merged)
         sums = torch.tensor([[float(merged[k].sum), float(merged[k].count)] for k in names] or [[0.0, 0.0]])
         sums = self._sum_over_processes(sums)
@@ -394,14 +544,16 @@ class Trainer:
             "reward_mean": mean_r,
             "reward_std": math.sqrt(max(stat[1] / n - mean_r ** 2, 0.0)),
             **per_reward,
+            **self._sampling_metrics(batch),
             "success_rate": stat[2] / n,
-            "loss": update.loss,
+            "loss": sum(u.loss for u in updates) / len(updates),
             **{k: (float(sums[i, 0] / sums[i, 1]) if float(sums[i, 1]) > 0 else None) for i, k in enumerate(names)},
             "response_length": stat[3] / n,
             "truncated_frac": stat[4] / n,
-            "grad_norm": update.grad_norm,
+            "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
             "lr": self.scheduler.get_last_lr()[0],
-            "skipped": 0 if update.applied else 1,
+            "updates": sum(u.applied for u in updates),
+            "skipped": sum(not u.applied for u in updates),
             "time_generate_s": timer.seconds.get("generate", 0.0),
             "time_signals_s": timer.seconds.get("signals", 0.0),
             "time_update_s": timer.seconds.get("update", 0.0),
@@ -459,10 +611,10 @@ class Trainer:
             summary.update(already_complete=True, checkpoint=str(path) if path else None)
             return summary
         if self.start_step == 0:
-            acc = self.evaluate()
-            summary["eval_accuracy_before"] = acc
-            self._note(f"eval accuracy before training: {acc:.3f} ({self.task.name}, {cfg.eval_size} greedy prompts)")
-            self.run.append_metrics({"step": 0, "eval_accuracy": acc})
+            metrics = self.evaluate_all()
+            summary.update(eval_accuracy_before=metrics["eval_accuracy"], eval_before=metrics)
+            self._note(f"eval accuracy before training: {self._eval_line(metrics)}")
+            self._log_row({"step": 0, **metrics})
         bar = None
         if cfg.progress and self.is_main:
             bar = tqdm(total=cfg.steps, initial=self.start_step, desc=f"{self.objective.name} on {self.task.name}",
@@ -474,8 +626,8 @@ class Trainer:
                 done = step + 1
                 self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-                    row["eval_accuracy"] = self.evaluate()
-                self.run.append_metrics(row)
+                    row.update(self.evaluate_all())
+                self._log_row(row)
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -488,22 +640,34 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-        acc = self.evaluate()
-        self.run.append_metrics({"step": cfg.steps, "eval_accuracy": acc})
+        metrics = self.evaluate_all()
+        self._log_row({"step": cfg.steps, **metrics})
         path = self.save(cfg.steps, finished=True)
-        summary.update(eval_accuracy_after=acc, last_step=last, checkpoint=str(path) if path else None)
-        self._note(f"eval accuracy after {cfg.steps} steps: {acc:.3f}")
+        summary.update(eval_accuracy_after=metrics["eval_accuracy"], eval_after=metrics, last_step=last,
+                       checkpoint=str(path) if path else None)
+        self._note(f"eval accuracy after {cfg.steps} steps: {format_eval(metrics, cfg.eval_samples)}")
         if path:
             self._note(f"final checkpoint: {path} (AutoModelForCausalLM.from_pretrained('{path / 'model'}'))")
+        if self._owns_tracker:
+            self.tracker.finish()
         return summary
 
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl, also sent to the trackers (main process)."""
+        self.run.append_metrics(row)
+        if self.is_main:
+            self.tracker.log(row)
+
     def _count_skips(self, row: dict[str, Any], done: int) -> None:
+        """``consecutive_skips`` counts consecutive steps with a skipped update; ``skipped_total`` updates."""
         self.consecutive_skips = self.consecutive_skips + 1 if row["skipped"] else 0
         self.skipped_total += row["skipped"]
         row["skipped_total"] = self.skipped_total
         if row["skipped"]:
+            n = row["skipped"] + row["updates"]
+            what = "update skipped, weights unchanged" if n == 1 else f"{row['skipped']} of {n} updates skipped"
             self._note(f"warning: step {done}: non-finite loss ({row['loss']}) or gradient norm "
-                       f"({row['grad_norm']}); update skipped, weights unchanged "
+                       f"({row['grad_norm']}); {what} "
                        f"({self.consecutive_skips} in a row, {self.skipped_total} in all)")
 
     def _stop(self, done: int) -> None:
@@ -536,6 +700,30 @@ class Trainer:
                     g["initial_lr"] = initial_lr
         if teacher_state is not None and self.teacher is not None:
             self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
+
+
+def eval_metrics(greedy: list[float], sampled: list[float] | None = None) -> dict[str, float | None]:
+    """The eval metrics of per-prompt values: greedy successes (1.0 / 0.0) and, when sampled, each
+    prompt's fraction of successful samples; means over prompts and their standard errors
+    (:func:`~denser.trainers.estimators.mean_stderr`). No prompts: accuracy 0.0, no error."""
+    mean, se = mean_stderr(greedy)
+    out: dict[str, float | None] = {"eval_accuracy": mean if mean is not None else 0.0, "eval_accuracy_se": se}
+    if sampled is not None:
+        out["eval_mean_at_n"], out["eval_mean_at_n_se"] = mean_stderr(sampled)
+    return out
+
+
+def format_eval(metrics: dict[str, Any], samples: int = 0) -> str:
+    """``0.656 ± 0.085`` (greedy), then ``; mean@4 0.610 ± 0.070`` when the metrics have a sampled part
+    (``samples``: its n)."""
+
+    def pm(mean, se):
+        return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+
+    text = pm(metrics["eval_accuracy"], metrics.get("eval_accuracy_se"))
+    if samples and metrics.get("eval_mean_at_n") is not None:
+        text += f"; mean@{samples} {pm(metrics['eval_mean_at_n'], metrics.get('eval_mean_at_n_se'))}"
+    return text
 
 
 def _task_of(cfg: TrainConfig) -> Task:

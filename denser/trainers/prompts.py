@@ -5,6 +5,11 @@ row ``perm_e[k mod n]`` of the training split, ``perm_e`` a fresh permutation fo
 seeded by ``seed``; step ``t`` on process ``r`` of ``W`` takes draws
 ``[(t W + r) P, (t W + r + 1) P)``. So a resumed run sees exactly the prompts the uninterrupted run
 would have, and processes never share a prompt within an epoch.
+
+Dynamic sampling's further generation rounds (``round >= 1`` of at most ``rounds`` per step) draw
+from a second stream, the same construction with other permutations: round ``j`` of step ``t`` on
+process ``r`` takes its draws ``[((t (R - 1) + j - 1) W + r) P, ... + P)``. So the first round of
+every step sees the prompts a run without dynamic sampling sees, and a resumed run the same refills.
 """
 
 from __future__ import annotations
@@ -24,16 +29,23 @@ class PromptSchedule:
     """The prompts of a run. ``context_limit`` is the model's context (None: unchecked)."""
 
     def __init__(self, task: Task, tokenizer: Any, *, seed: int, prompts_per_step: int, rank: int, world: int,
-                 max_new_tokens: int, context_limit: int | None):
+                 max_new_tokens: int, context_limit: int | None, rounds: int = 1):
         self.task, self.tokenizer = task, tokenizer
         self.seed, self.per_step, self.rank, self.world = seed, prompts_per_step, rank, world
         self.max_new_tokens, self.context_limit = max_new_tokens, context_limit
-        self._perms: dict[int, torch.Tensor] = {}
+        self.rounds = rounds
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
 
-    def rows_for_step(self, step: int) -> list[dict]:
-        """Training rows of ``step`` on this process."""
-        start = (step * self.world + self.rank) * self.per_step
-        return [self.task.train[self._perm_index(k)] for k in range(start, start + self.per_step)]
+    def rows_for_step(self, step: int, round: int = 0) -> list[dict]:
+        """Training rows of ``step`` on this process: its first generation round, or dynamic sampling's
+        further round ``round`` (``1 <= round < rounds``)."""
+        if round == 0:
+            start, stream = (step * self.world + self.rank) * self.per_step, 0
+        elif 0 < round < self.rounds:
+            start, stream = ((step * (self.rounds - 1) + round - 1) * self.world + self.rank) * self.per_step, 1
+        else:
+            raise ValueError(f"generation round {round} of a step: a run has rounds 0..{self.rounds - 1}")
+        return [self.task.train[self._perm_index(k, stream)] for k in range(start, start + self.per_step)]
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         """Prompt token ids of ``rows``, each checked against the context."""
@@ -66,11 +78,12 @@ class PromptSchedule:
                              f"--max-new-tokens {self.max_new_tokens} it exceeds the model's context of {limit} "
                              "tokens; shorten or drop that prompt, or lower --max-new-tokens")
 
-    def _perm_index(self, k: int) -> int:
-        """Dataset index of the ``k``-th prompt drawn (over all steps and processes)."""
+    def _perm_index(self, k: int, stream: int = 0) -> int:
+        """Dataset index of the ``k``-th prompt drawn (over all steps and processes) of ``stream``
+        (0: first rounds, 1: dynamic sampling's refills)."""
         n = len(self.task.train)
         epoch, pos = divmod(k, n)
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._perms[epoch] = torch.randperm(n, generator=g)
-        return int(self._perms[epoch][pos])
+        if (stream, epoch) not in self._perms:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch + stream * 7_919_000_001)
+            self._perms[stream, epoch] = torch.randperm(n, generator=g)
+        return int(self._perms[stream, epoch][pos])

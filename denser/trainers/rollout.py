@@ -6,7 +6,7 @@ uses it like this::
     engine = get_rollout_engine("hf", model, tokenizer)          # or HFRolloutEngine(model, tokenizer)
     rollout = engine.generate(prompt_ids, SamplingParams(num_generations=8, max_new_tokens=48))
     batch = rollout.pack(indices)                                 # PackedBatch (denser.trainers.packing)
-    engine.update_weights(model)                                  # after every optimiser step
+    engine.update_weights(model)                                  # after each rollout batch's updates
 
 Another engine (an inference server) subclasses :class:`RolloutEngine` and registers itself with
 ``@register_rollout_engine("name")``; ``--engine name`` then selects it.
@@ -34,6 +34,7 @@ not of the policy being trained), as in TRL and verl.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -148,6 +149,26 @@ class Rollout:
         """The prompt token ids sample ``s`` answers."""
         return self.prompt_ids[s // self.num_generations]
 
+    def select_groups(self, prompts: Sequence[int]) -> Rollout:
+        """The rollout of prompts ``prompts`` only (each with its group of ``G`` samples), in that order."""
+        g = self.num_generations
+        samples = [p * g + j for p in prompts for j in range(g)]
+        return dataclasses.replace(
+            self, prompt_ids=[self.prompt_ids[p] for p in prompts],
+            completion_ids=[self.completion_ids[s] for s in samples], texts=[self.texts[s] for s in samples],
+            logps=[self.logps[s] for s in samples], truncated=self.truncated[torch.tensor(samples, dtype=torch.long)])
+
+    @staticmethod
+    def concat(parts: Sequence[Rollout]) -> Rollout:
+        """One rollout of ``parts`` (same sampling settings), prompt after prompt."""
+        if not parts:
+            raise ValueError("Rollout.concat needs at least one rollout")
+        first = parts[0]
+        return dataclasses.replace(
+            first, prompt_ids=[p for r in parts for p in r.prompt_ids],
+            completion_ids=[c for r in parts for c in r.completion_ids], texts=[t for r in parts for t in r.texts],
+            logps=[lp for r in parts for lp in r.logps], truncated=torch.cat([r.truncated for r in parts]))
+
     def behaviour_logp(self, indices: Sequence[int] | None = None) -> Tensor:
         """``[N]`` packed behaviour log-probs of the given samples (default: all)."""
         indices = range(self.num_samples) if indices is None else indices
@@ -212,7 +233,7 @@ class RolloutEngine(ABC):
     """Samples completions for prompts. One engine per policy model.
 
     Engines that keep their own copy of the weights (an inference server) refresh it in
-    :meth:`update_weights`, which the loop calls after every optimiser step; the HF engine samples
+    :meth:`update_weights`, which the loop calls after each rollout batch's updates; the HF engine samples
     from the live policy and needs nothing.
     """
 

@@ -22,7 +22,7 @@ import yaml
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.io import atomic_write_text, fsync_file
 
-RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints")  # what a run directory holds (and --overwrite removes)
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run directory holds (and --overwrite removes)
 # Differences between a run's config.yaml and a --resume that make it another run.
 RESUME_MUST_MATCH = ("objective", "model", "task")
 # Settings that may differ on a --resume without a note.

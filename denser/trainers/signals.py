@@ -1,10 +1,17 @@
 """The signals of one rollout batch: those the objective declared (``objective.signals()``), and only those.
 
-    scores  = signals.score(rollout, rows)                        rewards [S], successes, feedback
-    batches = signals.micro_batches(rollout, rows, scores, step)  advantages, teacher contexts and mask,
-                                                                  old_logp, packed micro-batches with
-                                                                  the step's global normalisers
-    teacher = signals.model_signals(rollout, micro_batch)         no-grad forwards: ref_logp, the
+    scores  = signals.score(rollout, rows)                        rewards [S] (+ overlong shaping),
+                                                                  successes, feedback
+    rollout = signals.pre_update_logp(rollout)                    old_logp: the policy before the step's
+                                                                  first update (no-grad forward), when
+                                                                  --old-logp-source says so
+    sample  = signals.per_sample(rollout, rows, scores)           advantages, teacher contexts and mask
+    for update, indices in enumerate(signals.update_plan(S, step)):   epochs x mini-batches
+        batches = signals.micro_batches(rollout, sample, indices, step, update)
+                                                                  packed micro-batches with the update's
+                                                                  global normalisers (its mini-batch,
+                                                                  all processes)
+        teacher = signals.model_signals(rollout, micro_batch)     no-grad forwards: ref_logp, the
                                                                   teacher's hidden states and teacher_logp
 
 The objective says what it needs through its methods (``signals()``, ``advantages()``,
@@ -14,6 +21,9 @@ any model is loaded when a declared signal cannot be provided.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,13 +41,14 @@ from denser.objectives import (
     teacher_messages,
 )
 from denser.objectives.common import normaliser_counts
-from denser.tasks import Score, Task
+from denser.tasks import Task
 from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.rollout import Rollout
+from denser.trainers.sampling import Scores, overlong_penalty
 from denser.trainers.sharding import ModelCall, Sharding
-from denser.trainers.teacher import TeacherWeights
+from denser.trainers.teacher import TeacherInputs, TeacherWeights
 
 # What a task must be able to feed (``Task.provides``): rewards, and the successes and feedback
 # that teacher contexts are built from. TEACHER_LOGP needs what TEACHER needs.
@@ -68,12 +79,13 @@ def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: n
 
 
 @dataclass
-class Scores:
-    """The task's verdict on every sample of a rollout."""
+class SampleSignals:
+    """The per-sample signals of a rollout batch, computed once and shared by all its updates."""
 
-    scores: list[Score]  # score and feedback text per sample
-    rewards: Tensor  # [S] fp32
-    success: Tensor  # [S] fp32, 1.0 where task.is_success
+    rewards: Tensor  # [S]
+    advantages: Tensor | None  # [S] (ADVANTAGES)
+    contexts: list[list[int]] | None  # per sample: the teacher's context token ids (a teacher)
+    teacher_mask: Tensor | None  # [S] bool: the sample has a teacher context (a teacher)
 
 
 @dataclass
@@ -86,69 +98,123 @@ class MicroBatch:
     teacher_contexts: list[list[int]] | None = None  # per sample: the teacher's context token ids
 
 
-@dataclass
-class TeacherInputs:
-    """What the loss core receives of the teacher: its hidden states at the completion tokens and
-    its output layer (the core uses them when the objective's core options ask for a divergence)."""
-
-    hidden: Tensor  # [N, H_teacher]
-    weight: Tensor | None  # [V, H_teacher]; None: the policy's own (a live teacher)
-    bias: Tensor | None
-
-
 class SignalComputer:
     """Computes the declared signals of each rollout batch for one run.
 
     ``reference``: the frozen reference model (when ``Signal.REF_LOGP`` is declared);
     ``teacher``: the teacher's weights (when ``Signal.TEACHER`` or ``TEACHER_LOGP`` is declared),
-    scoring contexts built as ``teacher_spec`` says; ``reduce`` sums a tensor over processes;
-    ``reference_root``: under FSDP, the root of the sharded reference (its forward gathers the weights).
+    scoring contexts built as ``teacher_spec`` says; ``reduce`` sums a tensor over processes.
+    Under FSDP, ``policy_root`` and ``reference_root`` are the roots whose forwards gather the
+    policy's and the reference's weights (:mod:`denser.trainers.sharding`); their forwards run there.
     """
 
     def __init__(self, objective: Objective, task: Task, tokenizer: Any, cfg: TrainConfig, *, device: torch.device,
                  rank: int, reduce, reference: nn.Module | None, teacher: TeacherWeights | None,
-                 teacher_spec: TeacherSpec | None, reference_root: ModelCall | None = None):
+                 teacher_spec: TeacherSpec | None, policy: nn.Module | None = None,
+                 policy_root: ModelCall | None = None, reference_root: ModelCall | None = None):
         self.objective, self.task, self.tokenizer, self.cfg = objective, task, tokenizer, cfg
         self.declared = objective.signals()
         self.device, self.rank, self.reduce = device, rank, reduce
         self.reference, self.teacher, self.teacher_spec = reference, teacher, teacher_spec
-        self.reference_root = reference_root
+        self.policy = policy
+        self.policy_root, self.reference_root = policy_root, reference_root
+        source = cfg.old_logp_source
+        # old_logp from a forward of the pre-update policy ('auto': when a step makes several updates)
+        self.forward_old_logp = Signal.OLD_LOGP in self.declared and (
+            source == "forward" or (source == "auto" and cfg.updates_per_step > 1))
+        if self.forward_old_logp and policy is None:
+            raise ValueError("SignalComputer: old_logp from a forward pass (--old-logp-source) needs the policy")
 
     # ----------------------------------------------------------------------- per rollout batch
 
     def score(self, rollout: Rollout, rows: list[dict]) -> Scores:
-        """Rewards (and feedback) of every sample; sample ``s`` answers ``rows[s // G]``."""
+        """Rewards (and feedback) of every sample; sample ``s`` answers ``rows[s // G]``. With
+        ``--overlong-buffer`` the rewards carry DAPO's overlong penalty (``scores.overlong``)."""
         g = rollout.num_generations
         sample_rows = [rows[s // g] for s in range(rollout.num_samples)]
         scores = self.task.score_batch(rollout.texts, sample_rows)
         rewards = torch.tensor([s.score for s in scores], dtype=torch.float32)
         success = torch.tensor([float(self.task.is_success(s)) for s in scores])
-        return Scores(scores, rewards, success)
+        overlong = None
+        if self.cfg.overlong_buffer > 0:
+            overlong = overlong_penalty(rollout.lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer,
+                                        self.cfg.overlong_penalty)
+            rewards = rewards + overlong
+        return Scores(scores, rewards, success, overlong)
 
-    def micro_batches(self, rollout: Rollout, rows: list[dict], scores: Scores, step: int) -> list[MicroBatch]:
-        """The rollout in micro-batches of ``cfg.micro_batch_size`` samples, each with its
-        per-sample signals and the loss normalisers of the whole step (summed over processes)."""
-        cfg, dev, S = self.cfg, self.device, rollout.num_samples
+    @torch.no_grad()
+    def pre_update_logp(self, rollout: Rollout) -> Rollout:
+        """The rollout with its behaviour log-probs replaced by the current policy's (a no-grad forward in
+        micro-batches, eval mode, the run's temperature), when old_logp come from a forward pass
+        (``--old-logp-source forward``, or ``auto`` with several updates per step); else ``rollout``.
+        Called before the step's first update, so every update's ratios compare with the policy that
+        the step started from (verl's ``compute_log_prob``, TRL's ``old_per_token_logps``)."""
+        if not self.forward_old_logp:
+            return rollout
+        cfg, model, S = self.cfg, self.policy, rollout.num_samples
+        was_training = model.training
+        model.eval()
+        logps: list[Tensor] = []
+        try:
+            for a in range(0, S, cfg.micro_batch_size):
+                packed = rollout.pack(list(range(a, min(S, a + cfg.micro_batch_size))), device=self.device)
+                logp = _run(self.policy_root, model, functools.partial(_logp, packed=packed, cfg=cfg, chunk_size=cfg.chunk_size or None))
+                logps += list(logp.float().cpu().split(packed.lengths.tolist()))
+        finally:
+            model.train(was_training)
+        return dataclasses.replace(rollout, logps=logps)
+
+    def per_sample(self, rollout: Rollout, rows: list[dict], scores: Scores) -> SampleSignals:
+        """Advantages (ADVANTAGES) and teacher contexts (a teacher) of every sample, once per rollout batch."""
         advantages = None
         if Signal.ADVANTAGES in self.declared:
             advantages = self.objective.advantages(scores.rewards, rollout.num_generations)
         contexts, teacher_mask = None, None
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)
-        groups = [list(range(a, min(S, a + cfg.micro_batch_size))) for a in range(0, S, cfg.micro_batch_size)]
+        return SampleSignals(scores.rewards, advantages, contexts, teacher_mask)
+
+    def update_plan(self, num_samples: int, step: int) -> list[list[int]]:
+        """The samples of each optimiser update of ``step``: ``epochs`` passes, each cut into ``mini_batches``
+        near-equal mini-batches (sizes differ by at most one). With ``mini_batches > 1`` and
+        ``shuffle_mini_batches`` each pass cuts a fresh permutation, drawn from a generator seeded by
+        ``(seed, step, epoch)`` (the global RNG streams are untouched); otherwise the rollout's order.
+        With one mini-batch the order is always kept: a permutation would only reorder the sums of the
+        one update (and a run of one update per step is then what it always was)."""
+        cfg, plan = self.cfg, []
+        for epoch in range(cfg.epochs):
+            order = torch.arange(num_samples)
+            if cfg.mini_batches > 1 and cfg.shuffle_mini_batches:
+                key = f"{cfg.seed}:{step}:{epoch}:mini_batches".encode()
+                g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
+                order = torch.randperm(num_samples, generator=g)
+            plan += [part.tolist() for part in torch.tensor_split(order, cfg.mini_batches)]
+        return plan
+
+    def micro_batches(self, rollout: Rollout, sample: SampleSignals, indices: list[int], step: int,
+                      update: int = 0) -> list[MicroBatch]:
+        """Samples ``indices`` of the rollout (one update's mini-batch) in micro-batches of
+        ``cfg.micro_batch_size``, each with its per-sample signals and the loss normalisers of the whole
+        mini-batch (all its micro-batches, summed over processes)."""
+        cfg, dev = self.cfg, self.device
+        groups = [indices[a:a + cfg.micro_batch_size] for a in range(0, len(indices), cfg.micro_batch_size)]
         out = []
         for i, idx in enumerate(groups):
             packed = rollout.pack(idx, device=dev)
             it = torch.tensor(idx)
+            token_mask = None
+            if cfg.mask_truncated_completions:  # TRL's option: a reply cut by the length limit gets no loss
+                token_mask = ~rollout.truncated[it].to(dev)[packed.seq_ids]
             batch = PolicyBatch(
-                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0,
-                rewards=scores.rewards[it].to(dev),
-                advantages=None if advantages is None else advantages[it].to(dev),
+                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0, token_mask=token_mask,
+                rewards=sample.rewards[it].to(dev),
+                advantages=None if sample.advantages is None else sample.advantages[it].to(dev),
                 old_logp=packed.old_logp if Signal.OLD_LOGP in self.declared else None,
-                teacher_mask=None if teacher_mask is None else teacher_mask[it].to(dev),
+                teacher_mask=None if sample.teacher_mask is None else sample.teacher_mask[it].to(dev),
                 norm_length=float(cfg.max_new_tokens), step=step, total_steps=cfg.steps,
-                micro_batch=self.rank * len(groups) + i)
-            out.append(MicroBatch(idx, packed, batch, None if contexts is None else [contexts[j] for j in idx]))
+                micro_batch=self.rank * len(groups) + i, update=update)
+            out.append(MicroBatch(idx, packed, batch,
+                                  None if sample.contexts is None else [sample.contexts[j] for j in idx]))
         self._set_global_normalisers([mb.batch for mb in out])
         return out
 
@@ -168,7 +234,7 @@ class SignalComputer:
                 mask.append(False)
             else:
                 ids = render_prompt(self.tokenizer, messages)
-                contexts.append(ids[-self.cfg.teacher_max_context_tokens:])
+                contexts.append(ids[:self.cfg.teacher_max_context_tokens])  # cut on the right, as SDPO
                 mask.append(True)
         return contexts, torch.tensor(mask, dtype=torch.bool)
 
@@ -193,30 +259,29 @@ class SignalComputer:
         ``ref_logp`` (REF_LOGP), and the teacher's hidden states (TEACHER) and its log-prob of
         each sampled token (TEACHER_LOGP, in ``batch.extras[TEACHER_LOGP]``)."""
         cfg, packed, batch = self.cfg, mb.packed, mb.batch
-
-        def logp(model: nn.Module, hidden: Tensor) -> Tensor:
-            weight, bias = lm_head_params(model)
-            return token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature,
-                               backend=cfg.backend).logp
-
         if self.reference is not None:
-            def ref_logp(model: nn.Module) -> Tensor:
-                return logp(model, completion_hidden_states(model, packed))
-
-            batch.ref_logp = (ref_logp(self.reference) if self.reference_root is None
-                              else Sharding.run(self.reference_root, ref_logp))
+            batch.ref_logp = _run(self.reference_root, self.reference, lambda m: _logp(m, packed, cfg))
         if self.teacher is None:
             return None
         tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device)
-        teacher = self.teacher
+        teacher = self.teacher.outputs(tpacked)
+        if Signal.TEACHER_LOGP in self.declared:
+            batch.extras[TEACHER_LOGP] = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
+                                                     temperature=cfg.temperature, backend=cfg.backend).logp
+        if cfg.log_teacher_entropy:  # a chunked no-grad pass: no [N, V] logits
+            teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
+                                          temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
+        return teacher
 
-        def teacher_forward(model: nn.Module) -> TeacherInputs:
-            was_training = model.training
-            model.eval()
-            hidden = completion_hidden_states(model, tpacked)
-            model.train(was_training)
-            if Signal.TEACHER_LOGP in self.declared:
-                batch.extras[TEACHER_LOGP] = logp(model, hidden)
-            return TeacherInputs(hidden, *teacher.head(*lm_head_params(model)))
 
-        return teacher.run(teacher_forward)
+def _run(root: ModelCall | None, model: nn.Module, fn):
+    """``fn(model)``; under FSDP inside ``root``'s forward, which gathers the model's weights."""
+    return fn(model) if root is None else Sharding.run(root, fn)
+
+
+def _logp(model: nn.Module, packed: PackedBatch, cfg: TrainConfig, chunk_size: int | None = None) -> Tensor:
+    """``[N]`` log-probs of ``packed``'s completion tokens under ``model`` (no grad)."""
+    hidden = completion_hidden_states(model, packed)
+    weight, bias = lm_head_params(model)
+    return token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature, backend=cfg.backend,
+                       chunk_size=chunk_size).logp

@@ -1,0 +1,209 @@
+"""The teacher's weights (trainers/teacher.py) against hand-built expectations: SDPO's trust-region
+teacher, SDPO-CL's teacher_path and teacher_init_alpha; and the loop's teacher-context options."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from denser.kernels import token_stats, token_stats_from_logits
+from denser.objectives import TeacherSpec, get_objective
+from denser.trainers import checkpoint as ckpt
+from denser.trainers.config import TrainConfig
+from denser.trainers.loop import Trainer
+from denser.trainers.models import build_tiny_model
+from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
+from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+
+
+def _tiny(seed: int, bias: bool = False):
+    model, tokenizer = build_tiny_model(seed=seed)
+    if bias:  # an output bias, so the trust-region bias mix is exercised too
+        g = torch.Generator().manual_seed(100 + seed)
+        model.lm_head.bias = nn.Parameter(0.5 * torch.randn(model.lm_head.weight.shape[0], generator=g))
+    return model.eval(), tokenizer
+
+
+def _logits(model, packed):
+    with torch.no_grad():
+        out = model(input_ids=packed.input_ids, attention_mask=packed.attention_mask, position_ids=packed.position_ids)
+    return out.logits[packed.predict_mask].float()
+
+
+def _batches(gen):
+    """A student batch (own prompts) and a teacher batch (longer contexts), the same completions."""
+    prompts = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (4, 6)]
+    teacher_ctx = [p + torch.randint(3, 250, (5,), generator=gen).tolist() for p in prompts]
+    completions = [torch.randint(3, 250, (n,), generator=gen).tolist() for n in (5, 3)]
+    return (build_packed_batch(prompts, completions, pad_token_id=256),
+            build_packed_batch(teacher_ctx, completions, pad_token_id=256))
+
+
+@pytest.mark.parametrize("rate, topk", [(0.3, None), (0.05, 7)])
+def test_trust_region_divergence_is_the_reference_on_explicitly_lerped_logits(gen, rate, topk):
+    reference, _ = _tiny(1, bias=True)
+    policy, _ = _tiny(0, bias=True)
+    student, teacher_batch = _batches(gen)
+    teacher = TeacherWeights(policy, "trust-region", rate, shared_frozen=reference)
+    out = teacher.outputs(teacher_batch)
+    h_ref = completion_hidden_states(reference, teacher_batch)
+    assert out.hidden.shape == (teacher_batch.num_tokens, 2 * h_ref.shape[1]) and out.weight.shape[1] == 2 * h_ref.shape[1]
+    # what SDPO's TrustRegionTeacher computes: lerp of the two models' logits on the teacher context
+    lerped = torch.lerp(_logits(reference, teacher_batch), _logits(policy, teacher_batch), rate)
+    with torch.no_grad():
+        h_s = completion_hidden_states(policy, student)
+    w_s, b_s = lm_head_params(policy)
+    opts = dict(alpha=0.5, topk=topk, temperature=0.7)
+    core = token_stats(h_s, w_s, student.targets, bias=b_s, teacher_hidden=out.hidden, teacher_weight=out.weight,
+                       teacher_bias=out.bias, backend="chunked", chunk_size=3, **opts)
+    expected = token_stats_from_logits(_logits(policy, student), student.targets, teacher_logits=lerped, **opts)
+    torch.testing.assert_close(core.divergence, expected.divergence, rtol=1e-4, atol=1e-6)
+    # the teacher's log-prob of the sampled tokens (TEACHER_LOGP) is that of the lerped logits
+    t_logp = token_stats(out.hidden, out.weight, teacher_batch.targets, bias=out.bias, temperature=0.7).logp
+    ref_logp = torch.log_softmax(lerped / 0.7, -1).gather(1, teacher_batch.targets[:, None])[:, 0]
+    torch.testing.assert_close(t_logp, ref_logp, rtol=1e-5, atol=1e-5)
+    # the concatenated weight is built once per policy version, and again after the policy changes
+    assert teacher.outputs(teacher_batch).weight is out.weight
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.01)
+    assert teacher.outputs(teacher_batch).weight is not out.weight
+    teacher.update(policy)  # a trust-region teacher is never averaged
+    assert torch.equal(teacher.model.lm_head.weight, reference.lm_head.weight)
+
+
+def _save(model, tokenizer, path):
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_teacher_path_accepts_a_model_a_checkpoint_and_a_run_directory(tmp_path):
+    model, tok = _tiny(1)
+    hf = _save(model, tok, tmp_path / "hf")
+    _save(model, tok, tmp_path / "ckpt" / "model")
+    step = tmp_path / "run" / "checkpoints" / "step-000003"
+    _save(model, tok, step / "model")
+    (step / ckpt.COMPLETE).write_text("3")
+    assert resolve_teacher_path(str(hf)) == hf
+    assert resolve_teacher_path(str(tmp_path / "ckpt")) == tmp_path / "ckpt" / "model"
+    assert resolve_teacher_path(str(tmp_path / "run")) == step / "model"
+    with pytest.raises(ValueError, match="--teacher-path .*no such directory"):
+        resolve_teacher_path(str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="neither a Hugging Face model directory"):
+        resolve_teacher_path(str(tmp_path / "empty"))
+    policy, _ = _tiny(0)
+    for mode in ("ema", "frozen", "trust-region"):
+        teacher = TeacherWeights.from_spec(TeacherSpec(mode=mode, path=str(tmp_path / "run")), policy)
+        for (name, t), p in zip(teacher.model.named_parameters(), model.parameters()):
+            assert torch.equal(t, p), (mode, name)
+        assert not any(p.requires_grad for p in teacher.model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["ema", "frozen", "trust-region"])
+def test_teacher_init_alpha_mixes_teacher_and_policy_parameter_by_parameter(tmp_path, mode):
+    other, tok = _tiny(1)
+    path = _save(other, tok, tmp_path / "teacher")
+    policy, _ = _tiny(0)
+    a = 0.3
+    teacher = TeacherWeights.from_spec(TeacherSpec(mode=mode, path=str(path), init_alpha=a), policy)
+    for (name, t), o, p in zip(teacher.model.named_parameters(), other.parameters(), policy.parameters()):
+        torch.testing.assert_close(t, a * o + (1 - a) * p, rtol=0, atol=1e-6, msg=name)
+    # without a path the teacher starts from the initial model; a shared initial model is never modified
+    initial, _ = _tiny(2)
+    before = initial.lm_head.weight.clone()
+    mixed = TeacherWeights.from_spec(TeacherSpec(mode="frozen", init_alpha=a), policy, initial)
+    assert mixed.model is not initial and torch.equal(initial.lm_head.weight, before)
+    torch.testing.assert_close(mixed.model.lm_head.weight, a * before + (1 - a) * policy.lm_head.weight)
+    assert TeacherWeights.from_spec(TeacherSpec(mode="frozen"), policy, initial).model is initial
+
+
+def test_a_teacher_of_another_vocabulary_or_shape_is_refused_before_any_compute(tmp_path):
+    model, tok = _tiny(1)
+    model.resize_token_embeddings(300)
+    path = _save(model, tok, tmp_path / "bigvocab")
+    policy, _ = _tiny(0)
+    with pytest.raises(ValueError, match=r"--teacher-path .*vocabulary \(300\) differs from the policy's \(259\)"):
+        TeacherWeights.from_spec(TeacherSpec(mode="frozen", path=str(path)), policy)
+    wide, tok = build_tiny_model(seed=1, hidden_size=48)
+    wpath = _save(wide, tok, tmp_path / "wide")
+    with pytest.raises(ValueError, match="EMA teacher averages the policy"):
+        TeacherWeights.from_spec(TeacherSpec(mode="ema", path=str(wpath)), policy)
+    with pytest.raises(ValueError, match="--teacher-init-alpha 0.5 mixes"):
+        TeacherWeights.from_spec(TeacherSpec(mode="frozen", path=str(wpath), init_alpha=0.5), policy)
+    wide_tr = TeacherWeights.from_spec(TeacherSpec(mode="trust-region", path=str(wpath)), policy)  # another H is fine
+    student, teacher_batch = _batches(torch.Generator().manual_seed(0))
+    assert wide_tr.outputs(teacher_batch).hidden.shape == (teacher_batch.num_tokens, 48 + 64)
+    # the loop: a bad path fails at construction, before any model is loaded or anything generated
+    cfg = TrainConfig(model="tiny", steps=1, progress=False, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="--teacher-path .*no such directory"):
+        Trainer(cfg, get_objective("sdpo", teacher="frozen", teacher_path=str(tmp_path / "nope")), log=lambda m: None)
+    with pytest.raises(ValueError, match="vocabulary"):
+        Trainer(cfg, get_objective("sdpo", teacher="ema", teacher_path=str(path)), log=lambda m: None)
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(model="tiny", steps=1, eval_size=2, max_new_tokens=6, num_generations=2, prompts_per_step=2,
+                micro_batch_size=3, progress=False, lr=1e-3, output_dir=str(tmp_path / name))
+    return TrainConfig(**{**base, **kw})
+
+
+def test_trust_region_and_teacher_from_policy_in_the_loop(tmp_path):
+    from test_train import ParityAddition
+
+    trainer = Trainer(_cfg(tmp_path, "tr"), get_objective("sdpo", teacher="trust-region", teacher_update_rate=0.2),
+                      task=ParityAddition(), log=lambda m: None)
+    assert trainer.teacher.mode == "trust-region" and trainer.teacher.policy is trainer.policy
+    assert trainer.teacher.model is not trainer.policy
+    w0 = trainer.teacher.model.lm_head.weight.clone()
+    row = trainer.step(0)
+    assert row["skipped"] == 0 and torch.equal(trainer.teacher.model.lm_head.weight, w0)
+    assert not torch.equal(trainer.policy.lm_head.weight, w0)  # the policy moved, the reference did not
+    # --teacher-reset in a continual run: a frozen teacher starts from the run's own starting policy
+    anchor, _ = build_tiny_model(seed=1)
+    reset = Trainer(_cfg(tmp_path, "reset"), get_objective("sdpo", teacher="frozen"), anchor=anchor,
+                    teacher_from_policy=True, log=lambda m: None)
+    assert reset.teacher.model is not anchor and reset.teacher.model is not reset.policy
+    assert torch.equal(reset.teacher.model.lm_head.weight, reset.policy.lm_head.weight)
+
+
+def test_teacher_context_is_cut_on_the_right_and_truncated_completions_are_masked(tmp_path):
+    from test_train import ParityAddition
+
+    task = ParityAddition()
+    long = Trainer(_cfg(tmp_path, "long", num_generations=4), get_objective("sdpo", teacher="live"), task=task,
+                   log=lambda m: None)
+    short = Trainer(_cfg(tmp_path, "short", num_generations=4, teacher_max_context_tokens=12,
+                         mask_truncated_completions=True, max_new_tokens=3),
+                    get_objective("sdpo", teacher="live"), task=task, log=lambda m: None)
+    assert TrainConfig().teacher_max_context_tokens == 10240
+    rows = long.prompts.rows_for_step(0)
+    rollout = short._rollout(rows)
+    scores = long.signals.score(rollout, rows)
+    full, mask = long.signals.teacher_contexts(rollout, rows, scores)
+    cut, mask2 = short.signals.teacher_contexts(rollout, rows, scores)
+    assert mask.any() and torch.equal(mask, mask2)
+    for s in range(rollout.num_samples):
+        if mask[s]:
+            assert len(full[s]) > 12 and cut[s] == full[s][:12]  # SDPO: reprompt_truncation right
+    assert rollout.truncated.any()
+    sample = short.signals.per_sample(rollout, rows, scores)
+    batches = short.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)
+    for mb in batches:
+        b = mb.batch
+        assert torch.equal(b.token_mask, ~rollout.truncated[mb.indices][b.seq_ids])
+        assert b.global_seqs == rollout.num_samples  # masked completions still count per sequence
+        assert b.global_tokens == float((~rollout.truncated).float() @ rollout.lengths.float())
+
+
+def test_warmup_is_applied_with_the_constant_schedule(tmp_path):
+    trainer = Trainer(_cfg(tmp_path, "warm", warmup_steps=10, steps=20), get_objective("grpo"), log=lambda m: None)
+    lrs = []
+    for _ in range(3):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == pytest.approx([0.0, 1e-4, 2e-4])  # verl's constant schedule with a linear warmup
+    flat = Trainer(_cfg(tmp_path, "flat"), get_objective("grpo"), log=lambda m: None)
+    assert flat.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
