@@ -63,6 +63,9 @@ LONG_OBJECTIVES = {
     "sdpo-frozen": ["--objective", "sdpo", "--teacher", "frozen", "--distill-mode", "full"],
     "hybrid": ["--objective", "hybrid", "--teacher", "ema"],
     "hybrid_adv": ["--objective", "hybrid_adv"],
+    "sdpo-trust-region": ["--objective", "sdpo", "--teacher", "trust-region"],
+    "grpo-ppo-epochs": ["--objective", "grpo", "--epochs", "2"],  # pre-update log-probs: a policy no-grad forward
+    "grpo-checkpointing": ["--objective", "grpo", "--gradient-checkpointing"],
 }
 
 
@@ -310,6 +313,26 @@ def test_every_objective_fsdp_and_ddp_equal_one_process(tmp_path):
         single(_flags(flags, tmp_path / name / "one", 2 * PROMPTS))
         for mode in ("fsdp", "ddp"):
             assert_equal_runs(tmp_path / name / "one", tmp_path / name / mode, what=f"{name} {mode}")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="two processes, three launches: DENSER_FSDP_TESTS=1")
+def test_an_fsdp_checkpoint_resumes_without_fsdp(tmp_path):
+    """The checkpoint of a sharded run is one process's: DDP processes resume it (and end where the
+    sharded run ends, up to summation order)."""
+    import torch
+
+    flags = OBJECTIVES["sdpo-ema"]
+    half, whole = tmp_path / "half", tmp_path / "whole"
+    launch([_flags(flags, half, PROMPTS, "--fsdp", "--steps", "1"), _flags(flags, whole, PROMPTS, "--fsdp")])
+    proc = launch([_flags(flags, half, PROMPTS, "--resume")])
+    assert "resumed from" in proc.stdout and "FSDP2:" not in proc.stdout
+    a, b = _checkpoint(whole, 2), _checkpoint(half, 2)
+    for part in ("model", "teacher"):
+        for k in a[part]:
+            err = float((a[part][k] - b[part][k]).abs().max())
+            assert err <= ATOL_WEIGHTS, f"{part} {k} differs by {err:.3g}"
+    assert not torch.equal(_checkpoint(half, 1)["model"]["lm_head.weight"], b["model"]["lm_head.weight"])
 
 
 @pytest.mark.slow

@@ -203,7 +203,10 @@ class Sharding:
         out: dict[str, Any] = {}
         for k, v in state.items():
             if isinstance(v, DTensor):
-                full = v.detach().full_tensor().cpu()
+                full = v.detach().full_tensor()
+                if full.data_ptr() == v.to_local().data_ptr():  # one process: the shard itself (tied weights alias)
+                    full = full.clone()
+                full = full.cpu()
             else:
                 full = v.detach().cpu() if isinstance(v, Tensor) else v
             if keep:
