@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import random
+import re
 import signal
 import sys
 import time
@@ -96,14 +97,14 @@ def test_sigkill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, capsys):
     run = tmp_path / "run"
     args = ["train", *QUICK, "--steps", "3", "--save-every", "1", "--keep-last", "1", "--output-dir", str(run)]
-    real_save = torch.save
+    real_save = ckpt.save_file
 
-    def full_disk(obj, f, *a, **k):
+    def full_disk(tensors, f, *a, **k):
         if "step-000002" in str(f):
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **k)
+        return real_save(tensors, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(ckpt, "save_file", full_disk)
     assert main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
@@ -113,7 +114,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tmp_path, monkeypat
     assert not ckpt.incomplete_checkpoints(run)  # the half-written directory is gone
     ckpt.load_train_state(ckpt.checkpoint_dir(run, 1))
 
-    monkeypatch.setattr(torch, "save", real_save)  # space freed: the run resumes from step 1
+    monkeypatch.setattr(ckpt, "save_file", real_save)  # space freed: the run resumes from step 1
     assert main([*args, "--resume"]) == 0
     out = capsys.readouterr().out
     assert f"resumed from {ckpt.checkpoint_dir(run, 1)} (step 1" in out
@@ -164,8 +165,8 @@ def test_only_complete_checkpoints_count_and_the_last_n_are_kept(tmp_path):
 def test_a_checkpoint_without_its_state_is_a_clear_error(tmp_path):
     model, tok = _tiny()
     path = _save(tmp_path, 1, model, tok)
-    (path / "state" / "train_state.pt").unlink()
-    with pytest.raises(ckpt.CheckpointError, match="missing state/train_state.pt"):
+    (path / "state" / "train_state.safetensors").unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing state/train_state.safetensors"):
         ckpt.load_train_state(path)
 
 
@@ -284,3 +285,177 @@ def test_resume_truncates_rows_written_after_the_checkpoint(tmp_path, capsys):
     assert f"resumed from {ckpt.checkpoint_dir(run, 1)} (step 1" in capsys.readouterr().out
     assert [r["step"] for r in metrics_rows(run)] == [0, 1, 2, 2]
 
+
+
+# ------------------------------------------------------------------- manifests and verification
+
+
+def test_the_marker_records_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    model, tok = _tiny()
+    path = _save(tmp_path, 1, model, tok, teacher_state={"w": torch.ones(3)})
+    marker = json.loads((path / "COMPLETE").read_text())
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != "COMPLETE")
+    assert sorted(marker["files"]) == files
+    assert {"model/model.safetensors", "state/train_state.safetensors", "state/train_state.json",
+            "state/trainer_state.json", "state/teacher.safetensors"} <= set(files)
+    for rel in files:
+        data = (path / rel).read_bytes()
+        assert marker["files"][rel] == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert marker["step"] == 1 and marker["hash"] == "sha256"
+    ckpt.verify_checkpoint(path)
+
+
+def _truncate(p: Path) -> None:
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _flip_a_bit(p: Path) -> None:
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the hash can tell
+    p.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": ("model/model.safetensors", _truncate, "bytes, its manifest records"),
+    "bit-flipped": ("state/train_state.safetensors", _flip_a_bit, "does not match its sha256"),
+    "missing": ("state/trainer_state.json", Path.unlink, "state/trainer_state.json is missing"),
+    "marker": ("COMPLETE", lambda p: p.write_text('{"files": '), "COMPLETE marker is not a manifest"),
+}
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    """A tiny run with checkpoints at steps 1 and 2 (trained once, copied per test)."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    assert main(["train", *QUICK, "--steps", "2", "--save-every", "1", "--keep-last", "3", "--output-dir",
+                 str(run)]) == 0
+    return run
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGE))
+def test_a_damaged_newest_checkpoint_is_named_and_the_previous_one_resumed(two_checkpoints, tmp_path, kind, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    rel, damage, says = DAMAGE[kind]
+    newest = ckpt.checkpoint_dir(run, 2)
+    damage(newest / rel)
+    with pytest.raises(ckpt.DamagedCheckpointError, match=re.escape(says)):
+        ckpt.verify_checkpoint(newest)
+    capsys.readouterr()
+    assert main(["train", *QUICK, "--steps", "3", "--save-every", "1", "--keep-last", "3", "--output-dir", str(run),
+                 "--resume"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    damaged = [line for line in out if " is damaged" in line]
+    assert len(damaged) == 1 and str(newest) in damaged[0] and says in damaged[0], out
+    assert "trying the previous checkpoint" in damaged[0]
+    assert any(line.startswith(f"resumed from {ckpt.checkpoint_dir(run, 1)} (step 1") for line in out), out
+    assert [r["step"] for r in metrics_rows(run)] == [0, 1, 2, 3, 3]
+    for p in ckpt.complete_checkpoints(run):  # the damaged one was replaced by a fresh step 2
+        ckpt.verify_checkpoint(p)
+
+
+def test_resume_from_a_run_whose_only_checkpoint_is_damaged_fails_before_any_compute(two_checkpoints, tmp_path,
+                                                                                     monkeypatch, capsys):
+    import shutil
+
+    from denser.trainers import loop
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    shutil.rmtree(ckpt.checkpoint_dir(run, 1))
+    _flip_a_bit(ckpt.checkpoint_dir(run, 2) / "model" / "model.safetensors")
+    before = (run / "metrics.jsonl").read_text()
+
+    def no_compute(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(loop, "load_model", no_compute)  # the loop imports it by name
+    capsys.readouterr()
+    assert main(["train", *QUICK, "--steps", "3", "--output-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("denser train: error: --resume: the only checkpoint of")
+    assert "model/model.safetensors does not match its sha256" in err[0] and "--overwrite" in err[0]
+    assert (run / "metrics.jsonl").read_text() == before
+
+
+class _WritesAMarker:
+    """Unpickling this creates a file: the stand-in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickled_training_state_is_refused_and_never_unpickled(two_checkpoints, tmp_path, capsys):
+    """A checkpoint in the earlier format (state/train_state.pt, a pickle) whose unpickling would
+    write a file: --resume refuses it with one line and the file is never written."""
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    marker = tmp_path / "code-ran"
+    for step in (1, 2):  # as an older denser wrote them: a pickle, and a marker holding only the step
+        c = ckpt.checkpoint_dir(run, step)
+        for f in ("train_state.safetensors", "train_state.json"):
+            (c / "state" / f).unlink()
+        (c / "state" / "train_state.pt").write_bytes(pickle.dumps({"optimizer": _WritesAMarker(marker)}))
+        (c / "COMPLETE").write_text(str(step))
+    with pytest.raises(ckpt.LegacyCheckpointError, match="pickle"):
+        ckpt.load_train_state(ckpt.checkpoint_dir(run, 2))
+    capsys.readouterr()
+    assert main(["train", *QUICK, "--steps", "3", "--output-dir", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "state/train_state.pt" in err[0] and "never loaded" in err[0], err
+    assert not marker.exists()
+    planted = pickle.loads((ckpt.checkpoint_dir(run, 2) / "state" / "train_state.pt").read_bytes())
+    planted["optimizer"].close()
+    assert marker.exists()  # the test's own check: unpickling that file does run code
+
+
+def test_a_pickle_planted_next_to_a_current_checkpoint_is_ignored(two_checkpoints, tmp_path, capsys):
+    import pickle
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    marker = tmp_path / "code-ran"
+    c = ckpt.checkpoint_dir(run, 2)
+    (c / "state" / "train_state.pt").write_bytes(pickle.dumps(_WritesAMarker(marker)))
+    ckpt.verify_checkpoint(c)  # a file the manifest does not list is not the checkpoint's
+    assert main(["train", *QUICK, "--steps", "3", "--output-dir", str(run), "--resume"]) == 0
+    assert f"resumed from {c} (step 2" in capsys.readouterr().out
+    assert not marker.exists()
+
+
+def test_state_encoding_round_trips_and_refuses_what_would_need_pickling():
+    """encode_state/decode_state against the original object: int-keyed dicts, tuples, tensors of
+    several dtypes (0-d included), numpy arrays, non-finite floats."""
+    rng = np.random.default_rng(0)
+    obj = {"state": {0: {"step": torch.tensor(3.0), "m": torch.randn(2, 3).to(torch.bfloat16)},
+                     7: {"step": torch.tensor(1.0), "m": torch.arange(5, dtype=torch.int64)}},
+           "groups": [{"betas": (0.9, 0.99), "params": [0, 7], "fused": None, "lr": float("inf")}],
+           "np": ("MT19937", rng.integers(0, 2**32, 624, dtype=np.uint32), 5, 0, 0.25),
+           "view": torch.arange(10.0)[2:5], "__tensor__": "a key that looks like a marker"}
+    tree, tensors = ckpt.encode_state(obj)
+    back = ckpt.decode_state(json.loads(json.dumps(tree)), tensors)
+    assert back.keys() == obj.keys() and back["state"].keys() == {0, 7}
+    for i in (0, 7):
+        for k, v in obj["state"][i].items():
+            assert torch.equal(back["state"][i][k], v) and back["state"][i][k].dtype == v.dtype
+    assert back["groups"] == obj["groups"] and isinstance(back["groups"][0]["betas"], tuple)
+    assert back["np"][0] == "MT19937" and back["np"][2:] == obj["np"][2:]
+    assert back["np"][1].dtype == np.uint32 and np.array_equal(back["np"][1], obj["np"][1])
+    assert torch.equal(back["view"], obj["view"]) and back["__tensor__"] == obj["__tensor__"]
+    with pytest.raises(ckpt.CheckpointError, match="cannot store a _WritesAMarker"):
+        ckpt.encode_state({"x": _WritesAMarker("/nonexistent")})
+    with pytest.raises(ckpt.CheckpointError, match="object"):
+        ckpt.encode_state({"x": np.array([object()])})

@@ -160,8 +160,13 @@ def test_resume_of_a_different_run_says_what_differs(tmp_path, capsys, old, argv
 
 def test_resume_beyond_steps_and_unreadable_run_config(tmp_path, capsys):
     run = tmp_path / "run"
-    (run / "checkpoints" / "step-000005").mkdir(parents=True)
-    (run / "checkpoints" / "step-000005" / "COMPLETE").write_text("5")
+    from denser.trainers import checkpoint as ckpt
+
+    step5 = run / "checkpoints" / "step-000005"
+    (step5 / "state").mkdir(parents=True)
+    for name in ckpt.STATE_FILES:  # contents never read: the step alone is beyond --steps
+        (step5 / "state" / name).write_text("{}")
+    (step5 / "COMPLETE").write_text(json.dumps(ckpt.manifest(step5, 5)))
     (run / "config.yaml").write_text(yaml.safe_dump({"objective": "grpo", "model": "tiny", "task": "addition"}))
     fails(capsys, [*TINY, "--objective", "grpo", "--output-dir", str(run), "--resume"],
           "step-000005 is at step 5, beyond --steps 2", "--steps 5")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from denser.cli import main
+from denser.trainers.checkpoint import load_train_state
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +90,7 @@ def test_optimizer_state_is_carried_or_reset(runs):
 
     def adam_steps(run):
         ckpt = next((run / "stages" / "02-compare" / "checkpoints").glob("step-*"))
-        state = torch.load(ckpt / "state" / "train_state.pt", weights_only=False)["optimizer"]["state"]
+        state = load_train_state(ckpt)[0]["optimizer"]["state"]
         return {int(v["step"]) for v in state.values()}
 
     assert adam_steps(sdpo) == {2}  # --carry-optimizer: one step in stage 1 + one in stage 2

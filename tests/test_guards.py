@@ -83,7 +83,7 @@ def _same(a: dict, b: dict) -> bool:
 
 
 def _optimizer_state(run: Path, step: int) -> dict:
-    return torch.load(ckpt.checkpoint_dir(run, step) / "state" / "train_state.pt", weights_only=False)["optimizer"]
+    return ckpt.load_train_state(ckpt.checkpoint_dir(run, step))[0]["optimizer"]
 
 
 @pytest.mark.parametrize("objective, nan_in, extra", [

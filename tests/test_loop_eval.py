@@ -32,7 +32,7 @@ class ScriptedEngine:
     def __init__(self, greedy: list[bool], sampled: list[list[bool]]):
         self.greedy, self.sampled, self.seeds = greedy, sampled, []
 
-    def generate(self, prompt_ids, params, *, seed=None):
+    def generate(self, prompt_ids, params, *, seed=None, stop=None):
         n = params.num_generations
         table = [[g] for g in self.greedy] if not params.do_sample else self.sampled
         if params.do_sample:
@@ -98,8 +98,8 @@ def test_sampled_eval_is_deterministic_and_leaves_the_training_rng_alone(tmp_pat
     calls = []
     real = trainer.engine.generate
 
-    def spy(prompt_ids, params, *, seed=None):
-        out = real(prompt_ids, params, seed=seed)
+    def spy(prompt_ids, params, *, seed=None, stop=None):
+        out = real(prompt_ids, params, seed=seed, stop=stop)
         calls.append(out.completion_ids)
         return out
 

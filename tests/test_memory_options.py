@@ -53,3 +53,12 @@ def test_the_flags_reach_the_model_and_accelerate(tmp_path):
     assert next(trainer.policy.parameters()).dtype == torch.float32  # fp32 master weights
     row = trainer.step(0)
     assert torch.isfinite(torch.tensor(row["loss"]))
+
+
+def test_runs_with_different_mixed_precision_share_one_process(tmp_path):
+    """accelerate keeps one state per process: a bf16 run after an fp32 one (a notebook calling
+    ``denser.train`` twice) must get its own precision, not accelerate's 'already initialized'."""
+    for i, precision in enumerate(("no", "bf16", "no")):
+        cfg = TrainConfig(model="tiny", steps=1, eval_size=2, progress=False, output_dir=str(tmp_path / f"r{i}"),
+                          mixed_precision=precision, cpu=True)
+        assert Trainer(cfg, get_objective("grpo")).accelerator.mixed_precision == precision

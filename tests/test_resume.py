@@ -70,8 +70,9 @@ def assert_same_state(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys()
         differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
         assert not differ, f"{rel}: {len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
-    sa = torch.load(a / "state" / "train_state.pt", weights_only=False)
-    sb = torch.load(b / "state" / "train_state.pt", weights_only=False)
+    from denser.trainers.checkpoint import load_train_state
+
+    sa, sb = load_train_state(a)[0], load_train_state(b)[0]
     oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert oa.keys() == ob.keys()
     for i in oa:
@@ -201,8 +202,9 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
     final = f"checkpoints/step-{STEPS:06d}"
     assert_same_state(ref_dir / final, run_dir / final)
     assert metrics_rows(run_dir) == metrics_rows(ref_dir)
-    rng = __import__("torch").load(run_dir / final / "state" / "train_state.pt", weights_only=False)["rng"]
-    assert len(rng) == 2
+    from denser.trainers.checkpoint import load_train_state
+
+    assert len(load_train_state(run_dir / final)[0]["rng"]) == 2
 
 
 def ckpt_names(run: Path) -> list[str]:
@@ -227,6 +229,9 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                           rename, print PAUSED and sleep (the test SIGKILLs the process there)
     disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
     nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
+    phases=1              print "PHASE <phase> <step>" (flushed) as each phase begins: eval, generate, backward,
+                          optimizer (of the 1-based step in progress), save and saved (of the step saved)
+    signal_at=P:S:SIG     send SIG (TERM, INT) to this very process as phase P of step S begins
     break=WHAT            a deliberately broken resume, to check that the tests catch it: python_rng,
                           numpy_rng, torch_rng (that stream not restored), rank0_rng (every process
                           gets process 0's streams: only visible with 2+ processes), seed_order (set_seed after
@@ -285,6 +290,8 @@ def _install_hooks(hooks: dict[str, str]) -> None:
             return real_save(run_dir, step, model=model, **kw)
 
         ckpt.save_checkpoint = failing_save
+    if "phases" in hooks or "signal_at" in hooks:
+        _phase_hooks(hooks)
     if "break" in hooks:
         _break_resume(hooks["break"])
     if "nan_at_steps" in hooks:
@@ -300,6 +307,62 @@ def _install_hooks(hooks: dict[str, str]) -> None:
             return out
 
         GRPO.loss = nan_loss
+
+
+def _phase_hooks(hooks: dict[str, str]) -> None:
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from denser.trainers import checkpoint as ckpt
+    from denser.trainers import loop
+    from denser.trainers.rollout import HFRolloutEngine
+
+    show = hooks.get("phases") == "1"
+    target = None
+    if "signal_at" in hooks:
+        phase, step, sig = hooks["signal_at"].split(":")
+        target = (phase, int(step), getattr(signal, f"SIG{sig}"))
+    current = {"step": None}  # the 1-based step in progress, None outside Trainer.step
+
+    def enter(phase: str, step) -> None:
+        if show:
+            print("PHASE", phase, step, flush=True)
+        nonlocal target
+        if target is not None and (phase, step) == target[:2]:
+            sig, target = target[2], None  # once: a phase that begins again (several updates) is no second signal
+            os.kill(os.getpid(), sig)
+
+    def wrap(owner, name: str, phase_of) -> None:
+        real = getattr(owner, name)
+
+        def wrapped(*a, **k):
+            enter(*phase_of(a))
+            return real(*a, **k)
+
+        setattr(owner, name, wrapped)
+
+    real_step = loop.Trainer.step
+
+    def step(self, s):
+        current["step"] = s + 1
+        try:
+            return real_step(self, s)
+        finally:
+            current["step"] = None
+
+    loop.Trainer.step = step
+    wrap(HFRolloutEngine, "generate", lambda a: ("generate" if current["step"] else "eval", current["step"]))
+    wrap(Accelerator, "backward", lambda a: ("backward", current["step"]))
+    wrap(AcceleratedOptimizer, "step", lambda a: ("optimizer", current["step"]))
+    real_save = ckpt.save_checkpoint
+
+    def save(*a, **k):  # "save S" ... "saved S": a kill between the two lands inside the write
+        enter("save", a[1])
+        path = real_save(*a, **k)
+        enter("saved", a[1])
+        return path
+
+    ckpt.save_checkpoint = save
 
 
 def _break_resume(what: str) -> None:

@@ -31,21 +31,28 @@ from denser.plugins import import_plugins
 
 def cmd_train(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad input (before any compute), 1 the run stopped (non-finite updates,
-    a checkpoint that could not be written), 130 interrupted. Each error is one line on stderr."""
+    a checkpoint that could not be written), 143 / 130 stopped by SIGTERM / SIGINT (a checkpoint of
+    the last finished step was written). Each error is one line on stderr."""
     cfg, objective = parse_train_args(argv)
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
     from denser.trainers.loop import Trainer, TrainingStopped, format_eval
     from denser.trainers.models import EmbeddedModelMissingError
+    from denser.trainers.preemption import Interrupted, StopSignals
 
     try:
-        summary = Trainer(cfg, objective).train()
+        with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
+            summary = Trainer(cfg, objective, stop_signals=signals).train()
     except EmbeddedModelMissingError as e:
         raise CLIError(str(e)) from None
     except (TrainingStopped, CheckpointError) as e:
         print(f"denser train: error: {one_line(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except Interrupted as stop:
+        if stop.is_main:
+            print(f"denser train: {one_line(stop.message)}", file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:  # a handler could not be installed (not the main thread)
         print("denser train: interrupted; rerun with --resume to continue from the newest complete checkpoint",
               file=sys.stderr)
         return 130

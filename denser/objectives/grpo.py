@@ -47,7 +47,9 @@ from denser.objectives.common import (
     with_old_logp,
 )
 
-DAPO_OVERLONG_BUFFER = 5  # tokens: DAPO's 4096 of 20480 (a fifth) of the default --max-new-tokens 24
+# tokens: DAPO's buffer is 4096 of its 20480-token budget (a fifth); 5 is a fifth of the built-in tasks'
+# shortest budget (24 tokens) and a tenth of the longest (48)
+DAPO_OVERLONG_BUFFER = 5
 
 
 def clipped_surrogate(
@@ -256,7 +258,7 @@ class DAPO(GRPO):
     def run_defaults(self) -> dict[str, Any]:
         """DAPO's dynamic sampling (drop groups whose rewards are all equal, generate more) and its soft
         overlong punishment (penalty factor 1.0; DAPO's buffer is a fifth of its 20480-token budget, here
-        DAPO_OVERLONG_BUFFER tokens, a fifth of the default budget of 24)."""
+        DAPO_OVERLONG_BUFFER tokens: a fifth to a tenth of the built-in tasks' budgets of 24-48 tokens)."""
         return {"dynamic_sampling": True, "overlong_buffer": DAPO_OVERLONG_BUFFER, "overlong_penalty": 1.0}
 
 

@@ -1,24 +1,40 @@
-"""Atomic checkpoints: written to a temporary directory, then renamed into place.
+"""Atomic, self-verifying checkpoints that run no code when loaded.
 
 A checkpoint ``<run>/checkpoints/step-000012/`` holds the model (``save_pretrained``, safetensors,
-loadable by ``AutoModelForCausalLM.from_pretrained``), the tokenizer, and ``state/``: optimizer,
-scheduler, the RNG streams of every process, the EMA teacher and ``trainer_state.json`` (step,
-metrics rows written, skip counters). Every file is written into ``.tmp-step-000012-*/`` and
-fsynced, then a ``COMPLETE`` marker, then the directory is renamed into place (one atomic rename)
-and its parent fsynced. A kill or a full disk at any point before the rename leaves only a
-temporary directory, which is never loaded and is removed by the next save; the previous
-checkpoint is untouched. Older checkpoints beyond ``keep_last`` are removed after a save.
+loadable by ``AutoModelForCausalLM.from_pretrained``), the tokenizer, and ``state/``:
+
+    train_state.safetensors   every tensor of the training state: optimizer moments, RNG streams
+    train_state.json          everything else (optimizer param groups, scheduler, RNG positions),
+                              with ``{"__tensor__": key}`` where a tensor of the file above belongs
+    teacher.safetensors       the EMA teacher's weights (objectives with a teacher)
+    trainer_state.json        step, metrics rows written, skip counters
+
+Nothing is pickled: loading a checkpoint reads tensors and JSON and can run no code, so a run
+directory from a shared drive or a download is safe to ``--resume``. Checkpoints of earlier
+versions (``state/train_state.pt``, a pickle) are refused with one line, never unpickled.
+
+Writing: every file goes into ``.tmp-step-000012-*/`` and is fsynced; then the ``COMPLETE`` marker
+records the size and SHA-256 of every file (a JSON manifest); then the directory is renamed into
+place (one atomic rename) and its parent fsynced. A kill or a full disk at any point before the
+rename leaves only a temporary directory, which is never loaded and is removed by the next save;
+the previous checkpoint is untouched. Older checkpoints beyond ``keep_last`` are removed after a
+save. Reading for a resume (:func:`latest_checkpoint` with ``verify=True``) checks the manifest
+and falls back to the previous checkpoint when the newest one was truncated, corrupted or lost a
+file on the way.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +49,26 @@ STEP_RE = re.compile(r"^step-(\d+)$")
 OLD_RE = re.compile(r"^\.old-step-(\d+)-")
 TMP_PREFIX = ".tmp-step-"
 OLD_PREFIX = ".old-step-"
-STATE_FILES = ("train_state.pt", "trainer_state.json")
+FORMAT = 2  # 1: state/train_state.pt (a pickle) and a COMPLETE marker holding the step only
+STATE_TENSORS = "train_state.safetensors"
+STATE_JSON = "train_state.json"
+TRAINER_STATE = "trainer_state.json"
+STATE_FILES = (STATE_TENSORS, STATE_JSON, TRAINER_STATE)
+LEGACY_STATE = "train_state.pt"
+HASH = "sha256"  # hardware-accelerated on current x86 and ARM CPUs; `sha256sum` checks it by hand
+HASH_BLOCK = 1 << 22
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read (full disk, missing files)."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files do not match its manifest (truncated, corrupted, missing)."""
+
+
+class LegacyCheckpointError(CheckpointError):
+    """A checkpoint of an earlier format whose training state is a pickle: never loaded."""
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -74,6 +105,179 @@ def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------ state encoding
+
+
+_MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__")
+_NDARRAY_KINDS = "biuf"  # numeric arrays only (numpy's RNG key is uint32)
+
+
+def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """``(tree, tensors)``: ``obj`` as JSON-able data and a flat dict of tensors for safetensors.
+
+    Handles what optimizer, scheduler and RNG states hold: None, bool, int, float, str, lists,
+    tuples, dicts (any JSON-able keys: the optimizer's state is keyed by int), tensors and
+    numeric numpy arrays. A tensor becomes ``{"__tensor__": key}``; any other type is a
+    :class:`CheckpointError`, so nothing that would need pickling is ever written.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def _fresh_key(path: str) -> str:
+        key = path or "root"
+        while key in tensors:  # a dict key holding a dot could collide with a nested path
+            key += "+"
+        return key
+
+    def enc(x: Any, path: str) -> Any:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, torch.Tensor):
+            key = _fresh_key(path)
+            t = x.detach().to("cpu")
+            if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+                t = t.contiguous().clone()  # a view: its own storage (safetensors refuses shared memory)
+            tensors[key] = t
+            return {"__tensor__": key}
+        if isinstance(x, np.ndarray):
+            if x.dtype.kind not in _NDARRAY_KINDS:
+                raise CheckpointError(f"cannot store a numpy array of dtype {x.dtype} at {path!r} in a checkpoint")
+            key = _fresh_key(path)
+            tensors[key] = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy())
+            return {"__ndarray__": key, "dtype": x.dtype.str, "shape": list(x.shape)}
+        if isinstance(x, np.generic):
+            return enc(x.item(), path)
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
+        if isinstance(x, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
+        if isinstance(x, dict):
+            if all(isinstance(k, str) and k not in _MARKERS for k in x):
+                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in x.items()}
+            return {"__dict__": [[enc(k, f"{path}.key{i}"), enc(v, f"{path}.{k}" if path else str(k))]
+                                 for i, (k, v) in enumerate(x.items())]}
+        raise CheckpointError(f"cannot store a {type(x).__name__} at {path!r} in a checkpoint "
+                              "(only tensors, numbers, strings and lists/tuples/dicts of them)")
+
+    return enc(obj, ""), tensors
+
+
+def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of :func:`encode_state`; a malformed tree is a :class:`CheckpointError`."""
+
+    def dec(x: Any) -> Any:
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return x
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if not isinstance(x, dict):
+            raise CheckpointError(f"unexpected {type(x).__name__} in the training state")
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]]
+        if "__ndarray__" in x:
+            dtype = np.dtype(str(x["dtype"]))
+            if dtype.kind not in _NDARRAY_KINDS:
+                raise CheckpointError(f"numpy dtype {dtype} is not allowed in the training state")
+            raw = tensors[x["__ndarray__"]].numpy().tobytes()
+            return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in x["shape"]]).copy()
+        if "__tuple__" in x:
+            return tuple(dec(v) for v in x["__tuple__"])
+        if "__dict__" in x:
+            return {_hashable(dec(k)): dec(v) for k, v in x["__dict__"]}
+        return {k: dec(v) for k, v in x.items()}
+
+    try:
+        return dec(tree)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"the training state is malformed ({type(e).__name__}: {e})") from None
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+# -------------------------------------------------------------------------------------- manifest
+
+
+def file_digest(path: Path) -> str:
+    """The SHA-256 of a file, read in 4 MiB blocks (hashlib releases the GIL: files hash in parallel)."""
+    h = hashlib.new(HASH)
+    with open(path, "rb") as f:
+        while block := f.read(HASH_BLOCK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _digests(root: Path, rels: list[str]) -> list[str]:
+    if len(rels) <= 1:
+        return [file_digest(root / r) for r in rels]
+    with ThreadPoolExecutor(max_workers=min(8, len(rels), os.cpu_count() or 1)) as pool:
+        return list(pool.map(lambda r: file_digest(root / r), rels))
+
+
+def manifest(root: Path, step: int) -> dict[str, Any]:
+    """What ``COMPLETE`` records: the format, the step and the size and hash of every file under
+    ``root`` (but ``COMPLETE`` itself)."""
+    rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != COMPLETE)
+    digests = _digests(root, rels)
+    files = {r: {"size": (root / r).stat().st_size, HASH: d} for r, d in zip(rels, digests)}
+    return {"format": FORMAT, "step": step, "hash": HASH, "files": files}
+
+
+def read_manifest(ckpt: Path) -> dict[str, Any] | None:
+    """The manifest in ``COMPLETE``, or None for a checkpoint of the earlier format (the step only)."""
+    marker = Path(ckpt) / COMPLETE
+    try:
+        text = marker.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: its {COMPLETE} marker cannot be read ({e})") from None
+    if text.strip().isdigit():
+        return None
+    try:
+        data = json.loads(text)
+        ok = isinstance(data, dict) and isinstance(data.get("files"), dict) and data.get("hash") == HASH
+    except ValueError:
+        ok = False
+    if not ok:
+        raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: its {COMPLETE} marker is not a manifest")
+    return data
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check every file of ``ckpt`` against its manifest (sizes first, then hashes).
+
+    Raises :class:`DamagedCheckpointError` naming the first file that is missing, of the wrong
+    size or with the wrong hash, and :class:`LegacyCheckpointError` for a checkpoint of the
+    earlier format (a pickled training state, no manifest)."""
+    ckpt = Path(ckpt)
+    data = read_manifest(ckpt)
+    if data is None:
+        raise LegacyCheckpointError(_legacy_message(ckpt))
+    files = data["files"]
+    for rel, info in files.items():
+        path = ckpt / rel
+        if not path.is_file():
+            raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {rel} is missing")
+        size = path.stat().st_size
+        if size != info.get("size"):
+            raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {rel} has {size} bytes, "
+                                         f"its manifest records {info.get('size')} (truncated?)")
+    for f in STATE_FILES:
+        if f"state/{f}" not in files:
+            raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: its manifest lists no state/{f}")
+    rels = list(files)
+    for rel, digest in zip(rels, _digests(ckpt, rels)):
+        if digest != files[rel].get(HASH):
+            raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {rel} does not match its {HASH} "
+                                         "(corrupted on disk or in transfer)")
+
+
+def _legacy_message(ckpt: Path) -> str:
+    return (f"checkpoint {ckpt} was written by an earlier denser: its training state is a pickle "
+            f"(state/{LEGACY_STATE}), and loading a pickle can run arbitrary code, so it is never loaded; "
+            f"resume it with the denser version that wrote it, or start a new run from its weights "
+            f"(--model {ckpt / 'model'})")
 
 
 # --------------------------------------------------------------------------------------- write
@@ -116,13 +320,15 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
         state = tmp / "state"
         state.mkdir()
         optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
-        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-                    "rng": rng if rng is not None else [rng_state()]}, state / "train_state.pt")
+        tree, tensors = encode_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+                                      "rng": rng if rng is not None else [rng_state()]})
+        save_file(tensors, str(state / STATE_TENSORS))
+        (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
         if teacher_state is not None:
             save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(state / "teacher.safetensors"))
-        (state / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(tmp)
-        atomic_write_text(tmp / COMPLETE, str(step))
+        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step), indent=1))
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             aside = final.parent / f"{OLD_PREFIX}{step:06d}-{tmp.name[len(TMP_PREFIX) + 7:]}"
             os.replace(final, aside)
@@ -184,9 +390,31 @@ def incomplete_checkpoints(run_dir) -> list[Path]:
                   if p.is_dir() and (p.name.startswith(TMP_PREFIX) or (STEP_RE.match(p.name) and not _is_complete(p))))
 
 
-def latest_checkpoint(run_dir) -> Path | None:
+def latest_checkpoint(run_dir, *, verify: bool = False, note: Callable[[str], None] | None = None) -> Path | None:
+    """The newest complete checkpoint of a run, or None.
+
+    ``verify=True`` (what ``--resume`` uses) checks it against its manifest; a damaged one is
+    reported with ``note`` (one line) and the previous one is tried. Raises
+    :class:`DamagedCheckpointError` when complete checkpoints exist but none is intact, and
+    :class:`LegacyCheckpointError` when the newest intact-looking one has a pickled state."""
     found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+    if not verify:
+        return found[-1] if found else None
+    damaged = []
+    for path in reversed(found):
+        try:
+            verify_checkpoint(path)
+        except DamagedCheckpointError as e:
+            damaged.append(str(e))
+            if note is not None:
+                note(f"{e}; trying the previous checkpoint")
+            continue
+        return path
+    if damaged:
+        only = "the only checkpoint" if len(damaged) == 1 else f"all {len(damaged)} checkpoints"
+        raise DamagedCheckpointError(f"{only} of {run_dir} damaged: {damaged[0]}; there is nothing intact to "
+                                     "resume from: restore the checkpoint from a copy, or start over with --overwrite")
+    return None
 
 
 def prune(run_dir, keep_last: int) -> None:
@@ -207,13 +435,30 @@ def prune(run_dir, keep_last: int) -> None:
 
 
 def load_train_state(ckpt: Path) -> tuple[dict, dict, dict[str, torch.Tensor] | None]:
-    """``(train_state {optimizer, scheduler, rng}, trainer_state, teacher_state or None)``."""
+    """``(train_state {optimizer, scheduler, rng}, trainer_state, teacher_state or None)``.
+
+    Reads safetensors and JSON only: no code can run. A checkpoint of the earlier format (a
+    pickled ``state/train_state.pt``) raises :class:`LegacyCheckpointError` without being read."""
     ckpt = Path(ckpt)
-    missing = [f for f in STATE_FILES if not (ckpt / "state" / f).is_file()]
+    state_dir = ckpt / "state"
+    missing = [f for f in STATE_FILES if not (state_dir / f).is_file()]
+    if missing and (state_dir / LEGACY_STATE).exists():
+        raise LegacyCheckpointError(_legacy_message(ckpt))
     if missing:
         raise CheckpointError(f"checkpoint {ckpt} is missing state/{', state/'.join(missing)}; it cannot be resumed from")
-    state = torch.load(ckpt / "state" / "train_state.pt", weights_only=False)
-    trainer_state = json.loads((ckpt / "state" / "trainer_state.json").read_text())
-    teacher_file = ckpt / "state" / "teacher.safetensors"
-    teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
+    try:
+        meta = json.loads((state_dir / STATE_JSON).read_text())
+        trainer_state = json.loads((state_dir / TRAINER_STATE).read_text())
+        tensors = load_file(str(state_dir / STATE_TENSORS))
+        teacher_file = state_dir / "teacher.safetensors"
+        teacher = load_file(str(teacher_file)) if teacher_file.exists() else None
+    except (OSError, ValueError, UnicodeDecodeError) as e:  # safetensors raises its own error types too
+        raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors' SafetensorError on a bad header
+        raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {type(e).__name__}: {e}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "state" not in meta:
+        raise CheckpointError(f"checkpoint {ckpt}: state/{STATE_JSON} is not a format-{FORMAT} training state")
+    state = decode_state(meta["state"], tensors)
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "rng"} <= state.keys():
+        raise CheckpointError(f"checkpoint {ckpt}: state/{STATE_JSON} lacks the optimizer, scheduler or RNG state")
     return state, trainer_state, teacher

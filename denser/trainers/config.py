@@ -68,6 +68,8 @@ class TrainConfig:
     eval_temperature: float = _f(0.6, "sampling temperature of the --eval-samples completions (SDPO's eval: 0.6)")
     eval_top_p: float = _f(0.95, "nucleus mass of the --eval-samples completions (SDPO's eval: 0.95)")
     save_every: int = _f(0, "checkpoint every N steps (0 = only at the end)")
+    save_every_minutes: float = _f(30.0, "also checkpoint when M minutes of training have passed since the last "
+                                         "checkpoint (0 = off), so a SIGKILL loses at most about M minutes")
     keep_last: int = _f(2, "checkpoints to keep")
     engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.trainers.register_rollout_engine): "
                      + " | ".join(list_rollout_engines()))
@@ -138,6 +140,8 @@ class TrainConfig:
                      "chunk_size", "overlong_buffer"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):
+            problems.append(f"--save-every-minutes must be a number >= 0 (0 = off), got {self.save_every_minutes}")
         for name in ("lr", "temperature", "top_p", "eval_temperature", "eval_top_p", "weight_decay", "adam_beta2",
                      "max_grad_norm", "overlong_penalty"):
             if not math.isfinite(getattr(self, name)):

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
@@ -46,6 +47,7 @@ from denser.trainers.config import TrainConfig, resolve_run_settings
 from denser.trainers.estimators import mean_stderr
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
+from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
@@ -140,6 +142,16 @@ class UpdateResult:
     metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
 
 
+def _accelerator(cfg: TrainConfig) -> Accelerator:
+    """The run's Accelerator. accelerate keeps one state per process and refuses a second Accelerator
+    with another mixed precision; in a single process (a notebook, ``denser.train`` called twice, a
+    test session) the earlier run's state is dropped instead. Launched processes keep theirs: there
+    every process builds the same Accelerator."""
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+
+
 class Trainer:
     """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics.
 
@@ -174,13 +186,13 @@ class Trainer:
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
-                 teacher_from_policy: bool = False):
+                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None):
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
-        self.accelerator = Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+        self.accelerator = _accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
         if fsdp_requested(cfg.fsdp, self.accelerator):
@@ -248,6 +260,14 @@ class Trainer:
             self._start_from(optimizer_state, teacher_state)
         self.tracker = tracker if tracker is not None else Tracker.for_run(cfg, self.run_dir, self._run_config())
         self._owns_tracker = tracker is None
+        # preemption (issue 16): who stops and when to save, agreed by all processes
+        if stop_signals is not None:
+            stop_signals.announce = stop_signals.announce and self.is_main
+        self.stop = StopControl(stop_signals, save_every_minutes=cfg.save_every_minutes, world=self.world,
+                                device=self.accelerator.device)
+        self.steps_done = self.start_step  # the last finished step
+        self.saved_step = self.start_step if resume_from is not None else None  # the step of the newest checkpoint
+        self._rng_boundary: tuple[int, dict] | None = None  # (step, RNG streams at the start of that step)
 
     # ------------------------------------------------------------------------------------ setup
 
@@ -343,14 +363,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------- eval
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, stop=None) -> float:
         """Greedy accuracy on the first ``eval_size`` rows of the eval split (all processes), or what
         the ``evaluator`` given to the constructor returns; :meth:`evaluate_all` adds standard errors
-        and the sampled accuracy."""
-        return float(self.evaluate_all()["eval_accuracy"])
+        and the sampled accuracy. ``stop``: passed to the engine (only where an abandoned eval loses
+        nothing: before step 1)."""
+        return float(self.evaluate_all(stop=stop)["eval_accuracy"])
 
     @torch.no_grad()
-    def evaluate_all(self) -> dict[str, float | None]:
+    def evaluate_all(self, stop=None) -> dict[str, float | None]:
         """The eval metrics of the current policy on the first ``eval_size`` rows of the eval split:
         ``eval_accuracy`` (one greedy completion per prompt) and its standard error over prompts
         ``eval_accuracy_se``; with ``--eval-samples n`` also ``eval_mean_at_n`` (the mean over prompts
@@ -369,12 +390,12 @@ class Trainer:
         if rows:
             prompt_ids = self.prompts.prompt_ids(rows)
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=1, do_sample=False)
-            greedy = self._successes(self._generate(prompt_ids, params), rows)
+            greedy = self._successes(self._generate(prompt_ids, params, stop=stop), rows)
             if cfg.eval_samples:
                 n = cfg.eval_samples
                 params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=n,
                                         temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-                rollout = self._generate(prompt_ids, params, seed=cfg.seed * 1009 + self.rank)
+                rollout = self._generate(prompt_ids, params, seed=cfg.seed * 1009 + self.rank, stop=stop)
                 ok = self._successes(rollout, [r for r in rows for _ in range(n)])
                 sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
         return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)
@@ -400,6 +421,8 @@ class Trainer:
     def step(self, step: int) -> dict[str, Any]:
         """One rollout batch (0-based ``step``): generate, score, signals, ``epochs x mini_batches``
         optimiser updates, then the once-per-rollout-batch schedule; its metrics row."""
+        # the RNG streams at this step's boundary: a stop inside the step saves these, not the advanced ones
+        self._rng_boundary = (step, ckpt.rng_state())
         timer = PhaseTimer()
         batch = self._rollout_batch(step, timer)
         with timer("signals"):
@@ -412,7 +435,9 @@ class Trainer:
         for u, indices in enumerate(self.signals.update_plan(rollout.num_samples, step)):
             with timer("signals"):
                 micro_batches = self.signals.micro_batches(rollout, sample, indices, step, u)
-            updates.append(self._update(rollout, micro_batches, timer))
+            # a stop may abandon the rollout batch only before its first applied optimiser step
+            stoppable = not any(up.applied for up in updates)
+            updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
         self._finish_step(updates, timer)
         return self._metrics_row(step, batch, updates, timer)
 
@@ -424,6 +449,7 @@ class Trainer:
             with timer("generate"):
                 rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
                 rollout = self._rollout(rows)
+            self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
             with timer("signals"):
                 return rollout, rows, self.signals.score(rollout, rows)
 
@@ -436,7 +462,7 @@ class Trainer:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self._generate(self.prompts.prompt_ids(rows), params)
+        rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
         return rollout
 
@@ -448,11 +474,15 @@ class Trainer:
         with torch.no_grad():
             return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params, **kw))
 
-    def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer) -> UpdateResult:
+    def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer, *, step: int = 0,
+                stoppable: bool = False) -> UpdateResult:
         """One optimiser update: accumulate the gradients of the update's micro-batches, then one
-        optimiser step (skipped when the loss or the gradient norm is not finite)."""
+        optimiser step (skipped when the loss or the gradient norm is not finite).
+
+        ``stoppable``: no update of this rollout batch was applied yet, so a stop request may abandon
+        the batch after a micro-batch (every process passes the same value: ``applied`` is agreed)."""
         cfg, parts, loss_total = self.cfg, [], 0.0
-        for mb in batches:
+        for i, mb in enumerate(batches):
             with timer("signals"):
                 teacher = self.signals.model_signals(rollout, mb)
             with timer("update"):
@@ -464,6 +494,8 @@ class Trainer:
                 self.accelerator.backward(loss * self.world)
                 loss_total += float(loss.detach())
                 parts.append(metrics)
+            if stoppable:
+                self.stop.check(f"step {step + 1}, after micro-batch {i + 1}/{len(batches)}")
         with timer("update"):
             grad_norm = self._clip_gradients()
             loss_sum = float(self._sum_over_processes(torch.tensor([loss_total]))[0])
@@ -572,7 +604,8 @@ class Trainer:
 
         A failed write (a full disk) leaves the previous checkpoints as they were and raises
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
-        rng = gather_object([ckpt.rng_state()])  # one entry per process, in rank order
+        at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
+        rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
         # FSDP: whole tensors gathered by every process for the main one (a single-process checkpoint)
         model_state = optimizer_state = None
         if self.sharding is not None:
@@ -599,19 +632,34 @@ class Trainer:
             raise ckpt.CheckpointError(f"could not write checkpoint {ckpt.checkpoint_dir(self.run_dir, step)}{reason}; "
                                        f"the run stopped at step {step}; {keep}")
         self.accelerator.wait_for_everyone()
+        self.saved_step = step
+        self.stop.saved()
         return path
 
     def train(self) -> dict[str, Any]:
-        """Run the remaining steps (with evaluations before and after, and checkpoints); a summary."""
-        cfg = self.cfg
+        """Run the remaining steps (with evaluations before and after, and checkpoints); a summary.
+
+        A stop request (SIGTERM, Ctrl-C through ``stop_signals``) abandons the step in progress, saves
+        the last finished step and raises :class:`~denser.trainers.preemption.Interrupted`."""
         summary: dict[str, Any] = {"run_dir": str(self.run_dir), "is_main": self.is_main}
+        try:
+            return self._train(summary)
+        except Interrupted as stop:  # abandon the step in progress; keep every finished one
+            if self._owns_tracker:
+                self.tracker.finish()
+            raise self._stopped(stop) from None
+
+    def _train(self, summary: dict[str, Any]) -> dict[str, Any]:
+        cfg = self.cfg
+        self.stop.check("the start of the run")
         if self.finished:
             path = ckpt.latest_checkpoint(self.run_dir)
             self._note(f"--resume: the run in {self.run_dir} is already complete ({cfg.steps} steps); nothing to do")
             summary.update(already_complete=True, checkpoint=str(path) if path else None)
             return summary
         if self.start_step == 0:
-            metrics = self.evaluate_all()
+            metrics = self.evaluate_all(stop=self.stop.during_generation)
+            self.stop.check("the evaluation before training")  # a stop during it: nothing was done, nothing saved
             summary.update(eval_accuracy_before=metrics["eval_accuracy"], eval_before=metrics)
             self._note(f"eval accuracy before training: {self._eval_line(metrics)}")
             self._log_row({"step": 0, **metrics})
@@ -622,12 +670,15 @@ class Trainer:
         last = None
         try:
             for step in range(self.start_step, cfg.steps):
+                if self.stop.boundary(f"the start of step {step + 1}") and step > 0 and self.saved_step != step:
+                    self.save(step)  # --save-every-minutes
                 row = self.step(step)
                 done = step + 1
                 self._count_skips(row, done)
                 if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
                     row.update(self.evaluate_all())
                 self._log_row(row)
+                self.steps_done = done
                 last = row
                 if bar is not None:
                     bar.update(1)
@@ -640,6 +691,7 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
+        self.stop.check("the final evaluation")
         metrics = self.evaluate_all()
         self._log_row({"step": cfg.steps, **metrics})
         path = self.save(cfg.steps, finished=True)
@@ -651,6 +703,28 @@ class Trainer:
         if self._owns_tracker:
             self.tracker.finish()
         return summary
+
+    def _stopped(self, stop: Interrupted) -> Interrupted:
+        """After a stop request: a checkpoint of the last finished step (unless one exists) and the
+        one line that says where it is and how to resume. Every process takes part (the save)."""
+        self.optimizer.zero_grad(set_to_none=True)  # the abandoned step's gradients
+        done = self.steps_done
+        t_stop = time.monotonic()
+        received = getattr(self.stop.signals, "received_at", None)  # None on a process the signal did not reach
+        timing = f"; {t_stop - received:.1f} s from the signal to here" if received is not None else ""
+        if done > 0 and self.saved_step != done:
+            self.save(done)
+            timing += f", {time.monotonic() - t_stop:.1f} s to save"
+        path = ckpt.checkpoint_dir(self.run_dir, done) if self.saved_step == done else None
+        stop.step, stop.checkpoint, stop.is_main = done, path, self.is_main
+        head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
+        if path is None:
+            stop.message = f"{head}: no step had finished, nothing to save; rerun the same command to start over"
+        else:
+            flags = " --no-overwrite" if self.cfg.overwrite else ""
+            stop.message = (f"{head}; step {done} of {self.cfg.steps} is saved in {path}; continue with: denser train "
+                            f"--config {self.run_dir / 'config.yaml'} --resume{flags}")
+        return stop
 
     def _log_row(self, row: dict[str, Any]) -> None:
         """One row of metrics.jsonl, also sent to the trackers (main process)."""

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -241,11 +242,14 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Rollout:
         """Sample ``params.num_generations`` completions for each prompt (token ids, e.g. from
         :func:`denser.trainers.models.render_prompt`). ``seed`` makes the call reproducible
-        without touching the global RNG; ``None`` uses the global RNG."""
+        without touching the global RNG; ``None`` uses the global RNG. ``stop``: polled while
+        generating (a graceful stop of the run); once it returns True the engine may end every
+        completion early: the caller then abandons the rollout."""
 
     def update_weights(self, model: Any) -> None:  # noqa: B027 - optional hook
         """Bring the engine's weights up to date with ``model`` (no-op by default)."""
@@ -343,7 +347,8 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None,
+        stop: Callable[[], bool] | None = None,
     ) -> Rollout:
         prompts = [list(map(int, p)) for p in prompt_ids]
         if not prompts:
@@ -363,7 +368,7 @@ class HFRolloutEngine(RolloutEngine):
             if seed is not None:
                 torch.manual_seed(seed)
             for start in range(0, len(flat), chunk):
-                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device)
+                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device, stop)
                 completions += c
                 logps += lp
                 truncated += tr
@@ -380,7 +385,8 @@ class HFRolloutEngine(RolloutEngine):
         )
 
     def _generate_chunk(
-        self, prompts: list[list[int]], params: SamplingParams, device: torch.device
+        self, prompts: list[list[int]], params: SamplingParams, device: torch.device,
+        stop: Callable[[], bool] | None = None,
     ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
         # lazy: importing transformers takes seconds, and `denser train --help` imports this module
         from transformers import GenerationConfig, LogitsProcessorList
@@ -418,6 +424,7 @@ class HFRolloutEngine(RolloutEngine):
                 attention_mask=attention_mask.to(device),
                 generation_config=config,
                 logits_processor=LogitsProcessorList(processors),
+                **({"stopping_criteria": _stop_criteria(stop)} if stop is not None else {}),
             )
         logp_steps = recorder.finish(sequences).cpu()
         new = sequences[:, width:].cpu()
@@ -428,6 +435,19 @@ class HFRolloutEngine(RolloutEngine):
             logps.append(logp_steps[b, : len(tokens)].clone())
             truncated.append(tr)
         return completions, logps, truncated
+
+
+def _stop_criteria(stop: Callable[[], bool]):
+    """A ``generate`` stopping criterion that ends every sequence once ``stop()`` is True (it
+    samples nothing and draws no random numbers: a run that is never stopped is unchanged).
+    Under FSDP, ``generate`` keeps the processes in step (``synced_gpus``) when one ends early."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
 
 
 @contextlib.contextmanager

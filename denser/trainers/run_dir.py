@@ -65,7 +65,10 @@ class RunDir:
             self._check_same_run(existing, run_config)
         for p in ckpt.incomplete_checkpoints(run):
             self.note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
-        latest = ckpt.latest_checkpoint(run)
+        try:  # the newest checkpoint that matches its manifest; damaged ones are named and skipped
+            latest = ckpt.latest_checkpoint(run, verify=True, note=lambda m: self.note(f"--resume: {m}"))
+        except ckpt.CheckpointError as e:  # damaged or pickled (an older denser): before any compute
+            raise ValueError(f"--resume: {e}") from None
         if latest is None:
             self.note(f"--resume: no complete checkpoint in {run}; starting from step 0")
             return None

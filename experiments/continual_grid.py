@@ -1,0 +1,209 @@
+"""Continual post-training at a scale that separates the objectives: GRPO (SDPO's baseline settings),
+SDPO with an EMA teacher, SDPO with a frozen teacher and the loss-blend hybrid at lam 0.5, three seeds
+each, plus the density frontier (hybrid at lam 0, 0.25, 0.75, 1; lam 0.5 is the grid's run), on the
+embedded SmolLM2-135M-Instruct, on CPU.
+
+    python experiments/continual_grid.py run        # every run not yet finished, one after another
+    python experiments/continual_grid.py run --jobs 2 --only seed0
+    python experiments/continual_grid.py status     # which runs are finished, running, left
+    python experiments/continual_grid.py report     # denser compare over the finished runs
+
+The grid is a list of independent runs (``RUNS`` below). ``run`` skips every run whose
+``continual.json`` is already under ``experiments/results/continual_grid/runs/<name>/`` (committed
+results), and resumes an interrupted one after its last finished stage (``denser continual
+--resume``); so a later session continues where this one stopped. A finished run's record, report,
+plots and responses are copied to the results folder and its checkpoints are deleted (3 stages x
+540 MB). ``run`` prints the exact ``denser continual`` command of each run, and
+``results/continual_grid/runs/<name>/command.txt`` keeps it.
+
+Sequence: ``larger`` -> ``subtract`` -> ``multiply`` (trained), ``smaller`` and ``units`` held out.
+The pilot (8 steps of each task alone, the library defaults, 48 greedy prompts, 2026-11-29): the
+initial model scores larger 0.56, subtract 0.33, multiply 0.48, smaller 0.52, units 0.42; 8 GRPO
+steps moved larger to 0.94 and subtract to 0.46 while 8 SDPO steps took larger to 0.00, so 8 steps
+per task move the first task measurably for both objectives. Evaluation: the first 48 eval prompts
+of each task, greedy at every stage, mean@4 sampled (temperature 0.6, top-p 0.95) at the first and
+last stage. Shared settings: 4 prompts x 4 completions a step, 32 new tokens, AdamW lr 2e-5
+constant, weight decay 0.01, beta2 0.999, gradient clipping 1.0, the per-sequence token mean;
+the optimizer is reset at every stage. GRPO uses SDPO's baseline loss (configs/grpo_sdpo_baseline.yaml:
+clip 0.2/0.28, dual clip 3, advantages not divided by the std, 4 mini-batch updates per rollout
+batch, no shuffling); SDPO uses SDPO's defaults (configs/sdpo.yaml: top-100 + tail, alpha 0.5,
+IS clip 2, EMA rate 0.05); the hybrid uses both.
+
+Runs are deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless given): a
+rerun of a run with the same command reproduces its accuracy matrix exactly. A run takes 20-40
+minutes on one core of the 2-core machine this was made on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results" / "continual_grid"
+WORK = ROOT / "runs" / "continual_grid"  # checkpoints and logs while a run is going (not committed)
+
+TASKS, HELD_OUT = "larger,subtract,multiply", "smaller,units"
+SEEDS = (0, 1, 2)
+STEPS_PER_TASK = 8
+
+COMMON = ["--model", "default", "--tasks", TASKS, "--eval-tasks", HELD_OUT,
+          "--steps-per-task", str(STEPS_PER_TASK), "--prompts-per-step", "4", "--num-generations", "4",
+          "--max-new-tokens", "32", "--micro-batch-size", "8",
+          "--lr", "2e-5", "--lr-schedule", "constant", "--warmup-steps", "0", "--weight-decay", "0.01",
+          "--adam-beta2", "0.999", "--max-grad-norm", "1.0", "--temperature", "1.0", "--top-p", "1.0",
+          "--eval-size", "48", "--eval-samples", "4", "--sampled-eval-stages", "first-last",
+          "--spectral-rank", "16", "--loss-agg-mode", "seq-mean-token-mean", "--no-progress"]
+# SDPO's GRPO baseline (configs/grpo_sdpo_baseline.yaml), the loss part
+GRPO = ["--clip-low", "0.2", "--clip-high", "0.28", "--clip-ratio-c", "3.0", "--kl-coef", "0.0",
+        "--entropy-coef", "0.0", "--scale-rewards", "none"]
+GRPO_UPDATES = ["--mini-batches", "4", "--no-shuffle-mini-batches"]
+# SDPO's defaults (configs/sdpo.yaml), the loss and teacher part
+SDPO = ["--alpha", "0.5", "--distill-mode", "topk", "--topk", "100", "--add-tail", "--is-clip", "2.0",
+        "--teacher-update-rate", "0.05", "--success-threshold", "0.5", "--dont-reprompt-on-self-success",
+        "--remove-thinking", "--no-include-feedback"]
+
+
+def _runs() -> dict[str, dict]:
+    """name -> {args, seed, label, group}; the order is the order ``run`` takes them in."""
+    runs: dict[str, dict] = {}
+    for seed in SEEDS:
+        grid = {
+            "grpo": ("grpo (SDPO baseline)", ["--objective", "grpo", *GRPO, *GRPO_UPDATES]),
+            "sdpo_ema": ("sdpo (EMA teacher)", ["--objective", "sdpo", "--teacher", "ema", *SDPO]),
+            "sdpo_frozen": ("sdpo (frozen teacher)", ["--objective", "sdpo", "--teacher", "frozen", *SDPO]),
+            "hybrid": ("hybrid (lam 0.5)", ["--objective", "hybrid", "--lam", "0.5", "--teacher", "ema", *GRPO, *SDPO]),
+        }
+        for key, (label, args) in grid.items():
+            runs[f"{key}-s{seed}"] = {"args": args, "seed": seed, "label": label, "group": f"seed{seed}"}
+    for lam in (0.0, 0.25, 0.75, 1.0):  # the frontier: lam 0.5 is hybrid-s0
+        runs[f"hybrid_lam{lam:g}-s0"] = {
+            "args": ["--objective", "hybrid", "--lam", f"{lam:g}", "--teacher", "ema", *GRPO, *SDPO],
+            "seed": 0, "label": f"hybrid (lam {lam:g})", "group": "frontier"}
+    return runs
+
+
+RUNS = _runs()
+
+
+def command(name: str) -> list[str]:
+    spec = RUNS[name]
+    cmd = [sys.executable, "-m", "denser", "continual", *spec["args"], *COMMON, "--seed", str(spec["seed"]),
+           "--output-dir", str(WORK / name), "--resume"]
+    first = next(n for n, s in RUNS.items() if s["seed"] == spec["seed"])
+    if name != first:  # stage 0 (the initial model, this seed) is measured once per seed
+        cmd += ["--initial-eval-from", str(_stage0_source(first))]
+    return cmd
+
+
+def _stage0_source(name: str) -> Path:
+    return RESULTS / "runs" / name if (RESULTS / "runs" / name / "continual.json").is_file() else WORK / name
+
+
+def finished(name: str) -> bool:
+    return (RESULTS / "runs" / name / "continual.json").is_file()
+
+
+def _wait_for_stage0(name: str, log) -> None:
+    spec = RUNS[name]
+    first = next(n for n, s in RUNS.items() if s["seed"] == spec["seed"])
+    if name == first:
+        return
+    while True:
+        src = _stage0_source(first) / "continual.json"
+        if src.is_file() and json.loads(src.read_text()).get("stages"):
+            return
+        log(f"{name}: waiting for {first}'s stage 0")
+        time.sleep(60)
+
+
+def _publish(name: str) -> None:
+    """Copy what is committed (no checkpoints), then free the disk."""
+    src, dst = WORK / name, RESULTS / "runs" / name
+    dst.mkdir(parents=True, exist_ok=True)
+    for item in ("report.md", "plots", "responses"):
+        if (src / item).is_dir():
+            shutil.copytree(src / item, dst / item, dirs_exist_ok=True)
+        elif (src / item).is_file():
+            shutil.copy2(src / item, dst / item)
+    (dst / "command.txt").write_text(shlex.join(command(name)).replace(str(ROOT) + "/", "") + "\n")
+    shutil.copy2(src / "continual.json", dst / "continual.json.tmp")
+    os.replace(dst / "continual.json.tmp", dst / "continual.json")  # last: its presence means finished
+    for ckpt in src.glob("**/checkpoints"):
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def run_one(name: str) -> int:
+    def log(msg):
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+    _wait_for_stage0(name, log)
+    cmd = command(name)
+    (WORK / name).mkdir(parents=True, exist_ok=True)
+    log(f"{name}: {shlex.join(cmd)}")
+    t0 = time.time()
+    with open(WORK / f"{name}.log", "a") as out:
+        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if rc == 0:
+        _publish(name)
+    log(f"{name}: exit {rc} after {(time.time() - t0) / 60:.1f} min (log {WORK / name}.log)")
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run every unfinished run (or those of --only)")
+    r.add_argument("--only", default="", help="comma-separated run names or groups (seed0, seed1, seed2, frontier)")
+    r.add_argument("--jobs", type=int, default=1, help="runs at once (each single-threaded)")
+    sub.add_parser("status", help="finished / left")
+    sub.add_parser("report", help="denser compare over the finished runs")
+    sub.add_parser("commands", help="print every run's command")
+    args = p.parse_args(argv)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+    if args.cmd == "commands":
+        for name in RUNS:
+            print(shlex.join(command(name)))
+        return 0
+    if args.cmd == "status":
+        for name, spec in RUNS.items():
+            state = "finished" if finished(name) else ("started" if (WORK / name).exists() else "left")
+            print(f"{name:22s} {spec['group']:9s} {state}")
+        return 0
+    if args.cmd == "report":
+        return report()
+    wanted = {w for w in args.only.split(",") if w}
+    unknown = wanted - set(RUNS) - {s["group"] for s in RUNS.values()}
+    if unknown:
+        p.error(f"--only: unknown {sorted(unknown)}; names: {', '.join(RUNS)}; groups: seed0, seed1, seed2, frontier")
+    todo = [n for n, s in RUNS.items() if not finished(n) and (not wanted or n in wanted or s["group"] in wanted)]
+    print(f"{len(todo)} runs to do: {', '.join(todo)}", flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        codes = list(pool.map(run_one, todo))
+    return max(codes, default=0)
+
+
+def report() -> int:
+    """One comparison of the finished runs: the grid (seeds pooled per label) and the frontier."""
+    done = [n for n in RUNS if finished(n)]
+    if not done:
+        print("no finished runs yet", file=sys.stderr)
+        return 1
+    dirs = [str(RESULTS / "runs" / n) for n in done]
+    labels = ",".join(RUNS[n]["label"] for n in done)
+    cmd = [sys.executable, "-m", "denser", "compare", *dirs, "--labels", labels, "--out", str(RESULTS)]
+    print(shlex.join(cmd), flush=True)
+    return subprocess.call(cmd, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
