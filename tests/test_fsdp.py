@@ -16,11 +16,14 @@ Tolerance. Two processes sum the same float32 terms in another order (each proce
 micro-batches, then the gradients are reduce-scattered; the loss and normalisers are all-reduced),
 so values differ by a few float32 roundings: relative 1e-6 of a value's scale (float32 epsilon is
 1.2e-7; a sum of n terms in another order moves by up to ~n*eps of its largest term). The checks use
-``rtol = 2e-5`` on loss and gradient norm, and on weights ``atol = 1e-5`` (the learning rate here is
-1e-3: AdamW's first steps move every weight by about lr, so 1e-5 is 1% of a step; an element whose
-gradient is ~0 can see its tiny gradient change sign and its step move by up to ~lr: none did in
-these runs, and a wrong formula (a gradient off by the process count, a missed micro-batch, a
-teacher not updated) moves whole tensors by a full step).
+``rtol = 2e-5`` on loss and gradient norm, and on weights ``atol = 5e-5`` (the learning rate here is
+1e-3: AdamW's first steps move every weight by about lr, so 5e-5 is 5% of a step). Most weights agree
+to ~4e-6; AdamW divides each gradient by its own magnitude, so an element whose gradient is near
+AdamW's eps (1e-8) and is a sum that nearly cancels sees its rounding amplified into its step: the
+worst seen were 1.9e-5 under FSDP and 1.6e-5 under DDP (an embedding row, grpo with a KL reference,
+the second update; 0.96e-5 for the same run started in a fresh process, so the summation order also
+depends on what ran before in the process) and 1.6e-5 for hybrid_adv. A wrong formula (a missed micro-batch, a teacher not updated) moves whole tensors by
+a full step, and a gradient off by the process count changes the gradient norm.
 
 ``DENSER_FSDP_TESTS=1`` adds the long forms: every built-in objective under FSDP, live and frozen
 teachers and a reference model, DDP equality, and SIGKILL + ``--resume`` of two FSDP processes.
@@ -48,7 +51,7 @@ BASE = ["--model", "tiny", "--task", TASK, "--engine", ENGINE, "--steps", "2", "
         "--num-generations", "4", "--eval-size", "2", "--micro-batch-size", "3", "--no-progress", "--lr", "1e-3",
         "--save-every", "1", "--keep-last", "3", "--cpu"]
 PROMPTS = 2  # per process with two processes; one process takes 2 * PROMPTS
-RTOL, ATOL_WEIGHTS = 2e-5, 1e-5
+RTOL, ATOL_WEIGHTS = 2e-5, 5e-5
 
 OBJECTIVES = {
     "grpo": ["--objective", "grpo"],
