@@ -290,17 +290,23 @@ def test_sharding_settings_denser_does_not_run_fail_with_the_fix():
             Sharding(SimpleNamespace(**{**base, **change}), torch.device("cpu"))
 
 
-def test_continual_chaining_is_refused_under_fsdp(tmp_path):
+def test_continual_chaining_and_fp16_are_refused_under_fsdp(tmp_path):
     """Before any model is loaded or any process group started."""
+    import dataclasses
+
     import torch
+    import torch.distributed as dist
 
     from denser.trainers.config import TrainConfig
     from denser.trainers.loop import Trainer
 
+    was = dist.is_initialized()
     cfg = TrainConfig(model="tiny", fsdp=True, output_dir=str(tmp_path / "r"), progress=False)
     with pytest.raises(ValueError, match="continual runner"):
         Trainer(cfg, anchor=torch.nn.Linear(1, 1), log=lambda *a: None)
-    assert not (tmp_path / "r").exists()
+    with pytest.raises(ValueError, match="--mixed-precision fp16 needs a gradient scaler.*bf16"):
+        Trainer(dataclasses.replace(cfg, mixed_precision="fp16"), log=lambda *a: None)
+    assert not (tmp_path / "r").exists() and dist.is_initialized() == was
 
 
 @pytest.mark.slow

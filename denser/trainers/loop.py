@@ -52,7 +52,7 @@ from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
 from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
-from denser.trainers.sharding import ModelCall, Sharding, fsdp_requested
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.signals import (
     MicroBatch,
     SignalComputer,
@@ -195,15 +195,9 @@ class Trainer:
         self.accelerator = _accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        if fsdp_requested(cfg.fsdp, self.accelerator):
-            if any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy:
-                raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state, "
-                                 "teacher_from_policy) do not run under FSDP; run them without --fsdp or an FSDP "
-                                 "accelerate config")
-            if cfg.mixed_precision == "fp16":
-                raise ValueError("--mixed-precision fp16 needs a gradient scaler, which FSDP runs do not use; "
-                                 "use --mixed-precision bf16 (or no)")
-        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp)  # None: one process, or DDP
+        chained = any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision,
+                                         chained=chained)  # None: one process, or DDP
         self.task = task if task is not None else _task_of(cfg)
         self.cfg = cfg = resolve_run_settings(cfg, self.task)  # max_new_tokens, eval_size: 0 = from the task
         self._check_data()
@@ -226,7 +220,8 @@ class Trainer:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.loss_module, self.reference_root = PolicyLoss(policy), None
         if self.sharding is not None:  # before the optimizer, which holds the sharded parameters
-            self._shard_models()
+            self.reference_root, line = self.sharding.shard_run(self.loss_module, self.reference, self.teacher)
+            self._note(line)
         decay = [p for p in policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
@@ -317,27 +312,6 @@ class Trainer:
             shared = None if self.teacher_from_policy else initial
             self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
-
-    def _shard_models(self) -> None:
-        """FSDP: the policy, then each frozen model (the reference; a frozen, EMA or trust-region
-        teacher's own model, one root when they share it), all sharded alike; nothing is gathered
-        until used."""
-        sharding, roots = self.sharding, {}
-        sharding.shard(self.loss_module)
-
-        def root_of(model: nn.Module) -> ModelCall:
-            if id(model) not in roots:
-                roots[id(model)] = sharding.shard(ModelCall(model), frozen=True)
-            return roots[id(model)]
-
-        if self.reference is not None:
-            self.reference_root = root_of(self.reference)
-        if self.teacher is not None:
-            self.teacher.shard(sharding, policy_root=self.loss_module, root_of=root_of)
-        units = len(sharding.units(self.loss_module.model))
-        models = ", ".join(["the policy"] + (["the reference"] if self.reference is not None else [])
-                           + ([f"the {self.teacher.mode} teacher"] if self.teacher is not None else []))
-        self._note(f"FSDP2: {models} sharded over {self.world} process(es) ({units} layer units + a root each)")
 
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
@@ -606,11 +580,9 @@ class Trainer:
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
         at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
         rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
-        # FSDP: whole tensors gathered by every process for the main one (a single-process checkpoint)
-        model_state = optimizer_state = None
-        if self.sharding is not None:
-            model_state = Sharding.full_state(self.policy.state_dict(), keep=self.is_main)
-            optimizer_state = self.sharding.full_optimizer_state(self.optimizer, keep=self.is_main)
+        # FSDP: whole tensors gathered by every process, written by the main one (a single-process checkpoint)
+        model_state, optimizer_state = (None, None) if self.sharding is None else (
+            self.sharding.checkpoint_states(self.policy, self.optimizer, keep=self.is_main))
         teacher_state = self.teacher.state_dict() if self.teacher else None
         path, error = None, None
         if self.is_main:

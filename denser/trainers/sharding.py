@@ -112,11 +112,22 @@ class Sharding:
         self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
 
     @classmethod
-    def for_run(cls, accelerator: Any, cfg_fsdp: bool) -> "Sharding | None":
+    def for_run(cls, accelerator: Any, cfg_fsdp: bool, *, mixed_precision: str = "no",
+                chained: bool = False) -> "Sharding | None":
         """The run's sharding, or None (one process or DDP). With one process, a process group of
-        one is started, so ``--fsdp`` runs the same code on one process as on many."""
+        one is started, so ``--fsdp`` runs the same code on one process as on many.
+
+        Refused before anything is loaded or started: ``chained`` (a run the continual runner
+        starts from another's state) and fp16 mixed precision (it needs a gradient scaler)."""
         if not fsdp_requested(cfg_fsdp, accelerator):
             return None
+        if chained:
+            raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state, "
+                             "teacher_from_policy) do not run under FSDP; run them without --fsdp or an FSDP "
+                             "accelerate config")
+        if mixed_precision == "fp16":
+            raise ValueError("--mixed-precision fp16 needs a gradient scaler, which FSDP runs do not use; "
+                             "use --mixed-precision bf16 (or no)")
         if not dist.is_initialized():
             backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -163,6 +174,29 @@ class Sharding:
                 fully_shard(unit, reshard_after_forward=True if frozen else self.reshard_after_forward, **kw)
         fully_shard(root, reshard_after_forward=True if frozen else None, **kw)
         return root
+
+    def shard_run(self, policy_root: ModelCall, reference: nn.Module | None,
+                  teacher: Any | None) -> tuple[ModelCall | None, str]:
+        """A run's models, all sharded alike: the policy (under ``policy_root``), then each frozen
+        model (the reference; a frozen, EMA or trust-region teacher's own model, one root when it is
+        the reference's), through ``teacher.shard``; nothing is gathered until used. Returns the
+        reference's root (None without one) and a line saying what was sharded."""
+        roots: dict[int, ModelCall] = {}
+        self.shard(policy_root)
+
+        def root_of(model: nn.Module) -> ModelCall:
+            if id(model) not in roots:
+                roots[id(model)] = self.shard(ModelCall(model), frozen=True)
+            return roots[id(model)]
+
+        reference_root = root_of(reference) if reference is not None else None
+        if teacher is not None:
+            teacher.shard(self, policy_root=policy_root, root_of=root_of)
+        units = len(self.units(policy_root.model))
+        models = ", ".join(["the policy"] + (["the reference"] if reference is not None else [])
+                           + ([f"the {teacher.mode} teacher"] if teacher is not None else []))
+        return reference_root, (f"FSDP2: {models} sharded over {dist.get_world_size()} process(es) "
+                                f"({units} layer units + a root each)")
 
     @staticmethod
     def run(root: ModelCall, fn: Callable[[nn.Module], T]) -> T:
@@ -219,6 +253,13 @@ class Sharding:
         sd = optimizer.state_dict()
         state = {i: self.full_state(s, keep) for i, s in sorted(sd["state"].items())}
         return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+    def checkpoint_states(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                          keep: bool) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """``(model state, optimizer state)`` gathered whole, what one unsharded process would save
+        (:func:`denser.trainers.checkpoint.save_checkpoint`'s ``model_state``, ``optimizer_state``).
+        A collective: every process calls it; those without ``keep`` get ``(None, None)``."""
+        return self.full_state(model.state_dict(), keep), self.full_optimizer_state(optimizer, keep)
 
     @staticmethod
     def shard_like(full: Tensor, like: Tensor) -> Tensor:
