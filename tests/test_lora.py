@@ -100,11 +100,14 @@ def test_bad_target_modules_name_the_flag_and_the_model_layers():
 
 
 def test_fsdp_continual_and_ema_teacher_path_are_refused(tmp_path):
+    from accelerate.utils import DistributedType
+
     cfg = TrainConfig(model="tiny", lora_r=4)
-    fsdp = types.SimpleNamespace(distributed_type="DistributedType.FSDP")
-    with pytest.raises(ValueError, match="--lora-r with FSDP is not supported"):
-        check_lora_run(cfg, fsdp)
-    check_lora_run(cfg, types.SimpleNamespace(distributed_type="DistributedType.MULTI_GPU"))  # DDP is fine
+    with pytest.raises(ValueError, match="--lora-r with --fsdp is not supported"):
+        TrainConfig(model="tiny", lora_r=4, fsdp=True)
+    with pytest.raises(ValueError, match=r"--lora-r with FSDP \(--fsdp or an accelerate FSDP config\) is not supported"):
+        check_lora_run(cfg, types.SimpleNamespace(distributed_type=DistributedType.FSDP))
+    check_lora_run(cfg, types.SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))  # DDP is fine
     from denser.continual import ContinualConfig, ContinualRunner
 
     with pytest.raises(ValueError, match="denser continual does not support --lora-r"):

@@ -111,6 +111,8 @@ class TrainConfig:
     merge_lora: bool = _f(False, "with --lora-r: the final checkpoint also holds merged/, the base model with the "
                           "adapter merged in (loadable with from_pretrained); `denser merge-lora RUN` does it later")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
+    fsdp: bool = _f(False, "shard the policy, reference and teacher across processes with FSDP2 (launch with torchrun; "
+                    "an accelerate config with distributed_type FSDP turns it on too); without it, processes run DDP")
     progress: bool = _f(True, "show a progress bar")
     report_to: str = _f("none", "experiment trackers, comma-separated: none | " + " | ".join(TRACKERS) + " (through "
                         "accelerate; metrics.jsonl is always written; TensorBoard logs go to <run>/tensorboard)")
@@ -203,6 +205,9 @@ class TrainConfig:
             problems.append("--lora-target-modules is empty; give 'all-linear' or comma-separated module names")
         if self.merge_lora and self.lora_r == 0:
             problems.append("--merge-lora needs --lora-r > 0 (without LoRA the checkpoint's model/ is the full model)")
+        if self.lora_r > 0 and self.fsdp:
+            problems.append("--lora-r with --fsdp is not supported (one frozen base model and a small adapter: one "
+                            "process or DDP trains it); drop --fsdp or --lora-r")
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             problems.append("--lora-r needs the peft package: pip install 'denser[lora]' (or pip install peft)")
         return problems

@@ -48,6 +48,7 @@ from denser.objectives import Signal, TeacherSpec
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.io import fsync_dir
 from denser.trainers.models import load_model
+from denser.trainers.sharding import fsdp_requested
 from denser.trainers.teacher import TeacherWeights
 
 #: ``--lora-target-modules`` default: every linear layer of the blocks (peft's shorthand; never the output layer)
@@ -257,13 +258,12 @@ def lora_teacher(spec: TeacherSpec, policy: nn.Module) -> TeacherWeights:
 
 
 def check_lora_run(cfg: Any, accelerator: Any) -> None:
-    """Refuse what LoRA does not support, before any model is loaded: FSDP (its flat parameters
-    and peft's adapter layers are not wired together here)."""
-    if not cfg.lora_r:
-        return
-    if str(getattr(accelerator, "distributed_type", "")).upper().endswith("FSDP"):
-        raise ValueError("--lora-r with FSDP is not supported: a LoRA run holds one frozen base model and a small "
-                         "adapter, which DDP (accelerate launch without an FSDP config) trains fine; or drop --lora-r")
+    """Refuse what LoRA does not support, before any model is loaded: FSDP (``--fsdp`` or an
+    accelerate FSDP config; the sharded policy and peft's adapter layers are not wired together)."""
+    if cfg.lora_r and fsdp_requested(cfg.fsdp, accelerator):
+        raise ValueError("--lora-r with FSDP (--fsdp or an accelerate FSDP config) is not supported: a LoRA run holds "
+                         "one frozen base model and a small adapter, which one process or DDP trains; drop --fsdp "
+                         "or --lora-r")
 
 
 def load_lora_models(cfg: Any, declared: frozenset, spec: TeacherSpec | None,
