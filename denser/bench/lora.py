@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -46,14 +47,14 @@ TRAIN_DEFAULTS = ["--no-progress", "--eval-size", "1", "--cpu"]
 MARK = "LORA_BENCH_RSS "
 # the child reports its own peaks (ru_maxrss of a reaped child would be the maximum over every child
 # this process ever waited for)
-CHILD = "import sys; from denser.bench.lora import child; sys.exit(child(sys.argv[1:]))"
+# (the command line is a layer above the benchmarks: the child's own code imports it)
+CHILD = "import sys; from denser.bench.lora import child; from denser.cli import main; sys.exit(child(main, sys.argv[1:]))"
 
 
-def child(argv: list[str]) -> int:
-    """In the child process: ``denser train argv``, the high-water mark reset when training starts;
-    prints ``MARK`` and the RSS figures as JSON."""
+def child(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """In the child process: ``main(argv)`` (``denser``'s command line: ``train ...``), the
+    high-water mark reset when training starts; prints ``MARK`` and the RSS figures as JSON."""
     # lazy: the loop imports transformers and accelerate; `denser bench --help` should not wait for them
-    from denser.cli import main
     from denser.trainers import loop
 
     marks: dict[str, float | bool | None] = {}
