@@ -58,7 +58,7 @@ MERGED_DIR = "merged"
 ADAPTER_CONFIG = "adapter_config.json"
 
 __all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterView", "LoraTeacherWeights", "attach_lora", "check_lora_run",
-           "is_adapter_dir", "load_lora_models", "merge_lora", "merged_model", "trainable_adapter"]
+           "is_adapter_dir", "load_lora_models", "lora_teacher", "merge_lora", "merged_model", "trainable_adapter"]
 
 
 def _peft():
