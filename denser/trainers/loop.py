@@ -287,6 +287,10 @@ class Trainer:
         self.teacher = None
         if spec is not None:
             start = policy if resume_from is None else initial
+            if resume_from is not None and self.anchor is not None and spec.mode in ("frozen", "trust-region") and (
+                    self.teacher_from_policy or spec.init_alpha < 1.0):  # the anchor is not where this run started
+                with ckpt.quiet_transformers():
+                    start, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
             shared = None if self.teacher_from_policy else initial
             self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
@@ -647,7 +651,7 @@ class Trainer:
             timing += f", {time.monotonic() - t_stop:.1f} s to save"
         path = ckpt.checkpoint_dir(self.run_dir, done) if self.saved_step == done else None
         stop.step, stop.checkpoint, stop.is_main = done, path, self.is_main
-        head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
+        stop.head = head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
         if path is None:
             stop.message = f"{head}: no step had finished, nothing to save; rerun the same command to start over"
         else:

@@ -48,14 +48,15 @@ class Interrupted(Exception):
 
     ``where``: the check point ("step start", "generation", "micro-batch 2/4", "final eval").
     The loop fills in ``step`` (the last finished step), ``checkpoint`` (the checkpoint holding
-    it, or None) and ``message`` (one line: what happened, where the checkpoint is, how to resume)."""
+    it, or None), ``head`` (what happened, where, how long it took) and ``message`` (one line:
+    ``head``, where the checkpoint is, how to resume)."""
 
     def __init__(self, signum: int, where: str):
         super().__init__(f"stopped by {signal_name(signum)} at {where}")
         self.signum, self.where = int(signum), where
         self.step: int | None = None
         self.checkpoint = None
-        self.message = str(self)
+        self.head = self.message = str(self)
         self.is_main = True
 
     @property
