@@ -13,9 +13,10 @@ Nothing is pickled: loading a checkpoint reads tensors and JSON and can run no c
 directory from a shared drive or a download is safe to ``--resume``. Checkpoints of earlier
 versions (``state/train_state.pt``, a pickle) are refused with one line, never unpickled.
 
-Writing: every file goes into ``.tmp-step-000012-*/`` and is fsynced; then the ``COMPLETE`` marker
-records the size and SHA-256 of every file (a JSON manifest); then the directory is renamed into
-place (one atomic rename) and its parent fsynced. A kill or a full disk at any point before the
+Writing: every file goes into ``.tmp-step-000012-*/`` and is hashed and fsynced as soon as it is
+written (the model, the optimizer state and the EMA teacher by three threads at once); then the
+``COMPLETE`` marker records the size and SHA-256 of every file (a JSON manifest); then the directory
+is renamed into place (one atomic rename) and its parent fsynced. A kill or a full disk at any point before the
 rename leaves only a temporary directory, which is never loaded and is removed by the next save;
 the previous checkpoint is untouched. Older checkpoints beyond ``keep_last`` are removed after a
 save. Reading for a resume (:func:`latest_checkpoint` with ``verify=True``) checks the manifest
@@ -43,6 +44,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from denser.trainers.io import atomic_write_text, fsync_dir, fsync_file
+from denser.trainers.state_codec import (  # the errors and the state encoding (re-exported: ckpt.CheckpointError)
+    CheckpointError,
+    DamagedCheckpointError,
+    LegacyCheckpointError,
+    decode_state,
+    encode_state,
+)
+
+__all__ = ["CheckpointError", "DamagedCheckpointError", "LegacyCheckpointError", "checkpoint_dir", "checkpoint_step",
+           "complete_checkpoints", "decode_state", "encode_state", "file_digest", "incomplete_checkpoints",
+           "latest_checkpoint", "load_train_state", "manifest", "prune", "read_manifest", "rng_state",
+           "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"^step-(\d+)$")
@@ -57,18 +70,7 @@ STATE_FILES = (STATE_TENSORS, STATE_JSON, TRAINER_STATE)
 LEGACY_STATE = "train_state.pt"
 HASH = "sha256"  # hardware-accelerated on current x86 and ARM CPUs; `sha256sum` checks it by hand
 HASH_BLOCK = 1 << 22
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read (full disk, missing files)."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A checkpoint's files do not match its manifest (truncated, corrupted, missing)."""
-
-
-class LegacyCheckpointError(CheckpointError):
-    """A checkpoint of an earlier format whose training state is a pickle: never loaded."""
+WRITERS = 3  # threads writing a checkpoint's model, optimizer state and EMA teacher at once
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -107,96 +109,6 @@ def set_rng_state(state: dict[str, Any] | list[dict[str, Any]], rank: int = 0) -
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------ state encoding
-
-
-_MARKERS = ("__tensor__", "__ndarray__", "__tuple__", "__dict__")
-_NDARRAY_KINDS = "biuf"  # numeric arrays only (numpy's RNG key is uint32)
-
-
-def encode_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
-    """``(tree, tensors)``: ``obj`` as JSON-able data and a flat dict of tensors for safetensors.
-
-    Handles what optimizer, scheduler and RNG states hold: None, bool, int, float, str, lists,
-    tuples, dicts (any JSON-able keys: the optimizer's state is keyed by int), tensors and
-    numeric numpy arrays. A tensor becomes ``{"__tensor__": key}``; any other type is a
-    :class:`CheckpointError`, so nothing that would need pickling is ever written.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def _fresh_key(path: str) -> str:
-        key = path or "root"
-        while key in tensors:  # a dict key holding a dot could collide with a nested path
-            key += "+"
-        return key
-
-    def enc(x: Any, path: str) -> Any:
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        if isinstance(x, torch.Tensor):
-            key = _fresh_key(path)
-            t = x.detach().to("cpu")
-            if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
-                t = t.contiguous().clone()  # a view: its own storage (safetensors refuses shared memory)
-            tensors[key] = t
-            return {"__tensor__": key}
-        if isinstance(x, np.ndarray):
-            if x.dtype.kind not in _NDARRAY_KINDS:
-                raise CheckpointError(f"cannot store a numpy array of dtype {x.dtype} at {path!r} in a checkpoint")
-            key = _fresh_key(path)
-            tensors[key] = torch.from_numpy(np.ascontiguousarray(x).reshape(-1).view(np.uint8).copy())
-            return {"__ndarray__": key, "dtype": x.dtype.str, "shape": list(x.shape)}
-        if isinstance(x, np.generic):
-            return enc(x.item(), path)
-        if isinstance(x, tuple):
-            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(x)]}
-        if isinstance(x, list):
-            return [enc(v, f"{path}.{i}") for i, v in enumerate(x)]
-        if isinstance(x, dict):
-            if all(isinstance(k, str) and k not in _MARKERS for k in x):
-                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in x.items()}
-            return {"__dict__": [[enc(k, f"{path}.key{i}"), enc(v, f"{path}.{k}" if path else str(k))]
-                                 for i, (k, v) in enumerate(x.items())]}
-        raise CheckpointError(f"cannot store a {type(x).__name__} at {path!r} in a checkpoint "
-                              "(only tensors, numbers, strings and lists/tuples/dicts of them)")
-
-    return enc(obj, ""), tensors
-
-
-def decode_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
-    """The inverse of :func:`encode_state`; a malformed tree is a :class:`CheckpointError`."""
-
-    def dec(x: Any) -> Any:
-        if x is None or isinstance(x, (bool, int, float, str)):
-            return x
-        if isinstance(x, list):
-            return [dec(v) for v in x]
-        if not isinstance(x, dict):
-            raise CheckpointError(f"unexpected {type(x).__name__} in the training state")
-        if "__tensor__" in x:
-            return tensors[x["__tensor__"]]
-        if "__ndarray__" in x:
-            dtype = np.dtype(str(x["dtype"]))
-            if dtype.kind not in _NDARRAY_KINDS:
-                raise CheckpointError(f"numpy dtype {dtype} is not allowed in the training state")
-            raw = tensors[x["__ndarray__"]].numpy().tobytes()
-            return np.frombuffer(raw, dtype=dtype).reshape([int(n) for n in x["shape"]]).copy()
-        if "__tuple__" in x:
-            return tuple(dec(v) for v in x["__tuple__"])
-        if "__dict__" in x:
-            return {_hashable(dec(k)): dec(v) for k, v in x["__dict__"]}
-        return {k: dec(v) for k, v in x.items()}
-
-    try:
-        return dec(tree)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"the training state is malformed ({type(e).__name__}: {e})") from None
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
-
-
 # -------------------------------------------------------------------------------------- manifest
 
 
@@ -216,12 +128,16 @@ def _digests(root: Path, rels: list[str]) -> list[str]:
         return list(pool.map(lambda r: file_digest(root / r), rels))
 
 
-def manifest(root: Path, step: int) -> dict[str, Any]:
+def manifest(root: Path, step: int, known: dict[str, str] | None = None) -> dict[str, Any]:
     """What ``COMPLETE`` records: the format, the step and the size and hash of every file under
-    ``root`` (but ``COMPLETE`` itself)."""
+    ``root`` (but ``COMPLETE`` itself). ``known``: digests already computed (relative path ->
+    hex digest, as :func:`save_checkpoint` hashes each file right after writing it); the other
+    files are read and hashed here."""
     rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != COMPLETE)
-    digests = _digests(root, rels)
-    files = {r: {"size": (root / r).stat().st_size, HASH: d} for r, d in zip(rels, digests)}
+    known = known or {}
+    todo = [r for r in rels if r not in known]
+    digests = {**known, **dict(zip(todo, _digests(root, todo)))}
+    files = {r: {"size": (root / r).stat().st_size, HASH: digests[r]} for r in rels}
     return {"format": FORMAT, "step": step, "hash": HASH, "files": files}
 
 
@@ -305,26 +221,44 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
+
+    The three large parts (the model, the optimizer state, the EMA teacher) are written by
+    :data:`WRITERS` threads at once, and each thread hashes and fsyncs its files right after
+    writing them (safetensors, hashlib and fsync release the GIL): a graceful stop has a launcher's
+    grace period for the whole save, and one file after another, then a second pass to hash them
+    all, took about twice as long on a busy machine (bench/results/preemption-*.md).
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=final.parent))
     aside = None
     try:
-        with quiet_transformers():
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "model")
         state = tmp / "state"
         state.mkdir()
         tree, tensors = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                       "rng": rng if rng is not None else [rng_state()]})
-        save_file(tensors, str(state / STATE_TENSORS))
-        (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
-        if teacher_state is not None:
-            save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(state / "teacher.safetensors"))
-        (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+
+        def write_model() -> dict[str, str]:
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "model")
+            return _seal(tmp, [p for p in (tmp / "model").rglob("*") if p.is_file()])
+
+        def write_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, str]:
+            save_file(tensors, str(state / name))
+            return _seal(tmp, [state / name])
+
+        with quiet_transformers(), ThreadPoolExecutor(max_workers=WRITERS) as pool:
+            jobs = [pool.submit(write_model), pool.submit(write_tensors, tensors, STATE_TENSORS)]
+            if teacher_state is not None:
+                teacher = {k: v.contiguous() for k, v in teacher_state.items()}
+                jobs.append(pool.submit(write_tensors, teacher, "teacher.safetensors"))
+            (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
+            (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
+            digests = _seal(tmp, [state / STATE_JSON, state / TRAINER_STATE])
+            for job in jobs:  # the first error is raised once every writer has returned (the pool's exit)
+                digests.update(job.result())
         _fsync_tree(tmp)
-        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step), indent=1))
+        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step, digests), indent=1))
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             aside = final.parent / f"{OLD_PREFIX}{step:06d}-{tmp.name[len(TMP_PREFIX) + 7:]}"
             os.replace(final, aside)
@@ -341,10 +275,17 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     return final
 
 
+def _seal(root: Path, paths: list[Path]) -> dict[str, str]:
+    """Hash and fsync files just written: ``{path relative to root: digest}``."""
+    out = {}
+    for path in paths:
+        out[path.relative_to(root).as_posix()] = file_digest(path)
+        fsync_file(path)
+    return out
+
+
 def _fsync_tree(root: Path) -> None:
-    for path in root.rglob("*"):
-        if path.is_file():
-            fsync_file(path)
+    """Make the directory entries under ``root`` durable (its files were fsynced by :func:`_seal`)."""
     for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
         fsync_dir(path)
 
