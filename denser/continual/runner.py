@@ -183,8 +183,7 @@ class ContinualRunner:
         record = record_header(self.objective, cfg, ccfg, self.command)
         model_path, optimizer_state, teacher_state = cfg.model, None, None
         done, in_stage = 0, False
-        try:
-            self.stop.check("the start of the run")
+        try:  # a stop before stage 0 is measured ends its generation; after that, stages check at their start
             if previous and previous.get("stages"):
                 record["stages"] = previous["stages"]
                 record["accuracy_matrix"] = previous["accuracy_matrix"]
