@@ -13,10 +13,9 @@ Nothing is pickled: loading a checkpoint reads tensors and JSON and can run no c
 directory from a shared drive or a download is safe to ``--resume``. Checkpoints of earlier
 versions (``state/train_state.pt``, a pickle) are refused with one line, never unpickled.
 
-Writing: every file goes into ``.tmp-step-000012-*/`` and is hashed and fsynced as soon as it is
-written (the model, the optimizer state and the EMA teacher by three threads at once); then the
-``COMPLETE`` marker records the size and SHA-256 of every file (a JSON manifest); then the directory
-is renamed into place (one atomic rename) and its parent fsynced. A kill or a full disk at any point before the
+Writing: every file goes into ``.tmp-step-000012-*/`` and is fsynced; then the ``COMPLETE`` marker
+records the size and SHA-256 of every file (a JSON manifest); then the directory is renamed into
+place (one atomic rename) and its parent fsynced. A kill or a full disk at any point before the
 rename leaves only a temporary directory, which is never loaded and is removed by the next save;
 the previous checkpoint is untouched. Older checkpoints beyond ``keep_last`` are removed after a
 save. Reading for a resume (:func:`latest_checkpoint` with ``verify=True``) checks the manifest
@@ -70,7 +69,6 @@ STATE_FILES = (STATE_TENSORS, STATE_JSON, TRAINER_STATE)
 LEGACY_STATE = "train_state.pt"
 HASH = "sha256"  # hardware-accelerated on current x86 and ARM CPUs; `sha256sum` checks it by hand
 HASH_BLOCK = 1 << 22
-WRITERS = 3  # threads writing a checkpoint's model, optimizer state and EMA teacher at once
 
 
 def checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
@@ -128,16 +126,12 @@ def _digests(root: Path, rels: list[str]) -> list[str]:
         return list(pool.map(lambda r: file_digest(root / r), rels))
 
 
-def manifest(root: Path, step: int, known: dict[str, str] | None = None) -> dict[str, Any]:
+def manifest(root: Path, step: int) -> dict[str, Any]:
     """What ``COMPLETE`` records: the format, the step and the size and hash of every file under
-    ``root`` (but ``COMPLETE`` itself). ``known``: digests already computed (relative path ->
-    hex digest, as :func:`save_checkpoint` hashes each file right after writing it); the other
-    files are read and hashed here."""
+    ``root`` (but ``COMPLETE`` itself)."""
     rels = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != COMPLETE)
-    known = known or {}
-    todo = [r for r in rels if r not in known]
-    digests = {**known, **dict(zip(todo, _digests(root, todo)))}
-    files = {r: {"size": (root / r).stat().st_size, HASH: digests[r]} for r in rels}
+    digests = _digests(root, rels)
+    files = {r: {"size": (root / r).stat().st_size, HASH: d} for r, d in zip(rels, digests)}
     return {"format": FORMAT, "step": step, "hash": HASH, "files": files}
 
 
@@ -221,44 +215,26 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
-
-    The three large parts (the model, the optimizer state, the EMA teacher) are written by
-    :data:`WRITERS` threads at once, and each thread hashes and fsyncs its files right after
-    writing them (safetensors, hashlib and fsync release the GIL): a graceful stop has a launcher's
-    grace period for the whole save, and one file after another, then a second pass to hash them
-    all, took about twice as long on a busy machine (bench/results/preemption-*.md).
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=final.parent))
     aside = None
     try:
+        with quiet_transformers():
+            model.save_pretrained(tmp / "model", safe_serialization=True)
+            tokenizer.save_pretrained(tmp / "model")
         state = tmp / "state"
         state.mkdir()
         tree, tensors = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                       "rng": rng if rng is not None else [rng_state()]})
-
-        def write_model() -> dict[str, str]:
-            model.save_pretrained(tmp / "model", safe_serialization=True)
-            tokenizer.save_pretrained(tmp / "model")
-            return _seal(tmp, [p for p in (tmp / "model").rglob("*") if p.is_file()])
-
-        def write_tensors(tensors: dict[str, torch.Tensor], name: str) -> dict[str, str]:
-            save_file(tensors, str(state / name))
-            return _seal(tmp, [state / name])
-
-        with quiet_transformers(), ThreadPoolExecutor(max_workers=WRITERS) as pool:
-            jobs = [pool.submit(write_model), pool.submit(write_tensors, tensors, STATE_TENSORS)]
-            if teacher_state is not None:
-                teacher = {k: v.contiguous() for k, v in teacher_state.items()}
-                jobs.append(pool.submit(write_tensors, teacher, "teacher.safetensors"))
-            (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
-            (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
-            digests = _seal(tmp, [state / STATE_JSON, state / TRAINER_STATE])
-            for job in jobs:  # the first error is raised once every writer has returned (the pool's exit)
-                digests.update(job.result())
+        save_file(tensors, str(state / STATE_TENSORS))
+        (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))
+        if teacher_state is not None:
+            save_file({k: v.contiguous() for k, v in teacher_state.items()}, str(state / "teacher.safetensors"))
+        (state / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=2))
         _fsync_tree(tmp)
-        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step, digests), indent=1))
+        atomic_write_text(tmp / COMPLETE, json.dumps(manifest(tmp, step), indent=1))
         if final.exists():  # a re-save of the same step: move the old one aside, never delete it first
             aside = final.parent / f"{OLD_PREFIX}{step:06d}-{tmp.name[len(TMP_PREFIX) + 7:]}"
             os.replace(final, aside)
@@ -275,17 +251,10 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     return final
 
 
-def _seal(root: Path, paths: list[Path]) -> dict[str, str]:
-    """Hash and fsync files just written: ``{path relative to root: digest}``."""
-    out = {}
-    for path in paths:
-        out[path.relative_to(root).as_posix()] = file_digest(path)
-        fsync_file(path)
-    return out
-
-
 def _fsync_tree(root: Path) -> None:
-    """Make the directory entries under ``root`` durable (its files were fsynced by :func:`_seal`)."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            fsync_file(path)
     for path in [root, *(p for p in root.rglob("*") if p.is_dir())]:
         fsync_dir(path)
 
