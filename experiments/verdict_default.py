@@ -3,6 +3,7 @@ three seeds each, greedy and sampled (mean@4) eval before and after; then a mean
 table (issue 11, item 7).
 
     python experiments/verdict_default.py run      # the runs not yet finished, one after another
+    python experiments/verdict_default.py run 2    # only seed 2's (two drivers on disjoint seeds run in parallel)
     python experiments/verdict_default.py table    # the table from the finished runs (markdown)
 
 Each run is exactly the README's main job (``denser train --objective sdpo``, or ``grpo``) with
@@ -39,10 +40,10 @@ def command(objective: str, seed: int) -> list[str]:
             "--output-dir", str(WORK / f"{objective}-s{seed}")]
 
 
-def run() -> int:
+def run(seeds: tuple[int, ...] = SEEDS) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    for seed in SEEDS:
+    for seed in seeds:
         for objective in OBJECTIVES:
             name = f"{objective}-s{seed}"
             if (RESULTS / name / "metrics.jsonl").is_file():
@@ -136,4 +137,6 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in ("run", "table"):
         sys.exit(__doc__)
-    sys.exit(run() if what == "run" else table())
+    if what == "table":
+        sys.exit(table())
+    sys.exit(run(tuple(int(a) for a in sys.argv[2:]) or SEEDS))
