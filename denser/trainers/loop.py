@@ -45,6 +45,7 @@ from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig, resolve_run_settings
 from denser.trainers.estimators import mean_stderr
+from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
@@ -203,7 +204,7 @@ class Trainer:
         if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         decay = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
         schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -413,6 +414,7 @@ class Trainer:
         self.policy.eval()
         rollout = self.engine.generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
+        trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout
 
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer, *, step: int = 0,
@@ -441,6 +443,7 @@ class Trainer:
             if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            trim_heap()  # the update's freed activations and gradients back to the system (glibc keeps them)
         return UpdateResult(loss_sum, grad_norm, applied, parts)
 
     def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
