@@ -14,7 +14,8 @@ from denser.tasks import Score
 from denser.tasks.builtin import Addition
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import PhaseTimer, Trainer
-from denser.trainers.signals import split_to_count, token_budget_groups
+from denser.trainers.rollout import Rollout, SamplingParams
+from denser.trainers.signals import SignalComputer, split_to_count, token_budget_groups
 
 
 class Parity(Addition):
@@ -111,3 +112,30 @@ def test_token_budget_gives_the_loss_and_gradients_of_count_micro_batches(tmp_pa
     torch.testing.assert_close(torch.tensor(loss_1), torch.tensor(loss), rtol=1e-5, atol=1e-7)
     for name in grads:
         torch.testing.assert_close(grads_1[name], grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_processes_agree_on_the_number_of_micro_batches():
+    """Every backward synchronises gradients under DDP: a process with fewer token-budget micro-batches
+    than another halves its largest ones until the counts agree (the all-reduce is faked here)."""
+    cfg = TrainConfig(model="tiny", prompts_per_step=2, num_generations=4, max_tokens_per_micro_batch=1000)
+    lengths = [3, 5, 4, 6, 2, 7, 3, 5]
+    rollout = Rollout(prompt_ids=[[1] * 4, [2] * 6], completion_ids=[[9] * n for n in lengths], texts=[""] * 8,
+                      logps=[torch.zeros(n) for n in lengths], truncated=torch.zeros(8, dtype=torch.bool),
+                      num_generations=4, params=SamplingParams(max_new_tokens=8), pad_token_id=0)
+    seen = []
+
+    def reduce_with_a_peer(t):  # this process: 1 micro-batch (everything fits); the peer: 5
+        seen.append(t.clone())
+        peer = torch.zeros_like(t)
+        peer[5] = 1.0
+        return t + peer
+
+    signals = SignalComputer(get_objective("grpo"), Parity(), None, cfg, device=torch.device("cpu"), rank=0,
+                             reduce=reduce_with_a_peer, reference=None, teacher=None, teacher_spec=None)
+    groups = signals._groups(rollout, list(range(8)))
+    assert len(seen) == 1 and seen[0].shape == (2 * 4 + 1,) and int(seen[0].argmax()) == 1
+    assert len(groups) == 5 and [i for g in groups for i in g] == list(range(8))
+    assert signals._groups(rollout, list(range(8)), same_count=False) == [list(range(8))]
+    alone = SignalComputer(get_objective("grpo"), Parity(), None, cfg, device=torch.device("cpu"), rank=0,
+                           reduce=lambda t: t, reference=None, teacher=None, teacher_spec=None)
+    assert alone._groups(rollout, list(range(8))) == [list(range(8))]
