@@ -19,16 +19,10 @@ PLOTS = ("accuracy_matrix.png", "accuracy_per_task.png", "drift.png", "artifacts
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tiny_continual_runs):
     """Two tiny continual runs (sdpo with the optimizer carried, grpo with it reset and sdpo's stage 0
-    reused) through the CLI."""
-    root = tmp_path_factory.mktemp("continual")
-    sdpo, grpo = root / "sdpo", root / "grpo"
-    assert main(["continual", "--objective", "sdpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
-                 "--carry-optimizer", "--output-dir", str(sdpo), *TINY]) == 0
-    assert main(["continual", "--objective", "grpo", "--tasks", "addition,compare", "--eval-tasks", "reverse",
-                 "--output-dir", str(grpo), "--initial-eval-from", str(sdpo), *TINY]) == 0
-    return sdpo, grpo
+    reused) through the CLI (tests/conftest.py)."""
+    return tiny_continual_runs
 
 
 def _record(run: Path) -> dict:

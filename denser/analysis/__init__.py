@@ -12,7 +12,8 @@ formatting artifacts, and reports.
 - :mod:`~denser.analysis.artifacts`: repeated answer markers, repeated n-grams, length-limit hits;
 - :mod:`~denser.analysis.suite`: a fixed evaluation suite measuring all of the above on a model;
 - :mod:`~denser.analysis.checkpoints`: every measure between two checkpoints;
-- :mod:`~denser.analysis.report`: ``report.md`` and PNG plots of one run or several overlaid.
+- :mod:`~denser.analysis.report` (one run), :mod:`~denser.analysis.compare` (seeds of several
+  configurations, with error bars, the claims table and the density frontier): ``report.md`` and PNG plots.
 """
 
 from denser.analysis.artifacts import answer_markers, artifact_rates, has_repeated_answer, repeated_ngram_rate

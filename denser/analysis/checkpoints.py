@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Sequence
 
+from denser.analysis.records import fmt
+
 
 def resolve_model(spec: str) -> str:
     """The ``load_model`` name or directory that ``spec`` (see the module docstring) refers to."""
@@ -95,21 +97,19 @@ def compare_checkpoints(a: str, b: str, *, tasks: Sequence[str] = (), eval_size:
 
 def drift_markdown(result: dict) -> str:
     """A short markdown summary of :func:`compare_checkpoints`' result."""
-    from denser.analysis.report import _fmt
-
     p, ea, eb = result["params"], result["a_eval"], result["b_eval"]
     spectral = p.get("spectral") or {}
     lines = ["# Drift of B from A", "", f"- A: `{result['a']}` ({result['a_model']})",
              f"- B: `{result['b']}` ({result['b_model']})", "",
-             f"Parameters: relative L2 {_fmt(p['relative_l2'])}, cosine {_fmt(p['cosine'], 6)}"
-             + (f", mean/max largest principal angle {_fmt(spectral.get('mean_angle_deg'), 2)}°/"
-                f"{_fmt(spectral.get('max_angle_deg'), 2)}°, mean overlap {_fmt(spectral.get('mean_overlap'), 4)} "
+             f"Parameters: relative L2 {fmt(p['relative_l2'])}, cosine {fmt(p['cosine'], 6)}"
+             + (f", mean/max largest principal angle {fmt(spectral.get('mean_angle_deg'), 2)}°/"
+                f"{fmt(spectral.get('max_angle_deg'), 2)}°, mean overlap {fmt(spectral.get('mean_overlap'), 4)} "
                 f"(top-{spectral.get('rank')})" if spectral else ""), "",
              "| module kind | relative L2 | cosine | mean angle° | mean overlap |", "|---|---|---|---|---|"]
     for kind, v in p["by_kind"].items():
         sk = (spectral.get("by_kind") or {}).get(kind, {})
-        lines.append(f"| {kind} | {_fmt(v['relative_l2'])} | {_fmt(v['cosine'], 6)} | "
-                     f"{_fmt(sk.get('mean_angle_deg'), 2)} | {_fmt(sk.get('mean_overlap'), 4)} |")
+        lines.append(f"| {kind} | {fmt(v['relative_l2'])} | {fmt(v['cosine'], 6)} | "
+                     f"{fmt(sk.get('mean_angle_deg'), 2)} | {fmt(sk.get('mean_overlap'), 4)} |")
     lines += ["", f"Responses on the first {result['eval_size']} eval prompts of each task (greedy, "
               f"{result['max_new_tokens']} new tokens max):", "",
               "| task | acc A | acc B | KL(B‖A)/tok | similarity | word F1 | repeated answer A→B | length limit A→B | entropy A→B |",
@@ -118,10 +118,10 @@ def drift_markdown(result: dict) -> str:
         ta = ea["overall"] if name is None else ea["tasks"][name]
         tb = eb["overall"] if name is None else eb["tasks"][name]
         aa, ab = ta["artifacts"], tb["artifacts"]
-        acc_a = "" if name is None else _fmt(ta["accuracy"])
-        acc_b = "" if name is None else _fmt(tb["accuracy"])
-        lines.append(f"| {name or '**all**'} | {acc_a} | {acc_b} | {_fmt(tb['kl'], 4)} | {_fmt(tb['similarity'])} | "
-                     f"{_fmt(tb['token_f1'])} | {_fmt(aa['repeated_answer_rate'])} → {_fmt(ab['repeated_answer_rate'])} | "
-                     f"{_fmt(aa['length_limit_rate'])} → {_fmt(ab['length_limit_rate'])} | "
-                     f"{_fmt(aa['mean_entropy'])} → {_fmt(ab['mean_entropy'])} |")
+        acc_a = "" if name is None else fmt(ta["accuracy"])
+        acc_b = "" if name is None else fmt(tb["accuracy"])
+        lines.append(f"| {name or '**all**'} | {acc_a} | {acc_b} | {fmt(tb['kl'], 4)} | {fmt(tb['similarity'])} | "
+                     f"{fmt(tb['token_f1'])} | {fmt(aa['repeated_answer_rate'])} → {fmt(ab['repeated_answer_rate'])} | "
+                     f"{fmt(aa['length_limit_rate'])} → {fmt(ab['length_limit_rate'])} | "
+                     f"{fmt(aa['mean_entropy'])} → {fmt(ab['mean_entropy'])} |")
     return "\n".join(lines) + "\n"

@@ -137,6 +137,20 @@ class Arithmetic(ArithmeticTask):
     low, high = 10, 99
 
 
+def _check_pick(task: Task, completion: str, row: dict[str, Any], wrong_end: str) -> Score:
+    """Score a choice between ``row["answer"]`` and ``row["other"]``; picking the other gets feedback
+    naming it the ``wrong_end`` of the two."""
+    got_text = extract_answer(completion)
+    if got_text is None:
+        return Score(0.0, task.no_answer_feedback("number"), None)
+    got = parse_number(got_text)
+    if got is not None and numbers_equal(got, float(row["answer"])):
+        return Score(1.0, None, got_text)
+    if got is not None and numbers_equal(got, float(row["other"])):
+        return Score(0.0, f"{_fmt(got)} is the {wrong_end} of the two numbers.", got_text)
+    return Score(0.0, f"Your answer '{got_text[:40]}' is not one of the two numbers.", got_text)
+
+
 @register_task("compare", "which of two numbers (10-99) is larger")
 class Compare(Task):
     description = "which of two numbers (10-99) is larger"
@@ -149,15 +163,7 @@ class Compare(Task):
                 "other": str(min(a, b))}
 
     def check(self, completion: str, row: dict[str, Any]) -> Score:
-        got_text = extract_answer(completion)
-        if got_text is None:
-            return Score(0.0, self.no_answer_feedback("number"), None)
-        got = parse_number(got_text)
-        if got is not None and numbers_equal(got, float(row["answer"])):
-            return Score(1.0, None, got_text)
-        if got is not None and numbers_equal(got, float(row["other"])):
-            return Score(0.0, f"{_fmt(got)} is the smaller of the two numbers.", got_text)
-        return Score(0.0, f"Your answer '{got_text[:40]}' is not one of the two numbers.", got_text)
+        return _check_pick(self, completion, row, wrong_end="smaller")
 
 
 @register_task("reverse", "reverse the letters of a short word")
@@ -303,16 +309,7 @@ class _PickNumber(Task):
                 "other": str(other)}
 
     def check(self, completion: str, row: dict[str, Any]) -> Score:
-        got_text = extract_answer(completion)
-        if got_text is None:
-            return Score(0.0, self.no_answer_feedback("number"), None)
-        got = parse_number(got_text)
-        if got is not None and numbers_equal(got, float(row["answer"])):
-            return Score(1.0, None, got_text)
-        if got is not None and numbers_equal(got, float(row["other"])):
-            wrong_end = "smaller" if self.word == "larger" else "larger"
-            return Score(0.0, f"{_fmt(got)} is the {wrong_end} of the two numbers.", got_text)
-        return Score(0.0, f"Your answer '{got_text[:40]}' is not one of the two numbers.", got_text)
+        return _check_pick(self, completion, row, wrong_end="smaller" if self.word == "larger" else "larger")
 
 
 @register_task("larger", "which of two numbers (10-99) is larger, two-digit worked example")
