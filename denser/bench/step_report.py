@@ -33,8 +33,11 @@ def _cpu_name() -> str:
 
 
 def mb_per_1k(rows: list[Result], case: str, ckpt: bool, lo: int = 2048, hi: int = 16384):
-    """Growth of the step's peak RSS per 1k completion tokens from ``lo`` to the largest measured N <= ``hi``."""
+    """Growth of the step's peak RSS per 1k completion tokens from ``lo`` (or, where ``lo`` and a larger N
+    were not both measured, the smallest N measured) to the largest measured N <= ``hi``; ``(slope, (from, to))``."""
     ok = {r.n: r.peak_rss_mb for r in rows if r.case == case and r.checkpointing == ckpt and r.status == "ok"}
+    if not any(lo < n <= hi for n in ok) or lo not in ok:
+        lo = min(ok, default=lo)
     ns = sorted(n for n in ok if lo <= n <= hi)
     if lo not in ok or len(ns) < 2:
         return None, None
@@ -73,7 +76,7 @@ def write_markdown(path: Path, meta: dict, rows: list[Result]) -> None:
              f"teacher context +{meta['settings']['teacher_extra']}), model {meta['settings']['model']}, fp32. "
              "Cells: peak RSS of the step's process (models, gradients and AdamW state included) / seconds. "
              f"OOM = over the {meta['settings']['mem_limit_gb']} GiB address-space limit. "
-             "MiB/1k tok = growth of the peak per 1k tokens from N=2048 to the largest N measured."), "",
+             "MiB/1k tok = growth of the peak per 1k tokens from N=2048 (or the smallest N measured) to the largest N measured."), "",
              "| case | ckpt | " + " | ".join(f"N={n}" for n in ns) + " | MiB/1k tok | baseline GiB |",
              "|---|---|" + "---:|" * len(ns) + "---:|---:|"]
     for case, ckpt in _row_keys(rows):
