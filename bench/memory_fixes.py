@@ -159,6 +159,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--child"]:
         print(MARK + json.dumps(child(*argv[1:5])), flush=True)
         return 0
+    if argv[:1] == ["--merge"]:  # --merge OUT_STEM PART.json...
+        merge(Path(argv[1]), [Path(x) for x in argv[2:]])
+        return 0
     p = argparse.ArgumentParser(prog="python -m bench.memory_fixes", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--objectives", default="grpo,sdpo")
@@ -197,11 +200,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def merge(out_stem: Path, parts: list[Path]) -> None:
+    """One table from several sweeps' JSON files (a sweep cut into parts on a machine too loaded to run it
+    whole): rows in order, the parts' commands and load averages listed."""
+    metas, rows = [], []
+    for part in parts:
+        d = json.loads(part.read_text())
+        metas.append({k: v for k, v in d.items() if k != "rows"})
+        rows += [{"workload": d.get("workload", "short"), **r} for r in d["rows"] if "peak_rss_mb" in r]
+    rows.sort(key=lambda r: (r["objective"], list(VARIANTS).index(r["variant"])))
+    meta = {**metas[-1], "command": " ; ".join(m["command"] for m in metas),
+            "load_average_at_start": [m["load_average_at_start"] for m in metas], "parts": metas}
+    out_stem.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=1))
+    _write_md(out_stem.with_suffix(".md"), meta, rows)
+
+
 def _write_md(path: Path, meta: dict, rows: list[dict]) -> None:
+    commands = meta["command"].split(" ; ")
     lines = [f"# Memory fixes, each against the run without it ({meta['machine']}, {meta['date']})", "",
-             f"    PYTHONPATH=. OMP_NUM_THREADS={meta['omp_num_threads']} {meta['command']}", "",
+             *[f"    PYTHONPATH=. OMP_NUM_THREADS={meta['omp_num_threads']} {c}" for c in commands], "",
              f"`denser train --objective OBJ --model default {' '.join(meta['flags'])} --cpu --eval-size 4` (the "
-             f"{meta['workload']} workload; fp32, no gradient checkpointing), each variant in its own process. The machine "
+             f"{meta['workload']} workload; fp32, gradient checkpointing only where the variant says), each variant in "
+             "its own process; the `trl` variants are TRL's GRPOTrainer on the same prompts, reward and batch (no "
+             "eval, no checkpoint). The machine "
              f"was loaded (load average {meta['load_average_at_start']} at the start: other jobs ran throughout), so "
              "seconds are not comparable; memory is. Peak = the process's ru_maxrss; save = RSS rise during the final "
              "checkpoint; end = RSS after training.", "",
