@@ -3,6 +3,7 @@ three seeds each, greedy and sampled (mean@4) eval before and after; then a mean
 table (issue 11, item 7).
 
     python experiments/verdict_default.py run      # the runs not yet finished, one after another
+    python experiments/verdict_default.py run 2    # only seed 2's (two drivers on disjoint seeds run in parallel)
     python experiments/verdict_default.py table    # the table from the finished runs (markdown)
 
 Each run is exactly the README's main job (``denser train --objective sdpo``, or ``grpo``) with
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import shlex
 import shutil
 import subprocess
@@ -38,10 +40,10 @@ def command(objective: str, seed: int) -> list[str]:
             "--output-dir", str(WORK / f"{objective}-s{seed}")]
 
 
-def run() -> int:
+def run(seeds: tuple[int, ...] = SEEDS) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-    for seed in SEEDS:
+    for seed in seeds:
         for objective in OBJECTIVES:
             name = f"{objective}-s{seed}"
             if (RESULTS / name / "metrics.jsonl").is_file():
@@ -49,10 +51,10 @@ def run() -> int:
             cmd = command(objective, seed)
             print(f"[{time.strftime('%H:%M:%S')}] {name}: {shlex.join(cmd)}", flush=True)
             (WORK).mkdir(parents=True, exist_ok=True)
-            t0 = time.time()
+            t0, cpu0 = time.time(), _children_cpu()
             with open(WORK / f"{name}.log", "w") as out:
                 rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-            minutes = (time.time() - t0) / 60
+            minutes, cpu_minutes = (time.time() - t0) / 60, (_children_cpu() - cpu0) / 60
             print(f"[{time.strftime('%H:%M:%S')}] {name}: exit {rc} after {minutes:.1f} min", flush=True)
             if rc != 0:
                 return rc
@@ -61,24 +63,32 @@ def run() -> int:
             shutil.copy2(WORK / name / "config.yaml", dst / "config.yaml")
             (dst / "command.txt").write_text(shlex.join(["denser", *cmd[3:-2]]) + "\n")
             (dst / "wall_minutes.txt").write_text(f"{minutes:.1f}\n")
+            (dst / "cpu_minutes.txt").write_text(f"{cpu_minutes:.1f}\n")
             shutil.copy2(WORK / name / "metrics.jsonl", dst / "metrics.jsonl")  # last: it marks the run finished
     return 0
 
 
-def _mean_se(xs: list[float]) -> str:
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes: a run's own cost, which the wall
+    time on a shared machine is not."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _mean_se(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "-"
     m = sum(xs) / len(xs)
     if len(xs) < 2:
-        return f"{m:.3f} (1 seed)"
+        return f"{m:.{digits}f} (1 seed)"
     se = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
-    return f"{m:.3f} ± {se:.3f}"
+    return f"{m:.{digits}f} ± {se:.{digits}f}"
 
 
 def table() -> int:
     rows = []
     for objective in OBJECTIVES:
-        cols: dict[str, list[float]] = {k: [] for k in ("g0", "g1", "s0", "s1", "dg", "ds", "trunc", "te", "se", "min")}
+        cols: dict[str, list[float]] = {k: [] for k in ("g0", "g1", "s0", "s1", "dg", "ds", "trunc", "te", "se", "min", "cpu")}
         seeds = []
         for seed in SEEDS:
             path = RESULTS / f"{objective}-s{seed}" / "metrics.jsonl"
@@ -105,14 +115,17 @@ def table() -> int:
             wall = RESULTS / f"{objective}-s{seed}" / "wall_minutes.txt"
             if wall.is_file():
                 cols["min"].append(float(wall.read_text()))
+            cpu = RESULTS / f"{objective}-s{seed}" / "cpu_minutes.txt"
+            if cpu.is_file():
+                cols["cpu"].append(float(cpu.read_text()))
         rows.append((objective, seeds, cols))
     print("| objective | seeds | greedy before | greedy after | greedy change | mean@4 before | mean@4 after "
-          "| mean@4 change | truncated (last step) | minutes per run |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| mean@4 change | truncated (last step) | CPU minutes per run | wall minutes per run |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for objective, seeds, c in rows:
         print(f"| {objective} | {','.join(map(str, seeds)) or '-'} | {_mean_se(c['g0'])} | {_mean_se(c['g1'])} "
               f"| {_mean_se(c['dg'])} | {_mean_se(c['s0'])} | {_mean_se(c['s1'])} | {_mean_se(c['ds'])} "
-              f"| {_mean_se(c['trunc'])} | {_mean_se(c['min'])} |")
+              f"| {_mean_se(c['trunc'])} | {_mean_se(c['cpu'], 1)} | {_mean_se(c['min'], 1)} |")
     for objective, _, c in rows:
         if c["te"]:
             print(f"\n{objective}: mean teacher entropy on distilled tokens {_mean_se(c['te'])}, "
@@ -124,4 +137,6 @@ if __name__ == "__main__":
     what = sys.argv[1] if len(sys.argv) > 1 else ""
     if what not in ("run", "table"):
         sys.exit(__doc__)
-    sys.exit(run() if what == "run" else table())
+    if what == "table":
+        sys.exit(table())
+    sys.exit(run(tuple(int(a) for a in sys.argv[2:]) or SEEDS))

@@ -12,7 +12,8 @@ import torch
 from denser.tasks import Score, get_task
 from denser.tasks.builtin import Addition
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig, resolve_run_settings
-from denser.trainers.loop import Trainer, eval_metrics, format_eval
+from denser.trainers.evaluation import eval_metrics, format_eval
+from denser.trainers.loop import Trainer
 from denser.trainers.rollout import Rollout
 
 

@@ -223,11 +223,18 @@ def test_a_second_signal_stops_at_once(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~1 min: DENSER_DDP_TESTS=1")
-def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("mode", [
+    pytest.param([], id="ddp", marks=pytest.mark.skipif(
+        not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~1 min: DENSER_DDP_TESTS=1")),
+    pytest.param(["--fsdp"], id="fsdp", marks=pytest.mark.skipif(
+        not os.environ.get("DENSER_FSDP_TESTS"), reason="two FSDP torchrun processes, ~1 min: DENSER_FSDP_TESTS=1")),
+])
+def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, mode):
     """SIGTERM reaches only process 1: process 0 learns it at the next check point (an all-reduce),
     both abandon the same step, the checkpoint holds both processes' RNG streams, and the resume
-    under torchrun ends bit-identical to an uninterrupted two-process run."""
+    under torchrun ends bit-identical to an uninterrupted two-process run. Under FSDP (sharded
+    weights gathered into one checkpoint) the same holds; a stop during generation ends process 1's
+    generate early while ``synced_gpus`` keeps it taking part in process 0's layer gathers."""
     import shutil
     import subprocess
 
@@ -237,7 +244,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path):
         pytest.skip("needs torchrun and pgrep")
     launch = ["torchrun", "--nproc_per_node", "2", str(HERE)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    args = [*CASES["sdpo"][0], *FAST, "--steps", str(STEPS)]
+    args = [*CASES["sdpo"][0], *FAST, "--steps", str(STEPS), *mode]
     ref_dir, run_dir = tmp_path / "uninterrupted", tmp_path / "stopped"
     ref = subprocess.Popen([*launch, "--", *args, "--output-dir", str(ref_dir)], env=env, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -36,7 +36,8 @@ def cmd_train(argv: list[str]) -> int:
     cfg, objective = parse_train_args(argv)
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
-    from denser.trainers.loop import Trainer, TrainingStopped, format_eval
+    from denser.trainers.evaluation import format_eval
+    from denser.trainers.loop import Trainer, TrainingStopped
     from denser.trainers.models import EmbeddedModelMissingError
     from denser.trainers.preemption import Interrupted, StopSignals
 

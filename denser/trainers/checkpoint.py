@@ -299,10 +299,13 @@ def quiet_transformers():
 
 def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, scheduler, trainer_state: dict,
                     teacher_state: dict[str, torch.Tensor] | None, keep_last: int,
-                    rng: dict[str, Any] | list[dict[str, Any]] | None = None) -> Path:
+                    rng: dict[str, Any] | list[dict[str, Any]] | None = None,
+                    model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones; returns its directory.
 
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
+    ``model_state``, ``optimizer_state``: whole tensors gathered from sharded ones (FSDP), stored
+    instead of ``model``'s and ``optimizer``'s own (the checkpoint is then that of one process).
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
     """
@@ -312,11 +315,12 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     aside = None
     try:
         with quiet_transformers():
-            model.save_pretrained(tmp / "model", safe_serialization=True)
+            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(tmp / "model")
         state = tmp / "state"
         state.mkdir()
-        tree, tensors = encode_state({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        tree, tensors = encode_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                       "rng": rng if rng is not None else [rng_state()]})
         save_file(tensors, str(state / STATE_TENSORS))
         (state / STATE_JSON).write_text(json.dumps({"format": FORMAT, "state": tree}))

@@ -106,6 +106,8 @@ class TrainConfig:
                               "buffer longer than the budget covers all of it)")
     overlong_penalty: float = _f(1.0, "the overlong penalty at the full length budget (DAPO: 1.0)")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
+    fsdp: bool = _f(False, "shard the policy, reference and teacher across processes with FSDP2 (launch with torchrun; "
+                    "an accelerate config with distributed_type FSDP turns it on too); without it, processes run DDP")
     progress: bool = _f(True, "show a progress bar")
     report_to: str = _f("none", "experiment trackers, comma-separated: none | " + " | ".join(TRACKERS) + " (through "
                         "accelerate; metrics.jsonl is always written; TensorBoard logs go to <run>/tensorboard)")

@@ -15,7 +15,14 @@ One step is one rollout batch (DESIGN.md, Contract 3)::
     metrics   one row of metrics.jsonl, summed over processes
 
 The run directory (config.yaml, metrics.jsonl, resume) is :class:`~denser.trainers.run_dir.RunDir`;
-checkpoints are :mod:`denser.trainers.checkpoint`.
+checkpoints are :mod:`denser.trainers.checkpoint`; an update's pieces (the policy-and-loss module
+DDP/FSDP wrap, the phase timer) :mod:`~denser.trainers.update`; a step's metrics row
+:mod:`~denser.trainers.step_metrics`; the loop's evaluation :mod:`~denser.trainers.evaluation`.
+
+This file is the :class:`Trainer` class and little else; at about 580 lines it is over the project's
+~450-line mark, kept whole on purpose: its methods are the run's phases in the order they happen
+(construct and load, evaluate, step, save, train, stop), and splitting the class across files
+would hide that order.
 """
 
 from __future__ import annotations
@@ -25,9 +32,8 @@ import dataclasses
 import math
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -37,102 +43,34 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.kernels import Metric, fused_loss, merge_metrics, token_stats
-from denser.objectives import TEACHER_SIGNALS, Objective, PolicyBatch, Signal, get_objective
+from denser.objectives import TEACHER_SIGNALS, Objective, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
-from denser.tasks.rewards import per_reward_sums
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig, resolve_run_settings
-from denser.trainers.estimators import mean_stderr
+from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
 from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
-from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
 from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
+from denser.trainers.sharding import Sharding
 from denser.trainers.signals import (
     MicroBatch,
     SignalComputer,
-    TeacherInputs,
     check_signals,
     check_teacher_vocabulary,
 )
+from denser.trainers.step_metrics import metrics_row
 from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
 from denser.trainers.tracking import Tracker
+from denser.trainers.update import PhaseTimer, PolicyLoss, UpdateResult
 
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself (too many consecutive non-finite updates); a checkpoint was written."""
-
-
-class PolicyLoss(nn.Module):
-    """The policy and its loss in one forward, so that wrappers (DDP, FSDP) see the lm_head weight
-    whole where the loss core runs, and gradient sync hooks fire as usual."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, packed: PackedBatch, objective: Objective, batch: PolicyBatch, teacher: TeacherInputs | None,
-                temperature: float, backend: str, chunk_size: int | None):
-        hidden = completion_hidden_states(self.model, packed)
-        weight, bias = lm_head_params(self.model)
-        out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias,
-                         teacher_hidden=teacher.hidden if teacher else None,
-                         teacher_weight=teacher.weight if teacher else None,
-                         teacher_bias=teacher.bias if teacher else None,
-                         temperature=temperature, backend=backend, chunk_size=chunk_size)
-        if teacher is not None and teacher.entropy is not None:
-            return out.loss, {**out.metrics, **_entropy_metrics(hidden, weight, bias, packed, batch, teacher.entropy,
-                                                                temperature, backend, chunk_size)}
-        return out.loss, out.metrics
-
-
-@torch.no_grad()
-def _entropy_metrics(hidden, weight, bias, packed: PackedBatch, batch: PolicyBatch, teacher_entropy: torch.Tensor,
-                     temperature: float, backend: str, chunk_size: int | None) -> dict[str, Metric]:
-    """``teacher_entropy`` and ``student_entropy`` (--log-teacher-entropy): mean entropies over the tokens
-    of samples with a teacher context, the student's from the update's own hidden states (a chunked
-    no-grad pass of the output layer)."""
-    student = token_stats(hidden.detach(), weight.detach(), packed.targets,
-                          bias=None if bias is None else bias.detach(), temperature=temperature, need_entropy=True,
-                          backend=backend, chunk_size=chunk_size).entropy
-    mask = batch.token_mask
-    if batch.teacher_mask is not None:
-        mask = mask & batch.teacher_mask.to(mask.device, torch.bool)[batch.seq_ids]
-    return {"teacher_entropy": Metric.of(teacher_entropy, mask), "student_entropy": Metric.of(student, mask)}
-
-
-class PhaseTimer:
-    """Wall time per named phase of a step, summed over the phase's entries: ``with timer("update"): ...``."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-@dataclass
-class UpdateResult:
-    """What one optimiser update reports."""
-
-    loss: float  # summed over micro-batches and processes
-    grad_norm: float
-    applied: bool  # False: a non-finite loss or gradient norm; the update was skipped
-    metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
 
 
 def _accelerator(cfg: TrainConfig) -> Accelerator:
@@ -168,6 +106,11 @@ class Trainer:
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
       tracker for a whole sequence).
+
+    Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
+    :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
+    sharded alike (``policy``'s parameters are this process's shards, DTensors; checkpoints hold
+    the whole model); a run equals one process doing the same global batch, up to float summation order.
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
@@ -183,6 +126,9 @@ class Trainer:
         self.accelerator = _accelerator(cfg)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
+        chained = any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision,
+                                         chained=chained)  # None: one process, or DDP
         self.task = task if task is not None else _task_of(cfg)
         self.cfg = cfg = resolve_run_settings(cfg, self.task)  # max_new_tokens, eval_size: 0 = from the task
         self._check_data()
@@ -203,23 +149,30 @@ class Trainer:
         policy.train()
         if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.loss_module, self.reference_root = PolicyLoss(policy), None
+        if self.sharding is not None:  # before the optimizer, which holds the sharded parameters
+            self.reference_root, line = self.sharding.shard_run(self.loss_module, self.reference, self.teacher)
+            self._note(line)
         decay = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = adamw(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                               fused=self.sharding is None)  # FSDP's DTensor parameters: the default kernel
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
         schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                        num_training_steps=cfg.steps)
-        self.loss_module, self.optimizer = self.accelerator.prepare(PolicyLoss(policy), self.optimizer)
-        self.policy = self.accelerator.unwrap_model(self.loss_module).model
         device = self.accelerator.device
-        for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
-            if m is not None:
-                m.to(device)
+        if self.sharding is None:
+            self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
+            for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
+                if m is not None:
+                    m.to(device)
+        self.policy = self.accelerator.unwrap_model(self.loss_module).model
         self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
                                       reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
-                                      policy=self.policy)
+                                      policy=self.policy, reference_root=self.reference_root,
+                                      policy_root=self.loss_module if self.sharding is not None else None)
         self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
                                       rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
                                       context_limit=getattr(self.policy.config, "max_position_embeddings", None),
@@ -294,7 +247,10 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharding is not None:  # a whole state (any number of processes wrote it): keep our shards
+            self.sharding.load_optimizer_state(self.optimizer, state["optimizer"])
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
             if self.teacher.mode == "ema" and teacher_state is None:
@@ -332,39 +288,7 @@ class Trainer:
         if self.evaluator is not None:
             out = self.evaluator(self)
             return dict(out) if isinstance(out, dict) else {"eval_accuracy": float(out)}
-        cfg, data = self.cfg, self.task.eval
-        idx = list(range(min(cfg.eval_size, len(data))))[self.rank::self.world]
-        rows = [data[i] for i in idx]
-        greedy: list[float] = []
-        sampled: list[float] = []
-        if rows:
-            prompt_ids = self.prompts.prompt_ids(rows)
-            params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=1, do_sample=False)
-            greedy = self._successes(self.engine.generate(prompt_ids, params, stop=stop), rows)
-            if cfg.eval_samples:
-                n = cfg.eval_samples
-                params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=n,
-                                        temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-                rollout = self.engine.generate(prompt_ids, params, seed=cfg.seed * 1009 + self.rank, stop=stop)
-                ok = self._successes(rollout, [r for r in rows for _ in range(n)])
-                sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
-        return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)
-
-    def _successes(self, rollout: Rollout, rows: list[dict]) -> list[float]:
-        """1.0 / 0.0 per completion: did the task count it as a success."""
-        return [float(self.task.is_success(s)) for s in self.task.score_batch(rollout.texts, rows)]
-
-    def _eval_line(self, metrics: dict[str, Any]) -> str:
-        """``0.656 ± 0.085 (addition, 32 greedy prompts); mean@4 0.610 ± 0.070 (temperature 0.6, top-p 0.95)``."""
-        cfg = self.cfg
-        prompts = min(cfg.eval_size, len(self.task.eval))
-        greedy = format_eval({"eval_accuracy": metrics["eval_accuracy"],
-                              "eval_accuracy_se": metrics.get("eval_accuracy_se")})
-        line = f"{greedy} ({self.task.name}, {prompts} greedy prompts)"
-        if metrics.get("eval_mean_at_n") is not None:
-            line += (f"; {format_eval(metrics, cfg.eval_samples).split('; ', 1)[1]} "
-                     f"(temperature {cfg.eval_temperature:g}, top-p {cfg.eval_top_p:g})")
-        return line
+        return evaluate_policy(self.task, self.prompts, self._generate, self.cfg, self.rank, self.world, stop)
 
     # ------------------------------------------------------------------------------------- step
 
@@ -389,7 +313,8 @@ class Trainer:
             stoppable = not any(up.applied for up in updates)
             updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
         self._finish_step(updates, timer)
-        return self._metrics_row(step, batch, updates, timer)
+        return metrics_row(step, batch, updates, timer, cfg=self.cfg, world=self.world,
+                           lr=self.scheduler.get_last_lr()[0], reduce=self._sum_over_processes)
 
     def _rollout_batch(self, step: int, timer: PhaseTimer) -> RolloutBatch:
         """Generate and score the step's prompts; with dynamic sampling, further rounds (at most
@@ -412,10 +337,18 @@ class Trainer:
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self.engine.generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
+        rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
         trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout
+
+    def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
+        """The engine's completions; under FSDP inside the policy root's forward, which gathers
+        the weights the engine's model (the policy) runs on."""
+        if self.sharding is None:
+            return self.engine.generate(prompt_ids, params, **kw)
+        with torch.no_grad():
+            return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params, **kw))
 
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer, *, step: int = 0,
                 stoppable: bool = False) -> UpdateResult:
@@ -429,9 +362,12 @@ class Trainer:
             with timer("signals"):
                 teacher = self.signals.model_signals(rollout, mb)
             with timer("update"):
-                loss, metrics = self.loss_module(mb.packed, self.objective, mb.batch, teacher, cfg.temperature,
-                                                 cfg.backend, cfg.chunk_size or None)
-                self.accelerator.backward(loss * self.world)  # DDP averages gradients; our normalisers are global sums
+                # under FSDP the module is not accelerate's: its mixed precision applies here
+                with self.accelerator.autocast() if self.sharding is not None else contextlib.nullcontext():
+                    loss, metrics = self.loss_module(mb.packed, self.objective, mb.batch, teacher, cfg.temperature,
+                                                     cfg.backend, cfg.chunk_size or None)
+                # DDP and FSDP average gradients over processes; our normalisers are global sums
+                self.accelerator.backward(loss * self.world)
                 loss_total += float(loss.detach())
                 parts.append(metrics)
             if stoppable:
@@ -459,6 +395,8 @@ class Trainer:
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
+        if self.sharding is not None:
+            return self.sharding.grad_norm(list(self.policy.parameters()), self.cfg.max_grad_norm)
         if self.cfg.max_grad_norm > 0:
             return float(self.accelerator.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm))
         sq = sum(float(p.grad.float().pow(2).sum()) for p in self.policy.parameters() if p.grad is not None)
@@ -466,71 +404,6 @@ class Trainer:
 
     def _sum_over_processes(self, t: torch.Tensor) -> torch.Tensor:
         return self.accelerator.reduce(t.to(self.accelerator.device), reduction="sum")
-
-    def _per_reward_means(self, scores: Scores) -> dict[str, float]:
-        """``reward/<name>``: the mean of each of a multi-reward task's rewards (same names on every process)."""
-        parts = per_reward_sums(scores.scores)
-        names = sorted(parts)
-        if not names:
-            return {}
-        totals = self._sum_over_processes(torch.tensor([list(parts[k]) for k in names], dtype=torch.float64))
-        return {f"reward/{k}": float(totals[i, 0] / totals[i, 1]) for i, k in enumerate(names)}
-
-    def _sampling_metrics(self, batch: RolloutBatch) -> dict[str, float]:
-        """Dynamic sampling's and overlong shaping's metrics, when they are on (over processes):
-        ``generation_rounds`` (mean over processes), ``groups_dropped``, ``groups_filled`` (sums),
-        ``overlong_penalty`` (mean over samples)."""
-        out: dict[str, float] = {}
-        if self.cfg.dynamic_sampling:
-            t = self._sum_over_processes(torch.tensor([float(batch.rounds), float(batch.dropped), float(batch.filled)]))
-            out.update(generation_rounds=float(t[0]) / self.world, groups_dropped=float(t[1]),
-                       groups_filled=float(t[2]))
-        if batch.scores.overlong is not None:
-            t = self._sum_over_processes(torch.tensor([float(batch.scores.overlong.sum()),
-                                                       float(batch.scores.overlong.numel())]))
-            out["overlong_penalty"] = float(t[0] / t[1].clamp_min(1))
-        return out
-
-    def _metrics_row(self, step: int, batch: RolloutBatch, updates: list[UpdateResult],
-                     timer: PhaseTimer) -> dict[str, Any]:
-        """The step's row of metrics.jsonl: sums and counts over processes (the objective's metrics over
-        every micro-batch of every update), then means; ``loss`` and ``grad_norm`` are means over the
-        updates, ``updates`` the optimiser updates applied and ``skipped`` those skipped."""
-        rollout, scores = batch.rollout, batch.scores
-        merged = merge_metrics([part for u in updates for part in u.metrics])
-        names = sorted(merged)
-        sums = torch.tensor([[float(merged[k].sum), float(merged[k].count)] for k in names] or [[0.0, 0.0]])
-        sums = self._sum_over_processes(sums)
-        rewards = scores.rewards
-        stat = self._sum_over_processes(torch.stack([
-            rewards.sum(), (rewards ** 2).sum(), scores.success.sum(), rollout.lengths.float().sum(),
-            rollout.truncated.float().sum(), torch.tensor(float(rollout.num_samples))])).tolist()
-        n = max(stat[5], 1.0)
-        mean_r = stat[0] / n
-        per_reward = self._per_reward_means(scores)
-        elapsed = timer.elapsed()
-        return {
-            "step": step + 1,
-            "processes": self.world,
-            "reward_mean": mean_r,
-            "reward_std": math.sqrt(max(stat[1] / n - mean_r ** 2, 0.0)),
-            **per_reward,
-            **self._sampling_metrics(batch),
-            "success_rate": stat[2] / n,
-            "loss": sum(u.loss for u in updates) / len(updates),
-            **{k: (float(sums[i, 0] / sums[i, 1]) if float(sums[i, 1]) > 0 else None) for i, k in enumerate(names)},
-            "response_length": stat[3] / n,
-            "truncated_frac": stat[4] / n,
-            "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
-            "lr": self.scheduler.get_last_lr()[0],
-            "updates": sum(u.applied for u in updates),
-            "skipped": sum(not u.applied for u in updates),
-            "time_generate_s": timer.seconds.get("generate", 0.0),
-            "time_signals_s": timer.seconds.get("signals", 0.0),
-            "time_update_s": timer.seconds.get("update", 0.0),
-            "step_time_s": elapsed,
-            "tokens_per_s": stat[3] / elapsed,
-        }
 
     # ------------------------------------------------------------------------------------- run
 
@@ -545,6 +418,10 @@ class Trainer:
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
         at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
         rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
+        # FSDP: whole tensors gathered by every process, written by the main one (a single-process checkpoint)
+        model_state, optimizer_state = (None, None) if self.sharding is None else (
+            self.sharding.checkpoint_states(self.policy, self.optimizer, keep=self.is_main))
+        teacher_state = self.teacher.state_dict() if self.teacher else None
         path, error = None, None
         if self.is_main:
             try:
@@ -552,8 +429,8 @@ class Trainer:
                 path = ckpt.save_checkpoint(
                     self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
                     scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
-                    teacher_state=self.teacher.state_dict() if self.teacher else None, keep_last=self.cfg.keep_last,
-                    rng=rng)
+                    teacher_state=teacher_state, keep_last=self.cfg.keep_last, rng=rng,
+                    model_state=model_state, optimizer_state=optimizer_state)
             except OSError as e:
                 error = e
         failed = self._sum_over_processes(torch.tensor([float(error is not None)]))
@@ -594,7 +471,7 @@ class Trainer:
             metrics = self.evaluate_all(stop=self.stop.during_generation)
             self.stop.check("the evaluation before training")  # a stop during it: nothing was done, nothing saved
             summary.update(eval_accuracy_before=metrics["eval_accuracy"], eval_before=metrics)
-            self._note(f"eval accuracy before training: {self._eval_line(metrics)}")
+            self._note(f"eval accuracy before training: {eval_line(self.task, self.cfg, metrics)}")
             self._log_row({"step": 0, **metrics})
         bar = None
         if cfg.progress and self.is_main:
@@ -692,6 +569,8 @@ class Trainer:
     def carry_state(self) -> dict[str, Any]:
         """What a following run can start from: ``Trainer(cfg2, objective, **trainer.carry_state())``
         continues the AdamW state and the EMA teacher (``teacher_state`` is None without one)."""
+        if self.sharding is not None:
+            raise ValueError("carry_state: runs under FSDP are not chained by the continual runner")
         return {"optimizer_state": self.optimizer.state_dict(),
                 "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
 
@@ -705,30 +584,6 @@ class Trainer:
                     g["initial_lr"] = initial_lr
         if teacher_state is not None and self.teacher is not None:
             self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
-
-
-def eval_metrics(greedy: list[float], sampled: list[float] | None = None) -> dict[str, float | None]:
-    """The eval metrics of per-prompt values: greedy successes (1.0 / 0.0) and, when sampled, each
-    prompt's fraction of successful samples; means over prompts and their standard errors
-    (:func:`~denser.trainers.estimators.mean_stderr`). No prompts: accuracy 0.0, no error."""
-    mean, se = mean_stderr(greedy)
-    out: dict[str, float | None] = {"eval_accuracy": mean if mean is not None else 0.0, "eval_accuracy_se": se}
-    if sampled is not None:
-        out["eval_mean_at_n"], out["eval_mean_at_n_se"] = mean_stderr(sampled)
-    return out
-
-
-def format_eval(metrics: dict[str, Any], samples: int = 0) -> str:
-    """``0.656 ± 0.085`` (greedy), then ``; mean@4 0.610 ± 0.070`` when the metrics have a sampled part
-    (``samples``: its n)."""
-
-    def pm(mean, se):
-        return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
-
-    text = pm(metrics["eval_accuracy"], metrics.get("eval_accuracy_se"))
-    if samples and metrics.get("eval_mean_at_n") is not None:
-        text += f"; mean@{samples} {pm(metrics['eval_mean_at_n'], metrics.get('eval_mean_at_n_se'))}"
-    return text
 
 
 def _task_of(cfg: TrainConfig) -> Task:

@@ -53,11 +53,13 @@ def set_mmap_threshold(nbytes: int) -> bool:
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1)
 
 
-def adamw(params: Iterable[torch.nn.Parameter], **kwargs) -> torch.optim.AdamW:
-    """``torch.optim.AdamW(params, fused=True, **kwargs)`` where the parameters' device and dtype allow it,
-    else the default (``foreach``) implementation. The update is AdamW's either way (equal up to
-    rounding)."""
+def adamw(params: Iterable[torch.nn.Parameter], *, fused: bool = True, **kwargs) -> torch.optim.AdamW:
+    """``torch.optim.AdamW(params, fused=True, **kwargs)`` where the parameters' device and dtype allow it
+    (and ``fused``), else the default (``foreach``) implementation. The update is AdamW's either way
+    (equal up to rounding)."""
     params = list(params)
+    if not fused:
+        return torch.optim.AdamW(params, **kwargs)
     try:
         return torch.optim.AdamW(params, fused=True, **kwargs)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel

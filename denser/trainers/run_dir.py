@@ -103,6 +103,7 @@ class RunDir:
         removes what a run writes (never the rest of the directory); ``fresh`` (no checkpoint to
         resume from) starts metrics.jsonl over."""
         run = self.path
+        self.barrier()  # every process has run check() before the main one writes (nothing else may sync them)
         if self.is_main:
             if overwrite:
                 for name in RUN_FILES:

@@ -22,6 +22,7 @@ any model is loaded when a declared signal cannot be provided.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ from denser.trainers.models import render_prompt
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.rollout import Rollout
 from denser.trainers.sampling import Scores, overlong_penalty
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.teacher import TeacherInputs, TeacherWeights
 
 # What a task must be able to feed (``Task.provides``): rewards, and the successes and feedback
@@ -138,16 +140,20 @@ class SignalComputer:
     ``reference``: the frozen reference model (when ``Signal.REF_LOGP`` is declared);
     ``teacher``: the teacher's weights (when ``Signal.TEACHER`` or ``TEACHER_LOGP`` is declared),
     scoring contexts built as ``teacher_spec`` says; ``reduce`` sums a tensor over processes.
+    Under FSDP, ``policy_root`` and ``reference_root`` are the roots whose forwards gather the
+    policy's and the reference's weights (:mod:`denser.trainers.sharding`); their forwards run there.
     """
 
     def __init__(self, objective: Objective, task: Task, tokenizer: Any, cfg: TrainConfig, *, device: torch.device,
                  rank: int, reduce, reference: nn.Module | None, teacher: TeacherWeights | None,
-                 teacher_spec: TeacherSpec | None, policy: nn.Module | None = None):
+                 teacher_spec: TeacherSpec | None, policy: nn.Module | None = None,
+                 policy_root: ModelCall | None = None, reference_root: ModelCall | None = None):
         self.objective, self.task, self.tokenizer, self.cfg = objective, task, tokenizer, cfg
         self.declared = objective.signals()
         self.device, self.rank, self.reduce = device, rank, reduce
         self.reference, self.teacher, self.teacher_spec = reference, teacher, teacher_spec
         self.policy = policy
+        self.policy_root, self.reference_root = policy_root, reference_root
         source = cfg.old_logp_source
         # old_logp from a forward of the pre-update policy ('auto': when a step makes several updates)
         self.forward_old_logp = Signal.OLD_LOGP in self.declared and (
@@ -188,10 +194,7 @@ class SignalComputer:
         try:
             for idx in self._groups(rollout, list(range(S)), same_count=False):
                 packed = rollout.pack(idx, device=self.device)
-                hidden = completion_hidden_states(model, packed)
-                weight, bias = lm_head_params(model)
-                logp = token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature,
-                                   backend=cfg.backend, chunk_size=cfg.chunk_size or None).logp
+                logp = _run(self.policy_root, model, functools.partial(_logp, packed=packed, cfg=cfg, chunk_size=cfg.chunk_size or None))
                 logps += list(logp.float().cpu().split(packed.lengths.tolist()))
         finally:
             model.train(was_training)
@@ -314,10 +317,7 @@ class SignalComputer:
         each sampled token (TEACHER_LOGP, in ``batch.extras[TEACHER_LOGP]``)."""
         cfg, packed, batch = self.cfg, mb.packed, mb.batch
         if self.reference is not None:
-            h_ref = completion_hidden_states(self.reference, packed)
-            w_ref, b_ref = lm_head_params(self.reference)
-            batch.ref_logp = token_stats(h_ref, w_ref, packed.targets, bias=b_ref, temperature=cfg.temperature,
-                                         backend=cfg.backend).logp
+            batch.ref_logp = _run(self.reference_root, self.reference, lambda m: _logp(m, packed, cfg))
         if self.teacher is None:
             return None
         tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device)
@@ -329,3 +329,16 @@ class SignalComputer:
             teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                           temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
         return teacher
+
+
+def _run(root: ModelCall | None, model: nn.Module, fn):
+    """``fn(model)``; under FSDP inside ``root``'s forward, which gathers the model's weights."""
+    return fn(model) if root is None else Sharding.run(root, fn)
+
+
+def _logp(model: nn.Module, packed: PackedBatch, cfg: TrainConfig, chunk_size: int | None = None) -> Tensor:
+    """``[N]`` log-probs of ``packed``'s completion tokens under ``model`` (no grad)."""
+    hidden = completion_hidden_states(model, packed)
+    weight, bias = lm_head_params(model)
+    return token_stats(hidden, weight, packed.targets, bias=bias, temperature=cfg.temperature, backend=cfg.backend,
+                       chunk_size=chunk_size).logp

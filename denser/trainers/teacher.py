@@ -17,6 +17,11 @@ holds the weights that spec names and runs them on a packed batch (:meth:`Teache
 
 ``spec.init_alpha < 1`` starts the teacher (the reference, for trust-region) at
 ``init_alpha * teacher + (1 - init_alpha) * policy``, parameter by parameter (SDPO-CL).
+
+Under FSDP (:meth:`TeacherWeights.shard`) the teacher's model is sharded like the policy and runs
+inside the forward of its root, which gathers the weights; the output layer it hands the loss core
+is a copy taken there (the gathered weight is freed when that forward returns). An EMA teacher
+updates shard by shard.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +39,7 @@ from denser.objectives.teacher import TEACHER_MODES
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
+from denser.trainers.sharding import ModelCall, Sharding
 
 
 @dataclass
@@ -41,7 +48,7 @@ class TeacherInputs:
     its output layer (the core uses them when the objective's core options ask for a divergence)."""
 
     hidden: Tensor  # [N, H_teacher]
-    weight: Tensor  # [V, H_teacher]
+    weight: Tensor  # [V, H_teacher] (under FSDP a copy of the gathered weight)
     bias: Tensor | None
     entropy: Tensor | None = None  # [N] the teacher's entropy per token (--log-teacher-entropy), detached
 
@@ -123,6 +130,9 @@ class TeacherWeights:
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
         self._joint: tuple[tuple, Tensor] | None = None  # trust-region: [W_ref, W_pol] and the versions it holds
+        self.sharding: Sharding | None = None
+        self._root: ModelCall | None = None  # under FSDP: the root whose forward gathers ``model``'s weights
+        self._policy_root: ModelCall | None = None  # ... and the policy's (live, trust-region)
 
     @classmethod
     def from_spec(cls, spec: TeacherSpec, policy: nn.Module, initial: nn.Module | None = None, *,
@@ -161,19 +171,30 @@ class TeacherWeights:
             interpolate_(weights, start, spec.init_alpha)
         return cls(policy, spec.mode, spec.update_rate, weights=weights.eval().requires_grad_(False))
 
+    def shard(self, sharding: Sharding, *, policy_root: ModelCall, root_of: Callable[[nn.Module], ModelCall]) -> None:
+        """Under FSDP: the teacher runs inside ``policy_root`` (``live``) or inside ``root_of(model)``,
+        the root of its own model sharded like the policy (shared with the reference when it is the
+        reference's model); ``trust-region``'s policy half inside ``policy_root``."""
+        self.sharding, self._policy_root = sharding, policy_root
+        self._root = policy_root if self.mode == "live" else root_of(self.model)
+
+    def _forward(self, model: nn.Module, root: ModelCall | None, packed: PackedBatch) -> tuple[Tensor, Any, Any]:
+        """``(hidden, lm_head weight, bias)`` of ``model`` on ``packed``; under FSDP run in ``root``."""
+        if root is None:
+            return (_hidden(model, packed), *lm_head_params(model))
+        return Sharding.run(root, lambda m: (_hidden(m, packed), *map(Sharding.keep, lm_head_params(m))))
+
     # ---------------------------------------------------------------------------------- forward
 
     @torch.no_grad()
     def outputs(self, packed: PackedBatch) -> TeacherInputs:
         """The teacher's hidden states at the completion tokens of ``packed`` (teacher contexts) and
         its output layer; for ``trust-region`` the concatenation described in the module docstring."""
-        hidden = _hidden(self.model, packed)
-        weight, bias = lm_head_params(self.model)
+        hidden, weight, bias = self._forward(self.model, self._root, packed)
         if self.mode != "trust-region":
             return TeacherInputs(hidden, weight, bias)
         r = self.rate
-        h_pol = _hidden(self.policy, packed)
-        w_pol, b_pol = lm_head_params(self.policy)
+        h_pol, w_pol, b_pol = self._forward(self.policy, self._policy_root, packed)
         hidden = torch.cat([(1.0 - r) * hidden, r * h_pol.to(hidden.dtype)], dim=-1)
         if bias is not None or b_pol is not None:
             bias = ((1.0 - r) * (bias if bias is not None else 0.0)
@@ -192,9 +213,16 @@ class TeacherWeights:
 
     @torch.no_grad()
     def update(self, policy: nn.Module) -> None:
+        """One EMA step towards ``policy``; under FSDP on this process's shards only (the teacher's
+        and the policy's shards are the same slices of the same parameters)."""
         if self.mode != "ema":
             return
-        for t, p in zip(self.model.parameters(), policy.parameters()):
+        for (name, t), p in zip(self.model.named_parameters(), policy.parameters()):
+            if self._root is not None:
+                t, p = _local(t, name), _local(p, name)
+                if t.shape != p.shape:
+                    raise RuntimeError(f"EMA update under FSDP: the teacher's shard of {name} {tuple(t.shape)} is "
+                                       f"not the policy's {tuple(p.shape)}; both must be sharded alike")
             t.lerp_(p.detach().to(t.dtype), self.rate)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
@@ -202,9 +230,12 @@ class TeacherWeights:
         copy is 540 MB at every checkpoint); :meth:`update` changes them in place, so a caller that keeps
         them past the next update copies them (a checkpoint writes them at once; the continual runner
         hands them to the next run, which copies them into its own teacher). A tensor that shares memory
-        with an earlier one (tied embeddings) is copied: safetensors refuses shared tensors."""
+        with an earlier one (tied embeddings) is copied: safetensors refuses shared tensors. Under FSDP a
+        collective: every process calls it, the main process gets the whole weights, the others None."""
         if self.mode != "ema":
             return None
+        if self._root is not None:
+            return Sharding.full_state(self.model.state_dict(), keep=_is_main())
         out, seen = {}, set()
         for k, v in self.model.state_dict().items():
             ptr = v.untyped_storage().data_ptr()
@@ -214,4 +245,22 @@ class TeacherWeights:
 
     def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
         if self.mode == "ema" and state is not None:
-            self.model.load_state_dict(state)
+            if self.sharding is not None:  # whole tensors: each process keeps its shards
+                self.sharding.load_model_state(self.model, state)
+            else:
+                self.model.load_state_dict(state)
+
+
+def _local(t: Any, name: str) -> Tensor:
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(t, DTensor):
+        raise RuntimeError(f"EMA update under FSDP: parameter {name} is not sharded (a gathered parameter left "
+                           "unsharded after a forward); reshard before the update")
+    return t.to_local()
+
+
+def _is_main() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
