@@ -85,7 +85,7 @@ def child(objective: str, variant: str, out_dir: str, workload: str = "short") -
     if "trim" not in fixes:
         loop.trim_heap = lambda: False
     if "fused" not in fixes:
-        loop.adamw = lambda params, **kw: torch.optim.AdamW(list(params), **kw)
+        loop.adamw = lambda params, fused=True, **kw: torch.optim.AdamW(list(params), **kw)
     if "noclone" not in fixes:
         teacher.TeacherWeights.state_dict = lambda self: (
             {k: v.detach().clone() for k, v in self.model.state_dict().items()} if self.mode == "ema" else None)
