@@ -49,6 +49,7 @@ from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig, resolve_run_settings
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
+from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
@@ -153,7 +154,8 @@ class Trainer:
             self.reference_root, line = self.sharding.shard_run(self.loss_module, self.reference, self.teacher)
             self._note(line)
         decay = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                               fused=self.sharding is None)  # FSDP's DTensor parameters: the default kernel
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
         schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -341,6 +343,7 @@ class Trainer:
         self.policy.eval()
         rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
+        trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
@@ -380,6 +383,7 @@ class Trainer:
             if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            trim_heap()  # the update's freed activations and gradients back to the system (glibc keeps them)
         return UpdateResult(loss_sum, grad_norm, applied, parts)
 
     def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
