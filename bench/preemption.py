@@ -3,6 +3,11 @@ checkpoint manifest (SHA-256 of every file) when writing and when verifying on -
 
     python -m bench.preemption                                    # the embedded model, sdpo (EMA teacher)
     python -m bench.preemption --model tiny --objective grpo
+    python -m bench.preemption --baseline /tmp/denser-main        # the same cases with another denser tree too
+
+With ``--baseline DIR`` (a source tree of denser, e.g. ``git archive main | tar -x -C DIR``) every case
+runs twice, alternating: once with that tree first on PYTHONPATH, once with this one, so a change
+is measured before and after under the same load.
 
 Each case starts a run (no periodic checkpoints), waits until step 1's metrics row is written (step 2
 is then in progress), waits DELAY seconds more and sends SIGTERM: the run abandons step 2 at its next
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import signal
 import subprocess
 import sys
@@ -22,15 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
+TIMES = re.compile(r"\(([0-9.]+) s from the signal to here, ([0-9.]+) s to save\)")
 
-def stop_once(objective: str, model: str, delay: float, extra: list[str]) -> dict:
+
+def stop_once(objective: str, model: str, delay: float, extra: list[str], tree: str | None = None) -> dict:
     from denser.trainers import checkpoint as ckpt
 
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (tree, os.environ.get("PYTHONPATH")) if p)}
     with tempfile.TemporaryDirectory() as out:
         run = Path(out) / "run"
         cmd = [sys.executable, "-m", "denser", "train", "--objective", objective, "--model", model, "--steps", "3",
                "--cpu", "--no-progress", "--eval-size", "2", "--output-dir", str(run), *extra]
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
         metrics = run / "metrics.jsonl"
         while proc.poll() is None and not (metrics.exists() and '"step": 1,' in metrics.read_text()):
             time.sleep(0.02)
@@ -41,10 +50,14 @@ def stop_once(objective: str, model: str, delay: float, extra: list[str]) -> dic
         _, err = proc.communicate()
         t_exit = time.monotonic() - t0
         saved = ckpt.latest_checkpoint(run)
-        row = {"objective": objective, "model": model, "delay_s": delay, "rc": proc.returncode,
+        row = {"objective": objective, "model": model, "delay_s": delay, "rc": proc.returncode, "tree": tree or "this",
                "signal_to_exit_s": t_exit, "line": err.strip().splitlines()[-1] if err.strip() else ""}
+        m = TIMES.search(row["line"])
+        if m:
+            row["to_check_point_s"], row["save_s"] = float(m.group(1)), float(m.group(2))
         if saved is not None:
             row["signal_to_complete_marker_s"] = (saved / ckpt.COMPLETE).stat().st_mtime - wall0
+            row["complete_to_exit_s"] = t_exit - row["signal_to_complete_marker_s"]
             row.update(hashing(saved))
         return row
 
@@ -75,19 +88,24 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default")
     p.add_argument("--objective", default="sdpo")
     p.add_argument("--delays", default="0.2,2,5", help="seconds after step 1 ends at which SIGTERM is sent")
+    p.add_argument("--baseline", default=None, help="another denser source tree, run alternately with this one")
     a, extra = p.parse_known_args(argv)
-    rows = [stop_once(a.objective, a.model, float(d), extra) for d in a.delays.split(",")]
-    print(f"preemption, model={a.model}, objective={a.objective}, {os.cpu_count()} CPU threads, {platform.machine()}\n")
-    print("| SIGTERM after step 1 + | exit code | signal to exit s | signal to COMPLETE s | checkpoint MB | "
-          "SHA-256 of model.safetensors s | manifest (save) s | verify (resume) s |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    trees = [a.baseline, None] if a.baseline else [None]
+    rows = [stop_once(a.objective, a.model, float(d), extra, tree) for d in a.delays.split(",") for tree in trees]
+    nan = float("nan")
+    print(f"preemption, model={a.model}, objective={a.objective}, {os.cpu_count()} CPU threads, {platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end\n")
+    print("| code | SIGTERM after step 1 + | exit code | signal to exit s | to the check point s | save s | "
+          "COMPLETE to exit s | checkpoint MB | SHA-256 of model.safetensors s | manifest (re-hash) s | verify s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['delay_s']:.1f} s | {r['rc']} | {r['signal_to_exit_s']:.1f} | "
-              f"{r.get('signal_to_complete_marker_s', float('nan')):.1f} | {r.get('checkpoint_mb', 0):.0f} | "
-              f"{r.get('hash_model_s', float('nan')):.2f} ({r.get('model_mb', 0):.0f} MB) | "
-              f"{r.get('manifest_s', float('nan')):.2f} | {r.get('verify_s', float('nan')):.2f} |")
+        print(f"| {'baseline' if r['tree'] != 'this' else 'this'} | {r['delay_s']:.1f} s | {r['rc']} | "
+              f"{r['signal_to_exit_s']:.1f} | {r.get('to_check_point_s', nan):.1f} | {r.get('save_s', nan):.1f} | "
+              f"{r.get('complete_to_exit_s', nan):.1f} | {r.get('checkpoint_mb', 0):.0f} | "
+              f"{r.get('hash_model_s', nan):.2f} ({r.get('model_mb', 0):.0f} MB) | "
+              f"{r.get('manifest_s', nan):.2f} | {r.get('verify_s', nan):.2f} |")
     for r in rows:
-        print(f"  {r['delay_s']:.1f} s: {r['line']}")
+        print(f"  {r['tree']}, {r['delay_s']:.1f} s: {r['line']}")
     return 0
 
 

@@ -1,5 +1,3 @@
-import sys
+from denser.cli import run
 
-from denser.cli import main
-
-sys.exit(main())
+run()

@@ -30,8 +30,9 @@ batch, no shuffling); SDPO uses SDPO's defaults (configs/sdpo.yaml: top-100 + ta
 IS clip 2, EMA rate 0.05); the hybrid uses both.
 
 Runs are deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless given): a
-rerun of a run with the same command reproduces its accuracy matrix exactly. A run takes 20-40
-minutes on one core of the 2-core machine this was made on.
+rerun of a run with the same command reproduces its accuracy matrix exactly. A run is estimated at
+20-40 CPU-minutes (from the pilot's step and eval times); none had finished when this was written.
+``report`` renders ``denser compare``: mean ± se over seeds, the claims table and the density frontier.
 """
 
 from __future__ import annotations

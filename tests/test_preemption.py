@@ -62,7 +62,7 @@ def test_stop_control_raises_at_check_points_and_the_save_clock_ticks():
     assert exit_code(signal.SIGTERM) == 143
 
 
-def test_generation_ends_at_the_next_token_once_a_stop_is_requested():
+def test_generation_ends_at_the_next_token_or_layer_once_a_stop_is_requested():
     from denser.trainers.models import build_tiny_model
     from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
@@ -73,15 +73,23 @@ def test_generation_ends_at_the_next_token_once_a_stop_is_requested():
     plain = engine.generate(prompts, params, seed=1)
     assert engine.generate(prompts, params, seed=1, stop=lambda: False).completion_ids == plain.completion_ids
     assert max(len(c) for c in plain.completion_ids) > 3
-    polls = []
-
-    def stop():
-        polls.append(1)
-        return len(polls) >= 3  # asked to stop while the third token is sampled
-
-    cut = engine.generate(prompts, params, seed=1, stop=stop)
+    forwards = []
+    counting = model.register_forward_hook(lambda m, a, o: forwards.append(1))
+    try:  # asked to stop once the third token's forward is done: the third token is the last
+        cut = engine.generate(prompts, params, seed=1, stop=lambda: len(forwards) >= 3)
+    finally:
+        counting.remove()
     assert max(len(c) for c in cut.completion_ids) == 3
     assert [c[:3] for c in cut.completion_ids] == [c[:3] for c in plain.completion_ids]
+    # asked to stop while a forward runs (as the prefill's second layer begins): it ends there, no token
+    entered = []
+    watch = model.model.layers[1].register_forward_pre_hook(lambda m, a: entered.append(1))  # runs before the poll
+    try:
+        cut = engine.generate(prompts, params, seed=1, stop=lambda: bool(entered))
+    finally:
+        watch.remove()
+    assert cut.completion_ids == [[], [], [], []] and cut.truncated.all() and len(entered) == 1
+    assert not model.model.layers[1]._forward_pre_hooks  # the engine's polls are gone
 
 
 def test_save_every_minutes_writes_checkpoints_by_the_clock(tmp_path):

@@ -20,7 +20,7 @@ from __future__ import annotations
 import difflib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -45,14 +45,15 @@ class Generations:
 
 def generate_responses(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                        greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-                       batch_size: int | None = None) -> Generations:
-    """One completion per prompt from ``model`` (greedy, or sampled with a fixed ``seed``)."""
+                       batch_size: int | None = None, stop: Callable[[], bool] | None = None) -> Generations:
+    """One completion per prompt from ``model`` (greedy, or sampled with a fixed ``seed``); ``stop``:
+    polled while generating, the completions end once it is True (a graceful stop of a run)."""
     from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
     engine = HFRolloutEngine(model, tokenizer, max_batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, num_generations=1, do_sample=not greedy,
                             temperature=temperature)
-    rollout = engine.generate([list(p) for p in prompt_ids], params, seed=None if greedy else seed)
+    rollout = engine.generate([list(p) for p in prompt_ids], params, seed=None if greedy else seed, stop=stop)
     return Generations(prompt_ids=[list(p) for p in rollout.prompt_ids], completion_ids=rollout.completion_ids,
                        texts=list(rollout.texts), truncated=[bool(t) for t in rollout.truncated.tolist()])
 

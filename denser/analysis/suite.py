@@ -61,16 +61,18 @@ class EvalSuite:
         """Greedy responses of ``model`` to task ``name``'s fixed prompts, scored."""
         return self.generate_many(model, tokenizer, [name])[name]
 
-    def generate_many(self, model, tokenizer, names: Sequence[str]) -> dict[str, Generations]:
+    def generate_many(self, model, tokenizer, names: Sequence[str], *,
+                      stop: Callable[[], bool] | None = None) -> dict[str, Generations]:
         """:meth:`generate` for several tasks in one batched ``generate`` call (greedy decoding of
-        each prompt does not depend on its batch mates, up to floating-point ties)."""
+        each prompt does not depend on its batch mates, up to floating-point ties). ``stop``: polled
+        while generating; once True the responses are cut short (the caller discards them)."""
         names = list(names)
         prompts = {n: self.prompt_ids(tokenizer, n) for n in names}
         flat = [p for n in names for p in prompts[n]]
         if not flat:
             return {}
         gens = generate_responses(model, tokenizer, flat, max_new_tokens=self.max_new_tokens, greedy=True,
-                                  batch_size=self.batch_size)
+                                  batch_size=self.batch_size, stop=stop)
         out, start = {}, 0
         for n in names:
             end = start + len(prompts[n])
@@ -85,17 +87,17 @@ class EvalSuite:
         return out
 
     def sample_many(self, model, tokenizer, names: Sequence[str], *, samples: int, temperature: float, top_p: float,
-                    seed: int = 0) -> dict[str, list[float]]:
+                    seed: int = 0, stop: Callable[[], bool] | None = None) -> dict[str, list[float]]:
         """Per task, each fixed prompt's fraction of ``samples`` completions (sampled at ``temperature``
         and ``top_p`` by the loop's rollout engine, seeded: the same model gives the same samples) that
-        succeed: the per-prompt values of mean@n."""
+        succeed: the per-prompt values of mean@n. ``stop``: as in :meth:`generate_many`."""
         engine = HFRolloutEngine(model, tokenizer, max_batch_size=self.batch_size)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, num_generations=samples, temperature=temperature,
                                 top_p=top_p)
         out = {}
         for name in names:
             rows, task = self.rows[name], self.tasks[name]
-            rollout = engine.generate(self.prompt_ids(tokenizer, name), params, seed=seed)
+            rollout = engine.generate(self.prompt_ids(tokenizer, name), params, seed=seed, stop=stop)
             scores = task.score_batch(rollout.texts, [r for r in rows for _ in range(samples)])
             ok = [float(task.is_success(sc)) for sc in scores]
             out[name] = [sum(ok[p * samples:(p + 1) * samples]) / samples for p in range(len(rows))]

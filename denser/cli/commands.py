@@ -67,14 +67,26 @@ def cmd_train(argv: list[str]) -> int:
 
 
 def cmd_continual(argv: list[str]) -> int:
-    """``denser continual ...``: run the sequence, print where the report is."""
+    """``denser continual ...``: run the sequence, print where the report is. Exit codes as ``denser
+    train``'s: 143 / 130 stopped by SIGTERM / SIGINT (inside a stage, that stage's last finished step
+    is saved; the line printed says how to continue: the same command with ``--resume``)."""
     cfg, objective, values = parse_continual_args(argv)
     # imported here for start-up time (the loop and the analysis): see the module docstring
     from denser.continual import ContinualConfig, ContinualRunner
+    from denser.trainers.preemption import Interrupted, StopSignals
 
-    runner = ContinualRunner(cfg, objective, ContinualConfig(**values))
-    runner.command = "denser continual " + shlex.join(argv)
-    record = runner.run()
+    resume_argv = [a for a in argv if a != "--overwrite"] + ([] if "--resume" in argv else ["--resume"])
+    if cfg.overwrite and "--overwrite" not in argv:  # set by a --config file
+        resume_argv.append("--no-overwrite")
+    try:
+        with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
+            runner = ContinualRunner(cfg, objective, ContinualConfig(**values), stop_signals=signals)
+            runner.command = "denser continual " + shlex.join(argv)
+            runner.resume_command = "denser continual " + shlex.join(resume_argv)
+            record = runner.run()
+    except Interrupted as stop:
+        print(f"denser continual: {one_line(stop.message)}", file=sys.stderr)
+        return stop.exit_code
     m = record["metrics"]
     print(f"final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
           f"{(m['final_average_forgetting'] or 0.0):.3f}, relative L2 drift {record['stages'][-1]['params']['relative_l2']:.3e}")

@@ -39,6 +39,12 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature; the loss core uses the same temperature for log-probs")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
+    max_tokens_per_micro_batch: int = _f(0, "token-budget micro-batches (verl's dynamic batch size): cut each "
+                                         "mini-batch, in order, into micro-batches whose policy forward holds at "
+                                         "most this many tokens (rows x padded prompt + completion width), so long "
+                                         "completions do not fix the micro-batch by count; a longer sample gets a "
+                                         "micro-batch of its own; the loss is unchanged (its normalisers are the "
+                                         "mini-batch's); 0 = off: --micro-batch-size completions per micro-batch")
     mini_batches: int = _f(1, "optimiser updates per pass over a rollout batch: the batch is cut into this many "
                            "mini-batches (verl: train_batch_size / ppo_mini_batch_size; TRL: steps_per_generation)")
     epochs: int = _f(1, "passes over each rollout batch (verl: ppo_epochs; TRL: num_iterations); a step makes "
@@ -148,7 +154,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
-                     "chunk_size", "overlong_buffer"):
+                     "chunk_size", "overlong_buffer", "max_tokens_per_micro_batch"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):

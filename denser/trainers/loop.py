@@ -19,7 +19,7 @@ checkpoints are :mod:`denser.trainers.checkpoint`; an update's pieces (the polic
 DDP/FSDP wrap, the phase timer) :mod:`~denser.trainers.update`; a step's metrics row
 :mod:`~denser.trainers.step_metrics`; the loop's evaluation :mod:`~denser.trainers.evaluation`.
 
-This file is the :class:`Trainer` class and little else; at about 580 lines it is over the project's
+This file is the :class:`Trainer` class and little else; at about 600 lines it is over the project's
 ~450-line mark, kept whole on purpose: its methods are the run's phases in the order they happen
 (construct and load, evaluate, step, save, train, stop), and splitting the class across files
 would hide that order.
@@ -50,6 +50,7 @@ from denser.trainers import checkpoint as ckpt
 from denser.trainers import lora
 from denser.trainers.config import TrainConfig, resolve_run_settings
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
+from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
@@ -155,7 +156,8 @@ class Trainer:
             self.reference_root, line = self.sharding.shard_run(self.loss_module, self.reference, self.teacher)
             self._note(line)
         decay = [p for p in policy.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+        self.optimizer = adamw(decay, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+                               fused=self.sharding is None)  # FSDP's DTensor parameters: the default kernel
         # transformers' "constant" ignores the warmup; "constant_with_warmup" is constant when it is 0
         schedule = "constant_with_warmup" if cfg.lr_schedule == "constant" else cfg.lr_schedule
         self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
@@ -245,6 +247,10 @@ class Trainer:
         self.teacher = None
         if spec is not None:
             start = policy if resume_from is None else initial
+            if resume_from is not None and self.anchor is not None and spec.mode in ("frozen", "trust-region") and (
+                    self.teacher_from_policy or spec.init_alpha < 1.0):  # the anchor is not where this run started
+                with ckpt.quiet_transformers():
+                    start, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
             shared = None if self.teacher_from_policy else initial
             self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
         return policy
@@ -343,6 +349,7 @@ class Trainer:
         self.policy.eval()
         rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
         self.policy.train()
+        trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout
 
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
@@ -382,6 +389,7 @@ class Trainer:
             if applied:
                 self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+            trim_heap()  # the update's freed activations and gradients back to the system (glibc keeps them)
         return UpdateResult(loss_sum, grad_norm, applied, parts)
 
     def _finish_step(self, updates: list[UpdateResult], timer: PhaseTimer) -> None:
@@ -530,7 +538,7 @@ class Trainer:
             timing += f", {time.monotonic() - t_stop:.1f} s to save"
         path = ckpt.checkpoint_dir(self.run_dir, done) if self.saved_step == done else None
         stop.step, stop.checkpoint, stop.is_main = done, path, self.is_main
-        head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
+        stop.head = head = f"stopped by {signal_name(stop.signum)} at {stop.where}" + (f" ({timing[2:]})" if timing else "")
         if path is None:
             stop.message = f"{head}: no step had finished, nothing to save; rerun the same command to start over"
         else:

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from denser.trainers.packing import PackedBatch, build_packed_batch, model_device
+from denser.trainers.preemption import ForwardAbandoned, abandon_forward_on_stop
 
 __all__ = [
     "DEFAULT_ENGINE",
@@ -248,8 +249,9 @@ class RolloutEngine(ABC):
         """Sample ``params.num_generations`` completions for each prompt (token ids, e.g. from
         :func:`denser.trainers.models.render_prompt`). ``seed`` makes the call reproducible
         without touching the global RNG; ``None`` uses the global RNG. ``stop``: polled while
-        generating (a graceful stop of the run); once it returns True the engine may end every
-        completion early: the caller then abandons the rollout."""
+        generating (a graceful stop of the run: the HF engine polls it at every token and, in a
+        single process, before every layer); once it returns True the engine may end every
+        completion early, even with no token: the caller then abandons the rollout."""
 
     def update_weights(self, model: Any) -> None:  # noqa: B027 - optional hook
         """Bring the engine's weights up to date with ``model`` (no-op by default)."""
@@ -418,14 +420,17 @@ class HFRolloutEngine(RolloutEngine):
             use_cache=True,
             **sampling,
         )
-        with _neutral_generation_config(self.model, config):
-            sequences = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                generation_config=config,
-                logits_processor=LogitsProcessorList(processors),
-                **({"stopping_criteria": _stop_criteria(stop)} if stop is not None else {}),
-            )
+        try:
+            with _neutral_generation_config(self.model, config), abandon_forward_on_stop(self.model, stop):
+                sequences = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList(processors),
+                    **({"stopping_criteria": _stop_criteria(stop)} if stop is not None else {}),
+                )
+        except ForwardAbandoned:  # stopped inside a forward: no completion, the caller abandons them
+            return [[] for _ in prompts], [torch.zeros(0) for _ in prompts], [True for _ in prompts]
         logp_steps = recorder.finish(sequences).cpu()
         new = sequences[:, width:].cpu()
         completions, logps, truncated = [], [], []

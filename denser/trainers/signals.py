@@ -78,6 +78,42 @@ def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: n
                          f"the policy's ({v_s}); token-level distillation needs one shared tokenizer")
 
 
+def padded_tokens(sizes: list[tuple[int, int]]) -> int:
+    """The tokens of one packed forward of samples of ``(context, completion)`` lengths ``sizes``: rows x
+    (longest context + longest completion), as :func:`~denser.trainers.packing.build_packed_batch` pads."""
+    return len(sizes) * (max(c for c, _ in sizes) + max(t for _, t in sizes)) if sizes else 0
+
+
+def token_budget_groups(indices: list[int], sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
+    """``indices`` cut, in order, into consecutive groups whose packed forward holds at most ``budget``
+    tokens (:func:`padded_tokens`; ``sizes[k]``: the context and completion lengths of ``indices[k]``);
+    a sample longer than ``budget`` gets a group of its own (one long reply never stops a run; that
+    micro-batch is then over the budget)."""
+    groups: list[list[int]] = []
+    current: list[tuple[int, int]] = []
+    for i, size in zip(indices, sizes):
+        if groups and padded_tokens(current + [size]) <= budget:
+            groups[-1].append(i)
+            current.append(size)
+        else:
+            groups.append([i])
+            current = [size]
+    return groups
+
+
+def split_to_count(groups: list[list[int]], sizes: dict[int, tuple[int, int]], count: int) -> list[list[int]]:
+    """``groups`` with the largest (:func:`padded_tokens`) of those holding two or more samples halved, in
+    its place, until there are ``count`` of them (every process of a run must make the same number of
+    backward passes per update). ``count`` must be at most the number of samples."""
+    groups = [list(g) for g in groups]
+    while len(groups) < count:
+        k = max((j for j, g in enumerate(groups) if len(g) > 1),
+                key=lambda j: padded_tokens([sizes[i] for i in groups[j]]))
+        g = groups[k]
+        groups[k:k + 1] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return groups
+
+
 @dataclass
 class SampleSignals:
     """The per-sample signals of a rollout batch, computed once and shared by all its updates."""
@@ -156,8 +192,8 @@ class SignalComputer:
         model.eval()
         logps: list[Tensor] = []
         try:
-            for a in range(0, S, cfg.micro_batch_size):
-                packed = rollout.pack(list(range(a, min(S, a + cfg.micro_batch_size))), device=self.device)
+            for idx in self._groups(rollout, list(range(S)), same_count=False):
+                packed = rollout.pack(idx, device=self.device)
                 logp = _run(self.policy_root, model, functools.partial(_logp, packed=packed, cfg=cfg, chunk_size=cfg.chunk_size or None))
                 logps += list(logp.float().cpu().split(packed.lengths.tolist()))
         finally:
@@ -193,11 +229,11 @@ class SignalComputer:
 
     def micro_batches(self, rollout: Rollout, sample: SampleSignals, indices: list[int], step: int,
                       update: int = 0) -> list[MicroBatch]:
-        """Samples ``indices`` of the rollout (one update's mini-batch) in micro-batches of
-        ``cfg.micro_batch_size``, each with its per-sample signals and the loss normalisers of the whole
-        mini-batch (all its micro-batches, summed over processes)."""
+        """Samples ``indices`` of the rollout (one update's mini-batch) in micro-batches (:meth:`_groups`),
+        each with its per-sample signals and the loss normalisers of the whole mini-batch (all its
+        micro-batches, summed over processes)."""
         cfg, dev = self.cfg, self.device
-        groups = [indices[a:a + cfg.micro_batch_size] for a in range(0, len(indices), cfg.micro_batch_size)]
+        groups = self._groups(rollout, indices)
         out = []
         for i, idx in enumerate(groups):
             packed = rollout.pack(idx, device=dev)
@@ -217,6 +253,27 @@ class SignalComputer:
                                   None if sample.contexts is None else [sample.contexts[j] for j in idx]))
         self._set_global_normalisers([mb.batch for mb in out])
         return out
+
+    def _groups(self, rollout: Rollout, indices: list[int], *, same_count: bool = True) -> list[list[int]]:
+        """The micro-batches of ``indices``, in order: ``cfg.micro_batch_size`` samples each, or, with
+        ``--max-tokens-per-micro-batch``, at most that many tokens in the policy's packed forward (rows x
+        padded prompt + completion width; :func:`token_budget_groups`). With a budget and ``same_count`` the processes agree on the largest
+        count among them (one all-reduce) and the others halve micro-batches to reach it, since every
+        backward pass of an update synchronises gradients."""
+        cfg = self.cfg
+        budget = cfg.max_tokens_per_micro_batch
+        if budget <= 0:
+            return [indices[a:a + cfg.micro_batch_size] for a in range(0, len(indices), cfg.micro_batch_size)]
+        sizes = {i: (len(rollout.sample_prompt_ids(i)), len(rollout.completion_ids[i])) for i in indices}
+        groups = token_budget_groups(indices, [sizes[i] for i in indices], budget)
+        if same_count:
+            # the count of every process, as a histogram of fixed length (a rollout batch's samples per process)
+            slots = max(cfg.prompts_per_step * cfg.num_generations, len(indices)) + 1
+            hist = torch.zeros(slots, device=self.device)
+            hist[len(groups)] = 1.0
+            count = int(torch.nonzero(self.reduce(hist)).max())
+            groups = split_to_count(groups, sizes, count)
+        return groups
 
     def teacher_contexts(self, rollout: Rollout, rows: list[dict], scores: Scores) -> tuple[list[list[int]], Tensor]:
         """Per sample: the teacher's context token ids (its own prompt when it gets no teacher),

@@ -226,13 +226,22 @@ class TeacherWeights:
             t.lerp_(p.detach().to(t.dtype), self.rate)
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The EMA weights (None for other teachers). Under FSDP a collective: every process calls
-        it, the main process gets the whole weights, the others None."""
+        """An EMA teacher's weights (None for other modes): the live tensors, not a copy (a 135M model's
+        copy is 540 MB at every checkpoint); :meth:`update` changes them in place, so a caller that keeps
+        them past the next update copies them (a checkpoint writes them at once; the continual runner
+        hands them to the next run, which copies them into its own teacher). A tensor that shares memory
+        with an earlier one (tied embeddings) is copied: safetensors refuses shared tensors. Under FSDP a
+        collective: every process calls it, the main process gets the whole weights, the others None."""
         if self.mode != "ema":
             return None
         if self._root is not None:
             return Sharding.full_state(self.model.state_dict(), keep=_is_main())
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        out, seen = {}, set()
+        for k, v in self.model.state_dict().items():
+            ptr = v.untyped_storage().data_ptr()
+            out[k] = v.detach().clone() if ptr in seen else v.detach()
+            seen.add(ptr)
+        return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
         if self.mode == "ema" and state is not None:

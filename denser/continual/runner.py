@@ -1,0 +1,290 @@
+"""The continual runner: trains the sequence stage by stage, measures after each (see :mod:`denser.continual`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from denser.analysis.forgetting import continual_metrics
+from denser.analysis.params import ParameterDrift
+from denser.analysis.suite import EvalSuite
+from denser.continual.config import ContinualConfig, default_run_dir
+from denser.continual.measure import StageMeasurer
+from denser.continual.record import (
+    IN_PROGRESS,
+    finite,
+    mark_in_progress,
+    prepare_run_dir,
+    record_header,
+    resume_point,
+    save_record,
+    write_json,
+)
+from denser.objectives import Objective, get_objective
+from denser.tasks import get_task
+from denser.trainers import checkpoint as ckpt
+from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
+from denser.trainers.loop import Trainer
+from denser.trainers.models import load_model
+from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
+from denser.trainers.tracking import Tracker
+
+
+class ContinualRunner:
+    """``ContinualRunner(cfg, objective, ccfg).run()`` trains the sequence and returns ``continual.json``'s dict.
+
+    Args:
+        cfg: the run flags shared by every stage (``model`` is the starting model; ``steps`` and
+            ``task`` are set per stage; ``output_dir`` is the continual run's directory).
+        objective: the objective instance (each stage gets a fresh copy).
+        ccfg: the sequence (:class:`~denser.continual.config.ContinualConfig`).
+        log: where progress lines go.
+        stop_signals: SIGTERM / Ctrl-C (:class:`~denser.trainers.preemption.StopSignals`): a stop
+            request raises :class:`~denser.trainers.preemption.Interrupted` at the next check point
+            (inside a stage: after the stage's trainer saved its last finished step); its
+            ``message`` says where the run stopped and how to continue it.
+    """
+
+    def __init__(self, cfg: TrainConfig, objective: Objective | None, ccfg: ContinualConfig, *, log=print,
+                 stop_signals: StopSignals | None = None):
+        self.cfg, self.ccfg, self.log = cfg, ccfg, log
+        if cfg.lora_r:
+            raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
+                             "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
+        self.objective = objective if objective is not None else get_objective(cfg.objective)
+        self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.objective.name)
+        self.updates = 0  # optimiser updates so far over the whole sequence: names the current weights
+        self.command: str | None = None  # the command line, recorded in continual.json
+        self.resume_command: str | None = None  # what continues this run after a stop (default: built from cfg)
+        self.stop_signals = stop_signals
+        self.stop = StopControl(stop_signals)
+
+    def _prepare(self) -> dict | None:
+        """Create the run directory; return the previous record when resuming."""
+        identity = {"objective": self.objective.name, "train_tasks": self.ccfg.tasks,
+                    "heldout_tasks": self.ccfg.eval_tasks, "model": self.cfg.model}
+        return prepare_run_dir(self.run_dir, identity, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                               log=self.log)
+
+    # ------------------------------------------------------------------------------------ stages
+
+    def _stage_dir(self, k: int, task: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
+        return self.run_dir / "stages" / f"{k:02d}-{safe}"
+
+    def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state, *,
+                     resume: bool = False):
+        """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
+        initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
+        ``--teacher-reset``: a teacher that starts from ``model_path``). ``resume``: the stage had
+        started; its trainer continues from the newest checkpoint in its directory."""
+        stage_cfg = dataclasses.replace(self.cfg, model=model_path, task=task_name, steps=self.ccfg.steps_per_task,
+                                        output_dir=str(self._stage_dir(k, task_name)), resume=resume,
+                                        overwrite=not resume)
+        base = self.updates
+        trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
+                          anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
+                          teacher_state=None if self.ccfg.teacher_reset else teacher_state,
+                          teacher_from_policy=self.ccfg.teacher_reset,
+                          evaluator=self.measurer.evaluator(task_name, base, f"the evaluation in stage {k}"),
+                          tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
+                                                      step_offset=(k - 1) * self.ccfg.steps_per_task),
+                          stop_signals=self.stop_signals)
+        if trainer.world > 1:
+            raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
+        t0 = time.perf_counter()
+        summary = trainer.train()
+        elapsed = time.perf_counter() - t0
+        if summary.get("already_complete"):  # stopped during the stage's measurement: only that is left
+            rng = ckpt.rng_state()  # the streams the final checkpoint restored: the measurement starts from them
+            trainer.evaluate_all()  # the stage task's responses, generated as the trainer's last eval did
+            ckpt.set_rng_state(rng)
+        self.updates += int(trainer.scheduler.last_epoch)
+        rows = []
+        metrics_path = Path(stage_cfg.output_dir) / "metrics.jsonl"
+        if metrics_path.exists():
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+        steps = [r for r in rows if "reward_mean" in r]
+
+        def mean(key):
+            vals = [r[key] for r in steps if r.get(key) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        info = {"steps": len(steps), "updates": int(trainer.scheduler.last_epoch),
+                "skipped": sum(int(r.get("skipped", 0)) for r in steps), "time_s": elapsed,
+                "reward_mean": mean("reward_mean"), "success_rate": mean("success_rate"), "loss": mean("loss"),
+                "response_length": mean("response_length"), "step_time_s": mean("step_time_s"),
+                "steps_log": [{k: r.get(k) for k in ("step", "reward_mean", "success_rate", "loss", "grad_norm",
+                                                     "response_length", "truncated_frac", "step_time_s")}
+                              for r in steps]}
+        checkpoint = summary.get("checkpoint")
+        if not checkpoint:
+            raise RuntimeError(f"stage {k} ({task_name}) wrote no final checkpoint")
+        return trainer, info, Path(checkpoint)
+
+    # ------------------------------------------------------------------------------------- run
+
+    def run(self) -> dict:
+        """Train and measure the sequence (with ``--resume``: from where the record says it stopped)."""
+        cfg = self.cfg
+        config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
+                  "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
+        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
+                               cpu=cfg.cpu or not torch.cuda.is_available())
+        try:
+            return self._run()
+        finally:
+            self.tracker.finish()
+
+    def _log_stage(self, stage: dict, record: dict) -> None:
+        """The tracker row of a measured stage: accuracy per column, averages, drift."""
+        train, held = self.ccfg.tasks, self.ccfg.eval_tasks
+        acc = stage["accuracy"]
+
+        def mean(cols):
+            vals = [acc[c] for c in cols if acc.get(c) is not None]
+            return sum(vals) / len(vals) if vals else None
+
+        row = {f"eval/{c}/accuracy": acc[c] for c in record["columns"]}
+        row.update({
+            "eval/average_accuracy": mean(record["columns"]),
+            "eval/seen_average_accuracy": mean(train[:stage["stage"]]) if stage["stage"] else None,
+            "eval/heldout_average_accuracy": mean(held),
+            "drift/relative_l2": (stage.get("params") or {}).get("relative_l2"),
+            "drift/kl": ((stage.get("eval") or {}).get("overall") or {}).get("kl"),
+            "stage": stage["stage"],
+        })
+        self.tracker.log({k: v for k, v in row.items() if v is not None},
+                         step=stage["stage"] * self.ccfg.steps_per_task)
+
+    def _setup(self) -> None:
+        """Tasks, the eval suite, the initial model and the measurer (before any stage)."""
+        cfg, ccfg = self.cfg, self.ccfg
+        self.task_objs = {n: get_task(n, seed=cfg.seed) for n in ccfg.tasks + ccfg.eval_tasks}
+        if cfg.max_new_tokens == 0:  # one budget for every stage and every eval: the largest the tasks suggest
+            budget = max(int(t.suggested_max_new_tokens) for t in self.task_objs.values())
+            self.cfg = cfg = dataclasses.replace(cfg, max_new_tokens=budget)
+        suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size or EVAL_SIZE_CAP,
+                          max_new_tokens=cfg.max_new_tokens, backend=cfg.backend)
+        self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
+        self.initial.eval().requires_grad_(False)
+        self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+        meter = ParameterDrift(self.initial, rank=max(1, ccfg.spectral_rank), spectral=ccfg.spectral_rank > 0)
+        self.measurer = StageMeasurer(suite, tokenizer, self.initial, meter, self.run_dir, cfg, ccfg, stop=self.stop)
+
+    def _run(self) -> dict:
+        previous = self._prepare()
+        t_start = time.perf_counter()
+        self._setup()
+        cfg, ccfg, measurer = self.cfg, self.ccfg, self.measurer
+        record = record_header(self.objective, cfg, ccfg, self.command)
+        model_path, optimizer_state, teacher_state = cfg.model, None, None
+        done, in_stage = 0, False
+        try:  # a stop before stage 0 is measured ends its generation; after that, stages check at their start
+            if previous and previous.get("stages"):
+                record["stages"] = previous["stages"]
+                record["accuracy_matrix"] = previous["accuracy_matrix"]
+                record["elapsed_s"] = previous.get("elapsed_s", 0.0)
+                done, in_stage = dataclasses.astuple(resume_point(previous, self._stage_dir, ccfg.tasks, self.log))
+                self.updates = int(record["stages"][-1]["updates"])
+                measurer.load_reference()
+                if done > 0:
+                    last = Path(record["stages"][-1]["checkpoint"])
+                    model_path = str(last / "model")
+                    state, _, teacher_state = ckpt.load_train_state(last)
+                    optimizer_state = state["optimizer"] if ccfg.carry_optimizer else None
+                inside = f", inside stage {done + 1}" if in_stage else ""
+                self.log(f"resuming {self.run_dir} after stage {done}{inside}")
+            else:
+                if ccfg.initial_eval_from:
+                    stage0 = measurer.reuse_stage0(record, Path(ccfg.initial_eval_from))
+                    self.log(f"stage 0: reusing the initial measurement of {ccfg.initial_eval_from}")
+                else:
+                    self.log(f"stage 0: measuring {cfg.model} on {', '.join(measurer.suite.names)} "
+                             f"({', '.join(str(len(r)) for r in measurer.suite.rows.values())} prompts)")
+                    stage0 = measurer.measure(0, None, self.initial, 0, None, None)
+                self._log_stage(stage0, record)
+                record["stages"] = [stage0]
+                record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
+                record["elapsed_s"] = time.perf_counter() - t_start
+                self._save(record)
+            elapsed_before = record.get("elapsed_s", 0.0)
+            t_start = time.perf_counter()
+
+            for k in range(done + 1, len(ccfg.tasks) + 1):
+                name = ccfg.tasks[k - 1]
+                self.stop.check(f"the start of stage {k}")
+                resume = in_stage and k == done + 1
+                if not resume:
+                    self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for "
+                             f"{ccfg.steps_per_task} steps")
+                mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
+                trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state,
+                                                              resume=resume)
+                self.stop.check(f"the end of stage {k}")  # a stop during the final eval or save: measured on resume
+                stage = measurer.measure(k, name, trainer.policy, self.updates, str(checkpoint), info)
+                self._log_stage(stage, record)
+                record.pop(IN_PROGRESS, None)
+                record["stages"].append(stage)
+                record["accuracy_matrix"].append([stage["accuracy"][c] for c in record["columns"]])
+                record["elapsed_s"] = elapsed_before + time.perf_counter() - t_start
+                acc = ", ".join(f"{c} {stage['accuracy'][c]:.2f}" for c in record["columns"])
+                self.log(f"stage {k} done: accuracy {acc}; relative L2 drift {stage['params']['relative_l2']:.2e}; "
+                         f"KL to initial {stage['eval']['overall']['kl']:.3g}")
+                model_path = str(checkpoint / "model")
+                carried = trainer.carry_state()
+                optimizer_state = carried["optimizer_state"] if ccfg.carry_optimizer else None
+                teacher_state = carried["teacher_state"]
+                del trainer
+                gc.collect()
+                self._save(record)
+        except Interrupted as stop:
+            raise self._stopped(stop, record) from None
+
+        record["status"] = "complete"
+        record["metrics"] = finite(continual_metrics(record["accuracy_matrix"], ccfg.tasks, ccfg.eval_tasks))
+        self._save(record)
+        return record
+
+    def _save(self, record: dict) -> None:
+        save_record(self.run_dir, record, self.log)
+
+    # ------------------------------------------------------------------------------------ stops
+
+    def _stopped(self, stop: Interrupted, record: dict) -> Interrupted:
+        """After a stop request: the record says so, and ``stop.message`` says what is kept and how
+        to continue (the stage's own checkpoint, when the stop came inside a stage's training)."""
+        measured = len(record["stages"]) - 1  # -1: not even stage 0
+        if record["stages"]:
+            record["status"] = "stopped"
+            write_json(self.run_dir / "continual.json", finite(record))
+        resume = self.resume_command or self._default_resume_command()
+        started = record.get(IN_PROGRESS)
+        if stop.step is not None and started is not None:  # inside a stage: its trainer saved what it could
+            k, task = started["stage"], started["task"]
+            kept = (f"stage {k} ({task}) had no finished step: it starts over on resume" if stop.checkpoint is None
+                    else f"step {stop.step} of {self.ccfg.steps_per_task} of stage {k} ({task}) is saved in "
+                         f"{stop.checkpoint}")
+            stop.message = f"{stop.head}; {kept}; continue with: {resume}"
+            return stop
+        received = getattr(self.stop_signals, "received_at", None)
+        timing = f" ({time.monotonic() - received:.1f} s from the signal)" if received is not None else ""
+        head = f"stopped by {signal_name(stop.signum)} at {stop.where}{timing}"
+        if measured < 0:
+            stop.message = f"{head}: nothing was measured yet; rerun the same command to start over"
+            return stop
+        redo = (f"; stage {started['stage']} ({started['task']}) is trained, its measurement is done again on resume"
+                if started is not None else "")
+        kept = "stage 0 is measured" if measured == 0 else f"stages 0-{measured} are measured"
+        stop.message = f"{head}; {kept} in {self.run_dir / 'continual.json'}{redo}; continue with: {resume}"
+        return stop
+
+    def _default_resume_command(self) -> str:
+        return (f"denser continual --objective {self.objective.name} --tasks {','.join(self.ccfg.tasks)} ... "
+                f"--output-dir {self.run_dir} --resume (the command that started the run, with --resume)")
