@@ -7,7 +7,7 @@
 
 import sys
 
-from denser.bench.step import _reset_peak, _status_kb
+from denser.bench.step_case import _reset_peak, _status_kb
 from denser.cli import parse_train_args
 from denser.trainers.loop import Trainer
 

@@ -33,7 +33,8 @@ from typing import Callable
 
 import yaml
 
-from denser.bench.step import _cpu_name, _reset_peak, _status_kb, _versions
+from denser.bench.step_case import _reset_peak, _status_kb
+from denser.bench.step_report import _cpu_name, _versions
 
 #: case -> the `denser train` flags it adds (the LoRA cases get --lora-r from the command line)
 CASES: dict[str, list[str]] = {
