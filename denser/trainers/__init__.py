@@ -7,8 +7,11 @@ Modules: ``loop`` (``Trainer``: one step = rollout, score, signals, update, metr
 (the signals an objective declared), ``run_dir`` (config.yaml, metrics.jsonl, resume),
 ``rollout`` (engines, ``Rollout``), ``packing`` (``PackedBatch``, hidden states for the loss
 core), ``models`` (``load_model``: embedded default, tiny, local directories), ``checkpoint``
-(atomic checkpoints, RNG state), ``teacher`` (``TeacherWeights``), ``config`` (``TrainConfig``),
-``io`` (atomic file writes).
+(atomic checkpoints, RNG state; ``state_codec`` their encoding), ``teacher`` (``TeacherWeights``),
+``config`` (``TrainConfig``), ``io`` (atomic file writes), ``update`` (the policy-and-loss module,
+phase timer), ``step_metrics`` (a step's metrics row), ``evaluation`` (the loop's eval),
+``sharding`` (FSDP), ``lora`` (peft adapters), ``memory`` (allocator and optimizer settings),
+``preemption`` (stop signals).
 """
 
 import importlib
