@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,6 +29,7 @@ import torch
 from denser.analysis.report import write_run_report
 from denser.continual.config import ContinualConfig
 from denser.trainers.config import TrainConfig
+from denser.trainers.io import remove_run_files
 from denser.trainers.tracking import TENSORBOARD_DIR
 
 FORMAT_VERSION = 1
@@ -75,12 +75,7 @@ def prepare_run_dir(run_dir: Path, identity: dict[str, Any], *, resume: bool, ov
         raise ValueError(f"{run_dir} already holds a continual run; pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --output-dir")
     if overwrite:  # only what a continual run writes, never the rest of the directory
-        for name in RUN_FILES:
-            p = run_dir / name
-            if p.is_dir():
-                shutil.rmtree(p)
-            elif p.exists():
-                p.unlink()
+        remove_run_files(run_dir, RUN_FILES)
     previous = None
     if path.exists() and resume:
         previous = json.loads(path.read_text())

@@ -9,7 +9,9 @@ on it (checkpoints: every file, then the directory).
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
+from typing import Iterable
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -50,3 +52,14 @@ def fsync_dir(path: str | os.PathLike) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def remove_run_files(run_dir: str | os.PathLike, names: Iterable[str]) -> None:
+    """``--overwrite``: delete the files and folders a run writes (``names``, relative to
+    ``run_dir``), never anything else in the directory."""
+    for name in names:
+        p = Path(run_dir) / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()

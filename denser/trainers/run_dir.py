@@ -13,14 +13,13 @@ the row count, and ``barrier`` (``accelerator.wait_for_everyone``) keeps them in
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
 import yaml
 
 from denser.trainers import checkpoint as ckpt
-from denser.trainers.io import atomic_write_text, fsync_file
+from denser.trainers.io import atomic_write_text, fsync_file, remove_run_files
 
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # what a run directory holds (and --overwrite removes)
 # Differences between a run's config.yaml and a --resume that make it another run.
@@ -106,12 +105,7 @@ class RunDir:
         self.barrier()  # every process has run check() before the main one writes (nothing else may sync them)
         if self.is_main:
             if overwrite:
-                for name in RUN_FILES:
-                    p = run / name
-                    if p.is_dir():
-                        shutil.rmtree(p)
-                    elif p.exists():
-                        p.unlink()
+                remove_run_files(run, RUN_FILES)
             run.mkdir(parents=True, exist_ok=True)
             atomic_write_text(run / "config.yaml", yaml.safe_dump(run_config, sort_keys=False))
             if fresh and self.metrics_path.exists():  # --resume without a checkpoint starts over
