@@ -31,6 +31,7 @@ teachers and a reference model, DDP equality, and SIGKILL + ``--resume`` of two 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -129,6 +130,24 @@ def register_test_parts() -> None:
                                params=params, pad_token_id=int(self.tokenizer.pad_token_id))
 
 
+@contextlib.contextmanager
+def registered_test_parts():
+    """:func:`register_test_parts`, undone on exit in this process: other test files list the
+    engines and tasks (an error message names them all)."""
+    from denser.tasks import list_tasks, unregister_task
+    from denser.trainers import rollout
+
+    had_task, had_engine = TASK in list_tasks(), ENGINE in rollout.list_rollout_engines()
+    register_test_parts()
+    try:
+        yield
+    finally:
+        if not had_task:
+            unregister_task(TASK)
+        if not had_engine:
+            rollout._ENGINES.pop(ENGINE, None)
+
+
 def _main(argv: list[str]) -> int:
     """Run ``denser train`` once per ``:::``-separated group of flags, in this process group."""
     register_test_parts()
@@ -183,10 +202,10 @@ def launch(runs: list[list[str]], nproc: int = 2, timeout: float = 600, *, accel
 
 def single(flags: list[str]) -> None:
     """One process, in this process (world 1, no sharding)."""
-    register_test_parts()
     from denser.cli import main
 
-    assert main(["train", *flags]) == 0
+    with registered_test_parts():
+        assert main(["train", *flags]) == 0
 
 
 def steps_of(run: Path) -> list[dict]:
@@ -239,14 +258,20 @@ def _flags(objective: list[str], out: Path, prompts: int, *extra: str) -> list[s
 # --------------------------------------------------------------------------------- tests
 
 
-def test_fixed_engine_is_a_function_of_prompt_and_index():
+@pytest.fixture
+def test_parts():
+    """The test-only engine and task for one test, removed after it."""
+    with registered_test_parts():
+        yield
+
+
+def test_fixed_engine_is_a_function_of_prompt_and_index(test_parts):
     """The premise of every comparison here: the engine ignores process, weights and RNG."""
     import torch
 
     from denser.trainers.models import load_model
     from denser.trainers.rollout import SamplingParams, get_rollout_engine
 
-    register_test_parts()
     m0, tok = load_model("tiny", seed=0)
     m1, _ = load_model("tiny", seed=1)
     params = SamplingParams(max_new_tokens=6, num_generations=3)
