@@ -30,7 +30,7 @@ import pytest
 from denser.trainers import checkpoint as ckpt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_resume import CASES, FAST, assert_same_state, driver, metrics_rows  # noqa: E402
+from test_resume import CASES, FAST, assert_same_run, driver, metrics_rows  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -174,9 +174,7 @@ def run_chaos(tmp_path: Path, reference: tuple[Path, float], objective: str, sig
         else:  # the signals ran out: resume to the end
             a = Attempt([*args, "--output-dir", str(run), "--resume"])
             assert a.finish() == 0, "".join(a.stderr)[-3000:]
-        final = f"checkpoints/step-{STEPS:06d}"
-        assert_same_state(ref_dir / final, run / final)
-        assert metrics_rows(run) == metrics_rows(ref_dir)
+        assert_same_run(ref_dir, run, STEPS)
         episode += 1
 
 

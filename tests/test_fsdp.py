@@ -409,9 +409,7 @@ def test_two_fsdp_processes_sigkill_then_resume_is_bit_exact(tmp_path):
             if p.poll() is None:
                 tr._kill_tree(p.pid)
                 p.wait()
-    final = f"checkpoints/step-{tr.STEPS:06d}"
-    tr.assert_same_state(ref_dir / final, run_dir / final)
-    assert tr.metrics_rows(run_dir) == tr.metrics_rows(ref_dir)
+    tr.assert_same_run(ref_dir, run_dir, tr.STEPS)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from denser.trainers.preemption import Interrupted, StopControl, StopSignals, ex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_checkpoint import QUICK  # noqa: E402
-from test_resume import CASES, FAST, assert_same_state, driver, metrics_rows, run_driver  # noqa: E402
+from test_resume import CASES, FAST, assert_same_run, driver, metrics_rows, run_driver  # noqa: E402
 
 # ------------------------------------------------------------------------------------- units
 
@@ -172,9 +172,7 @@ def test_a_signal_mid_step_saves_the_last_finished_step_and_resume_is_bit_exact(
         if ref.poll() is None:
             ref.kill()
             ref.communicate()
-    final = f"checkpoints/step-{STEPS:06d}"
-    assert_same_state(ref_dir / final, run_dir / final)
-    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    assert_same_run(ref_dir, run_dir, STEPS)
 
 
 @pytest.mark.slow
@@ -279,9 +277,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_the_same_step(tmp_path, m
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ref.wait(timeout=300) == 0
-    final = f"checkpoints/step-{STEPS:06d}"
-    assert_same_state(ref_dir / final, run_dir / final)
-    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    assert_same_run(ref_dir, run_dir, STEPS)
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -313,6 +309,4 @@ def test_a_signal_after_a_rollout_batchs_first_update_finishes_that_batch_first(
         if ref.poll() is None:
             ref.kill()
             ref.communicate()
-    final = f"checkpoints/step-{STEPS:06d}"
-    assert_same_state(ref_dir / final, run_dir / final)
-    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    assert_same_run(ref_dir, run_dir, STEPS)

@@ -57,6 +57,14 @@ def metrics_rows(run: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
+def assert_same_run(ref: Path, run: Path, steps: int) -> None:
+    """``run`` ended where the uninterrupted ``ref`` did: the same final checkpoint, bit for bit, and
+    the same metrics rows (times aside)."""
+    final = f"checkpoints/step-{steps:06d}"
+    assert_same_state(ref / final, run / final)
+    assert metrics_rows(run) == metrics_rows(ref)
+
+
 def assert_same_state(a: Path, b: Path) -> None:
     """Two checkpoints hold bit-identical weights, EMA teacher, optimizer and scheduler state."""
     import torch
@@ -204,12 +212,10 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert ref.wait(timeout=300) == 0
-    final = f"checkpoints/step-{STEPS:06d}"
-    assert_same_state(ref_dir / final, run_dir / final)
-    assert metrics_rows(run_dir) == metrics_rows(ref_dir)
+    assert_same_run(ref_dir, run_dir, STEPS)
     from denser.trainers.checkpoint import load_train_state
 
-    assert len(load_train_state(run_dir / final)[0]["rng"]) == 2
+    assert len(load_train_state(run_dir / "checkpoints" / f"step-{STEPS:06d}")[0]["rng"]) == 2
 
 
 def ckpt_names(run: Path) -> list[str]:
