@@ -99,10 +99,15 @@ def command(name: str) -> list[str]:
     spec = RUNS[name]
     cmd = [sys.executable, "-m", "denser", "continual", *spec["args"], *COMMON, "--seed", str(spec["seed"]),
            "--output-dir", str(WORK / name), "--resume"]
-    first = next(n for n, s in RUNS.items() if s["seed"] == spec["seed"])
+    first = _first_of_seed(spec["seed"])
     if name != first:  # stage 0 (the initial model, this seed) is measured once per seed
         cmd += ["--initial-eval-from", str(_stage0_source(first))]
     return cmd
+
+
+def _first_of_seed(seed: int) -> str:
+    """The run of ``seed`` that measures stage 0 (the initial model); the others reuse it."""
+    return next(n for n, s in RUNS.items() if s["seed"] == seed)
 
 
 def _stage0_source(name: str) -> Path:
@@ -115,7 +120,7 @@ def finished(name: str) -> bool:
 
 def _wait_for_stage0(name: str, log) -> None:
     spec = RUNS[name]
-    first = next(n for n, s in RUNS.items() if s["seed"] == spec["seed"])
+    first = _first_of_seed(spec["seed"])
     if name == first:
         return
     while True:
