@@ -20,6 +20,10 @@ CASES: dict[str, str] = {
     "denser-sdpo": "denser fused core, sdpo full-vocab JSD alpha=0.5, EMA teacher",
     "denser-ref-grpo": "denser backend=reference (materialised logits), grpo",
     "denser-ref-sdpo": "denser backend=reference, sdpo full-vocab JSD alpha=0.5, EMA teacher",
+    "denser-grpo-mb": "denser-grpo in micro-batches of <= 2048 tokens (--max-tokens-per-micro-batch 2048), "
+                      "gradients accumulated",
+    "denser-sdpo-mb": "denser-sdpo in micro-batches of <= 2048 tokens (--max-tokens-per-micro-batch 2048), "
+                      "gradients accumulated",
     "trl-grpo": "TRL GRPOTrainer loss path (fused LM head log-prob+entropy, _compute_loss); on CPU its head "
                 "scores every position, prompts included, in [4096, 32768] torch-op tiles (Triton on CUDA)",
     "trl-sdpo": "TRL SDPOTrainer loss path (full_logits JSD alpha=0.5, EMA teacher)",
@@ -27,6 +31,7 @@ CASES: dict[str, str] = {
     "trl-sdpo-liger": "trl-sdpo with Liger layer kernels applied to the policy",
 }
 DEFAULT_N = (512, 2048, 8192, 16384)
+MICRO_BATCH_TOKENS = 2048  # the -mb cases' token budget
 RESULT_MARK = "STEP_BENCH_RESULT "
 OOM_WORDS = ("can't allocate memory", "cannot allocate memory", "out of memory", "bad_alloc", "defaultcpuallocator",
              "not enough memory")
@@ -152,7 +157,9 @@ def _init_adam_state(optimizer, params) -> None:
 
 
 def _denser_step(spec: Spec, policy, teacher, data, pad: int):
-    """The loop's update on one micro-batch of N tokens: hidden states -> kernels.fused_loss -> backward."""
+    """The loop's update: hidden states -> kernels.fused_loss -> backward, on one micro-batch of all N
+    tokens, or (the ``-mb`` cases) on micro-batches of at most ``MICRO_BATCH_TOKENS`` completion tokens
+    whose gradients accumulate, with the step's normalisers set on each as the loop sets them."""
     # lazy: the runner process never imports torch or the trainers (start-up time of `denser bench step`)
     import torch
 
@@ -162,31 +169,50 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
     prompts, teacher_ctx, completions, advantages = data
-    sdpo = spec.case.endswith("sdpo")
+    sdpo = "sdpo" in spec.case
     backend = "reference" if "-ref-" in spec.case else "auto"
     objective = (get_objective("sdpo", distill_mode="full", alpha=0.5, teacher="ema") if sdpo
                  else get_objective("grpo"))
-    packed = build_packed_batch(prompts, completions, pad_token_id=pad)
     b = len(completions)
-    batch = PolicyBatch(seq_ids=packed.seq_ids, num_seqs=b, global_tokens=1.0, global_seqs=1.0,
-                        rewards=torch.zeros(b), advantages=advantages,
-                        teacher_mask=torch.ones(b, dtype=torch.bool) if sdpo else None,
-                        norm_length=float(max(len(c) for c in completions)))
-    for k, v in normaliser_counts(batch).items():
-        setattr(batch, k, v)
-    t_hidden = t_weight = t_bias = None
-    if sdpo:
-        tpacked = build_packed_batch(teacher_ctx, completions, pad_token_id=pad)
-        with torch.no_grad():
-            t_hidden = completion_hidden_states(teacher.model, tpacked)
-        t_weight, t_bias = lm_head_params(teacher.model)
-    hidden = completion_hidden_states(policy, packed)
-    weight, bias = lm_head_params(policy)
-    out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias, teacher_hidden=t_hidden,
-                     teacher_weight=t_weight, teacher_bias=t_bias, backend=backend)
-    out.loss.backward()
-    return float(out.loss.detach())
-
+    if spec.case.endswith("-mb"):  # greedy cut by completion tokens, at least one sequence each
+        groups: list[list[int]] = [[]]
+        for i, c in enumerate(completions):
+            if groups[-1] and sum(len(completions[j]) for j in groups[-1]) + len(c) > MICRO_BATCH_TOKENS:
+                groups.append([])
+            groups[-1].append(i)
+    else:
+        groups = [list(range(b))]
+    norm_length = float(max(len(c) for c in completions))
+    micro = []
+    for g in groups:
+        packed = build_packed_batch([prompts[i] for i in g], [completions[i] for i in g], pad_token_id=pad)
+        batch = PolicyBatch(seq_ids=packed.seq_ids, num_seqs=len(g), global_tokens=1.0, global_seqs=1.0,
+                            rewards=torch.zeros(len(g)), advantages=advantages[g],
+                            teacher_mask=torch.ones(len(g), dtype=torch.bool) if sdpo else None,
+                            norm_length=norm_length)
+        micro.append((g, packed, batch))
+    totals: dict[str, float] = {}
+    for _, _, batch in micro:
+        for k, v in normaliser_counts(batch).items():
+            totals[k] = totals.get(k, 0.0) + v
+    loss = 0.0
+    for g, packed, batch in micro:
+        for k, v in totals.items():
+            setattr(batch, k, v)
+        t_hidden = t_weight = t_bias = None
+        if sdpo:
+            tpacked = build_packed_batch([teacher_ctx[i] for i in g], [completions[i] for i in g], pad_token_id=pad)
+            with torch.no_grad():
+                t_hidden = completion_hidden_states(teacher.model, tpacked)
+            t_weight, t_bias = lm_head_params(teacher.model)
+        hidden = completion_hidden_states(policy, packed)
+        weight, bias = lm_head_params(policy)
+        out = fused_loss(hidden, weight, packed.targets, objective, batch, bias=bias, teacher_hidden=t_hidden,
+                         teacher_weight=t_weight, teacher_bias=t_bias, backend=backend)
+        out.loss.backward()
+        loss += float(out.loss.detach())
+        del out, hidden, t_hidden
+    return loss
 
 
 def _is_oom(exc: BaseException) -> bool:
