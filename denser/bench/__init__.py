@@ -13,12 +13,13 @@ results live in the repository's ``bench/`` folder.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-from denser.bench import fsdp, gpu, loop, lora, loss_core, step
-
-#: the benchmarks named by a first argument; anything else goes to the loss-core benchmark
-KINDS = {"gpu": gpu.main, "loop": loop.main, "step": step.main, "fsdp": fsdp.main, "lora": lora.main}
+#: the benchmarks named by a first argument (their modules in ``denser.bench``); anything else goes to
+#: the loss-core benchmark. Imported when picked: ``python -m denser.bench.step`` imports this package
+#: first, and a package that had already imported ``step`` would make runpy warn and run it twice over.
+KINDS = {"gpu": "gpu", "loop": "loop", "step": "step", "fsdp": "fsdp", "lora": "lora"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     the arguments are the CPU loss-core benchmark's flags. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in KINDS:
-        return KINDS[argv[0]](argv[1:])
-    return loss_core.main(argv)
+        return importlib.import_module(f"denser.bench.{KINDS[argv[0]]}").main(argv[1:])
+    return importlib.import_module("denser.bench.loss_core").main(argv)
 
 
 __all__ = ["KINDS", "main"]
