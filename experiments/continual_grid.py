@@ -140,7 +140,8 @@ def _publish(name: str) -> None:
             shutil.copytree(src / item, dst / item, dirs_exist_ok=True)
         elif (src / item).is_file():
             shutil.copy2(src / item, dst / item)
-    (dst / "command.txt").write_text(shlex.join(command(name)).replace(str(ROOT) + "/", "") + "\n")
+    text = shlex.join(["python", *command(name)[1:]]).replace(str(ROOT) + "/", "")
+    (dst / "command.txt").write_text(f"# made by: python experiments/continual_grid.py run (OMP_NUM_THREADS=1)\n{text}\n")
     shutil.copy2(src / "continual.json", dst / "continual.json.tmp")
     os.replace(dst / "continual.json.tmp", dst / "continual.json")  # last: its presence means finished
     for ckpt in src.glob("**/checkpoints"):
