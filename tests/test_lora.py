@@ -313,3 +313,37 @@ def test_merge_lora_refuses_a_full_fine_tuning_run(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(ValueError, match="no LoRA checkpoint"):
         merge_lora(tmp_path)
+
+
+@pytest.mark.slow
+def test_two_process_lora_run_trains_one_adapter_with_its_ema_teacher_and_reference(tmp_path):
+    """LoRA under DDP (accelerate launch, 2 CPU processes, gloo): the hybrid objective uses the reference
+    (the base model through AdapterView, --kl-coef) and the EMA teacher of the adapter; one process writes
+    the metrics and a peft adapter whose B moved from its zero start, with the teacher's EMA beside it."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ddp-lora"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "denser", "train",
+           "--objective", "hybrid", "--lam", "0.5", "--teacher", "ema", "--kl-coef", "0.1", "--steps", "2",
+           "--output-dir", str(out), *[a for a in SMALL if a != "--cpu"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 2] and rows[1]["processes"] == 2
+    assert all(r.get("skipped", 0) == 0 for r in rows[1:3])
+    final = ckpt.latest_checkpoint(out)
+    adapter = load_file(final / "model" / "adapter_model.safetensors")
+    teacher = load_file(final / "state" / "teacher.safetensors")
+    b_policy = {k: v for k, v in adapter.items() if "lora_B" in k}
+    b_teacher = {k: v for k, v in teacher.items() if "lora_B" in k}
+    assert b_policy and len(b_teacher) == len(b_policy)
+    assert any(v.abs().max() > 0 for v in b_policy.values())  # trained: a fresh adapter's B is zero
+    # the EMA (rate 0.05) lags the policy: it moved, but less than the adapter did
+    moved_p = sum(float(v.norm()) for v in b_policy.values())
+    moved_t = sum(float(v.norm()) for v in b_teacher.values())
+    assert 0 < moved_t < moved_p
