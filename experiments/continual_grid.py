@@ -205,9 +205,9 @@ def report() -> int:
     if not done:
         print("no finished runs yet", file=sys.stderr)
         return 1
-    dirs = [str(RESULTS / "runs" / n) for n in done]
+    dirs = [str((RESULTS / "runs" / n).relative_to(ROOT)) for n in done]  # relative: the report quotes them
     labels = ",".join(RUNS[n]["label"] for n in done)
-    cmd = [sys.executable, "-m", "denser", "compare", *dirs, "--labels", labels, "--out", str(RESULTS)]
+    cmd = [sys.executable, "-m", "denser", "compare", *dirs, "--labels", labels, "--out", str(RESULTS.relative_to(ROOT))]
     print(shlex.join(cmd), flush=True)
     return subprocess.call(cmd, cwd=ROOT)
 
