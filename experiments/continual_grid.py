@@ -29,9 +29,11 @@ clip 0.2/0.28, dual clip 3, advantages not divided by the std, 4 mini-batch upda
 batch, no shuffling); SDPO uses SDPO's defaults (configs/sdpo.yaml: top-100 + tail, alpha 0.5,
 IS clip 2, EMA rate 0.05); the hybrid uses both.
 
-Runs are deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless given): a
-rerun of a run with the same command reproduces its accuracy matrix exactly. A run is estimated at
-20-40 CPU-minutes (from the pilot's step and eval times); none had finished when this was written.
+Runs are meant to be deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless
+given): ``denser continual`` on ``--model tiny`` is bit-identical across runs and across a stop and
+resume (tests/test_continual_preemption.py); that a rerun of a grid run reproduces its accuracy matrix
+has not been checked yet. A run took 39-51 minutes on one core (2026-11-29, a second run on the other
+core); the first run of a seed also measures the initial model (about 11 minutes of that).
 ``report`` renders ``denser compare``: mean ± se over seeds, the claims table and the density frontier.
 """
 
