@@ -20,10 +20,10 @@ CASES: dict[str, str] = {
     "denser-sdpo": "denser fused core, sdpo full-vocab JSD alpha=0.5, EMA teacher",
     "denser-ref-grpo": "denser backend=reference (materialised logits), grpo",
     "denser-ref-sdpo": "denser backend=reference, sdpo full-vocab JSD alpha=0.5, EMA teacher",
-    "denser-grpo-mb": "denser-grpo in micro-batches of <= 2048 tokens (--max-tokens-per-micro-batch 2048), "
-                      "gradients accumulated",
-    "denser-sdpo-mb": "denser-sdpo in micro-batches of <= 2048 tokens (--max-tokens-per-micro-batch 2048), "
-                      "gradients accumulated",
+    "denser-grpo-mb": "denser-grpo in micro-batches of <= 2048 completion tokens, gradients accumulated "
+                      "(the loop's --max-tokens-per-micro-batch counts prompt tokens too)",
+    "denser-sdpo-mb": "denser-sdpo in micro-batches of <= 2048 completion tokens, gradients accumulated "
+                      "(the loop's --max-tokens-per-micro-batch counts prompt tokens too)",
     "trl-grpo": "TRL GRPOTrainer loss path (fused LM head log-prob+entropy, _compute_loss); on CPU its head "
                 "scores every position, prompts included, in [4096, 32768] torch-op tiles (Triton on CUDA)",
     "trl-sdpo": "TRL SDPOTrainer loss path (full_logits JSD alpha=0.5, EMA teacher)",
