@@ -167,6 +167,7 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     from denser.objectives import PolicyBatch, get_objective
     from denser.objectives.common import normaliser_counts
     from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
+    from denser.trainers.signals import token_budget_groups
 
     prompts, teacher_ctx, completions, advantages = data
     sdpo = "sdpo" in spec.case
@@ -174,12 +175,8 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     objective = (get_objective("sdpo", distill_mode="full", alpha=0.5, teacher="ema") if sdpo
                  else get_objective("grpo"))
     b = len(completions)
-    if spec.case.endswith("-mb"):  # greedy cut by completion tokens, at least one sequence each
-        groups: list[list[int]] = [[]]
-        for i, c in enumerate(completions):
-            if groups[-1] and sum(len(completions[j]) for j in groups[-1]) + len(c) > MICRO_BATCH_TOKENS:
-                groups.append([])
-            groups[-1].append(i)
+    if spec.case.endswith("-mb"):  # the loop's greedy cut, counting completion tokens only (context 0)
+        groups = token_budget_groups(list(range(b)), [(0, len(c)) for c in completions], MICRO_BATCH_TOKENS)
     else:
         groups = [list(range(b))]
     norm_length = float(max(len(c) for c in completions))
