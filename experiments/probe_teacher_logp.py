@@ -10,12 +10,21 @@ teacher context) give one token of it:
   the sample failed, so its teacher context shows a correct sibling (and feedback when the
   objective's options include it with a solution).
 
+With ``--task NAME`` (any other built-in task whose answers are checked from an ``Answer: <x>`` line,
+e.g. the continual grid's ``larger``), one case instead:
+
+- ``first``: the first token of the one-line correct reply ``Answer: <answer>``, which the sample
+  wrote itself; its teacher context shows that reply as a correct sibling's solution. This is the
+  whole reply in the worked example of ``larger`` and ``smaller``; tasks whose example works the
+  problem first (``a - b = c`` then ``Answer:``) make it an unlikely opening for both contexts.
+
 The teacher context is built by the loop's own builder, :func:`denser.objectives.teacher_messages`,
 with the objective's ``teacher_spec()`` (its templates and options), and rendered with the model's
 chat template as the loop renders it; log-probs are ``token_stats(...).logp`` on both contexts at
 temperature 1. At step 0 the live, EMA and frozen teachers are all the initial weights.
 
     PYTHONPATH=. python experiments/probe_teacher_logp.py                 # embedded model, 16 prompts
+    PYTHONPATH=. python experiments/probe_teacher_logp.py --task larger --prompts 48
     PYTHONPATH=. python experiments/probe_teacher_logp.py --model tiny --prompts 2
 
 Prints a table of means over prompts ± standard error (the difference is paired per prompt).
@@ -59,9 +68,31 @@ def _logps(model, contexts, completions, pad_token_id) -> list[torch.Tensor]:
     return list(torch.split(logp, [len(c) for c in completions]))
 
 
-def probe(model_name: str = "default", prompts: int = 16, objective: str = "sdpo", seed: int = 0) -> dict:
+def _cases(task, row, tokenizer, stop):
+    """``(case, reply, reply token ids, position probed (None: the last), the reply's Score)`` of one problem."""
+    if task.name != "addition":
+        reply = f"Answer: {row['answer']}"
+        own = task.check(reply, row)
+        if own.score < task.success_threshold:
+            raise ValueError(f"task {task.name!r} does not accept {reply!r} as a correct reply; the probe needs a "
+                             "task whose answer is checked from an 'Answer: <x>' line")
+        return [("first", reply, tokenizer.encode(reply, add_special_tokens=False), 0, own)], reply
+    a, b = QUESTION.search(row["question"]).groups()
+    c = int(a) + int(b)
+    head = f"{a} + {b} = {c}\n"
+    correct = f"{head}Answer: {c}"
+    lacking = f"{a} + {b} = {c}"
+    ids, k = _answer_position(tokenizer, head, correct)
+    return [
+        ("Answer", correct, ids, k, task.check(correct, row)),
+        ("stop", lacking, tokenizer.encode(lacking, add_special_tokens=False) + [stop], None, task.check(lacking, row)),
+    ], correct
+
+
+def probe(model_name: str = "default", prompts: int = 16, objective: str = "sdpo", seed: int = 0,
+          task_name: str = "addition") -> dict:
     """``{case: {"student": (mean, se), "teacher": ..., "teacher_minus_student": ...}, "prompts": n}``."""
-    task = get_task("addition", seed=seed)
+    task = get_task(task_name, seed=seed)
     obj = get_objective(objective)
     spec = obj.teacher_spec()
     if spec is None:
@@ -73,18 +104,9 @@ def probe(model_name: str = "default", prompts: int = 16, objective: str = "sdpo
     rows = [task.eval[i] for i in range(min(prompts, len(task.eval)))]
     student_ctx, teacher_ctx, completions, positions, cases = [], [], [], [], []
     for row in rows:
-        a, b = QUESTION.search(row["question"]).groups()
-        c = int(a) + int(b)
-        head = f"{a} + {b} = {c}\n"
-        correct = f"{head}Answer: {c}"
-        lacking = f"{a} + {b} = {c}"
         messages = task.prompt(row)
-        ids, k = _answer_position(tokenizer, head, correct)
-        no_answer = task.check(lacking, row)
-        for case, reply, tokens, pos, own in (
-            ("Answer", correct, ids, k, task.check(correct, row)),
-            ("stop", lacking, tokenizer.encode(lacking, add_special_tokens=False) + [stop], None, no_answer),
-        ):
+        row_cases, correct = _cases(task, row, tokenizer, stop)
+        for case, reply, tokens, pos, own in row_cases:
             # the group: the sample itself (index 0) and a sibling with the correct reply
             teacher = teacher_messages(messages, [reply, correct], [own.score, 1.0], [own.feedback, None], 0, spec)
             if teacher is None:
@@ -96,8 +118,8 @@ def probe(model_name: str = "default", prompts: int = 16, objective: str = "sdpo
             cases.append(case)
     s = _logps(model, student_ctx, completions, pad)
     t = _logps(model, teacher_ctx, completions, pad)
-    out: dict = {"prompts": len(rows), "model": model_name, "objective": objective}
-    for case in ("Answer", "stop"):
+    out: dict = {"prompts": len(rows), "model": model_name, "objective": objective, "task": task.name}
+    for case in dict.fromkeys(cases):
         idx = [i for i, c in enumerate(cases) if c == case]
         vs = [float(s[i][positions[i]]) for i in idx]
         vt = [float(t[i][positions[i]]) for i in idx]
@@ -111,11 +133,12 @@ def table(result: dict) -> str:
         mean, se = pair
         return f"{mean:+.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
-    lines = [f"log-prob (nats) on {result['prompts']} addition prompts, model {result['model']}, "
+    lines = [f"log-prob (nats) on {result['prompts']} {result['task']} prompts, model {result['model']}, "
              f"teacher context of {result['objective']!r}; mean ± standard error over prompts",
              f"{'token':<40}{'student':>18}{'teacher':>18}{'teacher - student':>20}"]
-    names = {"Answer": "'Answer' in a correct reply", "stop": "stop after a reply without 'Answer:'"}
-    for case in ("Answer", "stop"):
+    names = {"Answer": "'Answer' in a correct reply", "stop": "stop after a reply without 'Answer:'",
+             "first": "first token of 'Answer: <answer>'"}
+    for case in (c for c in names if c in result):
         r = result[case]
         lines.append(f"{names[case]:<40}{cell(r['student']):>18}{cell(r['teacher']):>18}"
                      f"{cell(r['teacher_minus_student']):>20}")
@@ -125,7 +148,9 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="default", help="'default' (embedded), 'tiny' or a model directory")
-    p.add_argument("--prompts", type=int, default=16, help="eval problems of the addition task (default 16)")
+    p.add_argument("--prompts", type=int, default=16, help="eval problems of the task (default 16)")
+    p.add_argument("--task", default="addition", help="'addition' (two cases) or another built-in task whose "
+                   "answers are checked from an 'Answer: <x>' line, such as 'larger' (one case)")
     p.add_argument("--objective", default="sdpo", help="whose teacher_spec() builds the teacher context")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default="", help="also write the result to this file")
@@ -133,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompts < 2:
         print("probe_teacher_logp: --prompts must be >= 2 (a standard error needs two prompts)", file=sys.stderr)
         return 2
-    result = probe(args.model, args.prompts, args.objective, args.seed)
+    result = probe(args.model, args.prompts, args.objective, args.seed, args.task)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

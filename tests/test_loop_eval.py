@@ -204,3 +204,10 @@ def test_probe_script_runs_on_the_tiny_model(capsys):
     for case in ("Answer", "stop"):
         (s, _), (t, _), (d, _) = (result[case][k] for k in ("student", "teacher", "teacher_minus_student"))
         assert s < 0 and t < 0 and d == pytest.approx(t - s)
+    # another task: one case, the first token of the one-line correct reply
+    assert probe.main(["--model", "tiny", "--prompts", "2", "--task", "larger"]) == 0
+    assert "first token of 'Answer: <answer>'" in capsys.readouterr().out
+    result = probe.probe("tiny", 3, task_name="larger")
+    assert result["task"] == "larger" and set(result) & {"Answer", "stop", "first"} == {"first"}
+    (s, s_se), (t, _), (d, _) = (result["first"][k] for k in ("student", "teacher", "teacher_minus_student"))
+    assert s < 0 and t < 0 and s_se is not None and d == pytest.approx(t - s)
