@@ -7,6 +7,7 @@ embedded SmolLM2-135M-Instruct, on CPU.
     python experiments/continual_grid.py run --jobs 2 --only seed0
     python experiments/continual_grid.py status     # which runs are finished, running, left
     python experiments/continual_grid.py report     # denser compare over the finished runs
+    python experiments/continual_grid.py rerun sdpo_frozen-s0   # the same run again; compare the records
 
 The grid is a list of independent runs (``RUNS`` below). ``run`` skips every run whose
 ``continual.json`` is already under ``experiments/results/continual_grid/runs/<name>/`` (committed
@@ -53,6 +54,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results" / "continual_grid"
 WORK = ROOT / "runs" / "continual_grid"  # checkpoints and logs while a run is going (not committed)
+RERUN = ROOT / "runs" / "continual_grid_rerun"  # `rerun NAME`: the same command again, to check determinism
 
 TASKS, HELD_OUT = "larger,subtract,multiply", "smaller,units"
 SEEDS = (0, 1, 2)
@@ -97,10 +99,10 @@ def _runs() -> dict[str, dict]:
 RUNS = _runs()
 
 
-def command(name: str) -> list[str]:
+def command(name: str, work: Path = WORK) -> list[str]:
     spec = RUNS[name]
     cmd = [sys.executable, "-m", "denser", "continual", *spec["args"], *COMMON, "--seed", str(spec["seed"]),
-           "--output-dir", str(WORK / name), "--resume"]
+           "--output-dir", str(work / name), "--resume"]
     first = _first_of_seed(spec["seed"])
     if name != first:  # stage 0 (the initial model, this seed) is measured once per seed
         cmd += ["--initial-eval-from", str(_stage0_source(first))]
@@ -167,6 +169,71 @@ def run_one(name: str) -> int:
     return rc
 
 
+def record_differences(original: dict, rerun: dict, original_dir: str, rerun_dir: str) -> tuple[list[str], int]:
+    """Where ``rerun``'s ``continual.json`` differs from ``original``'s, over the stages the rerun has
+    finished: ``(paths of the differing fields, stages compared)``. Wall-clock times (keys ending in
+    ``time_s``) and the run's own directory (``rerun_dir`` where ``original_dir`` stood) are not
+    compared; a rerun still going is compared on its finished stages, and its unfinished summary
+    fields (``status``, ``metrics``, ``in_progress``) are left out until it has finished."""
+    done = len(rerun.get("stages", []))
+    partial = rerun.get("status") != "complete"
+    skip = {"status", "metrics", "in_progress", "elapsed_s"} if partial else {"elapsed_s"}
+    diffs: list[str] = []
+
+    def walk(a, b, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in sorted(set(a) | set(b)):
+                if key.endswith("time_s") or (path == "" and key in skip):
+                    continue
+                walk(a.get(key), b.get(key), f"{path}.{key}")
+        elif isinstance(a, list) and isinstance(b, list):
+            if path in (".stages", ".accuracy_matrix") and partial:
+                a = a[:done]
+            if len(a) != len(b):
+                diffs.append(f"{path} (length {len(a)} vs {len(b)})")
+            for i, (u, v) in enumerate(zip(a, b)):
+                walk(u, v, f"{path}[{i}]")
+        elif isinstance(b, str) and isinstance(a, str):
+            if b.replace(rerun_dir, original_dir) != a:
+                diffs.append(path)
+        elif a != b:
+            diffs.append(path)
+
+    walk(original, rerun, "")
+    return diffs, done
+
+
+def verify(name: str, rerun_dir: Path | None = None) -> int:
+    """Compare the rerun of ``name`` with its committed record; write ``rerun-<name>.md``. 0: identical."""
+    rerun_dir = rerun_dir or RERUN / name
+    original_file, rerun_file = RESULTS / "runs" / name / "continual.json", rerun_dir / "continual.json"
+    for f, what in ((original_file, "a finished run (its committed record)"), (rerun_file, "a rerun (run `rerun` first)")):
+        if not f.is_file():
+            print(f"verify {name}: no {f}; verify needs {what}", file=sys.stderr)
+            return 2
+    original, rerun = json.loads(original_file.read_text()), json.loads(rerun_file.read_text())
+    original_dir = original["config"]["output_dir"]
+    diffs, done = record_differences(original, rerun, original_dir, str(rerun_dir))
+    total = len(original["stages"])
+    same_matrix = rerun["accuracy_matrix"] == original["accuracy_matrix"][:done]
+    lines = [f"# Rerun of `{name}`: {'identical' if not diffs else 'DIFFERENT'} "
+             f"({done} of {total} stages{', the rerun still going' if done < total else ''})", "",
+             "```", shlex.join(["python", *command(name, rerun_dir.parent)[1:]]).replace(str(ROOT) + "/", ""), "```", "",
+             f"Compared with the committed `runs/{name}/continual.json`, stage by stage: every field of the "
+             "record (accuracy matrix, per-task eval results and sampled accuracies, parameter and response "
+             "drift, every training step's loss, rewards and lengths, the configuration) except wall-clock "
+             "times and the run's own directory.", "",
+             f"- accuracy matrix, stages 0-{done - 1}: {'identical' if same_matrix else 'different'}",
+             f"- other fields that differ: {', '.join(diffs) if diffs else 'none'}"]
+    if "--initial-eval-from" in command(name):
+        lines.append("- stage 0 (the initial model) is measured once per seed and reused, as in the original run: "
+                     "stages 1 onwards are the check")
+    out = RESULTS / f"rerun-{name}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if not diffs else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -176,6 +243,11 @@ def main(argv=None) -> int:
     sub.add_parser("status", help="finished / left")
     sub.add_parser("report", help="denser compare over the finished runs")
     sub.add_parser("commands", help="print every run's command")
+    rr = sub.add_parser("rerun", help="run a finished run again (resumable) and compare its record with the committed one")
+    rr.add_argument("name", choices=list(RUNS))
+    v = sub.add_parser("verify", help="compare a rerun (finished or not) with the committed record")
+    v.add_argument("name", choices=list(RUNS))
+    v.add_argument("--dir", type=Path, default=None, help=f"the rerun's output directory (default {RERUN}/NAME)")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -190,6 +262,17 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "report":
         return report()
+    if args.cmd == "verify":
+        return verify(args.name, args.dir.resolve() if args.dir else None)
+    if args.cmd == "rerun":
+        if not finished(args.name):
+            p.error(f"rerun: {args.name} has no committed record yet; `run --only {args.name}` first")
+        cmd = command(args.name, RERUN)
+        (RERUN / args.name).mkdir(parents=True, exist_ok=True)
+        print(shlex.join(cmd), flush=True)
+        with open(RERUN / f"{args.name}.log", "a") as out:
+            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        return rc or verify(args.name)
     wanted = {w for w in args.only.split(",") if w}
     unknown = wanted - set(RUNS) - {s["group"] for s in RUNS.values()}
     if unknown:
