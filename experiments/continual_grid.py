@@ -30,11 +30,12 @@ clip 0.2/0.28, dual clip 3, advantages not divided by the std, 4 mini-batch upda
 batch, no shuffling); SDPO uses SDPO's defaults (configs/sdpo.yaml: top-100 + tail, alpha 0.5,
 IS clip 2, EMA rate 0.05); the hybrid uses both.
 
-Runs are meant to be deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless
-given): ``denser continual`` on ``--model tiny`` is bit-identical across runs and across a stop and
-resume (tests/test_continual_preemption.py); that a rerun of a grid run reproduces its accuracy matrix
-has not been checked yet. A run took 39-51 minutes on one core (2026-11-29, a second run on the other
-core); the first run of a seed also measures the initial model (about 11 minutes of that).
+Runs are deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless given):
+``denser continual`` on ``--model tiny`` is bit-identical across runs and across a stop and resume
+(tests/test_continual_preemption.py), and ``rerun sdpo_frozen-s0`` reproduced that run's whole record
+(accuracy matrix, drift, every step's loss; ``results/continual_grid/rerun-sdpo_frozen-s0.md``). A run
+took 37-55 minutes on one core (2026-11-29/30, one or two other runs sharing the 2 cores); the first
+run of a seed also measures the initial model (about 11 minutes of that).
 ``report`` renders ``denser compare``: mean ± se over seeds, the claims table and the density frontier.
 """
 
