@@ -153,17 +153,22 @@ def _publish(name: str) -> None:
         shutil.rmtree(ckpt, ignore_errors=True)
 
 
+def _launch(name: str, work: Path, log) -> int:
+    """Run ``name``'s command with its output directory under ``work``, appending to ``work/<name>.log``."""
+    cmd = command(name, work)
+    (work / name).mkdir(parents=True, exist_ok=True)
+    log(f"{name}: {shlex.join(cmd)}")
+    with open(work / f"{name}.log", "a") as out:
+        return subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
 def run_one(name: str) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
     _wait_for_stage0(name, log)
-    cmd = command(name)
-    (WORK / name).mkdir(parents=True, exist_ok=True)
-    log(f"{name}: {shlex.join(cmd)}")
     t0 = time.time()
-    with open(WORK / f"{name}.log", "a") as out:
-        rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    rc = _launch(name, WORK, log)
     if rc == 0:
         _publish(name)
     log(f"{name}: exit {rc} after {(time.time() - t0) / 60:.1f} min (log {WORK / name}.log)")
@@ -216,7 +221,7 @@ def verify(name: str, rerun_dir: Path | None = None) -> int:
     original_dir = original["config"]["output_dir"]
     diffs, done = record_differences(original, rerun, original_dir, str(rerun_dir))
     total = len(original["stages"])
-    same_matrix = rerun["accuracy_matrix"] == original["accuracy_matrix"][:done]
+    same_matrix = not any(d.startswith(".accuracy_matrix") for d in diffs)
     lines = [f"# Rerun of `{name}`: {'identical' if not diffs else 'DIFFERENT'} "
              f"({done} of {total} stages{', the rerun still going' if done < total else ''})", "",
              "```", shlex.join(["python", *command(name, rerun_dir.parent)[1:]]).replace(str(ROOT) + "/", ""), "```", "",
@@ -225,7 +230,7 @@ def verify(name: str, rerun_dir: Path | None = None) -> int:
              "drift, every training step's loss, rewards and lengths, the configuration) except wall-clock "
              "times and the run's own directory.", "",
              f"- accuracy matrix, stages 0-{done - 1}: {'identical' if same_matrix else 'different'}",
-             f"- other fields that differ: {', '.join(diffs) if diffs else 'none'}"]
+             f"- other fields that differ: {', '.join(d for d in diffs if not d.startswith('.accuracy_matrix')) or 'none'}"]
     if "--initial-eval-from" in command(name):
         lines.append("- stage 0 (the initial model) is measured once per seed and reused, as in the original run: "
                      "stages 1 onwards are the check")
@@ -268,12 +273,7 @@ def main(argv=None) -> int:
     if args.cmd == "rerun":
         if not finished(args.name):
             p.error(f"rerun: {args.name} has no committed record yet; `run --only {args.name}` first")
-        cmd = command(args.name, RERUN)
-        (RERUN / args.name).mkdir(parents=True, exist_ok=True)
-        print(shlex.join(cmd), flush=True)
-        with open(RERUN / f"{args.name}.log", "a") as out:
-            rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-        return rc or verify(args.name)
+        return _launch(args.name, RERUN, lambda msg: print(msg, flush=True)) or verify(args.name)
     wanted = {w for w in args.only.split(",") if w}
     unknown = wanted - set(RUNS) - {s["group"] for s in RUNS.values()}
     if unknown:
