@@ -195,7 +195,7 @@ def test_frontier_plot_and_dominance_statement(base, grid, tmp_path):
     forget = next(x for x in report.splitlines() if x.startswith("- In-domain gain vs forgetting: "))
     # only lam 0.5 dominates lam 0 (lam 0.25 and 0.75 learn less); the pure sdpo runs are dominated too
     dense = forget.split("a sparse-dense mix dominates an end: ")[1].split(" dominates the dense end (lam 0)")[0]
-    assert dense == "lam 0.5 (gain +0, forgetting -0.55; not resolved: within 2 se or 1 seed)"
+    assert dense == "lam 0.5 (in-domain gain +0 and forgetting -0.55 against it; not resolved: within 2 se or 1 seed)"
     assert "dominate `sdpo` (sdpo (ema teacher))" in forget
     assert "none dominates the sparse end (lam 1)" in forget
     kl = next(x for x in report.splitlines() if x.startswith("- In-domain gain vs response KL: "))

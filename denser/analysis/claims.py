@@ -173,7 +173,7 @@ def dominance(family: list[RunGroup], refs: list[RunGroup], summaries: dict[str,
                     m_gain.mean > e_gain.mean or m_cost.mean < e_cost.mean):
                 gd, cd = difference(m_gain, e_gain), difference(e_cost, m_cost)
                 resolved = any(d.se is not None and d.diff > SE_MULTIPLE * d.se for d in (gd, cd))
-                winners.append(f"lam {m.args['lam']:g} (gain {gd.diff:+.3g}, {cost_name} {-cd.diff:+.3g}; "
+                winners.append(f"lam {m.args['lam']:g} (in-domain gain {gd.diff:+.3g} and {cost_name} {-cd.diff:+.3g} against it; "
                                + ("resolved: beyond 2 se" if resolved else "not resolved: within 2 se or 1 seed") + ")")
         if winners:
             found.append(f"{' and '.join(winners)} {'dominates' if len(winners) == 1 else 'dominate'} {name}")
