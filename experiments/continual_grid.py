@@ -8,6 +8,7 @@ embedded SmolLM2-135M-Instruct, on CPU.
     python experiments/continual_grid.py status     # which runs are finished, running, left
     python experiments/continual_grid.py report     # denser compare over the finished runs
     python experiments/continual_grid.py rerun sdpo_frozen-s0   # the same run again; compare the records
+    python experiments/continual_grid.py diff hybrid_lam0-s0 sdpo_ema-s0   # two runs' records, field by field
 
 The grid is a list of independent runs (``RUNS`` below). ``run`` skips every run whose
 ``continual.json`` is already under ``experiments/results/continual_grid/runs/<name>/`` (committed
@@ -240,6 +241,40 @@ def verify(name: str, rerun_dir: Path | None = None) -> int:
     return 0 if not diffs else 1
 
 
+SETUP = (".command", ".config", ".objective", ".objective_args")  # what a run was told, not what it measured
+
+
+def diff_runs(a: str, b: str, results: Path = RESULTS) -> int:
+    """Compare two finished runs' records (e.g. ``hybrid_lam0-s0`` and ``sdpo_ema-s0``: hybrid at lam 0
+    is SDPO's loss); write ``diff-<a>-<b>.md``. 0: every measured field is identical, only what the
+    runs were told (command, configuration, objective and its arguments) differs."""
+    records = {}
+    for name in (a, b):
+        f = results / "runs" / name / "continual.json"
+        if not f.is_file():
+            print(f"diff: no {f}; diff compares two finished runs", file=sys.stderr)
+            return 2
+        records[name] = json.loads(f.read_text())
+    ra, rb = records[a], records[b]
+    diffs, done = record_differences(ra, rb, ra["config"]["output_dir"], rb["config"]["output_dir"])
+    setup = [d for d in diffs if d.startswith(SETUP)]
+    measured = [d for d in diffs if not d.startswith(SETUP)]
+    verdict = "the same measurements" if not measured else "DIFFERENT measurements"
+    lines = [f"# `{a}` and `{b}`: {verdict} ({done} stages)", "",
+             f"Every field of `runs/{a}/continual.json` against `runs/{b}/continual.json` (accuracy matrix, per-task "
+             "eval results and sampled accuracies, parameter and response drift, every training step's loss, "
+             "rewards and lengths), except wall-clock times and the runs' own directories.", "",
+             f"- measured fields that differ: {', '.join(measured) or 'none'}",
+             f"- what the runs were told that differs: {', '.join(setup) or 'nothing'}"]
+    if RUNS[a]["seed"] == RUNS[b]["seed"]:
+        lines.append("- both runs start from the same initial model, measured once per seed (stage 0): "
+                     "stages 1 onwards are the check")
+    lines += ["", f"`python experiments/continual_grid.py diff {a} {b}` wrote this file."]
+    (results / f"diff-{a}-{b}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0 if not measured else 1
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -254,6 +289,9 @@ def main(argv=None) -> int:
     v = sub.add_parser("verify", help="compare a rerun (finished or not) with the committed record")
     v.add_argument("name", choices=list(RUNS))
     v.add_argument("--dir", type=Path, default=None, help=f"the rerun's output directory (default {RERUN}/NAME)")
+    d = sub.add_parser("diff", help="compare two finished runs' records: which measured fields differ")
+    d.add_argument("a", choices=list(RUNS))
+    d.add_argument("b", choices=list(RUNS))
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
@@ -268,6 +306,8 @@ def main(argv=None) -> int:
         return 0
     if args.cmd == "report":
         return report()
+    if args.cmd == "diff":
+        return diff_runs(args.a, args.b)
     if args.cmd == "verify":
         return verify(args.name, args.dir.resolve() if args.dir else None)
     if args.cmd == "rerun":

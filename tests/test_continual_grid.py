@@ -97,3 +97,25 @@ def test_a_rerun_still_going_is_compared_on_its_finished_stages(grid):
 def test_verify_says_what_is_missing(grid, capsys, tmp_path):
     assert grid.verify("grpo-s0", tmp_path / "nowhere") == 2
     assert "needs a rerun" in capsys.readouterr().err
+
+
+def test_diff_separates_what_runs_measured_from_what_they_were_told(grid, tmp_path, capsys):
+    rng = random.Random(4)
+    sdpo = _record(rng, "/w/sdpo")
+    sdpo.update(objective="sdpo", objective_args={"alpha": 0.5})
+    hybrid = _rerun_of(sdpo, "/w/hybrid", rng)
+    hybrid.update(objective="hybrid", objective_args={"alpha": 0.5, "lam": 0.0})
+    hybrid["command"] = hybrid["command"] + " --objective hybrid --lam 0"
+    for name, record in (("hybrid_lam0-s0", hybrid), ("sdpo_ema-s0", sdpo)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "continual.json").write_text(grid.json.dumps(record))
+    assert grid.diff_runs("hybrid_lam0-s0", "sdpo_ema-s0", tmp_path) == 0
+    text = (tmp_path / "diff-hybrid_lam0-s0-sdpo_ema-s0.md").read_text()
+    assert "the same measurements (4 stages)" in text and "measured fields that differ: none" in text
+    assert "differs: .command, .objective, .objective_args.lam" in text
+    # one step's loss apart is a measured difference
+    hybrid["stages"][2]["train"]["steps_log"][0]["loss"] += 1e-9
+    (tmp_path / "runs" / "hybrid_lam0-s0" / "continual.json").write_text(grid.json.dumps(hybrid))
+    assert grid.diff_runs("hybrid_lam0-s0", "sdpo_ema-s0", tmp_path) == 1
+    assert "measured fields that differ: .stages[2].train.steps_log[0].loss" in capsys.readouterr().out
+    assert grid.diff_runs("hybrid_lam0-s0", "grpo-s1", tmp_path) == 2
