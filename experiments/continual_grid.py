@@ -34,8 +34,9 @@ IS clip 2, EMA rate 0.05); the hybrid uses both.
 Runs are deterministic on CPU with one thread (``OMP_NUM_THREADS=1``, set here unless given):
 ``denser continual`` on ``--model tiny`` is bit-identical across runs and across a stop and resume
 (tests/test_continual_preemption.py), and ``rerun sdpo_frozen-s0`` reproduced that run's whole record
-(accuracy matrix, drift, every step's loss; ``results/continual_grid/rerun-sdpo_frozen-s0.md``). A run
-took 37-55 minutes on one core (2026-11-29/30, one or two other runs sharing the 2 cores); the first
+(accuracy matrix, drift, every step's loss; ``results/continual_grid/rerun-sdpo_frozen-s0.md``), as
+``hybrid_lam0-s0`` reproduced ``sdpo_ema-s0``'s (``diff``: hybrid at lam 0 is SDPO's loss). A run
+took 32-55 minutes on one core (2026-11-29/30, one or two other runs sharing the 2 cores); the first
 run of a seed also measures the initial model (about 11 minutes of that).
 ``report`` renders ``denser compare``: mean ± se over seeds, the claims table and the density frontier.
 """
