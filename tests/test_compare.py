@@ -200,7 +200,16 @@ def test_frontier_plot_and_dominance_statement(base, grid, tmp_path):
     assert "none dominates the sparse end (lam 1)" in forget
     kl = next(x for x in report.splitlines() if x.startswith("- In-domain gain vs response KL: "))
     assert "; none dominates the dense end (lam 0)," in kl  # lam 0.5 pays with KL, 0.25 and 0.75 learn less
-    assert "| hybrid (ema teacher) | 0.5 | hybrid lam 0.5 | 1 seed, no error bar |" in report
+    assert "| hybrid (ema teacher) | 0.5 | hybrid lam 0.5 | 1 seed | +" in report
+    # a one-seed point's error is its prompt bootstrap's sd, for gain and forgetting (not for KL)
+    groups = group_runs([load_run(r) for r in runs], labels)
+    g = next(x for x in groups if x.label == "hybrid lam 0.25")
+    b = bootstrap_group(g, samples=200)
+    front = next(x for x in report.splitlines() if x.startswith("| hybrid (ema teacher) | 0.25 |"))
+    gain_sd, forget_sd = np.std(b["in_domain_gain"]), np.std(b["forgetting"])
+    assert gain_sd > 0.01 and forget_sd > 0.01
+    # lam 0.25 learns 0.6 of each task (gain 0.6) and keeps round(0.36 * 20) / 20 = 0.35 of the first (forgets 0.25)
+    assert f"+0.600 (prompts: sd {gain_sd:.3f}) | 0.250 (prompts: sd {forget_sd:.3f}) | 0.3000 |" in front
     # the configurations with one seed say so instead of showing ± 0
     row = next(x for x in report.splitlines() if x.startswith("| hybrid lam 0.25 | 1 seed, no error bar |"))
     assert "±" not in row

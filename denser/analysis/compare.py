@@ -108,7 +108,7 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
               "value alone. Plots show the mean with a band (or error bar) of ± 1 standard error.", ""]
     lines += _claims_section(groups, summaries, boots, files)
     if draw_frontier:
-        lines += _frontier_section(groups, summaries, out_dir / "plots")
+        lines += _frontier_section(groups, summaries, boots, out_dir / "plots")
     lines += ["## Accuracy and forgetting", "", f"![summary](plots/{files['summary']})", "",
               *_table(groups, summaries, ACCURACY_KEYS), "",
               "Final-stage values over the trained tasks. In-domain gain = mean over stages of R[j,j] - R[j-1,j] "
@@ -228,18 +228,35 @@ def _claims_section(groups: list[RunGroup], summaries: dict, boots: dict, files:
     return lines
 
 
-def _frontier_section(groups: list[RunGroup], summaries: dict, plots: Path) -> list[str]:
+def prompt_sd(group: RunGroup, boots: dict, key: str) -> float | None:
+    """The prompt bootstrap's standard deviation of ``key`` for a configuration with one seed (the only
+    error a single run has); None with several seeds (their se is the error) or without a bootstrap."""
+    b = boots.get(group.label)
+    if group.n != 1 or b is None or key not in b or np.isnan(b[key]).all():
+        return None
+    return float(np.std(b[key]))
+
+
+def _frontier_section(groups: list[RunGroup], summaries: dict, boots: dict, plots: Path) -> list[str]:
     families = frontier_families(groups)
     train = groups[0].records[0]["train_tasks"]
     refs = [g for g in groups if objective_role(g) and g.records[0]["train_tasks"] == train]
-    path = frontier_plot(families, refs, summaries, plots / "compare_frontier.png")
+    path = frontier_plot(families, refs, summaries, plots / "compare_frontier.png",
+                         prompt_sd=lambda g, key: prompt_sd(g, boots, key))
+
+    def cell(g: RunGroup, key: str, signed: bool = False) -> str:
+        sd = prompt_sd(g, boots, key)
+        return pm(summaries[g.label][key], signed=signed) + ("" if sd is None else f" (prompts: sd {sd:.3f})")
+
     lines = ["## The density frontier", "", f"![frontier](plots/{path})", "",
              "| family | lam | label | n | in-domain gain | forgetting | KL(cur‖init)/token |", "|---|---|---|---|---|---|---|"]
     for fam, gs in families.items():
         for g in gs:
-            s = summaries[g.label]
-            lines.append(f"| {fam} | {g.args['lam']:g} | {g.label} | {seeds_cell(g)} | {pm(s['in_domain_gain'], signed=True)} | "
-                         f"{pm(s['forgetting'])} | {pm(s['kl'], 4)} |")
+            n = "1 seed" if g.n == 1 else seeds_cell(g)
+            lines.append(f"| {fam} | {g.args['lam']:g} | {g.label} | {n} | {cell(g, 'in_domain_gain', True)} | "
+                         f"{cell(g, 'forgetting')} | {pm(summaries[g.label]['kl'], 4)} |")
+    lines += ["", "With several seeds: mean ± se over seeds. With one seed: its value, and in brackets the standard "
+              "deviation of the bootstrap over its eval prompts, the error one run has (no such error for KL)."]
     lines.append("")
     for fam, gs in families.items():
         if len(gs) < 2:

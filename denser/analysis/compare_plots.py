@@ -175,10 +175,18 @@ def _finals(groups: list[RunGroup], path: Path) -> str:
 
 
 def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], summaries: dict[str, dict[str, Stat]],
-                  path: Path) -> str:
+                  path: Path, prompt_sd: Callable[[RunGroup, str], float | None] | None = None) -> str:
     """In-domain gain against forgetting and against response KL: one point per lam (± se on both
-    axes where there are several seeds), lam order joined by a thin line; GRPO/SDPO configurations as
-    reference points."""
+    axes where there are several seeds; with one seed, dotted bars of ± the prompt bootstrap's sd from
+    ``prompt_sd(group, measure)`` where it has one), lam order joined by a thin line; GRPO/SDPO
+    configurations as reference points."""
+
+    def err(g: RunGroup, key: str, stat: Stat) -> list[float] | None:
+        if stat.se is not None:
+            return [stat.se]
+        sd = prompt_sd(g, key) if prompt_sd and g.n == 1 else None
+        return None if sd is None else [sd]
+
     fig, axes = figure(1, 2, w=5.0, h=4.0)
     for ax, (cost, name) in zip(axes[0], (("forgetting", "average forgetting (final)"),
                                           ("kl", "KL(current || initial) per token"))):
@@ -190,9 +198,11 @@ def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], sum
                     continue
                 xs.append(x.mean)
                 ys.append(y.mean)
-                ax.errorbar([x.mean], [y.mean], xerr=None if x.se is None else [x.se],
-                            yerr=None if y.se is None else [y.se], fmt="o", color=f"C{i}", capsize=3,
-                            mfc="white" if g.n == 1 else f"C{i}")
+                bars = ax.errorbar([x.mean], [y.mean], xerr=err(g, cost, x), yerr=err(g, "in_domain_gain", y),
+                                   fmt="o", color=f"C{i}", capsize=3, mfc="white" if g.n == 1 else f"C{i}")
+                if g.n == 1:
+                    for line in bars.lines[2]:
+                        line.set_linestyle(":")
                 ax.annotate(f"λ={g.args['lam']:g}" + ("" if g.n > 1 else " (1 seed)"), (x.mean, y.mean),
                             textcoords="offset points", xytext=(5, 4), fontsize=7)
             ax.plot(xs, ys, color=f"C{i}", lw=0.8, alpha=0.6, label=fam)
@@ -208,6 +218,7 @@ def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], sum
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="x", style="sci", scilimits=(-2, 3), useOffset=False)
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("the density frontier: up = learns more, left = costs less (open circles: 1 seed, no error bar)",
+    fig.suptitle("the density frontier: up = learns more, left = costs less (open circles: 1 seed, "
+                 "dotted bars: ± the sd of its prompt bootstrap)",
                  fontsize=10)
     return save(fig, path)
