@@ -92,10 +92,12 @@ def _runs() -> dict[str, dict]:
         }
         for key, (label, args) in grid.items():
             runs[f"{key}-s{seed}"] = {"args": args, "seed": seed, "label": label, "group": f"seed{seed}"}
-    for lam in (0.0, 0.25, 0.75, 1.0):  # the frontier: lam 0.5 is hybrid-s0
-        runs[f"hybrid_lam{lam:g}-s0"] = {
+    # the frontier: lam 0.5 is the grid's hybrid; a second seed where seed 0 showed the threshold
+    # (lam 0.25 lost the answer format, lam 0.75 did not)
+    for lam, seed in [(0.0, 0), (0.25, 0), (0.75, 0), (1.0, 0), (0.25, 1), (0.75, 1)]:
+        runs[f"hybrid_lam{lam:g}-s{seed}"] = {
             "args": ["--objective", "hybrid", "--lam", f"{lam:g}", "--teacher", "ema", *GRPO, *SDPO],
-            "seed": 0, "label": f"hybrid (lam {lam:g})", "group": "frontier"}
+            "seed": seed, "label": f"hybrid (lam {lam:g})", "group": "frontier" if seed == 0 else "frontier-s1"}
     return runs
 
 
@@ -280,7 +282,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every unfinished run (or those of --only)")
-    r.add_argument("--only", default="", help="comma-separated run names or groups (seed0, seed1, seed2, frontier)")
+    r.add_argument("--only", default="", help="comma-separated run names or groups (seed0, seed1, seed2, frontier, frontier-s1)")
     r.add_argument("--jobs", type=int, default=1, help="runs at once (each single-threaded)")
     sub.add_parser("status", help="finished / left")
     sub.add_parser("report", help="denser compare over the finished runs")
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     if args.cmd == "status":
         for name, spec in RUNS.items():
             state = "finished" if finished(name) else ("started" if (WORK / name).exists() else "left")
-            print(f"{name:22s} {spec['group']:9s} {state}")
+            print(f"{name:22s} {spec['group']:12s} {state}")
         return 0
     if args.cmd == "report":
         return report()
@@ -318,7 +320,7 @@ def main(argv=None) -> int:
     wanted = {w for w in args.only.split(",") if w}
     unknown = wanted - set(RUNS) - {s["group"] for s in RUNS.values()}
     if unknown:
-        p.error(f"--only: unknown {sorted(unknown)}; names: {', '.join(RUNS)}; groups: seed0, seed1, seed2, frontier")
+        p.error(f"--only: unknown {sorted(unknown)}; names: {', '.join(RUNS)}; groups: seed0, seed1, seed2, frontier, frontier-s1")
     todo = [n for n, s in RUNS.items() if not finished(n) and (not wanted or n in wanted or s["group"] in wanted)]
     print(f"{len(todo)} runs to do: {', '.join(todo)}", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
