@@ -1,7 +1,7 @@
 """Continual post-training at a scale that separates the objectives: GRPO (SDPO's baseline settings),
 SDPO with an EMA teacher, SDPO with a frozen teacher and the loss-blend hybrid at lam 0.5, three seeds
-each, plus the density frontier (hybrid at lam 0, 0.25, 0.75, 1; lam 0.5 is the grid's run), on the
-embedded SmolLM2-135M-Instruct, on CPU.
+each, plus the density frontier (hybrid at lam 0, 0.25, 0.75, 1 with seed 0, lam 0.25 and 0.75 with
+seed 1; lam 0.5 is the grid's run), on the embedded SmolLM2-135M-Instruct, on CPU.
 
     python experiments/continual_grid.py run        # every run not yet finished, one after another
     python experiments/continual_grid.py run --jobs 2 --only seed0
