@@ -102,6 +102,7 @@ def _runs() -> dict[str, dict]:
 
 
 RUNS = _runs()
+GROUPS = ", ".join(dict.fromkeys(s["group"] for s in RUNS.values()))  # seed0, seed1, seed2, frontier, frontier-s1
 
 
 def command(name: str, work: Path = WORK) -> list[str]:
@@ -282,7 +283,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run every unfinished run (or those of --only)")
-    r.add_argument("--only", default="", help="comma-separated run names or groups (seed0, seed1, seed2, frontier, frontier-s1)")
+    r.add_argument("--only", default="", help=f"comma-separated run names or groups ({GROUPS})")
     r.add_argument("--jobs", type=int, default=1, help="runs at once (each single-threaded)")
     sub.add_parser("status", help="finished / left")
     sub.add_parser("report", help="denser compare over the finished runs")
@@ -320,7 +321,7 @@ def main(argv=None) -> int:
     wanted = {w for w in args.only.split(",") if w}
     unknown = wanted - set(RUNS) - {s["group"] for s in RUNS.values()}
     if unknown:
-        p.error(f"--only: unknown {sorted(unknown)}; names: {', '.join(RUNS)}; groups: seed0, seed1, seed2, frontier, frontier-s1")
+        p.error(f"--only: unknown {sorted(unknown)}; names: {', '.join(RUNS)}; groups: {GROUPS}")
     todo = [n for n, s in RUNS.items() if not finished(n) and (not wanted or n in wanted or s["group"] in wanted)]
     print(f"{len(todo)} runs to do: {', '.join(todo)}", flush=True)
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:

@@ -184,7 +184,7 @@ def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], sum
     def err(g: RunGroup, key: str, stat: Stat) -> list[float] | None:
         if stat.se is not None:
             return [stat.se]
-        sd = prompt_sd(g, key) if prompt_sd and g.n == 1 else None
+        sd = prompt_sd(g, key) if prompt_sd else None
         return None if sd is None else [sd]
 
     fig, axes = figure(1, 2, w=5.0, h=4.0)
