@@ -21,7 +21,7 @@ parameters runs as such a function, so FSDP gathers them around it:
 
 The teacher's lm_head weight must outlive its forward (the loss core reads it inside the
 policy's forward); :meth:`Sharding.keep` copies it inside the teacher's forward, where it is
-already gathered: no collective beyond the forward's own (``bench/fsdp_teacher_head.py`` measures
+already gathered: no collective beyond the forward's own (``denser bench fsdp --teacher-head``, denser/bench/fsdp.py, measures
 the alternatives). An EMA teacher updates shard by shard: its shards and the policy's are the
 same slices of the same parameters, so ``lerp_`` on the local tensors is the whole update.
 
