@@ -305,7 +305,7 @@ def test_plugin_error_is_a_value_error():
 def test_readme_python_api_example_runs(tmp_path, monkeypatch, capsys):
     import re
 
-    block = re.search(r"## Your objectives and tasks.*?```python\n(.*?)```", (ROOT / "README.md").read_text(),
+    block = re.search(r"## Train with an objective\n.*?```python\n(.*?)```", (ROOT / "README.md").read_text(),
                       re.S).group(1)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
