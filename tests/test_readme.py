@@ -75,10 +75,9 @@ def test_token_stats_example_runs():
     exec(compile(block, "README-example", "exec"), {})
 
 
-@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
-def test_every_relative_link_resolves(page):
-    """Every relative link and image of README.md and docs/*.md names a file or folder of the
-    repository, and a ``#heading`` it names is a heading of that page."""
+def broken_links(page: pathlib.Path) -> list[str]:
+    """The relative links and images of ``page`` that name no file or folder, or a ``#heading``
+    that is not a heading of the page they name."""
     broken = []
     for target in LINK.findall(_prose(page.read_text())):
         if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto:
@@ -88,16 +87,26 @@ def test_every_relative_link_resolves(page):
         if not dest.exists():
             broken.append(f"{target}: no such file")
         elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
-            broken.append(f"{target}: no heading '#{anchor}' in {dest.relative_to(ROOT)}")
+            broken.append(f"{target}: no heading '#{anchor}' in {dest.name}")
+    return broken
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_relative_link_resolves(page):
+    """Every relative link and image of README.md and docs/*.md names a file or folder of the
+    repository, and a ``#heading`` it names is a heading of that page."""
+    broken = broken_links(page)
     assert not broken, f"{page.relative_to(ROOT)}: " + "; ".join(broken)
 
 
 def test_the_link_check_can_fail(tmp_path):
     page = tmp_path / "x.md"
-    page.write_text("# Title\n\n[a](missing.md) [b](#title) [c](#nope) ![d](x.md)\n```\n[e](in-code.md)\n```\n")
-    targets = LINK.findall(_prose(page.read_text()))
-    assert targets == ["missing.md", "#title", "#nope", "x.md"]
+    (tmp_path / "y.md").write_text("# Other\n\n## A `code` heading: yes\n")
+    page.write_text("# Title\n\n[a](missing.md) [b](#title) [c](#nope) ![d](y.md) [e](y.md#a-code-heading-yes)\n"
+                    "[f](y.md#other-1) [g](https://example.org/none.md)\n```\n[h](in-code.md)\n# not a heading\n```\n")
     assert anchors(page) == {"title"}
+    assert broken_links(page) == ["missing.md: no such file", "#nope: no heading '#nope' in x.md",
+                                  "y.md#other-1: no heading '#other-1' in y.md"]
 
 
 def test_readme_indexes_every_docs_page():
