@@ -22,16 +22,15 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.lora import (
     AdapterView,
-    LoraTeacherWeights,
     attach_lora,
     check_lora_run,
-    lora_teacher,
     merge_lora,
     merged_model,
     trainable_adapter,
 )
 from denser.trainers.models import ModelNotFoundError, build_tiny_model, load_model
 from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
+from denser.trainers.teacher import LoraTeacherWeights, build_teacher
 
 peft = pytest.importorskip("peft")
 
@@ -113,7 +112,7 @@ def test_fsdp_continual_and_ema_teacher_path_are_refused(tmp_path):
     with pytest.raises(ValueError, match="denser continual does not support --lora-r"):
         ContinualRunner(cfg, None, ContinualConfig(tasks=["addition"]))
     with pytest.raises(ValueError, match="--teacher-path .* with --teacher ema and --lora-r"):
-        lora_teacher(TeacherSpec(mode="ema", path=str(tmp_path)), _policy())
+        build_teacher(TeacherSpec(teacher="ema", teacher_path=str(tmp_path)), _policy(), lora=True)
 
 
 # ------------------------------------------------------------------------------ views of one model
@@ -128,12 +127,12 @@ def test_reference_and_frozen_teacher_are_the_base_model_without_a_copy(gen):
     reference = AdapterView(policy)
     torch.testing.assert_close(_view_logits(reference, packed), expected, rtol=1e-5, atol=1e-5)
     for mode in ("frozen", "trust-region"):
-        teacher = lora_teacher(TeacherSpec(mode=mode, update_rate=0.25), policy)
+        teacher = build_teacher(TeacherSpec(teacher=mode, teacher_update_rate=0.25), policy, lora=True)
         assert isinstance(teacher.model, AdapterView) and teacher.model.policy is policy  # a view, not a copy
-    frozen = lora_teacher(TeacherSpec(mode="frozen"), policy).outputs(packed)
+    frozen = build_teacher(TeacherSpec(teacher="frozen"), policy, lora=True).outputs(packed)
     torch.testing.assert_close((frozen.hidden @ frozen.weight.T).float(), expected, rtol=1e-5, atol=1e-5)
     # trust-region: logits lerp(reference, policy, rate) on the teacher context, as SDPO's TrustRegionTeacher
-    tr = lora_teacher(TeacherSpec(mode="trust-region", update_rate=0.25), policy).outputs(packed)
+    tr = build_teacher(TeacherSpec(teacher="trust-region", teacher_update_rate=0.25), policy, lora=True).outputs(packed)
     lerped = torch.lerp(expected, _logits(policy, packed), 0.25)
     torch.testing.assert_close((tr.hidden @ tr.weight.T).float(), lerped, rtol=1e-5, atol=1e-5)
     # the policy is unchanged by the views: adapter on, trainable again
@@ -143,7 +142,7 @@ def test_reference_and_frozen_teacher_are_the_base_model_without_a_copy(gen):
 
 def test_ema_teacher_averages_a_and_b_separately(gen):
     policy = _policy(seed=1)
-    teacher = lora_teacher(TeacherSpec(mode="ema", update_rate=0.3), policy)
+    teacher = build_teacher(TeacherSpec(teacher="ema", teacher_update_rate=0.3), policy, lora=True)
     assert isinstance(teacher, LoraTeacherWeights)
     start = {k: v.detach().clone() for k, v in trainable_adapter(policy).items()}
     expected = dict(start)
@@ -169,7 +168,7 @@ def test_ema_teacher_averages_a_and_b_separately(gen):
     torch.testing.assert_close((out.hidden @ out.weight.T).float(), _logits(reference_model, packed),
                                rtol=1e-5, atol=1e-5)
     # a round trip through its state (checkpoints, carry_state)
-    other = lora_teacher(TeacherSpec(mode="ema", update_rate=0.3), _policy(seed=1))
+    other = build_teacher(TeacherSpec(teacher="ema", teacher_update_rate=0.3), _policy(seed=1), lora=True)
     other.load_state_dict(state)
     assert all(torch.equal(other.state_dict()[k], state[k]) for k in state)
 

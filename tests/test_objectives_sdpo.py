@@ -243,3 +243,28 @@ def test_defaults_and_options():
 def test_invalid_values(bad, match):
     with pytest.raises(ValueError, match=match):
         get_objective("sdpo", **bad)
+
+
+@pytest.mark.parametrize("name", ["sdpo", "hybrid", "hybrid_adv"])
+def test_teacher_fields_are_teacher_specs_declared_once(name):
+    """The distilling objectives' teacher fields are TeacherSpec's own (the same dataclass fields, so one
+    help text and one default), and teacher_spec() carries every value as it is: each field set to a
+    value other than its default comes back in the spec, compared against a spec built directly."""
+    from denser.objectives import TeacherSpec
+    from denser.objectives.base import objective_class
+
+    own = {f.name: f for f in dataclasses.fields(objective_class(name))}
+    for f in dataclasses.fields(TeacherSpec):
+        assert own[f.name] is f, f.name
+    values = dict(teacher="trust-region", teacher_update_rate=0.3, teacher_path="/some/dir", teacher_init_alpha=0.25,
+                  success_threshold=0.8, dont_reprompt_on_self_success=False, remove_thinking=False,
+                  include_feedback=False, feedback_only_without_solution=False, reprompt_template="{prompt}|{solution}",
+                  solution_template="S={successful_previous_attempt}", feedback_template="F={feedback_raw}",
+                  teacher_context="prompt")
+    assert set(values) == {f.name for f in dataclasses.fields(TeacherSpec)}
+    for f in dataclasses.fields(TeacherSpec):
+        assert values[f.name] != f.default, f.name
+    spec = get_objective(name, **values).teacher_spec()
+    assert type(spec) is TeacherSpec and spec == TeacherSpec(**values)
+    assert get_objective(name, teacher_path="").teacher_spec().teacher_path is None  # a config file's ''
+    assert get_objective(name).teacher_spec() == TeacherSpec()

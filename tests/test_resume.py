@@ -407,8 +407,7 @@ def _break_resume(what: str) -> None:
     elif what == "rank0_rng":  # every process restores process 0's streams (as before per-process states)
         ckpt.set_rng_state = lambda state, rank=0: real_set(state, 0)
     elif what == "teacher":
-        from denser.trainers.lora import LoraTeacherWeights
-        from denser.trainers.teacher import TeacherWeights
+        from denser.trainers.teacher import LoraTeacherWeights, TeacherWeights
 
         TeacherWeights.load_state_dict = LoraTeacherWeights.load_state_dict = lambda self, state: None
     elif what == "optimizer":

@@ -102,3 +102,90 @@ def test_feedback_is_used_whenever_the_task_gave_it():
     msgs = build(["A: 5", "A: 5"], [1.0, 0.0], ["format: add the Answer line", None], 0)
     assert "format: add the Answer line" in msgs[-1]["content"]  # own success excluded, no sibling success
     assert build(["A: 4", "A: 6"], [0.0, 0.0], ["   ", None], 0) is None  # blank feedback is no feedback
+
+
+# ------------------------------------------------------------------------- the context axis: 'prompt'
+
+
+def test_prompt_context_is_the_prompt_unchanged_for_every_sample():
+    """teacher_context='prompt': every sample's teacher reads the prompt as it is, with or without a
+    successful sibling or feedback (the reprompt fields play no part)."""
+    for i in range(3):
+        msgs = build(["A: 4", "A: 5", "A: 6"], [0.0, 1.0, 0.0], ["wrong", None, None], i, teacher_context="prompt",
+                     reprompt_template="never {prompt}")
+        assert msgs == PROMPT and msgs is not PROMPT and msgs[0] is not PROMPT[0]
+    assert build(["x", "y"], [0.0, 0.0], [None, None], 0, teacher_context="prompt") == PROMPT
+    assert build(["x", "y"], [0.0, 0.0], [None, None], 0) is None  # reprompt: nothing to reprompt with
+
+
+def test_teacher_context_is_validated_once_with_one_line():
+    import pytest
+
+    from denser.objectives import get_objective
+
+    with pytest.raises(ValueError, match=r"^teacher: teacher_context='plain' must be one of 'reprompt', 'prompt'$"):
+        TeacherSpec(teacher_context="plain")
+    with pytest.raises(ValueError, match=r"^objective 'sdpo' field 'teacher_context' must be one of"):
+        get_objective("sdpo", teacher_context="plain")
+    assert TeacherSpec().teacher_context == "reprompt"
+    assert get_objective("hybrid", teacher_context="prompt").teacher_spec().teacher_context == "prompt"
+
+
+def _trainer(tmp_path, name, cfg=None, **objective):
+    from test_train import ParityAddition
+
+    from denser.objectives import get_objective
+    from denser.trainers.config import TrainConfig
+    from denser.trainers.loop import Trainer
+
+    cfg = TrainConfig(model="tiny", steps=1, eval_size=2, max_new_tokens=6, num_generations=3, prompts_per_step=2,
+                      micro_batch_size=3, progress=False, lr=1e-3, output_dir=str(tmp_path / name), **(cfg or {}))
+    return Trainer(cfg, get_objective("sdpo", **objective), task=ParityAddition(), log=lambda m: None)
+
+
+def test_loop_builds_prompt_contexts_for_every_sample(tmp_path):
+    """The context builder (trainers/signals.py) honours teacher_context: 'prompt' gives each sample
+    the token ids of its own prompt (as the prompt schedule renders them, independently), whole
+    (--teacher-max-context-tokens cuts reprompts only), and a teacher for every sample; the same rollout under 'reprompt' gives longer contexts and a mask
+    that follows the rewards. A live teacher on its own prompt is the student: the distillation
+    loss is zero (up to float noise) on every token."""
+    import torch
+
+    plain = _trainer(tmp_path, "plain", {"teacher_max_context_tokens": 8}, teacher="live", teacher_context="prompt",
+                     distill_mode="full")
+    sdpo = _trainer(tmp_path, "sdpo", teacher="live", include_feedback=False)
+    rows = plain.prompts.rows_for_step(0)
+    rollout = plain._rollout(rows)
+    scores = plain.signals.score(rollout, rows)
+    contexts, mask = plain.signals.teacher_contexts(rollout, rows, scores)
+    prompt_ids = plain.prompts.prompt_ids(rows)
+    g = rollout.num_generations
+    assert contexts == [prompt_ids[s // g] for s in range(rollout.num_samples)]
+    assert min(map(len, contexts)) > 8  # not cut
+    assert mask.dtype == torch.bool and mask.all() and len(mask) == rollout.num_samples
+    re_contexts, re_mask = sdpo.signals.teacher_contexts(rollout, rows, scores)
+    rewards = [sc.score for sc in scores.scores]
+    for s in range(rollout.num_samples):  # reprompt without feedback: a teacher iff a sibling succeeded
+        p = s // g
+        assert bool(re_mask[s]) == any(rewards[j] >= 0.5 for j in range(p * g, (p + 1) * g) if j != s)
+        assert len(re_contexts[s]) > len(contexts[s]) if re_mask[s] else re_contexts[s] == contexts[s]
+    row = plain.step(0)
+    assert row["skipped"] == 0
+    assert row["teacher_frac"] == 1.0 and abs(row["distill_loss"]) < 1e-5
+
+
+def test_prompt_context_needs_nothing_of_the_task(tmp_path):
+    """A task that gives no successes or feedback cannot feed SDPO's reprompt, but can the plain prompt."""
+    import pytest
+    from test_train import ParityAddition
+
+    from denser.objectives import get_objective
+    from denser.trainers.signals import check_signals
+
+    class RewardsOnly(ParityAddition):
+        provides = frozenset({"rewards", "advantages"})
+
+    with pytest.raises(ValueError, match="needs signal 'teacher' but task"):
+        check_signals(get_objective("sdpo"), RewardsOnly())
+    check_signals(get_objective("sdpo", teacher_context="prompt"), RewardsOnly())
+    check_signals(get_objective("hybrid_adv", teacher_context="prompt"), RewardsOnly())

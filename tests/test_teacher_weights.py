@@ -14,7 +14,7 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import build_tiny_model
 from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
-from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+from denser.trainers.teacher import TeacherWeights, build_teacher, resolve_teacher_path
 
 
 def _tiny(seed: int, bias: bool = False):
@@ -45,7 +45,7 @@ def test_trust_region_divergence_is_the_reference_on_explicitly_lerped_logits(ge
     reference, _ = _tiny(1, bias=True)
     policy, _ = _tiny(0, bias=True)
     student, teacher_batch = _batches(gen)
-    teacher = TeacherWeights(policy, "trust-region", rate, shared_frozen=reference)
+    teacher = TeacherWeights(policy, "trust-region", rate, weights=reference)
     out = teacher.outputs(teacher_batch)
     h_ref = completion_hidden_states(reference, teacher_batch)
     assert out.hidden.shape == (teacher_batch.num_tokens, 2 * h_ref.shape[1]) and out.weight.shape[1] == 2 * h_ref.shape[1]
@@ -95,7 +95,7 @@ def test_teacher_path_accepts_a_model_a_checkpoint_and_a_run_directory(tmp_path)
         resolve_teacher_path(str(tmp_path / "empty"))
     policy, _ = _tiny(0)
     for mode in ("ema", "frozen", "trust-region"):
-        teacher = TeacherWeights.from_spec(TeacherSpec(mode=mode, path=str(tmp_path / "run")), policy)
+        teacher = build_teacher(TeacherSpec(teacher=mode, teacher_path=str(tmp_path / "run")), policy)
         for (name, t), p in zip(teacher.model.named_parameters(), model.parameters()):
             assert torch.equal(t, p), (mode, name)
         assert not any(p.requires_grad for p in teacher.model.parameters())
@@ -107,16 +107,16 @@ def test_teacher_init_alpha_mixes_teacher_and_policy_parameter_by_parameter(tmp_
     path = _save(other, tok, tmp_path / "teacher")
     policy, _ = _tiny(0)
     a = 0.3
-    teacher = TeacherWeights.from_spec(TeacherSpec(mode=mode, path=str(path), init_alpha=a), policy)
+    teacher = build_teacher(TeacherSpec(teacher=mode, teacher_path=str(path), teacher_init_alpha=a), policy)
     for (name, t), o, p in zip(teacher.model.named_parameters(), other.parameters(), policy.parameters()):
         torch.testing.assert_close(t, a * o + (1 - a) * p, rtol=0, atol=1e-6, msg=name)
     # without a path the teacher starts from the initial model; a shared initial model is never modified
     initial, _ = _tiny(2)
     before = initial.lm_head.weight.clone()
-    mixed = TeacherWeights.from_spec(TeacherSpec(mode="frozen", init_alpha=a), policy, initial)
+    mixed = build_teacher(TeacherSpec(teacher="frozen", teacher_init_alpha=a), policy, initial=initial)
     assert mixed.model is not initial and torch.equal(initial.lm_head.weight, before)
     torch.testing.assert_close(mixed.model.lm_head.weight, a * before + (1 - a) * policy.lm_head.weight)
-    assert TeacherWeights.from_spec(TeacherSpec(mode="frozen"), policy, initial).model is initial
+    assert build_teacher(TeacherSpec(teacher="frozen"), policy, initial=initial).model is initial
 
 
 def test_a_teacher_of_another_vocabulary_or_shape_is_refused_before_any_compute(tmp_path):
@@ -125,14 +125,14 @@ def test_a_teacher_of_another_vocabulary_or_shape_is_refused_before_any_compute(
     path = _save(model, tok, tmp_path / "bigvocab")
     policy, _ = _tiny(0)
     with pytest.raises(ValueError, match=r"--teacher-path .*vocabulary \(300\) differs from the policy's \(259\)"):
-        TeacherWeights.from_spec(TeacherSpec(mode="frozen", path=str(path)), policy)
+        build_teacher(TeacherSpec(teacher="frozen", teacher_path=str(path)), policy)
     wide, tok = build_tiny_model(seed=1, hidden_size=48)
     wpath = _save(wide, tok, tmp_path / "wide")
     with pytest.raises(ValueError, match="EMA teacher averages the policy"):
-        TeacherWeights.from_spec(TeacherSpec(mode="ema", path=str(wpath)), policy)
+        build_teacher(TeacherSpec(teacher="ema", teacher_path=str(wpath)), policy)
     with pytest.raises(ValueError, match="--teacher-init-alpha 0.5 mixes"):
-        TeacherWeights.from_spec(TeacherSpec(mode="frozen", path=str(wpath), init_alpha=0.5), policy)
-    wide_tr = TeacherWeights.from_spec(TeacherSpec(mode="trust-region", path=str(wpath)), policy)  # another H is fine
+        build_teacher(TeacherSpec(teacher="frozen", teacher_path=str(wpath), teacher_init_alpha=0.5), policy)
+    wide_tr = build_teacher(TeacherSpec(teacher="trust-region", teacher_path=str(wpath)), policy)  # another H is fine
     student, teacher_batch = _batches(torch.Generator().manual_seed(0))
     assert wide_tr.outputs(teacher_batch).hidden.shape == (teacher_batch.num_tokens, 48 + 64)
     # the loop: a bad path fails at construction, before any model is loaded or anything generated
@@ -207,3 +207,73 @@ def test_warmup_is_applied_with_the_constant_schedule(tmp_path):
     assert lrs == pytest.approx([0.0, 1e-4, 2e-4])  # verl's constant schedule with a linear warmup
     flat = Trainer(_cfg(tmp_path, "flat"), get_objective("grpo"), log=lambda m: None)
     assert flat.scheduler.get_last_lr()[0] == pytest.approx(1e-3)
+
+
+def test_build_teacher_loads_only_what_the_teacher_uses(tmp_path):
+    """build_teacher is the one place that decides which weights load: the initial model (``initial``)
+    only for a frozen teacher or trust-region reference, shared, never copied or changed; the
+    run's starting weights (``start``) only to mix in or to start from (--teacher-reset)."""
+    policy, _ = _tiny(0)
+    initial_model, _ = _tiny(1)
+    start_model, _ = _tiny(2)
+    calls: list[str] = []
+
+    def initial():
+        calls.append("initial")
+        return initial_model
+
+    def start():
+        calls.append("start")
+        return start_model
+
+    def build(**kw):
+        calls.clear()
+        flags = {k: kw.pop(k) for k in ("start_from_policy",) if k in kw}
+        return build_teacher(TeacherSpec(**kw), policy, initial=initial, start=start, **flags)
+
+    assert build_teacher(None, policy, initial=initial, start=start) is None and calls == []
+    live = build(teacher="live")
+    assert live.model is policy and calls == []
+    ema = build(teacher="ema", teacher_update_rate=0.3)
+    assert calls == [] and ema.model is not policy and ema.keeps_state and ema.rate == 0.3
+    assert all(torch.equal(t, p) for t, p in zip(ema.model.parameters(), policy.parameters()))
+    for mode in ("frozen", "trust-region"):
+        teacher = build(teacher=mode)
+        assert teacher.model is initial_model and calls == ["initial"] and not teacher.keeps_state
+    reset = build(teacher="frozen", start_from_policy=True)
+    assert calls == ["start"] and reset.model is not start_model
+    assert all(torch.equal(t, p) for t, p in zip(reset.model.parameters(), start_model.parameters()))
+    before = initial_model.lm_head.weight.clone()
+    a = 0.25
+    mixed = build(teacher="trust-region", teacher_init_alpha=a)
+    assert calls == ["initial", "start"] and mixed.model is not initial_model
+    assert torch.equal(initial_model.lm_head.weight, before)
+    for t, i, s in zip(mixed.model.parameters(), initial_model.parameters(), start_model.parameters()):
+        torch.testing.assert_close(t, a * i + (1 - a) * s, rtol=0, atol=1e-6)
+    # a path replaces the initial model: it is never loaded
+    path = _save(*_tiny(3), tmp_path / "teacher")
+    other, _ = _tiny(3)
+    from_path = build(teacher="frozen", teacher_path=str(path))
+    assert calls == [] and torch.equal(from_path.model.lm_head.weight, other.lm_head.weight)
+    # without sources: the initial model is a copy of the policy
+    plain = build_teacher(TeacherSpec(teacher="frozen"), policy)
+    assert plain.model is not policy and torch.equal(plain.model.lm_head.weight, policy.lm_head.weight)
+
+
+def test_the_ema_teacher_moves_once_per_rollout_batch(tmp_path):
+    """The loop updates the EMA teacher once per rollout batch, after all of its optimiser updates:
+    with two mini-batches (two updates) the teacher is (1 - r) * teacher + r * policy_after_both."""
+    from test_train import ParityAddition
+
+    rate = 0.4
+    trainer = Trainer(_cfg(tmp_path, "ema2", mini_batches=2), get_objective("sdpo", teacher="ema",
+                                                                            teacher_update_rate=rate),
+                      task=ParityAddition(), log=lambda m: None)
+    t0 = [p.detach().clone() for p in trainer.teacher.model.parameters()]
+    row = trainer.step(0)
+    assert row["updates"] == 2 and row["skipped"] == 0
+    moved = False
+    for t, t_before, p in zip(trainer.teacher.model.parameters(), t0, trainer.policy.parameters()):
+        torch.testing.assert_close(t, (1 - rate) * t_before + rate * p.detach(), rtol=0, atol=1e-6)
+        moved = moved or not torch.equal(t, t_before)
+    assert moved

@@ -194,7 +194,7 @@ def test_a_new_teacher_objective_gets_its_teacher_and_teacher_logp(tmp_path, mon
     )
 
     seen = []
-    spec = TeacherSpec(mode="frozen", include_feedback=True,
+    spec = TeacherSpec(teacher="frozen", include_feedback=True,
                        reprompt_template="{prompt}{solution}{feedback}\n\nNow answer again, carefully.")
 
     @register_objective("test_teacher_gap")

@@ -23,7 +23,7 @@ from denser.objectives.common import aggregate, group_advantages, kl_estimate, n
 from denser.objectives.grpo import DAPO, GRPO, GSPO, DrGRPO
 from denser.objectives.hybrid import Hybrid, HybridAdv
 from denser.objectives.sdpo import SDPO
-from denser.objectives.teacher import TeacherOptions, TeacherSpec, teacher_messages
+from denser.objectives.teacher import TeacherSpec, teacher_messages
 
 __all__ = [
     "DAPO",
@@ -41,7 +41,6 @@ __all__ = [
     "Objective",
     "PolicyBatch",
     "Signal",
-    "TeacherOptions",
     "TeacherSpec",
     "TokenStats",
     "aggregate",

@@ -36,7 +36,7 @@ from denser.objectives.batch import TEACHER_LOGP, PolicyBatch
 from denser.objectives.common import AggMode, linear_or_cosine, require, token_keep_mask
 from denser.objectives.grpo import GRPO
 from denser.objectives.sdpo import SDPO, SDPO_AGG_MODE, TOKEN_WEIGHT
-from denser.objectives.teacher import TeacherOptions, TeacherSpec
+from denser.objectives.teacher import TeacherSpec
 
 DENSE_MASK = "hybrid_dense_mask"  # batch.extras key written by HybridAdv.prepare(): 1 = token gets the dense part
 
@@ -166,13 +166,14 @@ class Hybrid(DensitySchedule, GRPO, SDPO):
 
 @register_objective("hybrid_adv")
 @dataclass
-class HybridAdv(DensitySchedule, GRPO, TeacherOptions):
+class HybridAdv(DensitySchedule, GRPO, TeacherSpec):
     """Advantage blend: GRPO surrogate with advantage lam * A_group + (1 - lam) * (logp_teacher(y) - logp_student(y)), detached."""
 
     def __post_init__(self) -> None:
         name = self.name or "hybrid_adv"
         self.grpo_part()
-        self.check_teacher_options(name)
+        problem = self.problem()  # the teacher fields (TeacherSpec's one check)
+        require(problem is None, name, problem or "")
         self.check_schedule(name)
 
     def grpo_part(self) -> GRPO:
@@ -188,7 +189,7 @@ class HybridAdv(DensitySchedule, GRPO, TeacherOptions):
         return frozenset(out)
 
     def teacher_spec(self) -> TeacherSpec:
-        return TeacherSpec.from_options(self)
+        return TeacherSpec.of(self)
 
     def core_options(self) -> CoreOptions:
         return self.grpo_part().core_options()

@@ -35,10 +35,10 @@ kept tokens are weighted by ``1 / (1 - mask_ratio)`` so the loss stays an unbias
 the unmasked one (SDPO-CL averages over the kept tokens, which is the same in expectation).
 
 Defaults follow the SDPO repository's ``actor.yaml`` (``self_distillation``): alpha 0.5, top-100
-with a tail bucket, IS clip 2; the teacher fields (:class:`~denser.objectives.teacher.TeacherOptions`:
-EMA teacher at rate 0.05, success threshold 0.5, the sample's own success never its demonstration,
-thinking removed from demonstrations, feedback included, SDPO's templates) become the
-``TeacherSpec`` of ``teacher_spec()``.
+with a tail bucket, IS clip 2; the teacher fields are :class:`~denser.objectives.teacher.TeacherSpec`'s
+(SDPO derives from it: EMA teacher at rate 0.05, SDPO's reprompt context with success threshold 0.5,
+the sample's own success never its demonstration, thinking removed from demonstrations, feedback
+included, SDPO's templates), and ``teacher_spec()`` is ``TeacherSpec.of(self)``.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from denser.objectives.common import (
     token_keep_mask,
     with_old_logp,
 )
-from denser.objectives.teacher import TeacherOptions, TeacherSpec
+from denser.objectives.teacher import TeacherSpec
 
 # SDPO's aggregation: each distilled sequence's token mean, summed, / all sequences of the step
 SDPO_AGG_MODE: AggMode = "seq-mean-token-mean"
@@ -71,7 +71,7 @@ TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 =
 
 @register_objective("sdpo")
 @dataclass
-class SDPO(Objective, TeacherOptions):
+class SDPO(Objective, TeacherSpec):
     """SDPO: distil the policy conditioned on a successful sibling and/or feedback into the policy, token by token."""
 
     alpha: float = field(
@@ -128,7 +128,8 @@ class SDPO(Objective, TeacherOptions):
         require(self.is_clip is None or self.is_clip > 0, name, f"is_clip={self.is_clip} must be > 0 (or None)")
         require(0.0 <= self.mask_ratio < 1.0, name, f"mask_ratio={self.mask_ratio} must be in [0, 1)")
         require(self.loss_agg_mode in AGG_MODES, name, f"loss_agg_mode={self.loss_agg_mode!r} must be one of {AGG_MODES}")
-        self.check_teacher_options(name)
+        problem = self.problem()  # the teacher fields (TeacherSpec's one check)
+        require(problem is None, name, problem or "")
 
     def for_run(self, updates_per_rollout: int) -> SDPO:
         """With several updates per rollout batch the IS weight needs the pre-update policy: use_old_logp on."""
@@ -143,7 +144,7 @@ class SDPO(Objective, TeacherOptions):
         return frozenset(out)
 
     def teacher_spec(self) -> TeacherSpec:
-        return TeacherSpec.from_options(self)
+        return TeacherSpec.of(self)
 
     def core_options(self) -> CoreOptions:
         return CoreOptions(

@@ -1,9 +1,14 @@
-"""What an objective asks of its teacher: how teacher contexts are built and which weights score them.
+"""The teacher an objective distils from, as one spec: which weights score which context.
 
 An objective that declares ``Signal.TEACHER`` or ``Signal.TEACHER_LOGP`` returns a
 :class:`TeacherSpec` from ``Objective.teacher_spec()``; the loop follows it and knows nothing else about
-the objective. Teacher context of sample i in a group, as the public SDPO code builds it
-(``ray_trainer._maybe_build_self_distillation_batch``; :func:`teacher_messages`):
+the objective. The spec has two independent axes.
+
+**The context** (``teacher_context``), built by the loop (``trainers/signals.py``) from the text of
+each sample's group (:func:`teacher_messages`):
+
+- ``reprompt`` (SDPO; the default): the context of sample i in a group, as the public SDPO code builds
+  it (``ray_trainer._maybe_build_self_distillation_batch``), holds
 
   - a demonstration: the first successful sibling's reply (reward >= ``success_threshold``); with
     ``dont_reprompt_on_self_success`` the sample's own reply is never its demonstration (another
@@ -13,40 +18,46 @@ the objective. Teacher context of sample i in a group, as the public SDPO code b
     only when there is no demonstration;
   - neither: no teacher for sample i (``teacher_mask`` False: it gets no distillation loss).
 
-The context is the prompt's messages with the last user message replaced by
-``reprompt_template.format(prompt=<its text>, solution=<solution section>, feedback=<feedback section>)``,
-the sections being ``solution_template.format(successful_previous_attempt=...)`` and
-``feedback_template.format(feedback_raw=...)`` (or empty); every other message is kept as it is.
-The defaults are SDPO's templates word for word (``actor.yaml``, ``self_distillation``). The loop
-renders the messages with the chat template, cuts the result on the right at
-``TrainConfig.teacher_max_context_tokens`` (SDPO: ``max_reprompt_len`` 10240, ``reprompt_truncation:
-right``), and keeps the completion tokens the student's own.
+  It is the prompt's messages with the last user message replaced by
+  ``reprompt_template.format(prompt=<its text>, solution=<solution section>, feedback=<feedback section>)``,
+  the sections being ``solution_template.format(successful_previous_attempt=...)`` and
+  ``feedback_template.format(feedback_raw=...)`` (or empty); every other message is kept as it is.
+  The defaults are SDPO's templates word for word (``actor.yaml``, ``self_distillation``). The loop
+  renders the messages with the chat template and cuts the result on the right at
+  ``TrainConfig.teacher_max_context_tokens`` (SDPO: ``max_reprompt_len`` 10240, ``reprompt_truncation:
+  right``).
+- ``prompt``: the sample's own prompt, unchanged (the token ids the student was given); every sample
+  has a teacher. For a teacher that is not the student conditioned on more (a model of its own).
 
-The weights that score it are ``mode``: ``live`` (the policy itself), ``ema`` (an exponential
-moving average of the policy, ``teacher <- (1 - update_rate) * teacher + update_rate * policy``
-once per rollout batch), ``frozen`` (the initial policy) or ``trust-region`` (SDPO's
-``teacher_regularization: trust-region``: logits ``lerp(reference, policy, update_rate)``, both
-evaluated on the teacher context, the reference being the frozen initial policy). ``path`` (SDPO-CL's
-``teacher_path``) starts the teacher (``ema``, ``frozen``, or the reference of ``trust-region``)
-from another model directory instead of the initial policy, and ``init_alpha`` (SDPO-CL's
-``teacher_init_alpha``) starts it at ``init_alpha * teacher + (1 - init_alpha) * policy``, parameter
-by parameter.
+Either way the completion tokens scored are the student's own.
 
-:class:`TeacherOptions` is the same set of choices as objective fields (CLI flags), for objectives
-that distil (``sdpo``, the hybrids): ``TeacherSpec.from_options(objective)`` turns them into the spec.
+**The weights** (``teacher``), built by ``denser.trainers.teacher.build_teacher``: ``live`` (the policy
+itself), ``ema`` (an exponential moving average of the policy, ``teacher <- (1 - teacher_update_rate) *
+teacher + teacher_update_rate * policy`` once per rollout batch), ``frozen`` (the initial policy) or
+``trust-region`` (SDPO's ``teacher_regularization: trust-region``: logits ``lerp(reference, policy,
+teacher_update_rate)``, both evaluated on the teacher context, the reference being the frozen initial
+policy). ``teacher_path`` (SDPO-CL's ``teacher_path``) starts the teacher (``ema``, ``frozen``, or the
+reference of ``trust-region``) from another model directory instead of the initial policy, and
+``teacher_init_alpha`` (SDPO-CL's) starts it at ``teacher_init_alpha * teacher + (1 -
+teacher_init_alpha) * policy``, parameter by parameter.
+
+The fields carry the names of their flags (``--teacher``, ``--teacher-path``, ...): the objectives that
+distil (``sdpo``, the hybrids) derive from :class:`TeacherSpec`, so its fields are theirs, declared
+once, and their ``teacher_spec()`` is ``TeacherSpec.of(self)``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
-
-from denser.objectives.common import require
+from typing import Any, Literal, Sequence
 
 TeacherMode = Literal["live", "ema", "frozen", "trust-region"]
 TEACHER_MODES: tuple[str, ...] = TeacherMode.__args__
+TeacherContext = Literal["reprompt", "prompt"]
+TEACHER_CONTEXTS: tuple[str, ...] = TeacherContext.__args__
 # modes whose weights are a model of their own (not the policy): --teacher-path / --teacher-init-alpha apply
 SEPARATE_TEACHER_MODES = ("ema", "frozen", "trust-region")
 
@@ -79,58 +90,119 @@ def template_problem(name: str, template: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass
 class TeacherSpec:
-    """How the loop builds teacher contexts and which weights score them (defaults: SDPO's
-    ``actor.yaml``: EMA teacher at rate 0.05, success threshold 0.5, no reprompting on
-    self-success, thinking removed, feedback only without a solution, SDPO's templates; the teacher
-    starts from the initial policy)."""
+    """The teacher an objective distils from: its weights (``teacher``, ``teacher_update_rate``,
+    ``teacher_path``, ``teacher_init_alpha``) and its context (``teacher_context`` and, for SDPO's
+    reprompt, the fields after it). Defaults: SDPO's ``actor.yaml`` (an EMA teacher at rate 0.05
+    started from the initial policy, the reprompt context with success threshold 0.5, no
+    reprompting on self-success, thinking removed, feedback only without a solution, SDPO's templates).
 
-    mode: TeacherMode = "ema"
-    update_rate: float = 0.05  # EMA rate, or the trust-region mixing rate
-    success_threshold: float = 0.5
-    dont_reprompt_on_self_success: bool = True
-    remove_thinking: bool = True
-    include_feedback: bool = True
-    feedback_only_without_solution: bool = True
-    reprompt_template: str = REPROMPT_TEMPLATE  # {prompt}: the last user message's text; {solution}, {feedback}: the sections
-    solution_template: str = SOLUTION_TEMPLATE  # {successful_previous_attempt}: the demonstration
-    feedback_template: str = FEEDBACK_TEMPLATE  # {feedback_raw}: the task's feedback on the sample's attempt
-    path: str | None = None  # a model directory (or denser checkpoint / run directory) the teacher starts from
-    init_alpha: float = 1.0  # the teacher starts at init_alpha * teacher + (1 - init_alpha) * policy
+    The fields are named as the flags and config keys of the objectives that distil: such an
+    objective derives from this class (``class SDPO(Objective, TeacherSpec)``), so every field is one
+    of its own (a CLI flag, a key of ``objective_args`` in config.yaml), and its ``teacher_spec()``
+    is :meth:`of` itself. :meth:`problem` is the one validation of these fields."""
+
+    teacher: TeacherMode = field(
+        default="ema",
+        metadata={
+            "help": "teacher weights: 'live' = the current policy, 'ema' = exponential moving average of the "
+            "policy, 'frozen' = the initial policy, 'trust-region' = logits lerp(initial, current policy, "
+            "teacher_update_rate), both on the teacher context (SDPO's trust-region teacher)"
+        },
+    )
+    teacher_update_rate: float = field(
+        default=0.05,
+        metadata={"help": "EMA rate (ema: teacher <- (1 - rate) * teacher + rate * policy after each rollout batch), "
+                          "or the trust-region mixing rate (the weight of the current policy's logits)"},
+    )
+    teacher_path: str | None = field(
+        default=None,
+        metadata={"help": "start the teacher (ema, frozen, or trust-region's reference) from this model instead of "
+                          "the initial policy: a local HF model directory, a denser checkpoint or run directory "
+                          "(SDPO-CL's teacher_path); its vocabulary must be the policy's"},
+    )
+    teacher_init_alpha: float = field(
+        default=1.0,
+        metadata={"help": "the teacher starts at a * teacher + (1 - a) * policy, parameter by parameter "
+                          "(SDPO-CL's teacher_init_alpha; 1 = the teacher as loaded)"},
+    )
+    success_threshold: float = field(
+        default=0.5,
+        metadata={"help": "a sibling whose reward is >= this is a successful demonstration for the teacher"},
+    )
+    dont_reprompt_on_self_success: bool = field(
+        default=True,
+        metadata={"help": "a sample's own successful reply is never its demonstration (another successful "
+                          "sibling's still is, as in SDPO's code)"},
+    )
+    remove_thinking: bool = field(
+        default=True,
+        metadata={"help": "strip <think>...</think> (and an unopened ...</think> prefix) from a demonstration "
+                          "before putting it in the teacher context"},
+    )
+    include_feedback: bool = field(
+        default=True,
+        metadata={"help": "put the task's feedback on the sample's attempt (given on failures) in the teacher context"},
+    )
+    feedback_only_without_solution: bool = field(
+        default=True,
+        metadata={"help": "use the feedback only when no successful demonstration is available"},
+    )
+    reprompt_template: str = field(
+        default=REPROMPT_TEMPLATE,
+        metadata={"help": "the teacher's last user message: {prompt} (the original one's text), {solution}, "
+                          "{feedback} (the sections below, or empty); SDPO's wording"},
+    )
+    solution_template: str = field(
+        default=SOLUTION_TEMPLATE,
+        metadata={"help": "the solution section: {successful_previous_attempt}; SDPO's wording"},
+    )
+    feedback_template: str = field(
+        default=FEEDBACK_TEMPLATE,
+        metadata={"help": "the feedback section: {feedback_raw}; SDPO's wording"},
+    )
+    teacher_context: TeacherContext = field(
+        default="reprompt",
+        metadata={"help": "what the teacher reads: 'reprompt' = the prompt with a successful sibling's reply and/or "
+                          "the task's feedback (SDPO; samples with neither get no teacher), 'prompt' = the sample's "
+                          "own prompt unchanged (every sample gets a teacher; the reprompt fields are unused)"},
+    )
 
     def __post_init__(self) -> None:
-        if self.mode not in TEACHER_MODES:
-            raise ValueError(f"teacher mode {self.mode!r} must be one of {', '.join(TEACHER_MODES)}")
-        if not 0.0 <= self.update_rate <= 1.0:
-            raise ValueError(f"teacher update_rate={self.update_rate} must be in [0, 1]")
-        if not 0.0 <= self.init_alpha <= 1.0:
-            raise ValueError(f"teacher init_alpha={self.init_alpha} must be in [0, 1]")
-        if self.mode == "live" and (self.path or self.init_alpha != 1.0):
-            raise ValueError("a 'live' teacher is the policy itself: a teacher path or init_alpha < 1 needs "
-                             f"mode {', '.join(map(repr, SEPARATE_TEACHER_MODES))}")
+        problem = self.problem()
+        if problem:
+            raise ValueError(f"teacher: {problem}")
+        self.teacher_path = self.teacher_path or None  # an empty path (a config file's '') is no path
+
+    def problem(self) -> str | None:
+        """What is wrong with these fields (one sentence naming the field), or None: the one check of
+        a teacher's choices (an objective deriving from this class calls it from its own ``__post_init__``)."""
+        if self.teacher not in TEACHER_MODES:
+            return f"teacher={self.teacher!r} must be one of {', '.join(map(repr, TEACHER_MODES))}"
+        if self.teacher_context not in TEACHER_CONTEXTS:
+            return f"teacher_context={self.teacher_context!r} must be one of {', '.join(map(repr, TEACHER_CONTEXTS))}"
+        if not 0.0 <= self.teacher_update_rate <= 1.0:
+            return f"teacher_update_rate={self.teacher_update_rate} must be in [0, 1]"
+        if not 0.0 <= self.teacher_init_alpha <= 1.0:
+            return f"teacher_init_alpha={self.teacher_init_alpha} must be in [0, 1]"
+        if self.teacher == "live" and self.teacher_path:
+            return (f"teacher_path needs a teacher of its own: --teacher {' | '.join(SEPARATE_TEACHER_MODES)} "
+                    "(a 'live' teacher is the policy)")
+        if self.teacher == "live" and self.teacher_init_alpha != 1.0:
+            return (f"teacher_init_alpha < 1 needs a teacher of its own: --teacher {' | '.join(SEPARATE_TEACHER_MODES)} "
+                    "(a 'live' teacher is the policy)")
         for name in TEMPLATE_FIELDS:
             problem = template_problem(name, getattr(self, name))
             if problem:
-                raise ValueError(f"teacher {problem}")
+                return problem
+        return None
 
     @classmethod
-    def from_options(cls, options: "TeacherOptions") -> "TeacherSpec":
-        """The spec of an objective's :class:`TeacherOptions` fields."""
-        return cls(
-            mode=options.teacher,
-            update_rate=options.teacher_update_rate,
-            success_threshold=options.success_threshold,
-            dont_reprompt_on_self_success=options.dont_reprompt_on_self_success,
-            remove_thinking=options.remove_thinking,
-            include_feedback=options.include_feedback,
-            feedback_only_without_solution=options.feedback_only_without_solution,
-            reprompt_template=options.reprompt_template,
-            solution_template=options.solution_template,
-            feedback_template=options.feedback_template,
-            path=options.teacher_path or None,
-            init_alpha=options.teacher_init_alpha,
-        )
+    def of(cls, holder: Any) -> "TeacherSpec":
+        """The spec of an object that holds these fields (an objective deriving from this class):
+        each field's value taken as it is, by name."""
+        return cls(**{f.name: getattr(holder, f.name) for f in dataclasses.fields(cls)})
 
 
 _DEFAULT = TeacherSpec()
@@ -153,7 +225,10 @@ def teacher_messages(
     """Chat messages of the teacher context of sample ``index`` of a group, or None (no teacher).
 
     Pure text: ``group_*`` are the group's completions, rewards and feedback in sample order;
-    ``prompt_messages`` is left unchanged."""
+    ``prompt_messages`` is left unchanged. With ``spec.teacher_context == "prompt"``: a copy of
+    ``prompt_messages`` (every sample has a teacher)."""
+    if spec.teacher_context == "prompt":
+        return [dict(m) for m in prompt_messages]
     demo = None
     for j, (text, reward) in enumerate(zip(group_texts, group_rewards)):
         if reward < spec.success_threshold:
@@ -177,88 +252,3 @@ def teacher_messages(
     messages[last]["content"] = spec.reprompt_template.format(prompt=messages[last]["content"], solution=solution,
                                                               feedback=feedback)
     return messages
-
-
-@dataclass
-class TeacherOptions:
-    """The teacher choices of a distilling objective as its fields (every field a CLI flag).
-
-    ``teacher`` is the flag ``--teacher {live,ema,frozen,trust-region}`` (``TeacherSpec.mode``); the
-    objective's ``teacher_spec()`` returns ``TeacherSpec.from_options(self)``."""
-
-    teacher: TeacherMode = field(
-        default=_DEFAULT.mode,
-        metadata={
-            "help": "teacher weights: 'live' = the current policy, 'ema' = exponential moving average of the "
-            "policy, 'frozen' = the initial policy, 'trust-region' = logits lerp(initial, current policy, "
-            "teacher_update_rate), both on the teacher context (SDPO's trust-region teacher)"
-        },
-    )
-    teacher_update_rate: float = field(
-        default=_DEFAULT.update_rate,
-        metadata={"help": "EMA rate (ema: teacher <- (1 - rate) * teacher + rate * policy after each rollout batch), "
-                          "or the trust-region mixing rate (the weight of the current policy's logits)"},
-    )
-    teacher_path: str | None = field(
-        default=None,
-        metadata={"help": "start the teacher (ema, frozen, or trust-region's reference) from this model instead of "
-                          "the initial policy: a local HF model directory, a denser checkpoint or run directory "
-                          "(SDPO-CL's teacher_path); its vocabulary must be the policy's"},
-    )
-    teacher_init_alpha: float = field(
-        default=_DEFAULT.init_alpha,
-        metadata={"help": "the teacher starts at a * teacher + (1 - a) * policy, parameter by parameter "
-                          "(SDPO-CL's teacher_init_alpha; 1 = the teacher as loaded)"},
-    )
-    success_threshold: float = field(
-        default=_DEFAULT.success_threshold,
-        metadata={"help": "a sibling whose reward is >= this is a successful demonstration for the teacher"},
-    )
-    dont_reprompt_on_self_success: bool = field(
-        default=_DEFAULT.dont_reprompt_on_self_success,
-        metadata={"help": "a sample's own successful reply is never its demonstration (another successful "
-                          "sibling's still is, as in SDPO's code)"},
-    )
-    remove_thinking: bool = field(
-        default=_DEFAULT.remove_thinking,
-        metadata={"help": "strip <think>...</think> (and an unopened ...</think> prefix) from a demonstration "
-                          "before putting it in the teacher context"},
-    )
-    include_feedback: bool = field(
-        default=_DEFAULT.include_feedback,
-        metadata={"help": "put the task's feedback on the sample's attempt (given on failures) in the teacher context"},
-    )
-    feedback_only_without_solution: bool = field(
-        default=_DEFAULT.feedback_only_without_solution,
-        metadata={"help": "use the feedback only when no successful demonstration is available"},
-    )
-    reprompt_template: str = field(
-        default=REPROMPT_TEMPLATE,
-        metadata={"help": "the teacher's last user message: {prompt} (the original one's text), {solution}, "
-                          "{feedback} (the sections below, or empty); SDPO's wording"},
-    )
-    solution_template: str = field(
-        default=SOLUTION_TEMPLATE,
-        metadata={"help": "the solution section: {successful_previous_attempt}; SDPO's wording"},
-    )
-    feedback_template: str = field(
-        default=FEEDBACK_TEMPLATE,
-        metadata={"help": "the feedback section: {feedback_raw}; SDPO's wording"},
-    )
-
-    def check_teacher_options(self, name: str) -> None:
-        """Raise ``ValueError("objective 'name': ...")`` for a bad teacher field."""
-        require(self.teacher in TEACHER_MODES, name,
-                f"teacher={self.teacher!r} must be one of {', '.join(map(repr, TEACHER_MODES))}")
-        require(0.0 <= self.teacher_update_rate <= 1.0, name,
-                f"teacher_update_rate={self.teacher_update_rate} must be in [0, 1]")
-        require(0.0 <= self.teacher_init_alpha <= 1.0, name,
-                f"teacher_init_alpha={self.teacher_init_alpha} must be in [0, 1]")
-        if self.teacher == "live":
-            require(not self.teacher_path, name, "teacher_path needs a teacher of its own: "
-                    f"--teacher {' | '.join(SEPARATE_TEACHER_MODES)} (a 'live' teacher is the policy)")
-            require(self.teacher_init_alpha == 1.0, name, "teacher_init_alpha < 1 needs a teacher of its own: "
-                    f"--teacher {' | '.join(SEPARATE_TEACHER_MODES)} (a 'live' teacher is the policy)")
-        for template in TEMPLATE_FIELDS:
-            problem = template_problem(template, getattr(self, template))
-            require(problem is None, name, problem or "")

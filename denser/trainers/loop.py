@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import sys
 import time
@@ -65,7 +66,7 @@ from denser.trainers.signals import (
     check_teacher_vocabulary,
 )
 from denser.trainers.step_metrics import metrics_row
-from denser.trainers.teacher import TeacherWeights, resolve_teacher_path
+from denser.trainers.teacher import build_teacher, resolve_teacher_path
 from denser.trainers.tracking import Tracker
 from denser.trainers.update import PhaseTimer, PolicyLoss, UpdateResult
 
@@ -143,8 +144,8 @@ class Trainer:
         check_signals(self.objective, self.task)
         declared = self.objective.signals()
         self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
-        if self.teacher_spec is not None and self.teacher_spec.path:
-            resolve_teacher_path(self.teacher_spec.path)  # a bad --teacher-path fails before any model is loaded
+        if self.teacher_spec is not None and self.teacher_spec.teacher_path:
+            resolve_teacher_path(self.teacher_spec.teacher_path)  # a bad --teacher-path fails before any model is loaded
         policy = self._load_models(resume_from)
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
@@ -165,9 +166,10 @@ class Trainer:
         device = self.accelerator.device
         if self.sharding is None:
             self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, self.optimizer)
-            for m in (self.reference, self.teacher.model if self.teacher and self.teacher.mode != "live" else None):
-                if m is not None:
-                    m.to(device)
+            if self.reference is not None:
+                self.reference.to(device)
+            if self.teacher is not None:
+                self.teacher.to(device)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
         self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
@@ -221,38 +223,36 @@ class Trainer:
 
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
-        need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP, with the
-        weights ``self.teacher_spec`` names). A frozen teacher and the trust-region reference share
-        the reference's copy of the initial weights."""
-        cfg, declared, spec = self.cfg, self.objective.signals(), self.teacher_spec
-        if cfg.lora_r:  # the base model plus an adapter; reference and teachers are views of it (trainers/lora.py)
-            policy, self.tokenizer, self.reference, self.teacher = lora.load_lora_models(cfg, declared, spec,
-                                                                                         resume_from)
-            return policy
+        need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP: the weights
+        ``self.teacher_spec`` names, built by :func:`~denser.trainers.teacher.build_teacher`, which
+        loads the initial weights only when the teacher uses them; a frozen teacher and the
+        trust-region reference share the reference's copy)."""
+        cfg = self.cfg
         dtype = getattr(torch, cfg.dtype)
-        with ckpt.quiet_transformers():
-            policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
-                                                dtype=dtype, seed=cfg.seed)
-        initial = None
-        # the initial weights: the reference; a frozen teacher or trust-region reference unless it starts
-        # elsewhere; and, on resume, the weights this run started from (what --teacher-init-alpha mixes in)
-        initial_teacher = spec is not None and spec.mode in ("frozen", "trust-region") and (
-            resume_from is not None or not (spec.path or self.teacher_from_policy))
-        if Signal.REF_LOGP in declared or initial_teacher:
+
+        def load_initial() -> nn.Module:  # cfg.model as it was before any training (tiny: the same seed)
             with ckpt.quiet_transformers():
-                initial, _ = ((self.anchor, None) if self.anchor is not None
-                              else load_model(cfg.model, dtype=dtype, seed=cfg.seed))
-            initial = initial.eval().requires_grad_(False)
-        self.reference = initial if Signal.REF_LOGP in declared else None
-        self.teacher = None
-        if spec is not None:
-            start = policy if resume_from is None else initial
-            if resume_from is not None and self.anchor is not None and spec.mode in ("frozen", "trust-region") and (
-                    self.teacher_from_policy or spec.init_alpha < 1.0):  # the anchor is not where this run started
-                with ckpt.quiet_transformers():
-                    start, _ = load_model(cfg.model, dtype=dtype, seed=cfg.seed)
-            shared = None if self.teacher_from_policy else initial
-            self.teacher = TeacherWeights.from_spec(spec, policy, shared, start=start)
+                return load_model(cfg.model, dtype=dtype, seed=cfg.seed)[0]
+
+        # ``initial``: the frozen initial weights (the reference; a frozen teacher's), loaded when first
+        # asked; ``start``: the weights this run started from (what --teacher-init-alpha mixes in)
+        if cfg.lora_r:  # the base model plus an adapter; reference and teachers are views of it (trainers/lora.py)
+            policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from)
+            initial = start = functools.cache(lambda: lora.AdapterView(policy))  # a fresh adapter adds zero
+        else:
+            with ckpt.quiet_transformers():
+                policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
+                                                    dtype=dtype, seed=cfg.seed)
+            # the anchor a chained run shares, or cfg.model loaded again
+            initial = functools.cache(lambda: (self.anchor if self.anchor is not None else load_initial())
+                                      .eval().requires_grad_(False))
+            if resume_from is None:
+                start = policy
+            else:  # cfg.model again: the initial model, unless a chained run's anchor is another one
+                start = initial if self.anchor is None else functools.cache(load_initial)
+        self.reference = initial() if Signal.REF_LOGP in self.objective.signals() else None
+        self.teacher = build_teacher(self.teacher_spec, policy, initial=initial, start=start,
+                                     start_from_policy=self.teacher_from_policy, lora=bool(cfg.lora_r))
         return policy
 
     def _load_state(self, path: Path) -> None:
@@ -263,7 +263,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.teacher is not None:
-            if self.teacher.mode == "ema" and teacher_state is None:
+            if self.teacher.keeps_state and teacher_state is None:
                 self._note(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
             self.teacher.load_state_dict(teacher_state)
         self.start_step = int(trainer_state["step"])

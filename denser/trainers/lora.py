@@ -10,14 +10,16 @@ may need are views of that one model (:class:`AdapterView`), never copies:
   reference: the policy with its adapter disabled (= the base model, since a fresh adapter's ``B``
   is zero, the model the run started from);
 - an ``ema`` teacher: the base model with an exponential moving average of the adapter's weights,
-  ``A`` and ``B`` averaged separately (:class:`LoraTeacherWeights`; the EMA of a product ``B @ A``
-  is not the product of the EMAs, so this teacher is not the EMA of the full weights; it is what
-  keeps the teacher's memory at one adapter);
+  ``A`` and ``B`` averaged separately (``trainers.teacher.LoraTeacherWeights``; the EMA of a product
+  ``B @ A`` is not the product of the EMAs, so this teacher is not the EMA of the full weights; it is
+  what keeps the teacher's memory at one adapter);
 - the ``live`` teacher: the policy itself, as without LoRA.
 
 ``--teacher-path`` loads its own full model as before (``frozen`` and ``trust-region``; an EMA of
 adapter weights cannot start from another model, so ``ema`` with a path is refused, as is
-``--teacher-init-alpha`` below 1 with a path: that mixes full weights with the policy's).
+``--teacher-init-alpha`` below 1 with a path: that mixes full weights with the policy's). Which
+teacher a run gets is decided in one place, ``trainers.teacher.build_teacher`` (``lora=True``);
+this module gives it the views.
 
 Checkpoints hold the adapter in peft's format in ``<ckpt>/model`` (``adapter_config.json``,
 ``adapter_model.safetensors``, loadable with ``PeftModel.from_pretrained(base, <ckpt>/model)``);
@@ -44,12 +46,10 @@ import yaml
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from denser.objectives import Signal, TeacherSpec
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.io import fsync_dir
 from denser.trainers.models import load_model
 from denser.trainers.sharding import fsdp_requested
-from denser.trainers.teacher import TeacherWeights
 
 #: ``--lora-target-modules`` default: every linear layer of the blocks (peft's shorthand; never the output layer)
 ALL_LINEAR = "all-linear"
@@ -57,8 +57,8 @@ ALL_LINEAR = "all-linear"
 MERGED_DIR = "merged"
 ADAPTER_CONFIG = "adapter_config.json"
 
-__all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterView", "LoraTeacherWeights", "attach_lora", "check_lora_run",
-           "is_adapter_dir", "load_lora_models", "lora_teacher", "merge_lora", "merged_model", "trainable_adapter"]
+__all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterView", "attach_lora", "check_lora_run", "is_adapter_dir",
+           "load_lora_policy", "merge_lora", "merged_model", "trainable_adapter"]
 
 
 def _peft():
@@ -206,57 +206,6 @@ class AdapterView:
         return self
 
 
-class LoraTeacherWeights(TeacherWeights):
-    """An ``ema`` teacher of a LoRA policy: the base model with an EMA of the adapter's weights,
-    ``A <- (1 - rate) A + rate A_policy`` and likewise ``B``, each matrix on its own (not the EMA of
-    ``B @ A``). Starts from the policy's adapter. Its state (checkpoints, ``carry_state``) is the
-    averaged adapter tensors."""
-
-    def __init__(self, policy: nn.Module, rate: float):
-        weights = {k: v.detach().clone() for k, v in trainable_adapter(policy).items()}
-        super().__init__(policy, "ema", rate, weights=AdapterView(policy, weights))
-
-    @torch.no_grad()
-    def update(self, policy: nn.Module) -> None:
-        live = trainable_adapter(policy)
-        for name, t in self.model.weights.items():
-            t.lerp_(live[name].detach().to(t.dtype), self.rate)
-
-    def state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.model.weights.items()}
-
-    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
-        if state is None:
-            return
-        mine = self.model.weights
-        if set(state) != set(mine):
-            raise ValueError("the EMA teacher state does not match this run's LoRA adapter (different target "
-                             "modules?); resume with the --lora-* flags the run was started with")
-        for k, v in state.items():
-            mine[k].copy_(v)
-
-
-def lora_teacher(spec: TeacherSpec, policy: nn.Module) -> TeacherWeights:
-    """The teacher ``spec`` names for a LoRA policy (see the module docstring)."""
-    if spec.path:
-        if spec.mode == "ema":
-            raise ValueError(f"--teacher-path {spec.path} with --teacher ema and --lora-r: a LoRA run's EMA teacher "
-                             "averages the policy's adapter weights, so it starts from the policy; use --teacher "
-                             "frozen or trust-region with --teacher-path")
-        if spec.init_alpha < 1.0:
-            raise ValueError(f"--teacher-init-alpha {spec.init_alpha} with --teacher-path and --lora-r: mixing a full "
-                             "teacher model into a LoRA policy parameter by parameter is not supported; use "
-                             "--teacher-init-alpha 1 or train without --lora-r")
-        return TeacherWeights.from_spec(spec, policy)
-    if spec.mode == "live":
-        return TeacherWeights(policy, "live", spec.update_rate)
-    if spec.mode == "ema":
-        return LoraTeacherWeights(policy, spec.update_rate)
-    # frozen, trust-region: the base model. --teacher-init-alpha mixes in the policy the run starts
-    # from, which is the base model too (a fresh adapter adds zero): nothing to mix.
-    return TeacherWeights(policy, spec.mode, spec.update_rate, weights=AdapterView(policy))
-
-
 def check_lora_run(cfg: Any, accelerator: Any) -> None:
     """Refuse what LoRA does not support, before any model is loaded: FSDP (``--fsdp`` or an
     accelerate FSDP config; the sharded policy and peft's adapter layers are not wired together)."""
@@ -266,19 +215,16 @@ def check_lora_run(cfg: Any, accelerator: Any) -> None:
                          "or --lora-r")
 
 
-def load_lora_models(cfg: Any, declared: frozenset, spec: TeacherSpec | None,
-                     resume_from: Path | None) -> tuple[nn.Module, Any, Any, TeacherWeights | None]:
-    """``(policy, tokenizer, reference, teacher)`` of a LoRA run: the base model ``cfg.model`` with a
-    fresh adapter (or the adapter of ``resume_from``), the base-model view as the reference when
-    ``ref_logp`` is declared, and the teacher ``spec`` names (see the module docstring)."""
+def load_lora_policy(cfg: Any, resume_from: Path | None) -> tuple[nn.Module, Any]:
+    """``(policy, tokenizer)`` of a LoRA run: the base model ``cfg.model`` with a fresh adapter (or the
+    adapter of ``resume_from``). The reference and the teacher are views of it: ``AdapterView(policy)``
+    (the base model) and ``trainers.teacher.build_teacher(..., lora=True)``."""
     with ckpt.quiet_transformers():
         base, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
     adapter = resume_from / "model" if resume_from is not None else None
     policy = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules, adapter=adapter)
-    reference = AdapterView(policy) if Signal.REF_LOGP in declared else None
-    teacher = lora_teacher(spec, policy) if spec is not None else None
-    return policy, tokenizer, reference, teacher
+    return policy, tokenizer
 
 
 # ------------------------------------------------------------------------------------- merge

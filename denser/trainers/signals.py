@@ -58,15 +58,18 @@ TASK_SIGNALS = frozenset({Signal.REWARDS, Signal.ADVANTAGES, Signal.TEACHER})
 def check_signals(objective: Objective, task: Task) -> None:
     """Fail before any model is loaded when a declared signal cannot be provided."""
     name, declared = objective.name, objective.signals()
-    needs = declared & TASK_SIGNALS | ({Signal.TEACHER} if declared & TEACHER_SIGNALS else set())
+    spec = objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+    for s in sorted(declared & TEACHER_SIGNALS, key=str):
+        if spec is None:
+            raise ValueError(f"objective {name!r} declares signal '{s}' but its teacher_spec() returns None; "
+                             "return a denser.objectives.TeacherSpec (how teacher contexts are built and scored)")
+    # a reprompt teacher context is built from the task's successes and feedback; the plain prompt needs nothing
+    reprompt = spec is not None and spec.teacher_context == "reprompt"
+    needs = declared & TASK_SIGNALS - {Signal.TEACHER} | ({Signal.TEACHER} if reprompt else set())
     for s in sorted(needs, key=str):
         if s not in task.provides:
             raise ValueError(f"objective {name!r} needs signal '{s}' but task {task.name!r} cannot provide it "
                              f"(it provides: {', '.join(sorted(map(str, task.provides)))})")
-    for s in sorted(declared & TEACHER_SIGNALS, key=str):
-        if objective.teacher_spec() is None:
-            raise ValueError(f"objective {name!r} declares signal '{s}' but its teacher_spec() returns None; "
-                             "return a denser.objectives.TeacherSpec (how teacher contexts are built and scored)")
 
 
 def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: nn.Module) -> None:
@@ -276,8 +279,14 @@ class SignalComputer:
         return groups
 
     def teacher_contexts(self, rollout: Rollout, rows: list[dict], scores: Scores) -> tuple[list[list[int]], Tensor]:
-        """Per sample: the teacher's context token ids (its own prompt when it gets no teacher),
-        and ``teacher_mask [S]`` bool (the sample has a teacher context)."""
+        """Per sample: the teacher's context token ids, and ``teacher_mask [S]`` bool (the sample has a
+        teacher context), as ``teacher_spec.teacher_context`` says: ``prompt``, the sample's own prompt
+        ids unchanged, every sample with a teacher; ``reprompt`` (SDPO), the reprompt of
+        :func:`~denser.objectives.teacher_messages` rendered with the chat template and cut on the right
+        at ``--teacher-max-context-tokens`` (a sample without one keeps its own prompt, masked out)."""
+        if self.teacher_spec.teacher_context == "prompt":
+            contexts = [rollout.sample_prompt_ids(s) for s in range(rollout.num_samples)]
+            return contexts, torch.ones(rollout.num_samples, dtype=torch.bool)
         g = rollout.num_generations
         contexts, mask = [], []
         for s in range(rollout.num_samples):

@@ -1,13 +1,19 @@
 """The teacher's weights: which model scores the teacher contexts, and how it follows the policy.
 
-What the teacher is (how its contexts are built, which weights, the EMA or trust-region rate, the
-model it starts from) is the objective's :class:`~denser.objectives.TeacherSpec`; this module
-holds the weights that spec names and runs them on a packed batch (:meth:`TeacherWeights.outputs`):
+What the teacher is (its weights and its context, the EMA or trust-region rate, the model it starts
+from) is the objective's :class:`~denser.objectives.TeacherSpec`; :func:`build_teacher` builds the
+weights that spec names, for every kind of run (one process or DDP, LoRA, FSDP through
+:meth:`TeacherWeights.shard`), and :class:`TeacherWeights` runs them on a packed batch
+(:meth:`TeacherWeights.outputs`). The loop calls :func:`build_teacher` once and asks nothing else
+about the teacher's kind; the teacher's context is built by ``trainers/signals.py``.
 
 - ``live``: the policy itself;
-- ``ema``: a copy of the policy (or of ``spec.path``), ``teacher <- (1 - rate) * teacher + rate * policy``
-  after every optimiser step (:meth:`TeacherWeights.update`);
-- ``frozen``: the initial policy (or ``spec.path``), never updated;
+- ``ema``: a copy of the policy (or of ``teacher_path``), ``teacher <- (1 - rate) * teacher + rate *
+  policy`` once per rollout batch, after its optimiser updates (when one of them was applied;
+  :meth:`TeacherWeights.update`, called by the loop's ``_finish_step``, as SDPO's actor updates its
+  teacher once per training step); with several updates per rollout batch (``--mini-batches``,
+  ``--epochs``) still once;
+- ``frozen``: the initial policy (or ``teacher_path``), never updated;
 - ``trust-region`` (SDPO's ``TrustRegionTeacher``): logits ``lerp(reference, policy, rate)``, both
   on the teacher context, the reference being what ``frozen`` would be. Written for the
   hidden-state loss core without logits: since ``z = h @ W.T + b`` is linear,
@@ -15,8 +21,13 @@ holds the weights that spec names and runs them on a packed batch (:meth:`Teache
   + (1 - rate) b_ref + rate b_pol``, a teacher whose hidden state and output weight are the two
   models' concatenated along H.
 
-``spec.init_alpha < 1`` starts the teacher (the reference, for trust-region) at
-``init_alpha * teacher + (1 - init_alpha) * policy``, parameter by parameter (SDPO-CL).
+``rate`` is ``teacher_update_rate``. ``teacher_init_alpha < 1`` starts the teacher (the reference, for
+trust-region) at ``init_alpha * teacher + (1 - init_alpha) * policy``, parameter by parameter (SDPO-CL),
+the policy being the one the run started from.
+
+Under LoRA (``trainers/lora.py``) the frozen teacher and the trust-region reference are the base model
+(the policy with its adapter disabled, not a copy) and an ``ema`` teacher averages the adapter's
+weights only (:class:`LoraTeacherWeights`).
 
 Under FSDP (:meth:`TeacherWeights.shard`) the teacher's model is sharded like the policy and runs
 inside the forward of its root, which gathers the weights; the output layer it hands the loss core
@@ -29,7 +40,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,9 +48,13 @@ from torch import Tensor, nn
 from denser.objectives import TeacherSpec
 from denser.objectives.teacher import TEACHER_MODES
 from denser.trainers import checkpoint as ckpt
+from denser.trainers.lora import AdapterView, trainable_adapter
 from denser.trainers.models import load_model
 from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.sharding import ModelCall, Sharding
+
+#: a model, or a function that loads it when first asked (so a run loads only the models its teacher uses)
+ModelSource = Union[nn.Module, AdapterView, Callable[[], Any]]
 
 
 @dataclass
@@ -109,15 +124,14 @@ def _hidden(model: nn.Module, packed: PackedBatch) -> Tensor:
 
 
 class TeacherWeights:
-    """Which weights score the teacher context (see the module docstring).
+    """Which weights score the teacher context (see the module docstring); built by :func:`build_teacher`.
 
     ``model`` is the teacher's own model: the policy for ``live``, the EMA copy, the frozen model,
     or the reference of ``trust-region`` (whose other half is ``policy``). ``TeacherWeights(policy,
-    mode, rate)`` starts an ``ema``/``frozen``/``trust-region`` teacher from a copy of ``policy``
-    (or from ``shared_frozen`` for ``frozen``/``trust-region``, or from ``weights``)."""
+    mode, rate)`` starts an ``ema``/``frozen``/``trust-region`` teacher from a copy of ``policy``;
+    ``weights`` gives it that model instead."""
 
-    def __init__(self, policy: nn.Module, mode: str, rate: float, shared_frozen: nn.Module | None = None, *,
-                 weights: nn.Module | None = None):
+    def __init__(self, policy: nn.Module, mode: str, rate: float, *, weights: Any = None):
         if mode not in TEACHER_MODES:
             raise ValueError(f"teacher={mode!r} must be one of {', '.join(map(repr, TEACHER_MODES))}")
         self.mode, self.rate, self.policy = mode, float(rate), policy
@@ -125,8 +139,6 @@ class TeacherWeights:
             self.model = policy
         elif weights is not None:
             self.model = weights
-        elif mode in ("frozen", "trust-region") and shared_frozen is not None:
-            self.model = shared_frozen
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
         self._joint: tuple[tuple, Tensor] | None = None  # trust-region: [W_ref, W_pol] and the versions it holds
@@ -134,49 +146,24 @@ class TeacherWeights:
         self._root: ModelCall | None = None  # under FSDP: the root whose forward gathers ``model``'s weights
         self._policy_root: ModelCall | None = None  # ... and the policy's (live, trust-region)
 
-    @classmethod
-    def from_spec(cls, spec: TeacherSpec, policy: nn.Module, initial: nn.Module | None = None, *,
-                  start: nn.Module | None = None) -> "TeacherWeights":
-        """The weights ``spec`` names.
+    @property
+    def keeps_state(self) -> bool:
+        """Whether the teacher's weights change during the run (``ema``): checkpoints hold them
+        (:meth:`state_dict`), and a resumed or chained run restores them (:meth:`load_state_dict`)."""
+        return self.mode == "ema"
 
-        ``initial``: the initial model a ``frozen`` teacher and the ``trust-region`` reference share
-        (not copied) when the caller has one loaded anyway; without it they start from a copy of
-        ``start``. ``start``: the policy this run started from (default ``policy``), which
-        ``spec.init_alpha < 1`` mixes in. ``spec.path`` replaces both as the teacher's starting point;
-        its vocabulary (and, for an EMA teacher, its parameters) are checked against the policy's
-        before anything is computed."""
-        start = policy if start is None else start
-        if spec.mode == "live":
-            return cls(policy, "live", spec.update_rate)
-        if spec.path:
-            path = resolve_teacher_path(spec.path)
-            with ckpt.quiet_transformers():
-                weights, _ = load_model(str(path), dtype=next(policy.parameters()).dtype)
-            if _vocab(weights) != _vocab(policy):
-                raise ValueError(f"--teacher-path {spec.path}: its vocabulary ({_vocab(weights)}) differs from the "
-                                 f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
-            problem = _same_parameters(weights, policy) if spec.mode == "ema" else None
-            if problem:
-                raise ValueError(f"--teacher-path {spec.path}: an EMA teacher averages the policy into the teacher "
-                                 f"parameter by parameter, but {problem}; use --teacher frozen or trust-region")
-        elif spec.mode == "ema":
-            weights = copy.deepcopy(policy)
-        elif initial is not None:
-            weights = initial
-        else:
-            weights = copy.deepcopy(start)
-        if spec.init_alpha < 1.0:
-            if weights is initial:  # shared with the reference model: mix a copy
-                weights = copy.deepcopy(initial)
-            interpolate_(weights, start, spec.init_alpha)
-        return cls(policy, spec.mode, spec.update_rate, weights=weights.eval().requires_grad_(False))
+    def to(self, device: Any) -> "TeacherWeights":
+        """Move the teacher's own model to ``device`` (the policy, which the loop places, stays where it is)."""
+        if self.model is not self.policy:
+            self.model.to(device)
+        return self
 
     def shard(self, sharding: Sharding, *, policy_root: ModelCall, root_of: Callable[[nn.Module], ModelCall]) -> None:
         """Under FSDP: the teacher runs inside ``policy_root`` (``live``) or inside ``root_of(model)``,
         the root of its own model sharded like the policy (shared with the reference when it is the
         reference's model); ``trust-region``'s policy half inside ``policy_root``."""
         self.sharding, self._policy_root = sharding, policy_root
-        self._root = policy_root if self.mode == "live" else root_of(self.model)
+        self._root = policy_root if self.model is self.policy else root_of(self.model)
 
     def _forward(self, model: nn.Module, root: ModelCall | None, packed: PackedBatch) -> tuple[Tensor, Any, Any]:
         """``(hidden, lm_head weight, bias)`` of ``model`` on ``packed``; under FSDP run in ``root``."""
@@ -203,7 +190,7 @@ class TeacherWeights:
 
     def _joint_weight(self, w_ref: Tensor, w_pol: Tensor) -> Tensor:
         """``[W_ref, W_pol]`` along H, rebuilt only when the policy's weight changed (an optimiser
-        step bumps its version), so the micro-batches of one step share one copy."""
+        update bumps its version), so the micro-batches of one update share one copy."""
         key = (id(w_ref), w_ref._version, id(w_pol), w_pol._version, w_pol.device)
         if self._joint is None or self._joint[0] != key:
             self._joint = (key, torch.cat([w_ref.detach(), w_pol.detach().to(w_ref.dtype)], dim=-1))
@@ -213,9 +200,10 @@ class TeacherWeights:
 
     @torch.no_grad()
     def update(self, policy: nn.Module) -> None:
-        """One EMA step towards ``policy``; under FSDP on this process's shards only (the teacher's
-        and the policy's shards are the same slices of the same parameters)."""
-        if self.mode != "ema":
+        """The EMA teacher's move towards ``policy``, once per rollout batch (the loop calls it after
+        the batch's optimiser updates; other teachers: nothing). Under FSDP on this process's shards
+        only (the teacher's and the policy's shards are the same slices of the same parameters)."""
+        if not self.keeps_state:
             return
         for (name, t), p in zip(self.model.named_parameters(), policy.parameters()):
             if self._root is not None:
@@ -232,7 +220,7 @@ class TeacherWeights:
         hands them to the next run, which copies them into its own teacher). A tensor that shares memory
         with an earlier one (tied embeddings) is copied: safetensors refuses shared tensors. Under FSDP a
         collective: every process calls it, the main process gets the whole weights, the others None."""
-        if self.mode != "ema":
+        if not self.keeps_state:
             return None
         if self._root is not None:
             return Sharding.full_state(self.model.state_dict(), keep=_is_main())
@@ -244,11 +232,142 @@ class TeacherWeights:
         return out
 
     def load_state_dict(self, state: dict[str, torch.Tensor] | None) -> None:
-        if self.mode == "ema" and state is not None:
+        if self.keeps_state and state is not None:
             if self.sharding is not None:  # whole tensors: each process keeps its shards
                 self.sharding.load_model_state(self.model, state)
             else:
                 self.model.load_state_dict(state)
+
+
+class LoraTeacherWeights(TeacherWeights):
+    """An ``ema`` teacher of a LoRA policy: the base model with an EMA of the adapter's weights,
+    ``A <- (1 - rate) A + rate A_policy`` and likewise ``B``, each matrix on its own (not the EMA of
+    ``B @ A``, which would need the full weights). Starts from the policy's adapter. Its state
+    (checkpoints, ``carry_state``) is the averaged adapter tensors."""
+
+    def __init__(self, policy: nn.Module, rate: float):
+        weights = {k: v.detach().clone() for k, v in trainable_adapter(policy).items()}
+        super().__init__(policy, "ema", rate, weights=AdapterView(policy, weights))
+
+    @torch.no_grad()
+    def update(self, policy: nn.Module) -> None:
+        live = trainable_adapter(policy)
+        for name, t in self.model.weights.items():
+            t.lerp_(live[name].detach().to(t.dtype), self.rate)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.weights.items()}
+
+    def load_state_dict(self, state: dict[str, Tensor] | None) -> None:
+        if state is None:
+            return
+        mine = self.model.weights
+        if set(state) != set(mine):
+            raise ValueError("the EMA teacher state does not match this run's LoRA adapter (different target "
+                             "modules?); resume with the --lora-* flags the run was started with")
+        for k, v in state.items():
+            mine[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------ build
+
+
+class _Once:
+    """A :data:`ModelSource` resolved on first use, then kept (``default`` when the source is None)."""
+
+    def __init__(self, source: ModelSource | None, default: Callable[[], Any]):
+        self._source, self._default, self._model = source, default, None
+
+    def __call__(self) -> Any:
+        if self._model is None:
+            src = self._source
+            if src is None:
+                self._model = self._default()
+            elif isinstance(src, (nn.Module, AdapterView)):
+                self._model = src
+            else:
+                self._model = src()
+        return self._model
+
+
+def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
+    """The model ``spec.teacher_path`` names, in the policy's dtype, checked against the policy
+    (vocabulary; for an EMA teacher, the parameters it averages) before anything is computed."""
+    path = resolve_teacher_path(spec.teacher_path)
+    with ckpt.quiet_transformers():
+        weights, _ = load_model(str(path), dtype=next(policy.parameters()).dtype)
+    if _vocab(weights) != _vocab(policy):
+        raise ValueError(f"--teacher-path {spec.teacher_path}: its vocabulary ({_vocab(weights)}) differs from the "
+                         f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
+    problem = _same_parameters(weights, policy) if spec.teacher == "ema" else None
+    if problem:
+        raise ValueError(f"--teacher-path {spec.teacher_path}: an EMA teacher averages the policy into the teacher "
+                         f"parameter by parameter, but {problem}; use --teacher frozen or trust-region")
+    return weights
+
+
+def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: ModelSource | None = None,
+                  start: ModelSource | None = None, start_from_policy: bool = False,
+                  lora: bool = False) -> TeacherWeights | None:
+    """The teacher's weights ``spec`` names (None without a spec: the objective has no teacher).
+
+    ``policy``: the model being trained (resumed, when the run resumes). ``initial``: the model the
+    run's frozen reference is (a ``frozen`` teacher and the ``trust-region`` reference are it, shared,
+    not copied; never modified); default: a copy of ``start``. ``start``: the policy this run started
+    from, which ``teacher_init_alpha < 1`` mixes in (default: ``policy``; a resumed run passes the
+    weights it started from). Each may be a model or a function that loads it, called only when
+    this teacher needs it. ``start_from_policy``: a ``frozen`` teacher and the ``trust-region``
+    reference start from a copy of ``start`` instead of ``initial`` (``denser continual
+    --teacher-reset``). ``teacher_path`` replaces both as the teacher's starting point.
+
+    ``lora``: ``policy`` is a LoRA model (peft; ``trainers/lora.py``): ``frozen`` and ``trust-region``
+    are the base model (``initial``, default the policy with its adapter disabled), ``ema`` averages
+    the adapter (:class:`LoraTeacherWeights`); a ``teacher_path`` loads a full model, ``frozen`` or
+    ``trust-region`` only and without ``teacher_init_alpha``. Under FSDP the loop shards the result
+    (:meth:`TeacherWeights.shard`, through ``Sharding.shard_run``)."""
+    if spec is None:
+        return None
+    mode, rate = spec.teacher, spec.teacher_update_rate
+    if mode == "live":
+        return TeacherWeights(policy, mode, rate)
+    if lora:
+        return _lora_teacher(spec, policy, initial)
+    start_model = _Once(start, default=lambda: policy)
+    initial_model = _Once(initial, default=lambda: copy.deepcopy(start_model()))
+    shared = None
+    if spec.teacher_path:
+        weights = _model_from_path(spec, policy)
+    elif mode == "ema":
+        weights = copy.deepcopy(policy)
+    elif start_from_policy:
+        weights = copy.deepcopy(start_model())
+    else:
+        weights = shared = initial_model()
+    if spec.teacher_init_alpha < 1.0:
+        if weights is shared:  # the reference's model: mix a copy
+            weights = copy.deepcopy(shared)
+        interpolate_(weights, start_model(), spec.teacher_init_alpha)
+    return TeacherWeights(policy, mode, rate, weights=weights.eval().requires_grad_(False))
+
+
+def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | None) -> TeacherWeights:
+    """:func:`build_teacher` for a LoRA policy (not ``live``)."""
+    mode, rate = spec.teacher, spec.teacher_update_rate
+    if spec.teacher_path:
+        if mode == "ema":
+            raise ValueError(f"--teacher-path {spec.teacher_path} with --teacher ema and --lora-r: a LoRA run's EMA "
+                             "teacher averages the policy's adapter weights, so it starts from the policy; use "
+                             "--teacher frozen or trust-region with --teacher-path")
+        if spec.teacher_init_alpha < 1.0:
+            raise ValueError(f"--teacher-init-alpha {spec.teacher_init_alpha} with --teacher-path and --lora-r: mixing "
+                             "a full teacher model into a LoRA policy parameter by parameter is not supported; use "
+                             "--teacher-init-alpha 1 or train without --lora-r")
+        return TeacherWeights(policy, mode, rate, weights=_model_from_path(spec, policy).eval().requires_grad_(False))
+    if mode == "ema":
+        return LoraTeacherWeights(policy, rate)
+    # frozen, trust-region: the base model. --teacher-init-alpha mixes in the policy the run starts
+    # from, which is the base model too (a fresh adapter adds zero): nothing to mix.
+    return TeacherWeights(policy, mode, rate, weights=_Once(initial, default=lambda: AdapterView(policy))())
 
 
 def _local(t: Any, name: str) -> Tensor:
