@@ -63,11 +63,13 @@ def test_trust_region_divergence_is_the_reference_on_explicitly_lerped_logits(ge
     t_logp = token_stats(out.hidden, out.weight, teacher_batch.targets, bias=out.bias, temperature=0.7).logp
     ref_logp = torch.log_softmax(lerped / 0.7, -1).gather(1, teacher_batch.targets[:, None])[:, 0]
     torch.testing.assert_close(t_logp, ref_logp, rtol=1e-5, atol=1e-5)
-    # the concatenated weight is built once per policy version, and again after the policy changes
+    # the concatenated weight is built once per optimiser update, and again after the policy changed
     assert teacher.outputs(teacher_batch).weight is out.weight
     with torch.no_grad():
         policy.lm_head.weight.add_(0.01)
-    assert teacher.outputs(teacher_batch).weight is not out.weight
+    teacher.policy_updated()
+    again = teacher.outputs(teacher_batch).weight
+    assert again is not out.weight and torch.equal(again[:, h_ref.shape[1]:], policy.lm_head.weight)
     teacher.update(policy)  # a trust-region teacher is never averaged
     assert torch.equal(teacher.model.lm_head.weight, reference.lm_head.weight)
 
@@ -160,6 +162,12 @@ def test_trust_region_and_teacher_from_policy_in_the_loop(tmp_path):
     row = trainer.step(0)
     assert row["skipped"] == 0 and torch.equal(trainer.teacher.model.lm_head.weight, w0)
     assert not torch.equal(trainer.policy.lm_head.weight, w0)  # the policy moved, the reference did not
+    # the next update's teacher mixes in the policy as it is now: the fused AdamW step changes the weights
+    # in place without bumping their version counter, so nothing keyed on versions may survive the step
+    _, teacher_batch = _batches(torch.Generator().manual_seed(3))
+    joint = trainer.teacher.outputs(teacher_batch).weight
+    h = trainer.policy.lm_head.weight.shape[1]
+    assert torch.equal(joint[:, :h], w0) and torch.equal(joint[:, h:], trainer.policy.lm_head.weight)
     # --teacher-reset in a continual run: a frozen teacher starts from the run's own starting policy
     anchor, _ = build_tiny_model(seed=1)
     reset = Trainer(_cfg(tmp_path, "reset"), get_objective("sdpo", teacher="frozen"), anchor=anchor,

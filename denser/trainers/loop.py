@@ -388,6 +388,8 @@ class Trainer:
             applied = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if applied:
                 self.optimizer.step()
+                if self.teacher is not None:  # what the teacher derived from the policy's weights is stale
+                    self.teacher.policy_updated()
             self.optimizer.zero_grad(set_to_none=True)
             trim_heap()  # the update's freed activations and gradients back to the system (glibc keeps them)
         return UpdateResult(loss_sum, grad_norm, applied, parts)

@@ -141,7 +141,7 @@ class TeacherWeights:
             self.model = weights
         else:
             self.model = copy.deepcopy(policy).eval().requires_grad_(False)
-        self._joint: tuple[tuple, Tensor] | None = None  # trust-region: [W_ref, W_pol] and the versions it holds
+        self._joint: tuple[tuple, Tensor] | None = None  # trust-region: ((W_ref, W_pol), [W_ref, W_pol]) of this update
         self.sharding: Sharding | None = None
         self._root: ModelCall | None = None  # under FSDP: the root whose forward gathers ``model``'s weights
         self._policy_root: ModelCall | None = None  # ... and the policy's (live, trust-region)
@@ -189,12 +189,22 @@ class TeacherWeights:
         return TeacherInputs(hidden, self._joint_weight(weight, w_pol), bias)
 
     def _joint_weight(self, w_ref: Tensor, w_pol: Tensor) -> Tensor:
-        """``[W_ref, W_pol]`` along H, rebuilt only when the policy's weight changed (an optimiser
-        update bumps its version), so the micro-batches of one update share one copy."""
-        key = (id(w_ref), w_ref._version, id(w_pol), w_pol._version, w_pol.device)
-        if self._joint is None or self._joint[0] != key:
-            self._joint = (key, torch.cat([w_ref.detach(), w_pol.detach().to(w_ref.dtype)], dim=-1))
+        """``[W_ref, W_pol]`` along H, built once per optimiser update (:meth:`policy_updated` drops
+        it), so the micro-batches of one update share one copy.
+
+        Neither the tensors' ``_version`` nor their ``id()`` can say the policy changed: the fused
+        AdamW kernel updates parameters in place without bumping their version counter (so a version
+        key reused the first update's ``W_pol`` for the whole run), and under FSDP each forward hands
+        back fresh copies of the gathered weights whose ids can repeat once freed. The cache holds the
+        tensors it was built from and is cleared by the loop after every optimiser step."""
+        cached = self._joint
+        if cached is None or cached[0][0] is not w_ref or cached[0][1] is not w_pol:
+            self._joint = ((w_ref, w_pol), torch.cat([w_ref.detach(), w_pol.detach().to(w_ref.dtype)], dim=-1))
         return self._joint[1]
+
+    def policy_updated(self) -> None:
+        """The policy's weights changed (an optimiser step): drop what was derived from them."""
+        self._joint = None
 
     # ---------------------------------------------------------------------------------- updates
 
