@@ -25,6 +25,7 @@ from denser.cli import build_train_parser, main
 from denser.objectives import Objective, list_objectives
 from denser.trainers import loop
 from denser.trainers.config import TrainConfig
+from denser.trainers.resolve import ResolvedRun
 
 OBJECTIVES = [row[0] for row in list_objectives()]
 
@@ -141,9 +142,10 @@ class Recorder:
 
     calls: list = []
 
-    def __init__(self, cfg, objective=None, **kwargs):
-        assert isinstance(cfg, TrainConfig) and isinstance(objective, Objective)
-        Recorder.calls.append((cfg, objective))
+    def __init__(self, run, objective=None, **kwargs):
+        assert isinstance(run, ResolvedRun) and objective is None  # the command line resolves the run once
+        assert isinstance(run.config, TrainConfig) and isinstance(run.objective, Objective)
+        Recorder.calls.append((run.config, run.objective))
 
     def train(self):
         return {"eval_accuracy_before": 0.0, "eval_accuracy_after": 0.0}

@@ -12,6 +12,7 @@ from denser.tasks.builtin import Addition
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.prompts import PromptSchedule
+from denser.trainers.resolve import resolve_run
 from denser.trainers.rollout import Rollout, SamplingParams
 from denser.trainers.sampling import Scores, dynamic_batch, overlong_penalty, varied_groups
 
@@ -116,10 +117,10 @@ def test_dapo_turns_on_the_loop_options_where_the_user_sets_none(tmp_path):
     cfg, _ = parse_train_args(["--objective", "grpo"])
     assert (cfg.dynamic_sampling, cfg.overlong_buffer) == (False, 0)
     assert get_objective("grpo").run_defaults() == {}
-    # the Python API: TrainConfig.for_objective applies them, TrainConfig(...) does not
-    assert TrainConfig.for_objective(get_objective("dapo"), steps=3).dynamic_sampling
-    assert not TrainConfig.for_objective(get_objective("dapo"), dynamic_sampling=False).dynamic_sampling
-    assert not TrainConfig(objective="dapo").dynamic_sampling
+    # the Python API resolves the same way: None is "not set", an explicit value stays
+    assert resolve_run(TrainConfig(objective="dapo", steps=3)).config.dynamic_sampling
+    assert not resolve_run(TrainConfig(dynamic_sampling=False), "dapo").config.dynamic_sampling
+    assert TrainConfig(objective="dapo").dynamic_sampling is None  # what the user gave: nothing
 
 
 def test_run_defaults_naming_no_run_option_fail_clearly():
@@ -135,7 +136,7 @@ def test_run_defaults_naming_no_run_option_fail_clearly():
 
     try:
         with pytest.raises(ValueError, match="objective 'test_bad_run_defaults': run_defaults\\(\\) names warp_speed"):
-            TrainConfig.for_objective(get_objective("test_bad_run_defaults"))
+            resolve_run(TrainConfig(), "test_bad_run_defaults")
     finally:
         unregister_objective("test_bad_run_defaults")
 
@@ -168,8 +169,7 @@ RUN = dict(model="tiny", max_new_tokens=6, num_generations=4, prompts_per_step=2
 
 @pytest.mark.slow
 def test_a_dapo_step_trains_on_varied_groups_with_the_overlong_penalty(tmp_path):
-    cfg = TrainConfig.for_objective(get_objective("dapo"), steps=1, max_generation_rounds=6,
-                                    output_dir=str(tmp_path / "r"), **RUN)
+    cfg = TrainConfig(objective="dapo", steps=1, max_generation_rounds=6, output_dir=str(tmp_path / "r"), **RUN)
     trainer = Trainer(cfg, task=ByPrompt(), log=lambda *a: None)
     seen = []
     real = trainer.signals.per_sample

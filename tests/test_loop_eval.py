@@ -11,9 +11,10 @@ import torch
 
 from denser.tasks import Score, get_task
 from denser.tasks.builtin import Addition
-from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig, resolve_run_settings
+from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.evaluation import eval_metrics, format_eval
 from denser.trainers.loop import Trainer
+from denser.trainers.resolve import resolve_run
 from denser.trainers.rollout import Rollout
 
 
@@ -128,14 +129,14 @@ def test_train_logs_standard_errors_and_sampled_accuracy(tmp_path):
 def test_run_settings_default_to_the_task():
     task = get_task("addition")
     assert task.suggested_max_new_tokens == 32
-    cfg = resolve_run_settings(TrainConfig(), task)
+    cfg = resolve_run(TrainConfig(), task=task).config
     assert cfg.max_new_tokens == 32
     assert cfg.eval_size == min(len(task.eval), EVAL_SIZE_CAP) == 50
-    explicit = resolve_run_settings(TrainConfig(max_new_tokens=24, eval_size=32), task)
+    explicit = resolve_run(TrainConfig(max_new_tokens=24, eval_size=32), task=task).config
     assert (explicit.max_new_tokens, explicit.eval_size) == (24, 32)
     big = get_task("arithmetic")
-    assert resolve_run_settings(TrainConfig(), big).eval_size == min(len(big.eval), EVAL_SIZE_CAP)
-    assert resolve_run_settings(TrainConfig(), big).max_new_tokens == big.suggested_max_new_tokens
+    assert resolve_run(TrainConfig(), task=big).config.eval_size == min(len(big.eval), EVAL_SIZE_CAP)
+    assert resolve_run(TrainConfig(), task=big).config.max_new_tokens == big.suggested_max_new_tokens
 
 
 def test_trainer_resolves_max_new_tokens_from_the_task(tmp_path):

@@ -24,11 +24,13 @@ or its ``model/``, a ``denser train`` run (its newest checkpoint) or a continual
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 import yaml
@@ -39,55 +41,111 @@ from denser.analysis.suite import EvalSuite
 from denser.tasks import DEFAULT_TASK, get_task, parse_number
 from denser.tasks.answers import normalize_text
 from denser.trainers.checkpoint import quiet_transformers
+from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.models import load_model
 from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
-__all__ = ["EvalSettings", "default_ks", "default_tasks", "eval_table", "evaluate_model", "vote_key"]
+__all__ = ["EvalSettings", "default_ks", "default_tasks", "eval_table", "evaluate_model", "run_config", "vote_key"]
+
+
+def _run_default(train_field: str, help: str):
+    """An eval setting that is the training eval's: its default is :class:`~denser.trainers.config.TrainConfig`'s
+    ``train_field`` default, and when ``--model`` is a run directory (or one of its checkpoints) that run's own
+    value (from its config.yaml). None: not set (resolved by :meth:`EvalSettings.resolve`)."""
+    unset = next(f.default for f in fields(TrainConfig) if f.name == train_field)
+    return field(default=None, metadata={"help": help, "unset": unset, "from_run": train_field})
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, list):
+        return field(default_factory=list, metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
 class EvalSettings:
-    """What ``denser eval`` measures and how (its flags)."""
+    """What ``denser eval`` measures and how (its flags). The settings the training eval has too (eval
+    size, generation budget, the sampled eval's temperature and top-p, seed, dtype) default to ``denser
+    train``'s, and, for a run directory, to that run's own: ``denser eval RUN`` measures what the run's
+    final eval line measured. :meth:`resolve` fills them in."""
 
-    eval_size: int = 32  # prompts per task: the first rows of the eval split (0 = all of them)
-    max_new_tokens: int = 24
-    greedy: bool = True
-    samples: int = 0  # n sampled completions per prompt (0 = no sampling)
-    ks: list[int] = field(default_factory=list)  # the k of pass@k and maj@k (default: 1, 2, 4, ... up to n, and n)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0  # task generation, the tiny model's weights and the sampling
-    batch_size: int = 64  # completions per generate call
-    dtype: str = "float32"
+    eval_size: int | None = _run_default("eval_size", f"prompts per task: the first rows of its eval split (0 = the "
+                                         f"whole split, at most {EVAL_SIZE_CAP} rows, as `denser train`; a run "
+                                         "directory: the run's own)")
+    max_new_tokens: int | None = _run_default("max_new_tokens", "generation budget (0 = the task's suggested budget, "
+                                              "the largest of several tasks', as `denser train`; a run directory: "
+                                              "the run's own)")
+    greedy: bool = _f(True, "measure greedy accuracy")
+    samples: int | None = _run_default("eval_samples", "sampled completions per prompt for mean@N, pass@k and maj@k "
+                                       "(0 = no sampling; a run directory: the run's --eval-samples)")
+    ks: list[int] = _f([], "the k of pass@k and maj@k, each <= N (default: 1, 2, 4, ... up to N, and N)",
+                       metavar="K[,K...]")
+    temperature: float | None = _run_default("eval_temperature", "sampling temperature (as `denser train "
+                                             "--eval-temperature`; a run directory: the run's own)")
+    top_p: float | None = _run_default("eval_top_p", "nucleus sampling mass (as `denser train --eval-top-p`; a run "
+                                       "directory: the run's own)")
+    seed: int | None = _run_default("seed", "task generation, tiny model and sampling seed (a run directory: the "
+                                    "run's own)")
+    batch_size: int = _f(64, "completions per generate call")
+    dtype: Literal["float32", "bfloat16"] | None = _run_default("dtype", "parameter dtype (a run directory: the "
+                                                                "run's own)")
+
+    def resolve(self, run: Mapping[str, Any] | None = None) -> EvalSettings:
+        """A copy with every unset setting (None) taken from ``run`` (a run's config.yaml values), else
+        ``denser train``'s default."""
+        changes = {}
+        for f in fields(self):
+            if "from_run" in f.metadata and getattr(self, f.name) is None:
+                value = (run or {}).get(f.metadata["from_run"])
+                changes[f.name] = value if value is not None else f.metadata["unset"]
+        return dataclasses.replace(self, **changes) if changes else self
 
     def __post_init__(self) -> None:
         problems = []
-        if self.eval_size < 0:
+        if self.eval_size is not None and self.eval_size < 0:
             problems.append(f"--eval-size must be >= 0 (0 = the whole eval split), got {self.eval_size}")
-        if self.max_new_tokens < 1:
-            problems.append(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.samples < 0:
+        if self.max_new_tokens is not None and self.max_new_tokens < 0:
+            problems.append(f"--max-new-tokens must be >= 0 (0 = the task's budget), got {self.max_new_tokens}")
+        samples = self.samples or 0
+        if self.samples is not None and self.samples < 0:
             problems.append(f"--samples must be >= 0, got {self.samples}")
         if not self.greedy and self.samples == 0:
             problems.append("nothing to measure: --no-greedy needs --samples N")
         if self.ks and self.samples == 0:
             problems.append("--k needs --samples N (pass@k and maj@k are estimated from N sampled completions)")
-        bad = [k for k in self.ks if not 1 <= k <= self.samples]
-        if self.samples and bad:
-            problems.append(f"--k {bad[0]} is outside [1, --samples {self.samples}]; k counts samples per prompt")
-        if not self.temperature > 0:
+        bad = [k for k in self.ks if not 1 <= k <= samples]
+        if samples and bad:
+            problems.append(f"--k {bad[0]} is outside [1, --samples {samples}]; k counts samples per prompt")
+        if self.temperature is not None and not self.temperature > 0:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        if self.top_p is not None and not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.dtype not in ("float32", "bfloat16"):
+        if self.dtype not in (None, "float32", "bfloat16"):
             problems.append(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if problems:
             raise ValueError("; ".join(problems))
-        if self.samples and not self.ks:
-            self.ks = default_ks(self.samples)
+        if samples and not self.ks:
+            self.ks = default_ks(samples)
         self.ks = sorted(set(self.ks))
+
+
+def run_config(model: str) -> dict[str, Any] | None:
+    """The config.yaml values of the ``denser train`` run that ``model`` is (a run directory) or is in (a
+    checkpoint directory or its ``model/``); None for anything else."""
+    if "@" in model or not model.strip():
+        return None
+    path = Path(model).expanduser()
+    for run in (path, path.parent.parent, path.parent.parent.parent):
+        config = run / "config.yaml"
+        if config.is_file():
+            try:
+                data = yaml.safe_load(config.read_text())
+            except (yaml.YAMLError, OSError, UnicodeDecodeError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
 
 
 def default_ks(n: int) -> list[int]:
@@ -116,16 +174,9 @@ def default_tasks(model: str) -> list[str]:
     columns = tasks_of(model)
     if columns:
         return columns
-    path = Path(model.rpartition("@")[0] if "@" in model else model).expanduser()
-    for run in (path, path.parent.parent, path.parent.parent.parent):
-        config = run / "config.yaml"
-        if config.is_file():
-            try:
-                task = (yaml.safe_load(config.read_text()) or {}).get("task")
-            except (yaml.YAMLError, OSError, UnicodeDecodeError, AttributeError):
-                task = None
-            if isinstance(task, str) and task:
-                return [task]
+    task = (run_config(model) or {}).get("task")
+    if isinstance(task, str) and task:
+        return [task]
     return [DEFAULT_TASK]
 
 
@@ -134,7 +185,7 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
     """Measure ``model`` on ``tasks`` (default: :func:`default_tasks`); returns the JSON-able result
     ``{"model", "model_path", "settings", "tasks": {name: {"prompts", "metrics"}}, "overall"}``, each
     metric ``{"mean", "stderr"}``. Bad input raises ``ValueError`` before anything is generated."""
-    settings = settings or EvalSettings()
+    settings = (settings or EvalSettings()).resolve(run_config(model))  # a run's own eval settings where unset
     names = [t.strip() for t in (tasks or default_tasks(model)) if t.strip()]
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks lists a task twice: {', '.join(names)}")
@@ -145,7 +196,11 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
         except TypeError as e:  # bad inline options (addition?foo=1)
             raise ValueError(str(e)) from None
     path = resolve_model(model)
-    suite = EvalSuite(task_objs, eval_size=settings.eval_size or max(len(t.eval) for t in task_objs.values()),
+    if not settings.max_new_tokens:  # 0: the task's budget (several tasks: the largest), as `denser train`
+        settings = dataclasses.replace(settings, max_new_tokens=max(int(t.suggested_max_new_tokens)
+                                                                    for t in task_objs.values()))
+    # 0: each task's eval split, at most EVAL_SIZE_CAP rows, as `denser train` (resolve_eval_size)
+    suite = EvalSuite(task_objs, eval_size=settings.eval_size or EVAL_SIZE_CAP,
                       max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with quiet_transformers():

@@ -18,9 +18,10 @@ import os
 import sys
 
 from denser.cli.commands import COMMANDS
-from denser.cli.flags import CLIError, build_train_parser, load_config_file, one_line, parse_train_args
+from denser.cli.flags import CLIError, build_train_parser, load_config_file, one_line, parse_run_args, parse_train_args
 
-__all__ = ["COMMANDS", "CLIError", "build_train_parser", "load_config_file", "main", "parse_train_args", "run"]
+__all__ = ["COMMANDS", "CLIError", "build_train_parser", "load_config_file", "main", "parse_run_args", "parse_train_args",
+           "run"]
 
 STOP_EXIT_CODES = (130, 143)  # a graceful stop by SIGINT / SIGTERM (denser.trainers.preemption.exit_code)
 

@@ -10,6 +10,7 @@ in transformers, accelerate and matplotlib, and ``denser --help``, ``denser obje
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -19,9 +20,11 @@ from denser.cli.flags import (
     IMPORT_HELP,
     CLIError,
     TrainArgumentParser,
+    add_dataclass_flags,
+    list_parser,
     one_line,
     parse_continual_args,
-    parse_train_args,
+    parse_run_args,
 )
 from denser.objectives import list_objectives
 from denser.plugins import import_plugins
@@ -33,7 +36,8 @@ def cmd_train(argv: list[str]) -> int:
     """Exit codes: 0 done, 2 bad input (before any compute), 1 the run stopped (non-finite updates,
     a checkpoint that could not be written), 143 / 130 stopped by SIGTERM / SIGINT (a checkpoint of
     the last finished step was written). Each error is one line on stderr."""
-    cfg, objective = parse_train_args(argv)
+    run = parse_run_args(argv)  # the run, resolved once (flags, --config, the objective's run defaults, the task)
+    cfg = run.config
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
     from denser.trainers.evaluation import format_eval
@@ -43,7 +47,7 @@ def cmd_train(argv: list[str]) -> int:
 
     try:
         with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
-            summary = Trainer(cfg, objective, stop_signals=signals).train()
+            summary = Trainer(run, stop_signals=signals).train()
     except EmbeddedModelMissingError as e:
         raise CLIError(str(e)) from None
     except (TrainingStopped, CheckpointError) as e:
@@ -97,42 +101,36 @@ def cmd_continual(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+def _field(default, help: str, **kw):
+    """A settings field whose ``help`` is its flag's help text (:func:`~denser.cli.flags.add_dataclass_flags`)."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return dataclasses.field(default=default, metadata={"help": help, **kw})
+
 
 
 def build_eval_parser() -> argparse.ArgumentParser:
+    """``denser eval``'s parser: the model, the tasks, and the fields of ``EvalSettings`` as flags."""
+    from denser.analysis.evaluation import EvalSettings  # start-up time (models): see the module docstring
+
     p = TrainArgumentParser(  # one-line errors, as `denser train`
         prog="denser eval",
         description="Evaluate a model or checkpoint on tasks without training: greedy accuracy, and with --samples N "
                     "the sampled mean@N, pass@k (unbiased estimator from the N samples) and maj@k (majority vote over "
                     "parsed answers, averaged over all k-subsets of the N), each with its standard error over "
-                    "prompts. A table on stdout; --json FILE writes every number.")
+                    "prompts. A table on stdout; --json FILE writes every number. On a `denser train` run directory "
+                    "(or one of its checkpoints) the settings left unset are the run's own, so its final "
+                    "eval line is measured again.")
     p.add_argument("--model", default="default",
                    help="'default', 'tiny', a Hugging Face model directory, a checkpoint directory (.../step-000012 or "
                         "its model/), a `denser train` run directory (its newest checkpoint) or RUN@K of a continual "
                         "run (default: default)")
-    p.add_argument("--tasks", default="", help="comma-separated tasks (names, file:PATH); default: the task a run "
-                   "directory was trained on, else the default task")
+    p.add_argument("--tasks", type=list_parser(str), default=None, metavar="TASK[,TASK...]",
+                   help="comma-separated tasks (names, file:PATH); default: the task a run directory was trained on, "
+                        "else the default task")
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
                    help=IMPORT_HELP)
-    p.add_argument("--eval-size", type=int, default=32, help="prompts per task: the first rows of its eval split "
-                   "(0 = all; default: 32, as `denser train`)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24, as `denser train`)")
-    p.add_argument("--greedy", action=argparse.BooleanOptionalAction, default=True,
-                   help="measure greedy accuracy (default: on)")
-    p.add_argument("--samples", type=int, default=0, metavar="N",
-                   help="sampled completions per prompt for mean@N, pass@k and maj@k (default: 0, no sampling)")
-    p.add_argument("--k", type=_int_list, default=None, metavar="K[,K...]",
-                   help="the k of pass@k and maj@k, each <= N (default: 1, 2, 4, ... up to N, and N)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0, off)")
-    p.add_argument("--seed", type=int, default=0, help="task generation, tiny model and sampling seed (default: 0)")
-    p.add_argument("--batch-size", type=int, default=64, help="completions per generate call (default: 64)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="parameter dtype")
+    add_dataclass_flags(p.add_argument_group("eval settings"), EvalSettings, flags={"ks": "k"})
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--json", default="", metavar="FILE", help="also write the result as JSON to FILE")
     return p
@@ -140,8 +138,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 def cmd_eval(argv: list[str]) -> int:
     """``denser eval --model M --tasks a,b [--samples N]``: a table, and JSON with ``--json``."""
-    args = build_eval_parser().parse_args(argv)
-    import_plugins(args.imports)
+    args = vars(build_eval_parser().parse_args(argv))
+    import_plugins(args.pop("imports"))
     # imported here for start-up time (models, generation): see the module docstring
     from denser.analysis.evaluation import (
         EvalSettings,
@@ -151,18 +149,16 @@ def cmd_eval(argv: list[str]) -> int:
     )
     from denser.trainers.models import EmbeddedModelMissingError
 
-    settings = EvalSettings(eval_size=args.eval_size, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                            samples=args.samples, ks=args.k or [], temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed, batch_size=args.batch_size, dtype=args.dtype)
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    model, tasks, cpu, json_path = args.pop("model"), args.pop("tasks"), args.pop("cpu"), args.pop("json")
+    settings = EvalSettings(**args)  # the flags given; the rest from the run (a run directory) or the defaults
     try:
-        result = evaluate_model(args.model, tasks, settings, device="cpu" if args.cpu else None,
+        result = evaluate_model(model, tasks or None, settings, device="cpu" if cpu else None,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     except EmbeddedModelMissingError as e:
         raise CLIError(str(e)) from None
     print(eval_table(result))
-    if args.json:
-        print(f"written: {write_json(result, args.json)}")
+    if json_path:
+        print(f"written: {write_json(result, json_path)}")
     return 0
 
 
@@ -193,8 +189,25 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+@dataclasses.dataclass
+class DriftSettings:
+    """What ``denser report drift`` measures and how (its flags)."""
+
+    tasks: list[str] = _field([], "comma-separated tasks whose eval prompts are used (default: the columns of a "
+                              "continual run given as A or B, else the default task)", metavar="TASK[,TASK...]")
+    eval_size: int = _field(16, "prompts per task")
+    max_new_tokens: int = _field(24, "generation budget")
+    spectral_rank: int = _field(16, "r of the singular-subspace drift (0 = off)")
+    seed: int = _field(0, "task generation seed (and the tiny model's)")
+    backend: str = _field("auto", "loss-core backend for KL and entropy")
+
+    def __post_init__(self) -> None:
+        if self.eval_size < 1 or self.max_new_tokens < 1 or self.spectral_rank < 0:
+            raise CLIError("--eval-size and --max-new-tokens must be >= 1 and --spectral-rank >= 0")
+
+
 def cmd_report_drift(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(
+    p = TrainArgumentParser(  # one-line errors, as `denser train`
         prog="denser report drift",
         description="Parameter drift, response drift (KL(B || A) on B's greedy responses, similarity to A's), "
                     "accuracy and formatting artifacts of model B against model A. A model is 'default', 'tiny', "
@@ -202,33 +215,24 @@ def cmd_report_drift(argv: list[str]) -> int:
                     "of a `denser continual` run.")
     p.add_argument("a", metavar="A", help="the reference model (e.g. the initial one)")
     p.add_argument("b", metavar="B", help="the model whose drift from A is measured")
-    p.add_argument("--tasks", default="", help="comma-separated tasks whose eval prompts are used "
-                   "(default: the columns of a continual run given as A or B, else the default task)")
-    p.add_argument("--eval-size", type=int, default=16, help="prompts per task (default: 16)")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="generation budget (default: 24)")
-    p.add_argument("--spectral-rank", type=int, default=16, help="r of the singular-subspace drift (0 = off)")
-    p.add_argument("--seed", type=int, default=0, help="task generation seed (and the tiny model's)")
-    p.add_argument("--backend", default="auto", help="loss-core backend for KL and entropy")
+    add_dataclass_flags(p.add_argument_group("drift settings"), DriftSettings)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--out", default="", help="write drift.json and drift.md into this directory")
-    args = p.parse_args(argv)
-    if args.eval_size < 1 or args.max_new_tokens < 1 or args.spectral_rank < 0:
-        raise CLIError("--eval-size and --max-new-tokens must be >= 1 and --spectral-rank >= 0")
+    args = vars(p.parse_args(argv))
+    a, b, cpu, out_dir = args.pop("a"), args.pop("b"), args.pop("cpu"), args.pop("out")
+    settings = DriftSettings(**args)
     # imported here for start-up time (models, generation): see the module docstring
     from denser.analysis.checkpoints import compare_checkpoints, drift_markdown
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     try:
-        result = compare_checkpoints(args.a, args.b, tasks=tasks, eval_size=args.eval_size,
-                                     max_new_tokens=args.max_new_tokens, spectral_rank=args.spectral_rank,
-                                     seed=args.seed, backend=args.backend, device="cpu" if args.cpu else None,
+        result = compare_checkpoints(a, b, **dataclasses.asdict(settings), device="cpu" if cpu else None,
                                      log=lambda m: print(m, flush=True))
     except ValueError as e:
         raise CLIError(str(e)) from None
     text = drift_markdown(result)
     print(text)
-    if args.out:
-        out = Path(args.out)
+    if out_dir:
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "drift.json").write_text(json.dumps(result, indent=1))
         (out / "drift.md").write_text(text)

@@ -4,9 +4,13 @@
   with the field's help text and default, parsed by its type (``int``, ``float``, ``bool``,
   ``Literal``, ``X | None``);
 - :func:`load_config_file`: a ``--config FILE.yaml`` checked key by key against the same dataclasses;
-- :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
-  overriding the config file, both overriding the objective's ``run_defaults()`` (the ``dapo``
-  preset's loop options); :func:`parse_continual_args` adds ``denser continual``'s flags.
+- :func:`parse_run_args`: ``denser train``'s command line -> the run resolved by
+  :func:`~denser.trainers.resolve.resolve_run` (flags overriding the config file, both overriding the
+  objective's ``run_defaults()``, the ``dapo`` preset's loop options; then what defaults to the task);
+  :func:`parse_continual_args` adds ``denser continual``'s flags (``ContinualConfig``'s fields).
+- ``denser eval``'s and ``denser report drift``'s settings are dataclasses too (``EvalSettings``,
+  ``DriftSettings``): a list field is a comma-separated flag, a field with ``metadata["unset"]`` is
+  None until set (its flag shows the value it then takes).
 - ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
   (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
@@ -24,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 
-from denser.objectives import get_objective, list_objectives
+from denser.objectives import DEFAULT_OBJECTIVE, get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
 from denser.plugins import import_plugins
 from denser.trainers.config import TrainConfig
@@ -32,8 +36,6 @@ from denser.trainers.config import TrainConfig
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
 IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
                "repeatable; a config file's 'import:' key does the same")
-CONTINUAL_FLAGS = ("tasks", "eval_tasks", "steps_per_task", "carry_optimizer", "spectral_rank", "initial_eval_from",
-                   "teacher_reset", "sampled_eval_stages")
 
 
 class CLIError(ValueError):
@@ -91,12 +93,45 @@ def _value_parser(annotation):
     return parse
 
 
+def list_parser(item):
+    """``a,b,c`` -> ``["a", "b", "c"]`` (items parsed as ``item``; blanks dropped)."""
+    one = _value_parser(item)
+
+    def parse(text: str):
+        try:
+            return [one(x.strip()) for x in text.split(",") if x.strip()]
+        except argparse.ArgumentTypeError:
+            kind = {int: "integers", float: "numbers"}.get(item, "names")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {kind}") from None
+
+    return parse
+
+
+def _shown(default) -> str:
+    if isinstance(default, list):
+        return ",".join(str(x) for x in default) or "none"
+    return repr(default)
+
+
 def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, default_note: str = "") -> None:
     base, optional = _strip_optional(annotation)
-    help_text = (field_help(f) or "").replace("%", "%%") + f" (default: {default!r}{default_note})"
+    if "unset" in f.metadata:  # None means "not set" (a preset option, an eval setting taken from a run):
+        optional = False       # a flag sets a value, leaving it off leaves the field unset
+        if default is None:
+            default = f.metadata["unset"]
+    note = " (required)" if f.metadata.get("required") else f" (default: {_shown(default)}{default_note})"
+    if "(default:" in (field_help(f) or ""):  # the help says it in words
+        note = ""
+    help_text = (field_help(f) or "").replace("%", "%%") + note
     kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
     if base is bool and not optional:
         group.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if typing.get_origin(base) is list:  # a comma-separated list of the item type
+        item = (typing.get_args(base) or (str,))[0]
+        kwargs["type"] = list_parser(item)
+        kwargs["metavar"] = f.metadata.get("metavar") or f"{getattr(item, '__name__', 'VALUE').upper()}[,...]"
+        group.add_argument(f"--{flag}", **kwargs)
         return
     if typing.get_origin(base) is Literal:
         choices = list(typing.get_args(base)) + ([None] if optional else [])
@@ -104,8 +139,10 @@ def _add_field(group, f: dataclasses.Field, annotation, flag: str, default, defa
         kwargs["type"] = _value_parser(annotation) if optional else str
         kwargs["metavar"] = "{" + ",".join(str(c) for c in choices) + "}"
     else:
-        kwargs["type"] = _value_parser(annotation)
-        kwargs["metavar"] = (base.__name__.upper() if isinstance(base, type) else "VALUE") + ("|none" if optional else "")
+        parser = f.metadata.get("parse")  # a field's own text -> value (a comma-separated list)
+        kwargs["type"] = parser if parser is not None else _value_parser(base if not optional else annotation)
+        kwargs["metavar"] = f.metadata.get("metavar") or (
+            (base.__name__.upper() if isinstance(base, type) else "VALUE") + ("|none" if optional else ""))
     group.add_argument(f"--{flag}", **kwargs)
 
 
@@ -117,15 +154,23 @@ def add_dataclass_flags(group, cls: type, flags: dict[str, str] | None = None,
     value is not overridden by a default. ``defaults_from = (who, values)`` shows ``values`` as the
     defaults of those fields, set by ``who`` (an objective's ``run_defaults()``)."""
     hints = typing.get_type_hints(cls)
-    defaults = cls()
+    defaults = {f.name: _default(f) for f in dataclasses.fields(cls) if f.init}
     who, overrides = defaults_from or ("", {})
     for f in dataclasses.fields(cls):
-        if f.init:
+        if f.init and not f.metadata.get("no_flag"):
             flag = (flags or {}).get(f.name, f.name.replace("_", "-"))
             if f.name in overrides:
                 _add_field(group, f, hints[f.name], flag, overrides[f.name], f", set by {who}")
             else:
-                _add_field(group, f, hints[f.name], flag, getattr(defaults, f.name))
+                _add_field(group, f, hints[f.name], flag, defaults[f.name])
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def _objective_flag_names(objective: str) -> dict[str, str]:
@@ -145,7 +190,7 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     """``(run values, objective values)`` from a YAML file; unknown keys and wrong types are errors.
 
     The objective is ``objective_hint`` (the command line's ``--objective``) if given, else the
-    file's ``objective``, else ``sdpo``; objective keys may sit at the top level or under
+    file's ``objective``, else ``DEFAULT_OBJECTIVE``; objective keys may sit at the top level or under
     ``objective_args`` (as in a run's own config.yaml)."""
     where = f"--config {path}"
     if not os.path.isfile(path):
@@ -168,7 +213,7 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     if "import" in data:  # plugins first: the objective the file names may be one of theirs
         import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)
-    objective = objective_hint or data.get("objective") or "sdpo"
+    objective = objective_hint or data.get("objective") or DEFAULT_OBJECTIVE
     if not isinstance(objective, str):
         raise CLIError(f"{where}: 'objective' must be a name, got {objective!r}")
     try:
@@ -251,13 +296,14 @@ def pre_parse(argv: list[str]) -> argparse.Namespace:
     return known
 
 
-def parse_train_args(argv: list[str]):
-    """``(TrainConfig, objective instance)`` from the command line (and ``--config``)."""
+def train_values(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``(objective name, run values, objective values)`` the command line (and ``--config``) sets:
+    flags over the config file's values; an option set by neither is absent (not set)."""
     known = pre_parse(argv)
     file_run, file_obj = ({}, {})
     if known.config:
         file_run, file_obj = load_config_file(known.config, known.objective)
-    objective = known.objective or file_run.get("objective") or "sdpo"
+    objective = known.objective or file_run.get("objective") or DEFAULT_OBJECTIVE
     try:
         objective_class(objective)
     except ValueError as e:
@@ -271,40 +317,40 @@ def parse_train_args(argv: list[str]):
     obj_names = {f.name for f in objective_fields(objective_class(objective))}
     run_vals = {**file_run, **{k: v for k, v in ns.items() if k in run_names}}
     obj_vals = {**file_obj, **{k: v for k, v in ns.items() if k in obj_names and k not in run_names}}
+    run_vals.pop("objective", None)
+    return objective, run_vals, obj_vals
+
+
+def parse_run_args(argv: list[str]):
+    """The :class:`~denser.trainers.resolve.ResolvedRun` of a ``denser train`` command line (and ``--config``):
+    flags over the config file, both over the objective's ``run_defaults()`` (resolved by ``resolve_run``,
+    as ``denser.train`` and ``Trainer`` resolve theirs)."""
+    from denser.trainers.resolve import resolve_run  # the task registry: see denser.cli.commands' docstring
+
+    objective, run_vals, obj_vals = train_values(argv)
     try:
-        obj = get_objective(objective, **obj_vals)
-        # the objective's run defaults (dapo: dynamic sampling, overlong shaping) where neither a flag nor
-        # the config file sets the option
-        cfg = TrainConfig.for_objective(obj, **run_vals)
+        return resolve_run(run_vals, objective, objective_args=obj_vals)
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    return cfg, obj
+
+
+def parse_train_args(argv: list[str]):
+    """``(TrainConfig, objective)`` of :func:`parse_run_args`'s resolved run (``Trainer(cfg, objective)``
+    resolves them to the same run again)."""
+    run = parse_run_args(argv)
+    return run.config, run.objective
 
 
 # ------------------------------------------------------------------------------- denser continual
 
 
 def add_continual_flags(group) -> None:
-    """The flags ``denser continual`` adds to ``denser train``'s (the fields of ``denser.continual.ContinualConfig``)."""
-    group.add_argument("--tasks", required=True, help="training tasks in order, comma-separated (e.g. addition,compare,reverse)")
-    group.add_argument("--eval-tasks", default="", help="held-out tasks, never trained on, evaluated after every stage")
-    group.add_argument("--steps-per-task", type=int, default=4, help="optimiser steps on each task (default: 4)")
-    group.add_argument("--carry-optimizer", action=argparse.BooleanOptionalAction, default=False,
-                       help="keep the AdamW state from stage to stage (default: reset it, as a new fine-tuning job would)")
-    group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false",
-                       help="a fresh AdamW state in every stage (the default)")
-    group.add_argument("--teacher-reset", action=argparse.BooleanOptionalAction, default=False,
-                       help="the teacher restarts from each stage's starting policy (as SDPO-CL runs restarted per "
-                            "stage); default: the EMA teacher keeps averaging across stages and a frozen or "
-                            "trust-region teacher stays the initial model")
-    group.add_argument("--spectral-rank", type=int, default=16,
-                       help="r of the top-r singular subspace drift of each weight matrix (0 = off; default: 16)")
-    group.add_argument("--initial-eval-from", default="", metavar="RUN",
-                       help="reuse stage 0 (the initial model's measurement) of another continual run with the same "
-                            "model, tasks and eval settings, instead of measuring it again")
-    group.add_argument("--sampled-eval-stages", default="first-last", metavar="first-last|all|none",
-                       help="with --eval-samples N: the stages also measured by mean@N of sampled completions "
-                            "(default: first-last, the initial model and the final stage, to budget CPU)")
+    """The flags ``denser continual`` adds to ``denser train``'s: the fields of ``denser.continual.ContinualConfig``."""
+    from denser.continual.config import ContinualConfig  # the task registry: see denser.cli.commands' docstring
+
+    add_dataclass_flags(group, ContinualConfig)
+    group.add_argument("--reset-optimizer", dest="carry_optimizer", action="store_false", default=argparse.SUPPRESS,
+                       help="a fresh AdamW state in every stage (the default; the opposite of --carry-optimizer)")
 
 
 def build_continual_parser(objective: str, known: list[str] | None = None) -> argparse.ArgumentParser:
@@ -321,26 +367,32 @@ def build_continual_parser(objective: str, known: list[str] | None = None) -> ar
 
 def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """``(TrainConfig, objective, ContinualConfig keyword arguments)`` from a ``denser continual``
-    command line (``--help`` prints the help and exits)."""
+    command line (``--help`` prints the help and exits). The TrainConfig holds what the user gave
+    (flags, ``--config``) with the objective's run defaults applied; each stage resolves it with its
+    task (``resolve_run``), as ``denser.continual`` does."""
     if any(a in ("-h", "--help") for a in argv):
-        objective = pre_parse(argv).objective or "sdpo"
+        objective = pre_parse(argv).objective or DEFAULT_OBJECTIVE
         try:
             objective_class(objective)
         except ValueError as e:
             raise CLIError(str(e)) from None
         build_continual_parser(objective, [r[0] for r in list_objectives()]).print_help()
         raise SystemExit(0)
-    mine = argparse.ArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
+    mine = TrainArgumentParser(prog="denser continual", add_help=False, allow_abbrev=False)
     add_continual_flags(mine)
-    try:
-        ns, rest = mine.parse_known_args(argv)
-    except SystemExit:
-        raise CLIError("--tasks is required (comma-separated training tasks, in order)") from None
+    ns, rest = mine.parse_known_args(argv)
+    if "tasks" not in vars(ns):
+        raise CLIError("--tasks is required (comma-separated training tasks, in order)")
     for tok in rest:
         flag = tok.split("=", 1)[0]
         if flag in ("--task", "--steps"):
             raise CLIError(f"{flag} is a `denser train` flag; a continual run takes --tasks a,b,c and --steps-per-task K")
-    cfg, objective = parse_train_args(rest)
-    values = {name: getattr(ns, name) for name in CONTINUAL_FLAGS}
-    values["tasks"], values["eval_tasks"] = ns.tasks.split(","), ns.eval_tasks.split(",")
-    return cfg, objective, values
+    from denser.trainers.resolve import apply_run_defaults  # the task registry, as above
+
+    objective, run_vals, obj_vals = train_values(rest)
+    try:
+        obj = get_objective(objective, **obj_vals)
+        cfg = apply_run_defaults(TrainConfig(**run_vals, objective=obj.name), obj)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
+    return cfg, obj, vars(ns)

@@ -54,6 +54,9 @@ continues inside the stopped stage from that checkpoint, or measures the stage a
 finished ``continual.json`` is the one of a run never stopped (but for wall-clock times); see
 :mod:`denser.continual.record`.
 
+From Python, ``denser.continual(objective="grpo", tasks=["addition", "compare"], model="tiny")`` runs what
+the command runs and returns ``continual.json``'s dict (:func:`~denser.continual.runner.continual`).
+
 This package sits above :mod:`denser.analysis` and :mod:`denser.trainers` and drives both; the
 command line (``denser continual``) is in :mod:`denser.cli`. Its modules: :mod:`~denser.continual.config`
 (the flags), :mod:`~denser.continual.record` (``continual.json`` and where ``--resume`` continues),
@@ -61,9 +64,24 @@ command line (``denser continual``) is in :mod:`denser.cli`. Its modules: :mod:`
 (the stages).
 """
 
+import sys
+import types
+
 from denser.continual.config import SAMPLED_EVAL_STAGES, ContinualConfig, default_run_dir
 from denser.continual.record import FORMAT_VERSION, RUN_FILES
-from denser.continual.runner import ContinualRunner
+from denser.continual.runner import ContinualRunner, continual
 
 __all__ = ["FORMAT_VERSION", "RUN_FILES", "SAMPLED_EVAL_STAGES", "ContinualConfig", "ContinualRunner",
-           "default_run_dir"]
+           "continual", "default_run_dir"]
+
+
+class _CallablePackage(types.ModuleType):
+    """``denser.continual(...)`` runs :func:`continual`: once this package is imported, Python binds the
+    name ``denser.continual`` to it (not to the API function beside ``denser.train``), so the package
+    itself is the function too."""
+
+    def __call__(self, *args, **kwargs):
+        return continual(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage

@@ -10,18 +10,35 @@ from denser.tasks import list_tasks
 SAMPLED_EVAL_STAGES = ("first-last", "all", "none")
 
 
+def _f(default, help: str, **kw):
+    """A field whose ``help`` is its flag's help text (``denser continual --help``)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
 @dataclass
 class ContinualConfig:
-    """What ``denser continual`` adds to the run flags of ``denser train``."""
+    """What ``denser continual`` adds to the run flags of ``denser train``: each field is a flag
+    (``--tasks``, ``--steps-per-task``, ...; lists are comma-separated on the command line)."""
 
-    tasks: list[str] = field(default_factory=list)
-    eval_tasks: list[str] = field(default_factory=list)
-    steps_per_task: int = 4
-    carry_optimizer: bool = False
-    spectral_rank: int = 16  # 0 = no spectral drift
-    initial_eval_from: str = ""  # a continual run whose stage-0 measurement (same model and eval) is reused
-    teacher_reset: bool = False  # the teacher restarts from each stage's starting policy (else: EMA carried, frozen = stage 0)
-    sampled_eval_stages: str = "first-last"  # stages measured with --eval-samples too: first-last | all | none
+    tasks: list[str] = _f([], "training tasks in order, comma-separated (e.g. addition,compare,reverse)",
+                          required=True, metavar="TASK[,TASK...]")
+    eval_tasks: list[str] = _f([], "held-out tasks, never trained on, evaluated after every stage (comma-separated)",
+                               metavar="TASK[,TASK...]")
+    steps_per_task: int = _f(4, "optimiser steps on each task")
+    carry_optimizer: bool = _f(False, "keep the AdamW state from stage to stage (default: reset it, as a new "
+                               "fine-tuning job would; --reset-optimizer says so explicitly)")
+    spectral_rank: int = _f(16, "r of the top-r singular subspace drift of each weight matrix (0 = off)")
+    initial_eval_from: str = _f("", "reuse stage 0 (the initial model's measurement) of another continual run with "
+                                "the same model, tasks and eval settings, instead of measuring it again",
+                                metavar="RUN")
+    teacher_reset: bool = _f(False, "the teacher restarts from each stage's starting policy (as SDPO-CL runs "
+                             "restarted per stage); default: the EMA teacher keeps averaging across stages and a "
+                             "frozen or trust-region teacher stays the initial model")
+    sampled_eval_stages: str = _f("first-last", "with --eval-samples N: the stages also measured by mean@N of "
+                                  "sampled completions (first-last: the initial model and the final stage, to "
+                                  "budget CPU; all; none)", metavar="first-last|all|none")
 
     def __post_init__(self) -> None:
         self.tasks = [t.strip() for t in self.tasks if t.strip()]

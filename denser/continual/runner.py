@@ -8,6 +8,7 @@ import gc
 import json
 import time
 from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -33,6 +34,7 @@ from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
+from denser.trainers.resolve import apply_run_defaults
 from denser.trainers.tracking import Tracker
 
 
@@ -40,7 +42,9 @@ class ContinualRunner:
     """``ContinualRunner(cfg, objective, ccfg).run()`` trains the sequence and returns ``continual.json``'s dict.
 
     Args:
-        cfg: the run flags shared by every stage (``model`` is the starting model; ``steps`` and
+        cfg: the run flags shared by every stage, as the user gave them (None: not set; the objective's
+            ``run_defaults()`` apply there, and each stage resolves the rest with its task, as
+            :func:`~denser.trainers.resolve.resolve_run` does) (``model`` is the starting model; ``steps`` and
             ``task`` are set per stage; ``output_dir`` is the continual run's directory).
         objective: the objective instance (each stage gets a fresh copy).
         ccfg: the sequence (:class:`~denser.continual.config.ContinualConfig`).
@@ -58,6 +62,9 @@ class ContinualRunner:
             raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
                              "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
         self.objective = objective if objective is not None else get_objective(cfg.objective)
+        # the objective's run defaults (dapo: dynamic sampling) where the user set nothing; each stage's
+        # Trainer resolves the rest with its task (resolve_run: max_new_tokens, eval_size, old_logp source)
+        self.cfg = cfg = apply_run_defaults(dataclasses.replace(cfg, objective=self.objective.name), self.objective)
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.objective.name)
         self.updates = 0  # optimiser updates so far over the whole sequence: names the current weights
         self.command: str | None = None  # the command line, recorded in continual.json
@@ -288,3 +295,37 @@ class ContinualRunner:
     def _default_resume_command(self) -> str:
         return (f"denser continual --objective {self.objective.name} --tasks {','.join(self.ccfg.tasks)} ... "
                 f"--output-dir {self.run_dir} --resume (the command that started the run, with --resume)")
+
+
+def continual(config: TrainConfig | None = None, objective: str | Objective | None = None, *,
+              tasks: Sequence[str], eval_tasks: Sequence[str] = (), log: Callable[[str], Any] = print,
+              **options: Any) -> dict[str, Any]:
+    """``denser continual`` from Python (``denser.continual(...)``): train ``objective`` on ``tasks`` in order from one model, measure
+    every task (and the held-out ``eval_tasks``) after every stage; returns ``continual.json``'s dict (the
+    run directory is ``config.output_dir``, default ``runs/continual-<objective>``).
+
+    ``options`` are :class:`~denser.continual.ContinualConfig` fields (``steps_per_task``,
+    ``carry_optimizer``, ``teacher_reset``, ``spectral_rank``, ...) and ``TrainConfig`` fields (``model``,
+    ``lr``, ...), which replace ``config``'s; every stage is resolved as ``denser.train`` resolves a run
+    (the objective's ``run_defaults()`` where nothing is set; the stage's task for the rest)."""
+    names = {f.name for f in dataclasses.fields(ContinualConfig)}
+    ccfg_values = {k: options.pop(k) for k in list(options) if k in names}
+    try:
+        ccfg = ContinualConfig(tasks=list(tasks), eval_tasks=list(eval_tasks), **ccfg_values)
+        if config is not None and not isinstance(config, TrainConfig):
+            raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+        if "task" in options or "steps" in options:
+            raise ValueError("a continual run sets each stage's task and steps: pass tasks=[...] and steps_per_task")
+        obj = objective if isinstance(objective, Objective) else get_objective(
+            objective or options.get("objective") or (config.objective if config is not None else None)
+            or TrainConfig().objective)
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"{unknown[0]!r} is neither a run option (TrainConfig) nor a continual option "
+                             f"({', '.join(sorted(names))})")
+        cfg = dataclasses.replace(config if config is not None else TrainConfig(), **options)
+        cfg = apply_run_defaults(dataclasses.replace(cfg, objective=obj.name), obj)
+    except ValueError as e:
+        raise ValueError(f"denser.continual: {e}") from None
+    return ContinualRunner(cfg, obj, ccfg, log=log).run()

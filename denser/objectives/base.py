@@ -109,8 +109,10 @@ class Objective:
 
     def run_defaults(self) -> dict[str, Any]:
         """Run options (``TrainConfig`` field names -> values) this objective turns on, applied where the
-        user sets none (flag or config file; ``TrainConfig.for_objective``). Default: none. The ``dapo``
-        preset turns on dynamic sampling and overlong reward shaping, which belong to the loop and task."""
+        user sets none (flag, config file or Python argument; ``resolve_run``). Only the run options that
+        default to None ("not set") may be named (``denser.trainers.config.preset_options()``). Default:
+        none. The ``dapo`` preset turns on dynamic sampling and overlong reward shaping, which belong to
+        the loop and task."""
         return {}
 
 

@@ -1,12 +1,14 @@
 """The run configuration of ``denser train``: every field is a documented CLI flag.
 
+A ``TrainConfig`` is what the user gave; :func:`denser.trainers.resolve.resolve_run` decides the run from it
+(the objective's run defaults for the options left None, the settings that default to the task).
+
 The objective's own hyper-parameters are not here: they are the fields of the objective's
 dataclass and become flags of their own (``denser train --objective sdpo --help``).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import math
 from dataclasses import dataclass, field, fields
@@ -24,6 +26,19 @@ EVAL_SIZE_CAP = 64
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
+
+
+def _preset(unset, help: str):
+    """A run option an objective's ``run_defaults()`` may set (the ``dapo`` preset's loop options): its
+    default is None, "not set", so that a value the user gives (even one equal to ``unset``) is never
+    replaced by a preset; :func:`~denser.trainers.resolve.resolve_run` makes it ``unset`` where neither
+    the user nor the objective sets it."""
+    return field(default=None, metadata={"help": help, "unset": unset})
+
+
+def preset_options() -> dict[str, Any]:
+    """The run options an objective's ``run_defaults()`` may set -> their value when nothing sets them."""
+    return {f.name: f.metadata["unset"] for f in fields(TrainConfig) if "unset" in f.metadata}
 
 
 @dataclass
@@ -94,18 +109,18 @@ class TrainConfig:
                                    "micro-batch; no effect without a teacher)")
     teacher_max_context_tokens: int = _f(10240, "teacher contexts (the reprompted prompt) longer than this are cut on "
                                          "the right, as SDPO's max_reprompt_len with reprompt_truncation=right")
-    mask_truncated_completions: bool = _f(False, "completions that hit --max-new-tokens without a stop token get no "
+    mask_truncated_completions: bool | None = _preset(False, "completions that hit --max-new-tokens without a stop token get no "
                                           "loss (TRL's option); they still count in per-sequence normalisers")
     max_consecutive_skips: int = _f(5, "stop after this many consecutive non-finite updates")
-    dynamic_sampling: bool = _f(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero "
+    dynamic_sampling: bool | None = _preset(False, "DAPO's dynamic sampling: drop the groups whose rewards are all equal (zero "
                                 "advantage) and generate more prompts until the step has --prompts-per-step groups with "
                                 "varied rewards, or --max-generation-rounds is reached (the rest is then filled with "
                                 "dropped groups)")
-    max_generation_rounds: int = _f(4, "dynamic sampling: at most this many generation rounds per step (the first included)")
-    overlong_buffer: int = _f(0, "DAPO's overlong reward shaping: a penalty growing linearly from 0 to "
+    max_generation_rounds: int | None = _preset(4, "dynamic sampling: at most this many generation rounds per step (the first included)")
+    overlong_buffer: int | None = _preset(0, "DAPO's overlong reward shaping: a penalty growing linearly from 0 to "
                               "-overlong_penalty over the last this many tokens of --max-new-tokens (0 = off; a "
                               "buffer longer than the budget covers all of it)")
-    overlong_penalty: float = _f(1.0, "the overlong penalty at the full length budget (DAPO: 1.0)")
+    overlong_penalty: float | None = _preset(1.0, "the overlong penalty at the full length budget (DAPO: 1.0)")
     lora_r: int = _f(0, "LoRA rank: train a low-rank adapter with peft instead of every weight (0 = full "
                      "fine-tuning); the reference and a frozen teacher are then the base model with the adapter "
                      "disabled, an EMA teacher an EMA of the adapter (needs denser[lora])")
@@ -130,20 +145,6 @@ class TrainConfig:
         """Optimiser updates per rollout batch: ``mini_batches * epochs``."""
         return self.mini_batches * self.epochs
 
-    @classmethod
-    def for_objective(cls, objective: Any, /, **values: Any) -> "TrainConfig":
-        """A config for ``objective``: ``values`` first, then the objective's ``run_defaults()`` (e.g. the
-        ``dapo`` preset turns on dynamic sampling and overlong shaping) for the fields ``values`` leaves out,
-        then the defaults. ``denser train`` builds its config this way (flags and --config values are
-        ``values``); ``TrainConfig(...)`` itself applies no objective's run defaults."""
-        defaults = objective.run_defaults()
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(defaults) - names)
-        if unknown:
-            raise ValueError(f"objective {objective.name!r}: run_defaults() names {', '.join(unknown)}, which "
-                             f"{'is not a run option' if len(unknown) == 1 else 'are not run options'} (TrainConfig fields)")
-        return cls(**{**defaults, **values, "objective": objective.name})
-
     def __post_init__(self) -> None:
         problems = type_problems(self, _flag)
         if problems:  # wrong types first: the range checks below would fail on them in confusing ways
@@ -151,17 +152,17 @@ class TrainConfig:
         for name in ("steps", "num_generations", "prompts_per_step", "micro_batch_size", "keep_last",
                      "max_consecutive_skips", "teacher_max_context_tokens", "mini_batches", "epochs",
                      "max_generation_rounds"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
                      "chunk_size", "overlong_buffer", "max_tokens_per_micro_batch"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):
             problems.append(f"--save-every-minutes must be a number >= 0 (0 = off), got {self.save_every_minutes}")
         for name in ("lr", "temperature", "top_p", "eval_temperature", "eval_top_p", "weight_decay", "adam_beta2",
                      "max_grad_norm", "overlong_penalty"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 problems.append(f"{_flag(name)} must be a finite number, got {getattr(self, name)}")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
@@ -183,7 +184,7 @@ class TrainConfig:
             problems.append(f"--engine must be one of {', '.join(list_rollout_engines())}, got {self.engine!r}")
         if self.backend not in BACKENDS:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if not self.overlong_penalty >= 0:
+        if self.overlong_penalty is not None and not self.overlong_penalty >= 0:
             problems.append(f"--overlong-penalty must be >= 0 (a penalty, subtracted), got {self.overlong_penalty}")
         if self.old_logp_source not in ("auto", "forward", "engine"):
             problems.append(f"--old-logp-source must be auto, forward or engine, got {self.old_logp_source!r}")
@@ -217,25 +218,6 @@ class TrainConfig:
         if self.lora_r > 0 and importlib.util.find_spec("peft") is None:
             problems.append("--lora-r needs the peft package: pip install 'denser[lora]' (or pip install peft)")
         return problems
-
-
-def resolve_run_settings(cfg: TrainConfig, task) -> TrainConfig:
-    """``cfg`` with the settings that default to the task made concrete (a copy; ``cfg`` is unchanged):
-    ``max_new_tokens`` 0 -> ``task.suggested_max_new_tokens``; ``eval_size`` 0 -> the whole eval split,
-    at most :data:`EVAL_SIZE_CAP` rows (at least 1, so that a task without an eval split still passes)."""
-    changes = {}
-    if cfg.max_new_tokens == 0:
-        changes["max_new_tokens"] = int(task.suggested_max_new_tokens)
-    if cfg.eval_size == 0:
-        changes["eval_size"] = resolve_eval_size(0, len(task.eval))
-    return dataclasses.replace(cfg, **changes) if changes else cfg
-
-
-def resolve_eval_size(eval_size: int, eval_rows: int) -> int:
-    """The eval rows ``eval_size`` means for a split of ``eval_rows`` rows (0: all, at most :data:`EVAL_SIZE_CAP`)."""
-    if eval_size == 0:
-        return max(1, min(eval_rows, EVAL_SIZE_CAP))
-    return eval_size
 
 
 def _flag(name: str) -> str:

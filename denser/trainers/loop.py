@@ -44,17 +44,18 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.objectives import TEACHER_SIGNALS, Objective, Signal, get_objective
+from denser.objectives import Objective, Signal
 from denser.plugins import plugin_imports
-from denser.tasks import DEFAULT_TASK, Task, get_task
+from denser.tasks import Task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers import lora
-from denser.trainers.config import TrainConfig, resolve_run_settings
+from denser.trainers.config import TrainConfig
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
 from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
+from denser.trainers.resolve import ResolvedRun, resolve_run
 from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
 from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
@@ -86,9 +87,11 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
 
 
 class Trainer:
-    """``Trainer(cfg, objective).train()`` runs ``cfg.steps`` on-policy steps and returns the final metrics.
+    """``Trainer(run).train()`` runs ``run.config.steps`` on-policy steps and returns the final metrics.
 
-    ``task`` defaults to ``cfg.task`` (a registered name or ``file:PATH``); ``log`` prints messages
+    ``run`` is a :class:`~denser.trainers.resolve.ResolvedRun` (from :func:`~denser.trainers.resolve.resolve_run`);
+    ``Trainer(cfg, objective, task=task)`` is short for ``Trainer(resolve_run(cfg, objective, task))``
+    (``objective`` default ``cfg.objective``, ``task`` default ``cfg.task``). ``log`` prints messages
     (the main process only). After construction: ``policy`` (the unwrapped model being trained),
     ``optimizer``, ``scheduler``, ``reference`` and ``teacher`` (``TeacherWeights``, or None when
     the objective declares no such signal), ``world`` (number of processes).
@@ -115,16 +118,20 @@ class Trainer:
     the whole model); a run equals one process doing the same global batch, up to float summation order.
     """
 
-    def __init__(self, cfg: TrainConfig, objective: Objective | None = None, *, task: Task | None = None,
-                 log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
+    def __init__(self, run: ResolvedRun | TrainConfig, objective: Objective | str | None = None, *,
+                 task: Task | str | None = None, log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
                  teacher_from_policy: bool = False, stop_signals: StopSignals | None = None):
+        if not isinstance(run, ResolvedRun):  # Trainer(cfg, objective, task=...): resolved here, as resolve_run does
+            run = resolve_run(run, objective, task)
+        elif objective is not None or task is not None:
+            raise ValueError("Trainer(run): a ResolvedRun holds its objective and task; pass them to resolve_run")
+        self.resolved = run
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
-        self.cfg, self.log = cfg, log
-        # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
-        self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
-            cfg.updates_per_step)
+        # the objective is the run's (for_run: several updates per rollout batch turn old_logp on)
+        self.cfg, self.objective, self.task, self.log = run.config, run.objective, run.task, log
+        cfg = run.config
         self.accelerator = _accelerator(cfg)
         lora.check_lora_run(cfg, self.accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -132,8 +139,6 @@ class Trainer:
         chained = any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy
         self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision,
                                          chained=chained)  # None: one process, or DDP
-        self.task = task if task is not None else _task_of(cfg)
-        self.cfg = cfg = resolve_run_settings(cfg, self.task)  # max_new_tokens, eval_size: 0 = from the task
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
         self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone)
@@ -142,8 +147,7 @@ class Trainer:
         set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
         check_signals(self.objective, self.task)
-        declared = self.objective.signals()
-        self.teacher_spec = self.objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+        self.teacher_spec = run.teacher
         if self.teacher_spec is not None and self.teacher_spec.teacher_path:
             resolve_teacher_path(self.teacher_spec.teacher_path)  # a bad --teacher-path fails before any model is loaded
         policy = self._load_models(resume_from)
@@ -607,9 +611,3 @@ def _loading_hint(path: Path, cfg: TrainConfig) -> str:
         return f"{hint}; merged: AutoModelForCausalLM.from_pretrained('{path / lora.MERGED_DIR}')"
     return f"{hint}, or merge it with: denser merge-lora {path}"
 
-
-def _task_of(cfg: TrainConfig) -> Task:
-    try:
-        return get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
-    except TypeError as e:  # bad inline options (addition?foo=1)
-        raise ValueError(str(e)) from None
