@@ -237,3 +237,48 @@ def test_denser_eval_on_a_run_directory_reproduces_its_final_eval_line(finished_
     assert main(["eval", "--model", str(run), "--import", str(plugin), "--eval-size", "8", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["tasks"]["test_resolve_parity"]["prompts"] == 8
     capsys.readouterr()
+
+
+# ------------------------------------------------------------------------- flags from dataclasses
+
+
+def test_every_settings_field_is_a_flag_of_its_command():
+    from denser.analysis.evaluation import EvalSettings
+    from denser.cli.commands import DriftSettings, build_eval_parser
+    from denser.cli.flags import build_continual_parser
+    from denser.continual import ContinualConfig
+
+    def flags(parser):
+        out: dict[str, list[str]] = {}
+        for a in parser._actions:
+            out.setdefault(a.dest, []).extend(a.option_strings)
+        return out
+
+    for parser, cls, renamed in ((build_eval_parser(), EvalSettings, {"ks": "--k"}),
+                                 (build_continual_parser("grpo"), ContinualConfig, {})):
+        found = flags(parser)
+        for f in dataclasses.fields(cls):
+            assert renamed.get(f.name, "--" + f.name.replace("_", "-")) in found[f.name], f.name
+    assert {f.name for f in dataclasses.fields(DriftSettings)} == {"tasks", "eval_size", "max_new_tokens",
+                                                                    "spectral_rank", "seed", "backend"}
+    # a list field is comma-separated on the command line; a flag left off keeps the dataclass default
+    _, _, values = parse_continual_args(["--objective", "grpo", "--tasks", "addition, compare", "--carry-optimizer",
+                                         "--reset-optimizer"])
+    ccfg = ContinualConfig(**values)
+    assert ccfg.tasks == ["addition", "compare"] and ccfg.eval_tasks == [] and ccfg.carry_optimizer is False
+    assert ccfg.steps_per_task == ContinualConfig(tasks=["addition"]).steps_per_task == 4
+
+
+def test_eval_settings_default_to_the_training_evals():
+    from denser.analysis.evaluation import EvalSettings
+
+    train = TrainConfig()
+    settings = EvalSettings().resolve(None)
+    assert (settings.eval_size, settings.max_new_tokens, settings.temperature, settings.top_p, settings.seed,
+            settings.dtype, settings.samples) == (train.eval_size, train.max_new_tokens, train.eval_temperature,
+                                                  train.eval_top_p, train.seed, train.dtype, train.eval_samples)
+    run = {"eval_size": 50, "max_new_tokens": 32, "eval_temperature": 0.7, "eval_top_p": 0.9, "seed": 4,
+           "dtype": "bfloat16", "eval_samples": 2}
+    mine = EvalSettings(eval_size=8, temperature=1.0).resolve(run)  # flags win over the run's values
+    assert (mine.eval_size, mine.max_new_tokens, mine.temperature, mine.top_p, mine.seed, mine.dtype,
+            mine.samples, mine.ks) == (8, 32, 1.0, 0.9, 4, "bfloat16", 2, [1, 2])
