@@ -282,3 +282,18 @@ def test_eval_settings_default_to_the_training_evals():
     mine = EvalSettings(eval_size=8, temperature=1.0).resolve(run)  # flags win over the run's values
     assert (mine.eval_size, mine.max_new_tokens, mine.temperature, mine.top_p, mine.seed, mine.dtype,
             mine.samples, mine.ks) == (8, 32, 1.0, 0.9, 4, "bfloat16", 2, [1, 2])
+
+
+def test_eval_finds_the_settings_of_a_train_or_continual_run(tmp_path):
+    from denser.analysis.evaluation import run_config
+
+    train = tmp_path / "train"
+    (train / "checkpoints" / "step-000002" / "model").mkdir(parents=True)
+    (train / "config.yaml").write_text("task: compare\neval_size: 12\n")
+    for spec in (train, train / "checkpoints" / "step-000002", train / "checkpoints" / "step-000002" / "model"):
+        assert run_config(str(spec)) == {"task": "compare", "eval_size": 12}
+    continual = tmp_path / "continual"
+    continual.mkdir()
+    (continual / "continual.json").write_text(json.dumps({"config": {"max_new_tokens": 48, "seed": 2}}))
+    assert run_config(str(continual)) == run_config(f"{continual}@1") == {"max_new_tokens": 48, "seed": 2}
+    assert run_config("tiny") is None and run_config(str(tmp_path)) is None

@@ -133,9 +133,18 @@ class EvalSettings:
 
 def run_config(model: str) -> dict[str, Any] | None:
     """The config.yaml values of the ``denser train`` run that ``model`` is (a run directory) or is in (a
-    checkpoint directory or its ``model/``); None for anything else."""
-    if "@" in model or not model.strip():
+    checkpoint directory or its ``model/``), the run config of a ``denser continual`` run (``RUN`` or
+    ``RUN@K``: its continual.json's ``config``); None for anything else."""
+    if not model.strip():
         return None
+    base, sep, stage = model.rpartition("@")
+    record = Path(base if sep and stage.isdigit() else model).expanduser() / "continual.json"
+    if record.is_file():
+        try:
+            config = json.loads(record.read_text()).get("config")
+        except (ValueError, OSError, UnicodeDecodeError, AttributeError):
+            return None
+        return config if isinstance(config, dict) else None
     path = Path(model).expanduser()
     for run in (path, path.parent.parent, path.parent.parent.parent):
         config = run / "config.yaml"
