@@ -34,7 +34,7 @@ from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
-from denser.trainers.resolve import apply_run_defaults
+from denser.trainers.resolve import apply_run_defaults, resolve_run
 from denser.trainers.tracking import Tracker
 
 
@@ -95,7 +95,8 @@ class ContinualRunner:
                                         output_dir=str(self._stage_dir(k, task_name)), resume=resume,
                                         overwrite=not resume)
         base = self.updates
-        trainer = Trainer(stage_cfg, copy.deepcopy(self.objective), task=self.task_objs[task_name], log=self.log,
+        run = resolve_run(stage_cfg, copy.deepcopy(self.objective), self.task_objs[task_name])  # as denser train's
+        trainer = Trainer(run, log=self.log,
                           anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
                           teacher_state=None if self.ccfg.teacher_reset else teacher_state,
                           teacher_from_policy=self.ccfg.teacher_reset,
