@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from denser.cli import parse_train_args
+from denser.engines.base import Rollout, SamplingParams
 from denser.objectives import Objective, Signal, get_objective, register_objective, unregister_objective
 from denser.tasks import Score
 from denser.tasks.builtin import Addition
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.prompts import PromptSchedule
-from denser.trainers.rollout import Rollout, SamplingParams
 from denser.trainers.sampling import Scores, dynamic_batch, overlong_penalty, varied_groups
 
 # ------------------------------------------------------------------------------ overlong shaping

@@ -17,8 +17,8 @@ import torch
 from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vote_groups
 from denser.analysis.evaluation import default_ks, vote_key
 from denser.cli import main
+from denser.engines import HFRolloutEngine, Rollout
 from denser.tasks import get_task
-from denser.trainers.rollout import HFRolloutEngine, Rollout
 
 # ------------------------------------------------------------------------------------ estimators
 

@@ -9,12 +9,12 @@ import math
 import pytest
 import torch
 
+from denser.engines.base import Rollout
 from denser.tasks import Score, get_task
 from denser.tasks.builtin import Addition
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig, resolve_run_settings
 from denser.trainers.evaluation import eval_metrics, format_eval
 from denser.trainers.loop import Trainer
-from denser.trainers.rollout import Rollout
 
 
 class FirstDigitTask(Addition):
@@ -159,8 +159,8 @@ def _entropy(logits):
 
 
 def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
+    from denser.engines.packing import completion_hidden_states, lm_head_params
     from denser.objectives import get_objective
-    from denser.trainers.packing import completion_hidden_states, lm_head_params
 
     cfg = _cfg(tmp_path, objective="sdpo", num_generations=4, prompts_per_step=2, micro_batch_size=8,
                log_teacher_entropy=True, temperature=0.7)

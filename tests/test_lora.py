@@ -15,6 +15,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from denser.cli import main, parse_train_args
+from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.kernels import fused_loss, token_stats
 from denser.objectives import PolicyBatch, TeacherSpec, get_objective
 from denser.trainers import checkpoint as ckpt
@@ -31,7 +32,6 @@ from denser.trainers.lora import (
     trainable_adapter,
 )
 from denser.trainers.models import ModelNotFoundError, build_tiny_model, load_model
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
 peft = pytest.importorskip("peft")
 

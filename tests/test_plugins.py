@@ -17,6 +17,7 @@ import yaml
 import denser
 from denser.cli import main, parse_train_args
 from denser.cli.flags import parse_continual_args
+from denser.engines import HFRolloutEngine
 from denser.objectives import (
     LossOutput,
     Metric,
@@ -28,7 +29,6 @@ from denser.objectives import (
     unregister_objective,
 )
 from denser.plugins import PluginError, import_plugin
-from denser.trainers.rollout import HFRolloutEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "objectives.md"

@@ -324,9 +324,9 @@ def _phase_hooks(hooks: dict[str, str]) -> None:
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
+    from denser.engines import HFRolloutEngine
     from denser.trainers import checkpoint as ckpt
     from denser.trainers import loop
-    from denser.trainers.rollout import HFRolloutEngine
 
     show = hooks.get("phases") == "1"
     target = None

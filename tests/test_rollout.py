@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denser.trainers.models import build_tiny_model, render_prompt
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, completion_logprobs, lm_head_params
-from denser.trainers.rollout import (
+from denser.engines import (
     HFRolloutEngine,
     Rollout,
     SamplingParams,
@@ -15,6 +13,8 @@ from denser.trainers.rollout import (
     list_rollout_engines,
     truncate_at_stop,
 )
+from denser.engines.packing import build_packed_batch, completion_hidden_states, completion_logprobs, lm_head_params
+from denser.trainers.models import build_tiny_model, render_prompt
 
 QUESTIONS = ["What is 2 + 3?", "Reverse 'cat'.", "hi"]
 

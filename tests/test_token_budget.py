@@ -9,12 +9,12 @@ import random
 import pytest
 import torch
 
+from denser.engines.base import Rollout, SamplingParams
 from denser.objectives import get_objective
 from denser.tasks import Score
 from denser.tasks.builtin import Addition
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import PhaseTimer, Trainer
-from denser.trainers.rollout import Rollout, SamplingParams
 from denser.trainers.signals import SignalComputer, split_to_count, token_budget_groups
 
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from denser.engines.packing import completion_logprobs
 from denser.kernels import TokenStats
 from denser.objectives import Objective, PolicyBatch, Signal, get_objective, register_objective, unregister_objective
 from denser.objectives.common import token_keep_mask
@@ -25,7 +26,6 @@ from denser.tasks import Score
 from denser.tasks.builtin import Addition
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
-from denser.trainers.packing import completion_logprobs
 
 
 class Parity(Addition):

@@ -5,7 +5,7 @@
 
 The prompts are the first ``eval_size`` rows of each task's eval split (as the training loop's
 greedy eval and ``denser continual`` use them), rendered with the model's chat template; the
-completions come from the loop's rollout engine (:class:`~denser.trainers.rollout.HFRolloutEngine`)
+completions come from the loop's rollout engine (:class:`~denser.engines.hf.HFRolloutEngine`)
 and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
 ``eval_accuracy`` and ``denser eval``'s greedy accuracy of its final checkpoint measure one thing.
 
@@ -36,11 +36,11 @@ import yaml
 from denser.analysis.checkpoints import resolve_model, tasks_of
 from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vote_groups
 from denser.analysis.suite import EvalSuite
+from denser.engines import HFRolloutEngine, SamplingParams
 from denser.tasks import DEFAULT_TASK, get_task, parse_number
 from denser.tasks.answers import normalize_text
 from denser.trainers.checkpoint import quiet_transformers
 from denser.trainers.models import load_model
-from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
 __all__ = ["EvalSettings", "default_ks", "default_tasks", "eval_table", "evaluate_model", "vote_key"]
 

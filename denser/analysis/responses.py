@@ -48,7 +48,7 @@ def generate_responses(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                        batch_size: int | None = None, stop: Callable[[], bool] | None = None) -> Generations:
     """One completion per prompt from ``model`` (greedy, or sampled with a fixed ``seed``); ``stop``:
     polled while generating, the completions end once it is True (a graceful stop of a run)."""
-    from denser.trainers.rollout import HFRolloutEngine, SamplingParams
+    from denser.engines import HFRolloutEngine, SamplingParams
 
     engine = HFRolloutEngine(model, tokenizer, max_batch_size=batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, num_generations=1, do_sample=not greedy,
@@ -67,8 +67,8 @@ def token_drift(current, initial, gens: Generations, *, batch_size: int = 16, ba
     "seq_kl": [per response mean KL], "seq_entropy": [...]}``; ``mean_*`` are token-weighted
     means over all responses (``mean_kl`` is None without ``initial``).
     """
+    from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.kernels import token_stats
-    from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
     n = len(gens)
     if n == 0:

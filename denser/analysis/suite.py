@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 from denser.analysis.artifacts import DEFAULT_NGRAM, artifact_rates
 from denser.analysis.estimators import mean_stderr
 from denser.analysis.responses import Generations, generate_responses, mean_similarity, token_drift
-from denser.trainers.rollout import HFRolloutEngine, SamplingParams
+from denser.engines import HFRolloutEngine, SamplingParams
 
 
 class EvalSuite:

@@ -8,11 +8,11 @@ from typing import Any, Callable
 
 from accelerate.utils import gather_object
 
+from denser.engines.base import Rollout, SamplingParams
 from denser.tasks import Task
 from denser.trainers.config import TrainConfig
 from denser.trainers.estimators import mean_stderr
 from denser.trainers.prompts import PromptSchedule
-from denser.trainers.rollout import Rollout, SamplingParams
 
 #: ``generate(prompt_ids, params, seed=None, stop=None) -> Rollout`` (the Trainer's engine call)
 Generate = Callable[..., Rollout]

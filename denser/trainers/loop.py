@@ -43,6 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from denser.engines.base import Rollout, SamplingParams, get_rollout_engine
 from denser.objectives import TEACHER_SIGNALS, Objective, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
@@ -54,7 +55,6 @@ from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
-from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
 from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
 from denser.trainers.sharding import Sharding

@@ -1,11 +1,11 @@
-"""Rollouts: sample completions with a rollout engine and record their behaviour log-probs.
+"""Rollout engines: the interface, the registry, and what an engine returns (DESIGN.md, Contract 4).
 
 The loop builds its engine by name (``TrainConfig.engine``, ``--engine``; ``hf`` by default) and
 uses it like this::
 
     engine = get_rollout_engine("hf", model, tokenizer)          # or HFRolloutEngine(model, tokenizer)
     rollout = engine.generate(prompt_ids, SamplingParams(num_generations=8, max_new_tokens=48))
-    batch = rollout.pack(indices)                                 # PackedBatch (denser.trainers.packing)
+    batch = rollout.pack(indices)                                 # PackedBatch (denser.engines.packing)
     engine.update_weights(model)                                  # after each rollout batch's updates
 
 Another engine (an inference server) subclasses :class:`RolloutEngine` and registers itself with
@@ -17,23 +17,11 @@ Layout
 sample ``s`` answers prompt ``s // G`` (``rollout.group_ids``). A completion ends at the first stop
 token (EOS), which is kept as its last token; tokens after it are dropped. A completion that hit
 ``max_new_tokens`` without EOS is ``truncated``. Every completion has at least one token.
-:meth:`Rollout.pack` lays samples out for a forward pass (:mod:`denser.trainers.packing`).
-
-Behaviour log-probs
--------------------
-``old_logp`` of a sampled token is ``log_softmax(raw_logits / temperature)[token]`` at the step
-that sampled it, taken from inside ``generate`` by a logits processor that runs *before* the
-temperature / top-k / top-p warpers (transformers applies its own processors first; this engine
-switches all of them off and installs its own, in order). That is exactly the quantity the loss
-core computes at the same temperature over the full vocabulary, so with top-k / top-p off the
-ratio ``exp(logp - old_logp)`` is 1 up to numerics at the first update; with top-k / top-p on,
-``old_logp`` deliberately stays the full-vocabulary value (the truncation is part of the sampler,
-not of the policy being trained), as in TRL and verl.
+:meth:`Rollout.pack` lays samples out for a forward pass (:mod:`denser.engines.packing`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -43,15 +31,13 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from denser.trainers.packing import PackedBatch, build_packed_batch, model_device
-from denser.trainers.preemption import ForwardAbandoned, abandon_forward_on_stop
+from denser.engines.packing import PackedBatch, build_packed_batch
 
 __all__ = [
     "DEFAULT_ENGINE",
     "SamplingParams",
     "Rollout",
     "RolloutEngine",
-    "HFRolloutEngine",
     "register_rollout_engine",
     "get_rollout_engine",
     "list_rollout_engines",
@@ -280,198 +266,3 @@ def get_rollout_engine(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> 
 
 def list_rollout_engines() -> list[str]:
     return sorted(_ENGINES)
-
-
-class _BehaviourLogpRecorder:
-    """A logits processor that records ``log_softmax(raw / T)`` of each sampled token.
-
-    Placed first in the processor list (every built-in processor of ``generate`` is switched
-    off), it sees raw logits. At step ``t`` the token sampled at step ``t-1`` is the last column
-    of ``input_ids``, so only one ``[B, V]`` log-softmax is kept at a time; :meth:`finish` reads
-    the last step's token from the final sequences.
-    """
-
-    def __init__(self, temperature: float):
-        self.temperature = float(temperature)
-        self.prev: Tensor | None = None
-        self.steps: list[Tensor] = []
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
-        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def finish(self, sequences: Tensor) -> Tensor:
-        """``[B, steps]`` log-probs, one column per generated token."""
-        if self.prev is not None:
-            self.steps.append(self.prev.gather(1, sequences[:, -1:].to(self.prev.device)).squeeze(1))
-            self.prev = None
-        if not self.steps:
-            return torch.zeros(sequences.shape[0], 0)
-        return torch.stack(self.steps, dim=1)
-
-
-@register_rollout_engine(DEFAULT_ENGINE)
-class HFRolloutEngine(RolloutEngine):
-    """Sampling with transformers ``generate`` on the live policy model.
-
-    Args:
-        model: an unwrapped HF causal LM (under accelerate, pass ``accelerator.unwrap_model(model)``).
-        tokenizer: its tokenizer (decodes texts; gives EOS and pad ids).
-        max_batch_size: at most this many sequences per ``generate`` call (default: all at once).
-        stop_token_ids: tokens that end a completion (default: the tokenizer's EOS plus the
-            model's ``generation_config.eos_token_id``).
-    """
-
-    def __init__(
-        self,
-        model: Any,
-        tokenizer: Any,
-        *,
-        max_batch_size: int | None = None,
-        stop_token_ids: Sequence[int] | None = None,
-    ):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.max_batch_size = max_batch_size
-        if stop_token_ids is None:
-            ids: list[int] = []
-            for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-                for t in (src if isinstance(src, (list, tuple)) else [src]):
-                    if t is not None and int(t) not in ids:
-                        ids.append(int(t))
-            stop_token_ids = ids
-        if not stop_token_ids:
-            raise ValueError("HFRolloutEngine needs a stop token: the tokenizer has no eos_token and none was given")
-        self.stop_token_ids = [int(t) for t in stop_token_ids]
-        pad = tokenizer.pad_token_id
-        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
-
-    def generate(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None,
-        stop: Callable[[], bool] | None = None,
-    ) -> Rollout:
-        prompts = [list(map(int, p)) for p in prompt_ids]
-        if not prompts:
-            raise ValueError("generate needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: render prompts with render_prompt() first")
-        G = params.num_generations
-        flat = [p for p in prompts for _ in range(G)]
-        chunk = self.max_batch_size or len(flat)
-        completions: list[list[int]] = []
-        logps: list[Tensor] = []
-        truncated: list[bool] = []
-        device = model_device(self.model)
-        rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-               if seed is not None else contextlib.nullcontext())
-        with rng, _eval_mode(self.model), torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
-            for start in range(0, len(flat), chunk):
-                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device, stop)
-                completions += c
-                logps += lp
-                truncated += tr
-        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
-        return Rollout(
-            prompt_ids=prompts,
-            completion_ids=completions,
-            texts=texts,
-            logps=logps,
-            truncated=torch.tensor(truncated, dtype=torch.bool),
-            num_generations=G,
-            params=params,
-            pad_token_id=self.pad_token_id,
-        )
-
-    def _generate_chunk(
-        self, prompts: list[list[int]], params: SamplingParams, device: torch.device,
-        stop: Callable[[], bool] | None = None,
-    ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
-        # lazy: importing transformers takes seconds, and `denser train --help` imports this module
-        from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
-
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, p in enumerate(prompts):
-            input_ids[b, width - len(p) :] = torch.tensor(p)
-            attention_mask[b, width - len(p) :] = 1
-        recorder = _BehaviourLogpRecorder(params.temperature)
-        processors: list[Any] = [recorder]
-        if params.do_sample:
-            if params.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(params.temperature))
-            if params.top_k > 0:
-                processors.append(TopKLogitsWarper(params.top_k))
-            if params.top_p < 1.0:
-                processors.append(TopPLogitsWarper(params.top_p))
-        # Every built-in processor off (temperature 1, top_k 0, ...): ours above run alone, in order.
-        sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if params.do_sample else {}
-        config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=params.do_sample,
-            num_beams=1,
-            eos_token_id=self.stop_token_ids,
-            pad_token_id=self.pad_token_id,
-            use_cache=True,
-            **sampling,
-        )
-        try:
-            with _neutral_generation_config(self.model, config), abandon_forward_on_stop(self.model, stop):
-                sequences = self.model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=attention_mask.to(device),
-                    generation_config=config,
-                    logits_processor=LogitsProcessorList(processors),
-                    **({"stopping_criteria": _stop_criteria(stop)} if stop is not None else {}),
-                )
-        except ForwardAbandoned:  # stopped inside a forward: no completion, the caller abandons them
-            return [[] for _ in prompts], [torch.zeros(0) for _ in prompts], [True for _ in prompts]
-        logp_steps = recorder.finish(sequences).cpu()
-        new = sequences[:, width:].cpu()
-        completions, logps, truncated = [], [], []
-        for b in range(new.shape[0]):
-            tokens, tr = truncate_at_stop(new[b].tolist(), self.stop_token_ids)
-            completions.append(tokens)
-            logps.append(logp_steps[b, : len(tokens)].clone())
-            truncated.append(tr)
-        return completions, logps, truncated
-
-
-def _stop_criteria(stop: Callable[[], bool]):
-    """A ``generate`` stopping criterion that ends every sequence once ``stop()`` is True (it
-    samples nothing and draws no random numbers: a run that is never stopped is unchanged).
-    Under FSDP, ``generate`` keeps the processes in step (``synced_gpus``) when one ends early."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Stop(StoppingCriteria):
-        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
-            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([_Stop()])
-
-
-@contextlib.contextmanager
-def _eval_mode(model: Any):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
-
-
-@contextlib.contextmanager
-def _neutral_generation_config(model: Any, config: Any):
-    """``generate`` fills unset fields from ``model.generation_config`` (repetition penalty,
-    top-k, ... of a checkpoint); swap in ours for the call so nothing else alters the logits."""
-    saved = model.generation_config
-    model.generation_config = config
-    try:
-        yield
-    finally:
-        model.generation_config = saved
