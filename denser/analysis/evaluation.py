@@ -5,8 +5,8 @@
 
 The prompts are the first ``eval_size`` rows of each task's eval split (as the training loop's
 greedy eval and ``denser continual`` use them), rendered with the model's chat template; the
-completions come from the loop's rollout engine (:class:`~denser.engines.hf.HFRolloutEngine`)
-and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
+completions come from a rollout engine (``engine``: a run's :class:`~denser.engines.base.EngineSpec`;
+by default the loop's ``hf`` engine at ``--batch-size`` sequences per call) and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
 ``eval_accuracy`` and ``denser eval``'s greedy accuracy of its final checkpoint measure one thing.
 
 Per task, each a mean over prompts with its standard error over prompts
@@ -35,8 +35,9 @@ import yaml
 
 from denser.analysis.checkpoints import resolve_model, tasks_of
 from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vote_groups
+from denser.analysis.responses import build_engine
 from denser.analysis.suite import EvalSuite
-from denser.engines import HFRolloutEngine, SamplingParams
+from denser.engines import EngineSpec, SamplingParams
 from denser.tasks import DEFAULT_TASK, get_task, parse_number
 from denser.tasks.answers import normalize_text
 from denser.trainers.checkpoint import quiet_transformers
@@ -130,8 +131,10 @@ def default_tasks(model: str) -> list[str]:
 
 
 def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: EvalSettings | None = None, *,
-                   device: str | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Measure ``model`` on ``tasks`` (default: :func:`default_tasks`); returns the JSON-able result
+                   device: str | None = None, log: Callable[[str], Any] = print,
+                   engine: EngineSpec | None = None) -> dict[str, Any]:
+    """Measure ``model`` on ``tasks`` (default: :func:`default_tasks`) with ``engine`` (default: the
+    ``hf`` engine at ``settings.batch_size`` sequences per call); returns the JSON-able result
     ``{"model", "model_path", "settings", "tasks": {name: {"prompts", "metrics"}}, "overall"}``, each
     metric ``{"mean", "stderr"}``. Bad input raises ``ValueError`` before anything is generated."""
     settings = settings or EvalSettings()
@@ -146,7 +149,7 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
             raise ValueError(str(e)) from None
     path = resolve_model(model)
     suite = EvalSuite(task_objs, eval_size=settings.eval_size or max(len(t.eval) for t in task_objs.values()),
-                      max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+                      max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size, engine=engine)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with quiet_transformers():
         policy, tokenizer = load_model(path, dtype=getattr(torch, settings.dtype), seed=settings.seed)
@@ -161,12 +164,12 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
         for name, gens in suite.generate_many(policy, tokenizer, names).items():
             per_prompt[name]["greedy"] = [float(s) for s in gens.extra["success"]]
     if settings.samples:
-        engine = HFRolloutEngine(policy, tokenizer, max_batch_size=settings.batch_size)
+        sampler = build_engine(policy, tokenizer, engine, settings.batch_size)
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, num_generations=settings.samples,
                                 temperature=settings.temperature, top_p=settings.top_p)
         for name in names:
             log(f"sampling: {name}, {settings.samples} completions for each of {len(prompts[name])} prompts")
-            per_prompt[name].update(_sampled(engine, params, task_objs[name], suite.rows[name], prompts[name],
+            per_prompt[name].update(_sampled(sampler, params, task_objs[name], suite.rows[name], prompts[name],
                                              settings))
     result = {
         "model": model,

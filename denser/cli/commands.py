@@ -21,6 +21,7 @@ from denser.cli.flags import (
     TrainArgumentParser,
     one_line,
     parse_continual_args,
+    parse_engine_args,
     parse_train_args,
 )
 from denser.objectives import list_objectives
@@ -34,6 +35,7 @@ def cmd_train(argv: list[str]) -> int:
     a checkpoint that could not be written), 143 / 130 stopped by SIGTERM / SIGINT (a checkpoint of
     the last finished step was written). Each error is one line on stderr."""
     cfg, objective = parse_train_args(argv)
+    engine = parse_engine_args(argv, cfg)
     # imported here for start-up time (transformers, accelerate): see the module docstring
     from denser.trainers.checkpoint import CheckpointError
     from denser.trainers.evaluation import format_eval
@@ -43,7 +45,7 @@ def cmd_train(argv: list[str]) -> int:
 
     try:
         with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
-            summary = Trainer(cfg, objective, stop_signals=signals).train()
+            summary = Trainer(cfg, objective, stop_signals=signals, engine=engine).train()
     except EmbeddedModelMissingError as e:
         raise CLIError(str(e)) from None
     except (TrainingStopped, CheckpointError) as e:
@@ -71,6 +73,7 @@ def cmd_continual(argv: list[str]) -> int:
     train``'s: 143 / 130 stopped by SIGTERM / SIGINT (inside a stage, that stage's last finished step
     is saved; the line printed says how to continue: the same command with ``--resume``)."""
     cfg, objective, values = parse_continual_args(argv)
+    engine = parse_engine_args(argv, cfg)
     # imported here for start-up time (the loop and the analysis): see the module docstring
     from denser.continual import ContinualConfig, ContinualRunner
     from denser.trainers.preemption import Interrupted, StopSignals
@@ -80,7 +83,7 @@ def cmd_continual(argv: list[str]) -> int:
         resume_argv.append("--no-overwrite")
     try:
         with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
-            runner = ContinualRunner(cfg, objective, ContinualConfig(**values), stop_signals=signals)
+            runner = ContinualRunner(cfg, objective, ContinualConfig(**values), stop_signals=signals, engine=engine)
             runner.command = "denser continual " + shlex.join(argv)
             runner.resume_command = "denser continual " + shlex.join(resume_argv)
             record = runner.run()

@@ -7,6 +7,9 @@
 - :func:`parse_train_args`: ``denser train``'s command line -> ``(TrainConfig, objective)``, flags
   overriding the config file, both overriding the objective's ``run_defaults()`` (the ``dapo``
   preset's loop options); :func:`parse_continual_args` adds ``denser continual``'s flags.
+- :func:`add_engine_flags`, :func:`parse_engine_args`: every rollout engine's options as flags
+  ``--ENGINE-OPTION`` (``--hf-max-batch-size``), and the run's ``EngineSpec`` from them and a config
+  file's ``engine_args:``.
 - ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
   (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
@@ -24,6 +27,7 @@ from typing import Any, Literal
 
 import yaml
 
+from denser.engines.base import EngineSpec, list_rollout_engines, rollout_engine_options
 from denser.objectives import get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
 from denser.plugins import import_plugins
@@ -165,6 +169,7 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise CLIError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
+    data.pop("engine_args", None)  # the engine's options: read and checked by parse_engine_args
     if "import" in data:  # plugins first: the objective the file names may be one of theirs
         import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)
@@ -236,6 +241,7 @@ def build_train_parser(objective: str, known: list[str] | None = None) -> argpar
     doc = (cls.__doc__ or "").strip().splitlines()
     group = p.add_argument_group(f"objective {objective}", doc[0] if doc else None)
     add_dataclass_flags(group, cls, _objective_flag_names(objective))
+    add_engine_flags(p)
     return p
 
 
@@ -279,6 +285,76 @@ def parse_train_args(argv: list[str]):
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
     return cfg, obj
+
+
+# ------------------------------------------------------------------------------- rollout engines
+
+
+def _engine_flag_fields(name: str) -> type:
+    """Engine ``name``'s options dataclass with every field renamed ``NAME_FIELD``: its flags are
+    ``--NAME-FIELD`` (``--hf-max-batch-size``), never one of the run's own (a ``--vllm-dtype`` beside ``--dtype``)."""
+    options = rollout_engine_options(name)
+    hints = typing.get_type_hints(options)
+    fields = []
+    for f in dataclasses.fields(options):
+        if f.init:
+            default = (dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+                       if f.default is dataclasses.MISSING else dataclasses.field(default=f.default, metadata=f.metadata))
+            fields.append((f"{name}_{f.name}".replace("-", "_"), hints[f.name], default))
+    return dataclasses.make_dataclass(f"{options.__name__}Flags", fields)
+
+
+def add_engine_flags(parser) -> None:
+    """Every registered rollout engine's options as flags ``--NAME-FIELD``, one group per engine that has any."""
+    for name in list_rollout_engines():
+        flags = _engine_flag_fields(name)
+        if dataclasses.fields(flags):
+            add_dataclass_flags(parser.add_argument_group(
+                f"engine {name}", f"options of --engine {name} (a run's engine_args: in config.yaml)"), flags)
+
+
+def engine_flag_values(ns: dict[str, Any], engine: str) -> dict[str, Any]:
+    """The options of engine ``engine`` set on the command line (``ns``: the parsed flags); a flag of
+    another engine is an error."""
+    values = {}
+    for name in list_rollout_engines():
+        for f in dataclasses.fields(_engine_flag_fields(name)):
+            if f.name in ns:
+                option = f.name[len(name) + 1:]
+                if name != engine:
+                    raise CLIError(f"--{f.name.replace('_', '-')} is an option of --engine {name}, but this run's "
+                                   f"engine is {engine}; drop the flag or pass --engine {name}")
+                values[option] = ns[f.name]
+    return values
+
+
+def config_engine_args(path: str) -> dict[str, Any]:
+    """A config file's ``engine_args:`` mapping (a run's config.yaml writes one), or ``{}``; the file
+    itself was checked by :func:`load_config_file`."""
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f) or {}
+    args = data.get("engine_args") if isinstance(data, dict) else None
+    if args is None:
+        return {}
+    if not isinstance(args, dict):
+        raise CLIError(f"--config {path}: 'engine_args' must be a mapping of option: value of the run's engine")
+    return args
+
+
+def parse_engine_args(argv: list[str], cfg: TrainConfig):
+    """The run's rollout engine (an :class:`~denser.engines.base.EngineSpec`) from a ``denser train``
+    command line that :func:`parse_train_args` turned into ``cfg``: engine ``cfg.engine``, its options
+    from the ``--config`` file's ``engine_args:`` overridden by the ``--ENGINE-OPTION`` flags."""
+    parser = build_train_parser(cfg.objective)
+    ns, _ = parser.parse_known_args(argv)  # the continual flags are left over
+    ns = vars(ns)
+    args = config_engine_args(ns["config"]) if ns.get("config") else {}
+    where = f"--config {ns['config']}: engine_args" if args else "engine flags"
+    args = {**args, **engine_flag_values(ns, cfg.engine)}
+    try:
+        return EngineSpec.from_args(cfg.engine, args, where=where)
+    except (ValueError, TypeError) as e:
+        raise CLIError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------- denser continual

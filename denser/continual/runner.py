@@ -26,11 +26,12 @@ from denser.continual.record import (
     save_record,
     write_json,
 )
+from denser.engines.base import EngineSpec
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
-from denser.trainers.loop import Trainer
+from denser.trainers.loop import Trainer, run_engine_spec
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.tracking import Tracker
@@ -52,8 +53,9 @@ class ContinualRunner:
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None, ccfg: ContinualConfig, *, log=print,
-                 stop_signals: StopSignals | None = None):
+                 stop_signals: StopSignals | None = None, engine: EngineSpec | None = None):
         self.cfg, self.ccfg, self.log = cfg, ccfg, log
+        self.engine = run_engine_spec(cfg, engine)  # every stage's rollouts and the measurements
         if cfg.lora_r:
             raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
                              "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
@@ -95,7 +97,7 @@ class ContinualRunner:
                           evaluator=self.measurer.evaluator(task_name, base, f"the evaluation in stage {k}"),
                           tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
                                                       step_offset=(k - 1) * self.ccfg.steps_per_task),
-                          stop_signals=self.stop_signals)
+                          stop_signals=self.stop_signals, engine=self.engine)
         if trainer.world > 1:
             raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
         t0 = time.perf_counter()
@@ -171,7 +173,7 @@ class ContinualRunner:
             budget = max(int(t.suggested_max_new_tokens) for t in self.task_objs.values())
             self.cfg = cfg = dataclasses.replace(cfg, max_new_tokens=budget)
         suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size or EVAL_SIZE_CAP,
-                          max_new_tokens=cfg.max_new_tokens, backend=cfg.backend)
+                          max_new_tokens=cfg.max_new_tokens, backend=cfg.backend, engine=self.engine)
         self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
         self.initial.eval().requires_grad_(False)
         self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))

@@ -4,9 +4,10 @@
     engine = get_rollout_engine("hf", model, tokenizer)
     rollout = engine.generate(prompt_ids, SamplingParams(num_generations=8, max_new_tokens=48))
 
-Modules: ``base`` (the ``RolloutEngine`` interface, the registry, ``SamplingParams``, ``Rollout``),
+Modules: ``base`` (the ``RolloutEngine`` interface, the registry, ``EngineSpec`` (an engine and its
+options, as a run holds it), ``SamplingParams``, ``Rollout``),
 ``packing`` (``PackedBatch``: a rollout's samples laid out for a forward pass, and the hidden states
-the loss core takes), ``hf`` (``HFRolloutEngine``: transformers' ``generate`` on the live policy).
+the loss core takes), ``hf`` (``HFRolloutEngine``: transformers' ``generate`` on the live policy; ``HFOptions``).
 The package sits below ``denser.trainers`` and imports nothing of it: the loop, the evaluation and
 the continual measurements all build their engine here.
 """
@@ -14,15 +15,19 @@ the continual measurements all build their engine here.
 from denser.engines import hf  # noqa: F401  (registers "hf")
 from denser.engines.base import (
     DEFAULT_ENGINE,
+    EngineSpec,
+    NoOptions,
     Rollout,
     RolloutEngine,
     SamplingParams,
     get_rollout_engine,
     list_rollout_engines,
     register_rollout_engine,
+    rollout_engine_class,
+    rollout_engine_options,
     truncate_at_stop,
 )
-from denser.engines.hf import HFRolloutEngine
+from denser.engines.hf import HFOptions, HFRolloutEngine
 from denser.engines.packing import (
     PackedBatch,
     build_packed_batch,
@@ -34,7 +39,10 @@ from denser.engines.packing import (
 
 __all__ = [
     "DEFAULT_ENGINE",
+    "EngineSpec",
+    "HFOptions",
     "HFRolloutEngine",
+    "NoOptions",
     "PackedBatch",
     "Rollout",
     "RolloutEngine",
@@ -47,5 +55,7 @@ __all__ = [
     "lm_head_params",
     "model_device",
     "register_rollout_engine",
+    "rollout_engine_class",
+    "rollout_engine_options",
     "truncate_at_stop",
 ]

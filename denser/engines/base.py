@@ -9,7 +9,12 @@ uses it like this::
     engine.update_weights(model)                                  # after each rollout batch's updates
 
 Another engine (an inference server) subclasses :class:`RolloutEngine` and registers itself with
-``@register_rollout_engine("name")``; ``--engine name`` then selects it.
+``@register_rollout_engine("name", options=NameOptions)``; ``--engine name`` then selects it, and the
+fields of its options dataclass become flags ``--name-FIELD`` and keys of a run's ``engine_args:``.
+A run holds its choice as an :class:`EngineSpec` (name and options), which builds the engine::
+
+    spec = EngineSpec.from_args("hf", {"max_batch_size": 16})     # or EngineSpec("hf", HFOptions(16))
+    engine = spec.build(model, tokenizer)
 
 Layout
 ------
@@ -23,8 +28,9 @@ token (EOS), which is kept as its last token; tokens after it are dropped. A com
 from __future__ import annotations
 
 import dataclasses
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -32,15 +38,20 @@ import torch
 from torch import Tensor
 
 from denser.engines.packing import PackedBatch, build_packed_batch
+from denser.objectives.fields import check_value
 
 __all__ = [
     "DEFAULT_ENGINE",
+    "EngineSpec",
+    "NoOptions",
     "SamplingParams",
     "Rollout",
     "RolloutEngine",
     "register_rollout_engine",
     "get_rollout_engine",
     "list_rollout_engines",
+    "rollout_engine_class",
+    "rollout_engine_options",
     "truncate_at_stop",
 ]
 
@@ -217,6 +228,11 @@ def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int] | set[
     return out, True
 
 
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of an engine that takes none."""
+
+
 class RolloutEngine(ABC):
     """Samples completions for prompts. One engine per policy model.
 
@@ -226,6 +242,8 @@ class RolloutEngine(ABC):
     """
 
     name: str = ""
+    #: the dataclass of the engine's options (``register_rollout_engine(name, options=...)``)
+    options_class: type = NoOptions
 
     @abstractmethod
     def generate(
@@ -246,23 +264,95 @@ class RolloutEngine(ABC):
 _ENGINES: dict[str, type[RolloutEngine]] = {}
 
 
-def register_rollout_engine(name: str):
-    """Class decorator: make an engine available as ``get_rollout_engine(name, ...)``."""
+def register_rollout_engine(name: str, *, options: type | None = None):
+    """Class decorator: make an engine available as ``--engine name`` and ``get_rollout_engine(name, ...)``.
+
+    ``options``: a dataclass of the engine's options. Each field is a keyword argument of the
+    engine's constructor (``cls(model, tokenizer, **options)``), a flag ``--NAME-FIELD`` of
+    ``denser train`` (``--hf-max-batch-size``: the engine's name keeps its options apart from the
+    run's own flags) and a key of a run's ``engine_args:``; its ``metadata["help"]`` is the flag's
+    help. Default: the options of the engine class it derives from (none for a direct subclass of
+    :class:`RolloutEngine`)."""
+    if not name or not all(c.isalnum() or c in "_-" for c in name):
+        raise ValueError(f"rollout engine name {name!r}: use letters, digits, '-' and '_' (it prefixes flags)")
+    if options is not None and not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"register_rollout_engine({name!r}, options=...) takes a dataclass, got {options!r}")
 
     def deco(cls: type[RolloutEngine]) -> type[RolloutEngine]:
         cls.name = name
+        cls.options_class = options if options is not None else getattr(cls, "options_class", NoOptions)
         _ENGINES[name] = cls
         return cls
 
     return deco
 
 
-def get_rollout_engine(name: str, model: Any, tokenizer: Any, **kwargs: Any) -> RolloutEngine:
-    """Build the engine registered as ``name`` (``"hf"``) for ``model`` and ``tokenizer``."""
+def rollout_engine_class(name: str) -> type[RolloutEngine]:
+    """The class registered as ``name``; an unknown name raises ``ValueError`` listing the known ones."""
     if name not in _ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; known: {', '.join(sorted(_ENGINES))}")
-    return _ENGINES[name](model, tokenizer, **kwargs)
+    return _ENGINES[name]
+
+
+def rollout_engine_options(name: str) -> type:
+    """The options dataclass of the engine registered as ``name``."""
+    return rollout_engine_class(name).options_class
 
 
 def list_rollout_engines() -> list[str]:
     return sorted(_ENGINES)
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """Which rollout engine a run uses, with its options: what the run resolves before anything loads,
+    and what evaluation and the continual measurements build their engine from.
+
+    ``EngineSpec()`` is the default engine with its default options; ``options`` must be an instance
+    of the engine's options dataclass (:func:`rollout_engine_options`); :meth:`from_args` builds it
+    from a mapping (a config file's ``engine_args:``, flags, keyword arguments).
+    """
+
+    name: str = DEFAULT_ENGINE
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        cls = rollout_engine_options(self.name)
+        if self.options is None:
+            object.__setattr__(self, "options", cls())
+        elif not isinstance(self.options, cls):
+            raise TypeError(f"engine {self.name!r} takes options of type {cls.__name__}, got "
+                            f"{type(self.options).__name__}")
+
+    @classmethod
+    def from_args(cls, name: str = DEFAULT_ENGINE, args: Mapping[str, Any] | None = None, *,
+                  where: str = "engine_args") -> EngineSpec:
+        """Engine ``name`` with the options in ``args`` (option name: value; the rest default). An
+        unknown option or a value of the wrong type raises ``ValueError`` naming it (``where``: what
+        the user wrote it in, e.g. ``--config run.yaml: engine_args``)."""
+        options = rollout_engine_options(name)
+        args = dict(args or {})
+        fields = {f.name: f for f in dataclasses.fields(options) if f.init}
+        hints = typing.get_type_hints(options)
+        values = {}
+        for key, value in args.items():
+            k = str(key).replace("-", "_")
+            if k not in fields:
+                valid = ", ".join(sorted(fields)) or "none"
+                raise ValueError(f"{where}: engine {name!r} has no option {key!r}; its options: {valid}")
+            values[k] = check_value(f"{where}: {name} option {k!r}", hints[k], value)
+        return cls(name, options(**values))
+
+    def args(self) -> dict[str, Any]:
+        """The options as a mapping (a run's ``engine_args:``); :meth:`from_args` reads it back."""
+        return dataclasses.asdict(self.options)
+
+    def build(self, model: Any, tokenizer: Any) -> RolloutEngine:
+        """The engine for ``model`` (unwrapped) and its ``tokenizer``."""
+        return rollout_engine_class(self.name)(model, tokenizer, **self.args())
+
+
+def get_rollout_engine(name: str, model: Any, tokenizer: Any, **options: Any) -> RolloutEngine:
+    """Build the engine registered as ``name`` (``"hf"``) for ``model`` and ``tokenizer``, with
+    ``options`` (fields of its options dataclass; the rest default)."""
+    return EngineSpec.from_args(name, options, where="get_rollout_engine").build(model, tokenizer)

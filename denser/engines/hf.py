@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
@@ -31,7 +32,7 @@ from denser.engines.base import (
 )
 from denser.engines.packing import model_device
 
-__all__ = ["ForwardAbandoned", "HFRolloutEngine", "abandon_forward_on_stop"]
+__all__ = ["ForwardAbandoned", "HFOptions", "HFRolloutEngine", "abandon_forward_on_stop"]
 
 
 class _BehaviourLogpRecorder:
@@ -64,14 +65,28 @@ class _BehaviourLogpRecorder:
         return torch.stack(self.steps, dim=1)
 
 
-@register_rollout_engine(DEFAULT_ENGINE)
+@dataclass(frozen=True)
+class HFOptions:
+    """The ``hf`` engine's options: flags ``--hf-...`` of ``denser train``, ``engine_args:`` of a run."""
+
+    max_batch_size: int = field(default=0, metadata={"help": (
+        "hf engine: at most this many sequences (prompts x completions each) per generate call, the rest in "
+        "further calls; bounds the KV cache's memory (0 = all of a call at once)")})
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise ValueError(f"--hf-max-batch-size must be >= 0 (0 = all at once), got {self.max_batch_size}")
+
+
+@register_rollout_engine(DEFAULT_ENGINE, options=HFOptions)
 class HFRolloutEngine(RolloutEngine):
     """Sampling with transformers ``generate`` on the live policy model.
 
     Args:
         model: an unwrapped HF causal LM (under accelerate, pass ``accelerator.unwrap_model(model)``).
         tokenizer: its tokenizer (decodes texts; gives EOS and pad ids).
-        max_batch_size: at most this many sequences per ``generate`` call (default: all at once).
+        max_batch_size: at most this many sequences per ``generate`` call (0 or None: all at once);
+            :class:`HFOptions`.
         stop_token_ids: tokens that end a completion (default: the tokenizer's EOS plus the
             model's ``generation_config.eos_token_id``).
     """

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.engines.base import Rollout, SamplingParams, get_rollout_engine
+from denser.engines.base import EngineSpec, Rollout, SamplingParams
 from denser.objectives import TEACHER_SIGNALS, Objective, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
@@ -106,7 +106,9 @@ class Trainer:
       policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
-      tracker for a whole sequence).
+      tracker for a whole sequence);
+    - ``engine``: the rollout engine and its options (:class:`~denser.engines.base.EngineSpec`; default:
+      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``.
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
@@ -118,9 +120,11 @@ class Trainer:
                  log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
-                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None):
+                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None,
+                 engine: EngineSpec | None = None):
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         self.cfg, self.log = cfg, log
+        self.engine_spec = run_engine_spec(cfg, engine)
         # configured for this run's updates per rollout batch (several: old_logp on, so ratios can move)
         self.objective = (objective if objective is not None else get_objective(cfg.objective)).for_run(
             cfg.updates_per_step)
@@ -169,7 +173,7 @@ class Trainer:
                 if m is not None:
                     m.to(device)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
-        self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
+        self.engine = self.engine_spec.build(self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
                                       reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
@@ -210,7 +214,8 @@ class Trainer:
         return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
                 "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
-                "objective_args": dataclasses.asdict(self.objective)}
+                "objective_args": dataclasses.asdict(self.objective),
+                "engine_args": self.engine_spec.args()}
 
     def _check_data(self) -> None:
         name = self.task.name
@@ -611,3 +616,14 @@ def _task_of(cfg: TrainConfig) -> Task:
         return get_task(cfg.task or DEFAULT_TASK, seed=cfg.seed)
     except TypeError as e:  # bad inline options (addition?foo=1)
         raise ValueError(str(e)) from None
+
+
+def run_engine_spec(cfg: TrainConfig, engine: EngineSpec | None) -> EngineSpec:
+    """The run's rollout engine: ``engine``, which must be ``cfg.engine``, or ``cfg.engine`` with its
+    default options."""
+    if engine is None:
+        return EngineSpec(cfg.engine)
+    if engine.name != cfg.engine:
+        raise ValueError(f"the engine spec is for engine {engine.name!r} but the run's --engine is {cfg.engine!r}; "
+                         "pass one engine")
+    return engine

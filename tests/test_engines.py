@@ -1,0 +1,148 @@
+"""The rollout engine as a component: engines registered with an options dataclass, built by the
+registry from an EngineSpec, their options as prefixed flags and a run's engine_args."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import pytest
+import yaml
+
+from denser.cli.flags import CLIError, build_train_parser, parse_engine_args, parse_train_args
+from denser.engines import (
+    EngineSpec,
+    HFOptions,
+    HFRolloutEngine,
+    NoOptions,
+    register_rollout_engine,
+    rollout_engine_options,
+)
+from denser.engines.base import _ENGINES
+from denser.trainers.models import build_tiny_model
+
+
+@dataclass(frozen=True)
+class _FakeOptions:
+    dtype: str = field(default="float32", metadata={"help": "the engine's own dtype"})
+    memory_fraction: float = field(default=0.5, metadata={"help": "share of the device"})
+
+
+@pytest.fixture
+def fake_engine():
+    """A second engine whose options include a name the run also has (dtype)."""
+
+    @register_rollout_engine("fake", options=_FakeOptions)
+    class Fake(HFRolloutEngine):
+        def __init__(self, model, tokenizer, *, dtype="float32", memory_fraction=0.5):
+            super().__init__(model, tokenizer)
+            self.dtype, self.memory_fraction = dtype, memory_fraction
+
+    try:
+        yield Fake
+    finally:
+        _ENGINES.pop("fake", None)
+
+
+def test_the_spec_builds_the_registered_engine_with_its_options():
+    model, tok = build_tiny_model(seed=0)
+    assert EngineSpec() == EngineSpec("hf", HFOptions())
+    spec = EngineSpec.from_args("hf", {"max_batch_size": 3})
+    assert spec.options == HFOptions(max_batch_size=3) and spec.args() == {"max_batch_size": 3}
+    assert EngineSpec.from_args("hf", spec.args()) == spec  # config.yaml's engine_args read back
+    engine = spec.build(model, tok)
+    assert type(engine) is HFRolloutEngine and engine.max_batch_size == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.name = "other"
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("hf", {"max_batch": 2}, "engine 'hf' has no option 'max_batch'; its options: max_batch_size"),
+    ("hf", {"max_batch_size": "two"}, "hf option 'max_batch_size' must be an int"),
+    ("hf", {"max_batch_size": -1}, "--hf-max-batch-size must be >= 0"),
+    ("nope", {}, "unknown rollout engine 'nope'; known: hf"),
+])
+def test_bad_engine_options_name_the_problem(name, args, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EngineSpec.from_args(name, args)
+
+
+def test_options_must_be_the_engines_dataclass(fake_engine):
+    with pytest.raises(TypeError, match="engine 'hf' takes options of type HFOptions"):
+        EngineSpec("hf", _FakeOptions())
+    assert rollout_engine_options("fake") is _FakeOptions
+    assert EngineSpec("fake").build(*build_tiny_model(seed=0)).memory_fraction == 0.5
+
+
+def test_an_engine_without_options_and_one_that_inherits_them():
+    from denser.engines.base import RolloutEngine
+
+    @register_rollout_engine("plain")
+    class Plain(RolloutEngine):
+        def __init__(self, model, tokenizer):
+            pass
+
+        def generate(self, prompt_ids, params, **kw):
+            raise NotImplementedError
+
+    @register_rollout_engine("hf_child")
+    class Child(HFRolloutEngine):
+        pass
+
+    try:
+        assert rollout_engine_options("plain") is NoOptions and EngineSpec("plain").args() == {}
+        assert rollout_engine_options("hf_child") is HFOptions
+        with pytest.raises(ValueError, match="engine 'plain' has no option 'max_batch_size'; its options: none"):
+            EngineSpec.from_args("plain", {"max_batch_size": 1})
+    finally:
+        _ENGINES.pop("plain", None)
+        _ENGINES.pop("hf_child", None)
+    with pytest.raises(ValueError, match="use letters, digits"):
+        register_rollout_engine("a b")
+
+
+def _options(parser) -> set[str]:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def test_engine_options_are_prefixed_flags_beside_the_runs_own(fake_engine):
+    flags = _options(build_train_parser("grpo"))
+    assert {"--hf-max-batch-size", "--fake-dtype", "--fake-memory-fraction", "--dtype"} <= flags
+    argv = ["--objective", "grpo", "--engine", "fake", "--fake-dtype", "bfloat16", "--dtype", "float32"]
+    cfg, _ = parse_train_args(argv)
+    spec = parse_engine_args(argv, cfg)
+    assert cfg.dtype == "float32" and spec == EngineSpec("fake", _FakeOptions(dtype="bfloat16"))
+
+
+def test_a_flag_of_another_engine_is_an_error(fake_engine):
+    argv = ["--engine", "fake", "--hf-max-batch-size", "4"]
+    cfg, _ = parse_train_args(argv)
+    with pytest.raises(CLIError, match="--hf-max-batch-size is an option of --engine hf, but this run's engine is fake"):
+        parse_engine_args(argv, cfg)
+
+
+def test_engine_args_of_a_config_file_and_flags_over_them(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"objective": "grpo", "steps": 2, "engine_args": {"max_batch_size": 6}}))
+    argv = ["--config", str(path)]
+    cfg, _ = parse_train_args(argv)
+    assert cfg.steps == 2 and parse_engine_args(argv, cfg) == EngineSpec("hf", HFOptions(6))
+    argv += ["--hf-max-batch-size", "2"]
+    assert parse_engine_args(argv, parse_train_args(argv)[0]) == EngineSpec("hf", HFOptions(2))
+    path.write_text(yaml.safe_dump({"engine_args": {"max_batch": 6}}))
+    with pytest.raises(CLIError, match=f"--config {path}: engine_args: engine 'hf' has no option 'max_batch'"):
+        parse_engine_args(["--config", str(path)], parse_train_args(["--config", str(path)])[0])
+    path.write_text("engine_args: [1, 2]\n")
+    with pytest.raises(CLIError, match="'engine_args' must be a mapping"):
+        parse_engine_args(["--config", str(path)], parse_train_args(["--config", str(path)])[0])
+
+
+def test_the_run_takes_its_engine_from_the_spec_or_its_config(fake_engine):
+    from denser.trainers.config import TrainConfig
+    from denser.trainers.loop import run_engine_spec
+
+    assert run_engine_spec(TrainConfig(), None) == EngineSpec("hf")
+    spec = EngineSpec("fake", _FakeOptions(memory_fraction=0.25))
+    assert run_engine_spec(TrainConfig(engine="fake"), spec) is spec
+    with pytest.raises(ValueError, match="the engine spec is for engine 'fake' but the run's --engine is 'hf'"):
+        run_engine_spec(TrainConfig(), spec)
