@@ -34,9 +34,16 @@ def fake_engine():
 
     @register_rollout_engine("fake", options=_FakeOptions)
     class Fake(HFRolloutEngine):
+        calls: list = []  # (sampled?, completion ids) of every generate call of every instance
+
         def __init__(self, model, tokenizer, *, dtype="float32", memory_fraction=0.5):
             super().__init__(model, tokenizer)
             self.dtype, self.memory_fraction = dtype, memory_fraction
+
+        def generate(self, prompt_ids, params, **kw):
+            rollout = super().generate(prompt_ids, params, **kw)
+            Fake.calls.append((params.do_sample, rollout.completion_ids))
+            return rollout
 
     try:
         yield Fake
@@ -146,3 +153,35 @@ def test_the_run_takes_its_engine_from_the_spec_or_its_config(fake_engine):
     assert run_engine_spec(TrainConfig(engine="fake"), spec) is spec
     with pytest.raises(ValueError, match="the engine spec is for engine 'fake' but the run's --engine is 'hf'"):
         run_engine_spec(TrainConfig(), spec)
+
+
+def test_the_runs_engine_generates_its_eval_and_the_suites_with_the_same_seeds(tmp_path, fake_engine):
+    """The eval suite (denser eval, the continual measurements) builds the run's engine through the
+    registry, and its sampled eval seeds each eval row as the loop's own sampled eval does:
+    request_seed(seed, row), so both draw the same completions."""
+    from denser.analysis.evaluation import EvalSettings, evaluate_model
+    from denser.analysis.suite import EvalSuite
+    from denser.tasks import get_task
+    from denser.trainers.config import TrainConfig
+    from denser.trainers.loop import Trainer
+
+    cfg = TrainConfig(model="tiny", engine="fake", steps=1, eval_samples=3, eval_size=3, max_new_tokens=6,
+                      seed=5, cpu=True, progress=False, output_dir=str(tmp_path / "r"))
+    spec = EngineSpec("fake", _FakeOptions(memory_fraction=0.25))
+    trainer = Trainer(cfg, task=get_task("addition", seed=5), log=lambda *a: None, engine=spec)
+    assert type(trainer.engine) is fake_engine and trainer.engine.memory_fraction == 0.25
+    fake_engine.calls.clear()
+    trainer.evaluate_all()
+    assert [sampled for sampled, _ in fake_engine.calls] == [False, True]
+    suite = EvalSuite({"addition": trainer.task}, eval_size=3, max_new_tokens=cfg.max_new_tokens, engine=spec)
+    suite.sample_many(trainer.policy, trainer.tokenizer, ["addition"], samples=3, temperature=cfg.eval_temperature,
+                      top_p=cfg.eval_top_p, seed=cfg.seed)
+    suite.generate_many(trainer.policy, trainer.tokenizer, ["addition"])
+    loop_greedy, loop_sampled, suite_sampled, suite_greedy = (ids for _, ids in fake_engine.calls)
+    assert suite_sampled == loop_sampled and suite_greedy == loop_greedy
+    assert len({tuple(c) for c in loop_sampled}) > 3  # really sampled
+    # denser eval's sampling too, through the engine it is given
+    fake_engine.calls.clear()
+    evaluate_model("tiny", ["addition"], EvalSettings(eval_size=3, max_new_tokens=6, samples=2, seed=5), engine=spec,
+                   device="cpu", log=lambda *a: None)
+    assert [sampled for sampled, _ in fake_engine.calls] == [False, True]

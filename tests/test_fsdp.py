@@ -103,7 +103,7 @@ def register_test_parts() -> None:
                 self.model, self.tokenizer = model, tokenizer
                 self.eos = int(tokenizer.eos_token_id)
 
-            def generate(self, prompt_ids, params, *, seed=None, stop=None):
+            def generate(self, prompt_ids, params, *, seeds=None, seed=None, stop=None):
                 prompts = [list(map(int, p)) for p in prompt_ids]
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 completions, truncated = [], []

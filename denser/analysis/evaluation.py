@@ -189,6 +189,7 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
 
 def _sampled(engine, params, task, rows, prompt_ids, settings: EvalSettings) -> dict[str, list[float]]:
     n = settings.samples
+    # eval row p's request is seeded request_seed(seed, p), as the training loop's sampled eval seeds it
     rollout = engine.generate(prompt_ids, params, seed=settings.seed)
     scores = task.score_batch(rollout.texts, [row for row in rows for _ in range(n)])
     out: dict[str, list[float]] = {f"mean@{n}": [], **{f"pass@{k}": [] for k in settings.ks},

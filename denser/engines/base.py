@@ -23,11 +23,19 @@ sample ``s`` answers prompt ``s // G`` (``rollout.group_ids``). A completion end
 token (EOS), which is kept as its last token; tokens after it are dropped. A completion that hit
 ``max_new_tokens`` without EOS is ``truncated``. Every completion has at least one token.
 :meth:`Rollout.pack` lays samples out for a forward pass (:mod:`denser.engines.packing`).
+
+Seeds
+-----
+Every prompt's request has a seed (:func:`request_seed`): in training, of (run seed, step, generation
+round, the prompt's global index in the step), never of the process, and the prompt's samples are
+drawn from it alone (sample ``j`` from ``request_seed(prompt_seed, j)``). So a run is reproducible,
+resumes exactly, and a resume on another number of processes draws the same samples.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -50,6 +58,8 @@ __all__ = [
     "register_rollout_engine",
     "get_rollout_engine",
     "list_rollout_engines",
+    "prompt_seeds",
+    "request_seed",
     "rollout_engine_class",
     "rollout_engine_options",
     "truncate_at_stop",
@@ -233,6 +243,30 @@ class NoOptions:
     """The options of an engine that takes none."""
 
 
+def request_seed(*keys: int) -> int:
+    """A 63-bit seed from integer ``keys`` (DESIGN.md, Contract 4): ``request_seed(run_seed, step, round,
+    index)`` for the prompt at global ``index`` of a training step's generation ``round``,
+    ``request_seed(seed, index)`` for eval row ``index``, ``request_seed(prompt_seed, j)`` for sample
+    ``j`` of a prompt. A BLAKE2b hash of the keys: the same in every process, Python and platform,
+    and independent of the process's rank unless a key is."""
+    data = b"".join(int(k).to_bytes(16, "little", signed=True) for k in keys)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def prompt_seeds(num_prompts: int, seeds: Sequence[int] | None = None, seed: int | None = None) -> list[int]:
+    """The request seed of each of a ``generate`` call's prompts (see :meth:`RolloutEngine.generate`):
+    ``seeds``, else ``request_seed(seed, p)`` for the prompt at position ``p``, else ``request_seed``
+    of one draw from the global RNG and ``p``."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != num_prompts:
+            raise ValueError(f"generate: {len(seeds)} seeds for {num_prompts} prompts; pass one seed per prompt")
+        return seeds
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)))
+    return [request_seed(seed, p) for p in range(num_prompts)]
+
+
 class RolloutEngine(ABC):
     """Samples completions for prompts. One engine per policy model.
 
@@ -247,15 +281,23 @@ class RolloutEngine(ABC):
 
     @abstractmethod
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None,
-        stop: Callable[[], bool] | None = None,
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
+        seed: int | None = None, stop: Callable[[], bool] | None = None,
     ) -> Rollout:
         """Sample ``params.num_generations`` completions for each prompt (token ids, e.g. from
-        :func:`denser.trainers.models.render_prompt`). ``seed`` makes the call reproducible
-        without touching the global RNG; ``None`` uses the global RNG. ``stop``: polled while
-        generating (a graceful stop of the run: the HF engine polls it at every token and, in a
-        single process, before every layer); once it returns True the engine may end every
-        completion early, even with no token: the caller then abandons the rollout."""
+        :func:`denser.trainers.models.render_prompt`).
+
+        ``seeds``: one per prompt, the request's seed (:func:`request_seed`); the prompt's samples
+        are drawn from it alone, so a prompt with the same seed gets the same completions whatever
+        else the call holds, how the engine batches it and in which process it runs. ``seed``: the
+        prompts get ``request_seed(seed, p)`` by their position ``p`` in the call (for a fixed list
+        of prompts, e.g. an eval split). Neither: one seed drawn from the global RNG
+        (:func:`prompt_seeds`). An engine never draws from the global RNG otherwise. Greedy
+        decoding (``params.do_sample=False``) ignores the seeds.
+
+        ``stop``: polled while generating (a graceful stop of the run: the HF engine polls it at
+        every token and, in a single process, before every layer); once it returns True the engine
+        may end every completion early, even with no token: the caller then abandons the rollout."""
 
     def update_weights(self, model: Any) -> None:  # noqa: B027 - optional hook
         """Bring the engine's weights up to date with ``model`` (no-op by default)."""

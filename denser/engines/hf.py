@@ -10,6 +10,18 @@ core computes at the same temperature over the full vocabulary, so with top-k / 
 ratio ``exp(logp - old_logp)`` is 1 up to numerics at the first update; with top-k / top-p on,
 ``old_logp`` deliberately stays the full-vocabulary value (the truncation is part of the sampler,
 not of the policy being trained), as in TRL and verl.
+
+Seeded sampling
+---------------
+Each sampled completion draws its tokens from a stream of its own: sample ``j`` of a prompt whose
+request seed is ``s`` (:func:`~denser.engines.base.prompt_seeds`) draws uniforms from a
+``torch.Generator`` seeded with ``request_seed(s, j)`` (on the CPU: the same numbers on any
+device), one per new token, and takes the token by inverse CDF of the warped distribution (after
+temperature, top-k, top-p), which is a draw from exactly that distribution. The last logits
+processor (:class:`_SeededSampler`) makes the draw and leaves only that token possible, so
+``generate`` runs greedy and never touches the global RNG. A completion's tokens therefore depend
+on its prompt, its seed and the model alone: not on the other prompts of the call, on
+``max_batch_size``, or on the process.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ from denser.engines.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    prompt_seeds,
     register_rollout_engine,
+    request_seed,
     truncate_at_stop,
 )
 from denser.engines.packing import model_device
@@ -71,7 +85,7 @@ class HFOptions:
 
     max_batch_size: int = field(default=0, metadata={"help": (
         "hf engine: at most this many sequences (prompts x completions each) per generate call, the rest in "
-        "further calls; bounds the KV cache's memory (0 = all of a call at once)")})
+        "further calls; bounds the KV cache's memory and leaves the samples unchanged (0 = all of a call at once)")})
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -116,8 +130,8 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
 
     def generate(
-        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seed: int | None = None,
-        stop: Callable[[], bool] | None = None,
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
+        seed: int | None = None, stop: Callable[[], bool] | None = None,
     ) -> Rollout:
         prompts = [list(map(int, p)) for p in prompt_ids]
         if not prompts:
@@ -126,18 +140,18 @@ class HFRolloutEngine(RolloutEngine):
             raise ValueError("empty prompt: render prompts with render_prompt() first")
         G = params.num_generations
         flat = [p for p in prompts for _ in range(G)]
+        # one stream per sample: sample j of prompt p from request_seed(seed of p, j); greedy needs none
+        sample_seeds = ([request_seed(s, j) for s in prompt_seeds(len(prompts), seeds, seed) for j in range(G)]
+                        if params.do_sample else [0] * len(flat))
         chunk = self.max_batch_size or len(flat)
         completions: list[list[int]] = []
         logps: list[Tensor] = []
         truncated: list[bool] = []
         device = model_device(self.model)
-        rng = (torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-               if seed is not None else contextlib.nullcontext())
-        with rng, _eval_mode(self.model), torch.no_grad():
-            if seed is not None:
-                torch.manual_seed(seed)
+        with _eval_mode(self.model), torch.no_grad():
             for start in range(0, len(flat), chunk):
-                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device, stop)
+                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device, stop,
+                                                 sample_seeds[start : start + chunk])
                 completions += c
                 logps += lp
                 truncated += tr
@@ -155,7 +169,7 @@ class HFRolloutEngine(RolloutEngine):
 
     def _generate_chunk(
         self, prompts: list[list[int]], params: SamplingParams, device: torch.device,
-        stop: Callable[[], bool] | None = None,
+        stop: Callable[[], bool] | None, seeds: list[int],
     ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
         # lazy: importing transformers takes seconds, and `denser train --help` imports this module
         from transformers import GenerationConfig, LogitsProcessorList
@@ -176,16 +190,16 @@ class HFRolloutEngine(RolloutEngine):
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
                 processors.append(TopPLogitsWarper(params.top_p))
-        # Every built-in processor off (temperature 1, top_k 0, ...): ours above run alone, in order.
-        sampling = dict(temperature=1.0, top_k=0, top_p=1.0) if params.do_sample else {}
+            processors.append(_SeededSampler(seeds, params.max_new_tokens))
+        # Every built-in processor off and greedy decoding: ours above run alone, in order, and the
+        # seeded sampler's token is the only one left to pick.
         config = GenerationConfig(
             max_new_tokens=params.max_new_tokens,
-            do_sample=params.do_sample,
+            do_sample=False,
             num_beams=1,
             eos_token_id=self.stop_token_ids,
             pad_token_id=self.pad_token_id,
             use_cache=True,
-            **sampling,
         )
         try:
             with _neutral_generation_config(self.model, config), abandon_forward_on_stop(self.model, stop):
@@ -207,6 +221,26 @@ class HFRolloutEngine(RolloutEngine):
             logps.append(logp_steps[b, : len(tokens)].clone())
             truncated.append(tr)
         return completions, logps, truncated
+
+
+class _SeededSampler:
+    """The last logits processor of a sampled ``generate``: draws row ``b``'s next token from the
+    (warped) scores with the ``t``-th uniform of its own stream (seed ``seeds[b]``), by inverse CDF in
+    float64, and returns scores where only that token is finite (greedy decoding then picks it)."""
+
+    def __init__(self, seeds: list[int], max_new_tokens: int):
+        # (0, 1]: a uniform of exactly 0 could otherwise pick a leading zero-probability token
+        self.uniforms = torch.stack([
+            1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            for s in seeds])
+        self.t = 0
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        u = self.uniforms[:, min(self.t, self.uniforms.shape[1] - 1)].to(scores.device)
+        self.t += 1
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
 
 
 def _stop_criteria(stop: Callable[[], bool]):

@@ -43,7 +43,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from denser.engines.base import EngineSpec, Rollout, SamplingParams
+from denser.engines.base import EngineSpec, Rollout, SamplingParams, request_seed
 from denser.objectives import TEACHER_SIGNALS, Objective, Signal, get_objective
 from denser.plugins import plugin_imports
 from denser.tasks import DEFAULT_TASK, Task, get_task
@@ -297,7 +297,7 @@ class Trainer:
         ``eval_accuracy`` (one greedy completion per prompt) and its standard error over prompts
         ``eval_accuracy_se``; with ``--eval-samples n`` also ``eval_mean_at_n`` (the mean over prompts
         of the fraction of ``n`` completions sampled at ``--eval-temperature``/``--eval-top-p`` that
-        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the process index) and
+        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the eval row's index) and
         leaves the training RNG streams alone, so an eval is reproducible and does not change the run.
         With an ``evaluator``, what it returns (a float is the greedy accuracy)."""
         if self.evaluator is not None:
@@ -338,7 +338,9 @@ class Trainer:
         def generate_round(j: int) -> tuple[Rollout, list[dict], Scores]:
             with timer("generate"):
                 rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
-                rollout = self._rollout(rows)
+                # each prompt's request seeded by (seed, step, round, global index): never by the process
+                rollout = self._rollout(rows, [request_seed(self.cfg.seed, step, j, i)
+                                               for i in self.prompts.request_indices()])
             self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
             with timer("signals"):
                 return rollout, rows, self.signals.score(rollout, rows)
@@ -347,12 +349,12 @@ class Trainer:
             return RolloutBatch(*generate_round(0))
         return dynamic_batch(generate_round, self.cfg.prompts_per_step, self.cfg.max_generation_rounds)
 
-    def _rollout(self, rows: list[dict]) -> Rollout:
+    def _rollout(self, rows: list[dict], seeds: list[int] | None = None) -> Rollout:
         cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
+        rollout = self._generate(self.prompts.prompt_ids(rows), params, seeds=seeds, stop=self.stop.during_generation)
         self.policy.train()
         trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout
