@@ -28,8 +28,10 @@ Seeds
 -----
 Every prompt's request has a seed (:func:`request_seed`): in training, of (run seed, step, generation
 round, the prompt's global index in the step), never of the process, and the prompt's samples are
-drawn from it alone (sample ``j`` from ``request_seed(prompt_seed, j)``). So a run is reproducible,
-resumes exactly, and a resume on another number of processes draws the same samples.
+drawn from it alone (the ``hf`` engine: sample ``j`` from ``request_seed(prompt_seed, j)``; an engine
+that takes one seed per request and ``n`` samples, as vLLM does, passes the prompt's seed). So a run
+is reproducible, resumes exactly, and a run on another number of processes with the same global
+batch draws the same samples.
 """
 
 from __future__ import annotations
