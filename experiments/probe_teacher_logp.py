@@ -40,11 +40,11 @@ import sys
 import torch
 
 from denser.analysis.estimators import mean_stderr
+from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.kernels import token_stats
 from denser.objectives import get_objective, teacher_messages
 from denser.tasks import get_task
 from denser.trainers.models import load_model, render_prompt
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
 QUESTION = re.compile(r"What is (\d+) \+ (\d+)\?")
 

@@ -265,8 +265,8 @@ def _tiny_generations(tokenizer, seed=0):
 
 
 def test_token_drift_is_zero_against_itself_and_matches_full_logits():
+    from denser.engines.packing import build_packed_batch
     from denser.trainers.models import build_tiny_model
-    from denser.trainers.packing import build_packed_batch
 
     cur, tok = build_tiny_model(seed=0)
     init, _ = build_tiny_model(seed=1)

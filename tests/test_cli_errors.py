@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from denser.cli import main
+from denser.engines import HFRolloutEngine
 from denser.trainers import loop
-from denser.trainers.rollout import HFRolloutEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--model", "tiny", "--steps", "2", "--max-new-tokens", "4", "--num-generations", "2", "--prompts-per-step", "2",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from denser.cli import parse_train_args
+from denser.engines.base import Rollout, SamplingParams
 from denser.objectives import Objective, Signal, get_objective, register_objective, unregister_objective
 from denser.tasks import Score
 from denser.tasks.builtin import Addition
@@ -13,7 +14,6 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.resolve import resolve_run
-from denser.trainers.rollout import Rollout, SamplingParams
 from denser.trainers.sampling import Scores, dynamic_batch, overlong_penalty, varied_groups
 
 # ------------------------------------------------------------------------------ overlong shaping
@@ -99,6 +99,29 @@ def test_refill_rounds_draw_their_own_prompts(tmp_path):
     assert not {str(x) for x in ranks[0]} & {str(x) for x in ranks[1]}  # processes draw different refills
     with pytest.raises(ValueError, match="generation round 3"):
         dyn.rows_for_step(0, round=3)
+
+
+def test_a_prompts_global_index_is_the_same_whatever_the_number_of_processes():
+    """The index that seeds a prompt's request: with the same global batch (processes x prompts per
+    process), a prompt drawn at (step, round) has the same global index on 1, 2 or 4 processes."""
+    from denser.tasks import get_task
+
+    task = get_task("addition")
+
+    def by_prompt(world):
+        out = {}
+        for r in range(world):
+            s = PromptSchedule(task, None, seed=3, prompts_per_step=8 // world, rank=r, world=world,
+                               max_new_tokens=8, context_limit=None, rounds=2)
+            for t in range(3):
+                for j in (0, 1):
+                    for row, i in zip(s.rows_for_step(t, round=j), s.request_indices(), strict=True):
+                        out[(t, j, i)] = str(row)
+        return out
+
+    one = by_prompt(1)
+    assert len(one) == 3 * 2 * 8 and set(one) == {(t, j, i) for t in range(3) for j in (0, 1) for i in range(8)}
+    assert by_prompt(2) == one and by_prompt(4) == one
 
 
 # --------------------------------------------------------------------------- the dapo preset

@@ -17,8 +17,8 @@ import torch
 from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vote_groups
 from denser.analysis.evaluation import default_ks, vote_key
 from denser.cli import main
+from denser.engines import HFRolloutEngine, Rollout
 from denser.tasks import get_task
-from denser.trainers.rollout import HFRolloutEngine, Rollout
 
 # ------------------------------------------------------------------------------------ estimators
 
@@ -132,7 +132,7 @@ def fake_texts(answers: list[str], greedy: bool) -> list[list[str]]:
 def fake_generate(monkeypatch):
     calls = []
 
-    def generate(self, prompt_ids, params, *, seed=None, stop=None):
+    def generate(self, prompt_ids, params, *, seeds=None, seed=None, stop=None):
         calls.append((params, seed, len(prompt_ids)))
         per_prompt = fake_texts(answers_of(generate.task, generate.seed), greedy=not params.do_sample)
         texts = [t for p in range(len(prompt_ids)) for t in per_prompt[p % ROWS]]

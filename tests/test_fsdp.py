@@ -80,10 +80,10 @@ def register_test_parts() -> None:
     """The ``fixed`` rollout engine and the deterministic ``parity_fixed`` task (idempotent)."""
     import torch
 
+    from denser.engines.base import Rollout, RolloutEngine, list_rollout_engines, register_rollout_engine
+    from denser.engines.packing import build_packed_batch, completion_logprobs
     from denser.tasks import Score, list_tasks, register_task
     from denser.tasks.builtin import Addition
-    from denser.trainers.packing import build_packed_batch, completion_logprobs
-    from denser.trainers.rollout import Rollout, RolloutEngine, list_rollout_engines, register_rollout_engine
 
     if TASK not in list_tasks():
         @register_task(TASK, "addition prompts; reward 1 for an even-length reply (deterministic)")
@@ -103,7 +103,7 @@ def register_test_parts() -> None:
                 self.model, self.tokenizer = model, tokenizer
                 self.eos = int(tokenizer.eos_token_id)
 
-            def generate(self, prompt_ids, params, *, seed=None, stop=None):
+            def generate(self, prompt_ids, params, *, seeds=None, seed=None, stop=None):
                 prompts = [list(map(int, p)) for p in prompt_ids]
                 vocab = self.model.get_output_embeddings().weight.shape[0]
                 completions, truncated = [], []
@@ -134,8 +134,8 @@ def register_test_parts() -> None:
 def registered_test_parts():
     """:func:`register_test_parts`, undone on exit in this process: other test files list the
     engines and tasks (an error message names them all)."""
+    from denser.engines import base as rollout
     from denser.tasks import list_tasks, unregister_task
-    from denser.trainers import rollout
 
     had_task, had_engine = TASK in list_tasks(), ENGINE in rollout.list_rollout_engines()
     register_test_parts()
@@ -269,8 +269,8 @@ def test_fixed_engine_is_a_function_of_prompt_and_index(test_parts):
     """The premise of every comparison here: the engine ignores process, weights and RNG."""
     import torch
 
+    from denser.engines.base import SamplingParams, get_rollout_engine
     from denser.trainers.models import load_model
-    from denser.trainers.rollout import SamplingParams, get_rollout_engine
 
     m0, tok = load_model("tiny", seed=0)
     m1, _ = load_model("tiny", seed=1)

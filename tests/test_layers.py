@@ -1,4 +1,5 @@
-"""The package's layers hold (DESIGN.md: cli > continual > analysis > trainers > objectives, tasks > kernels)
+"""The package's layers hold (pyproject.toml's import-linter contract, the one source:
+cli > api, bench > continual > analysis > trainers > engines > objectives, tasks > kernels, plugins)
 and the linter's rule set is clean. Both tools are configured in pyproject.toml; these tests run them so that
 the README's one test command (and CI) enforces them."""
 
@@ -37,6 +38,28 @@ def test_import_layers_catch_an_upward_import(tmp_path):
     proc = _lint_imports(copy)
     assert proc.returncode != 0
     assert "denser.kernels.upward -> denser.trainers" in proc.stdout
+
+
+def test_the_contract_name_states_its_layers():
+    """The contract's name (what docs and messages quote) is its layer list, in order, top first."""
+    import tomllib
+
+    contract = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]
+    said = [[m.strip() for m in layer.split(",")] for layer in contract["name"].removeprefix("layers: ").split(" > ")]
+    listed = [[m.strip(" ()").removeprefix("denser.") for m in layer.split("|")] for layer in contract["layers"]]
+    assert said == listed
+    assert listed.index(["trainers"]) < listed.index(["engines"]) < listed.index(["objectives", "tasks"])
+
+
+def test_engines_may_not_import_the_loop(tmp_path):
+    """The engines sit below trainers: an engine module that imports the loop breaks the contract."""
+    copy = tmp_path / "repo"
+    shutil.copytree(ROOT / "denser", copy / "denser", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
+    (copy / "denser" / "engines" / "upward.py").write_text("from denser.trainers.loop import Trainer  # noqa: F401\n")
+    proc = _lint_imports(copy)
+    assert proc.returncode != 0
+    assert "denser.engines.upward -> denser.trainers.loop" in proc.stdout
 
 
 def test_ruff_is_clean():

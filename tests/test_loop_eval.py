@@ -9,13 +9,13 @@ import math
 import pytest
 import torch
 
+from denser.engines.base import Rollout, request_seed
 from denser.tasks import Score, get_task
 from denser.tasks.builtin import Addition
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.evaluation import eval_metrics, format_eval
 from denser.trainers.loop import Trainer
 from denser.trainers.resolve import resolve_run
-from denser.trainers.rollout import Rollout
 
 
 class FirstDigitTask(Addition):
@@ -34,11 +34,11 @@ class ScriptedEngine:
     def __init__(self, greedy: list[bool], sampled: list[list[bool]]):
         self.greedy, self.sampled, self.seeds = greedy, sampled, []
 
-    def generate(self, prompt_ids, params, *, seed=None, stop=None):
+    def generate(self, prompt_ids, params, *, seeds=None, seed=None, stop=None):
         n = params.num_generations
         table = [[g] for g in self.greedy] if not params.do_sample else self.sampled
         if params.do_sample:
-            self.seeds.append(seed)
+            self.seeds.append(seeds)
         texts = [("yes" if table[p][j] else "no") for p in range(len(prompt_ids)) for j in range(n)]
         S = len(texts)
         return Rollout(prompt_ids=[list(p) for p in prompt_ids], completion_ids=[[1]] * S, texts=texts,
@@ -92,7 +92,8 @@ def test_sampled_eval_on_a_scripted_rollout(tmp_path):
     assert m["eval_accuracy_se"] == pytest.approx(math.sqrt(0.3 / 5))
     assert m["eval_mean_at_n"] == pytest.approx(mean)
     assert m["eval_mean_at_n_se"] == pytest.approx(se)
-    assert engine.seeds and engine.seeds[0] is not None  # sampled eval is seeded
+    # sampled eval is seeded per eval row, request_seed(seed, row), as `denser eval` seeds it
+    assert engine.seeds == [[request_seed(trainer.cfg.seed, i) for i in range(5)]]
 
 
 def test_sampled_eval_is_deterministic_and_leaves_the_training_rng_alone(tmp_path):
@@ -100,8 +101,8 @@ def test_sampled_eval_is_deterministic_and_leaves_the_training_rng_alone(tmp_pat
     calls = []
     real = trainer.engine.generate
 
-    def spy(prompt_ids, params, *, seed=None, stop=None):
-        out = real(prompt_ids, params, seed=seed, stop=stop)
+    def spy(prompt_ids, params, **kw):
+        out = real(prompt_ids, params, **kw)
         calls.append(out.completion_ids)
         return out
 
@@ -160,8 +161,8 @@ def _entropy(logits):
 
 
 def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
+    from denser.engines.packing import completion_hidden_states, lm_head_params
     from denser.objectives import get_objective
-    from denser.trainers.packing import completion_hidden_states, lm_head_params
 
     cfg = _cfg(tmp_path, objective="sdpo", num_generations=4, prompts_per_step=2, micro_batch_size=8,
                log_teacher_entropy=True, temperature=0.7)

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.kernels import fused_loss
 from denser.objectives import PolicyBatch, get_objective
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.memory import adamw, set_mmap_threshold, trim_heap
 from denser.trainers.models import load_model
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.trainers.teacher import TeacherWeights
 
 

@@ -17,6 +17,7 @@ import yaml
 import denser
 from denser.cli import main, parse_train_args
 from denser.cli.flags import parse_continual_args
+from denser.engines import HFRolloutEngine
 from denser.objectives import (
     LossOutput,
     Metric,
@@ -28,7 +29,6 @@ from denser.objectives import (
     unregister_objective,
 )
 from denser.plugins import PluginError, import_plugin
-from denser.trainers.rollout import HFRolloutEngine
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "objectives.md"
@@ -105,7 +105,7 @@ def test_import_by_module_name_and_config_key(tmp_path, monkeypatch):
         cfg, objective = parse_train_args(["--config", str(config)])
         assert objective.scale == 3.0
         # continual and eval take --import too (the objective's flags are built after it)
-        cfg, objective, values = parse_continual_args(["--import", "mine_by_name", "--objective", "reinforce_by_name",
+        cfg, objective, _, values = parse_continual_args(["--import", "mine_by_name", "--objective", "reinforce_by_name",
                                                        "--tasks", "addition,compare"])
         assert objective.name == "reinforce_by_name" and values["tasks"] == ["addition", "compare"]
     finally:

@@ -63,8 +63,8 @@ def test_stop_control_raises_at_check_points_and_the_save_clock_ticks():
 
 
 def test_generation_ends_at_the_next_token_or_layer_once_a_stop_is_requested():
+    from denser.engines import HFRolloutEngine, SamplingParams
     from denser.trainers.models import build_tiny_model
-    from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
     model, tok = build_tiny_model(seed=0)
     engine = HFRolloutEngine(model, tok)
@@ -106,7 +106,7 @@ def test_save_every_minutes_writes_checkpoints_by_the_clock(tmp_path):
 
 @pytest.mark.parametrize("call, where", [(1, "the evaluation before training"), (2, "step 1, after generation")])
 def test_a_stop_before_any_step_finished_saves_nothing_and_says_so(tmp_path, monkeypatch, capsys, call, where):
-    from denser.trainers.rollout import HFRolloutEngine
+    from denser.engines import HFRolloutEngine
 
     real = HFRolloutEngine.generate
     calls = []

@@ -67,7 +67,7 @@ def test_trainer_built_from_a_train_config_runs_the_dapo_preset(tmp_path):
                           "--eval-size", "2", "--no-progress"])
     assert trainer.cfg == cli.config and _loop_options(trainer.cfg) == DAPO_ON
     assert trainer.prompts.rounds == trainer.cfg.max_generation_rounds == 4  # dynamic sampling's refills are on
-    with pytest.raises(ValueError, match="a ResolvedRun holds its objective and task"):
+    with pytest.raises(ValueError, match="a ResolvedRun holds its objective, task and engine"):
         Trainer(cli, "grpo")
 
 
@@ -166,7 +166,7 @@ def test_denser_continual_from_python_resolves_as_the_cli(monkeypatch):
 
     monkeypatch.setattr(ContinualRunner, "run", lambda self: self)
     runner = denser.continual(objective="dapo", tasks=["addition", "compare"], model="tiny", steps_per_task=2)
-    cfg, objective, values = parse_continual_args(["--objective", "dapo", "--tasks", "addition,compare",
+    cfg, objective, _, values = parse_continual_args(["--objective", "dapo", "--tasks", "addition,compare",
                                                    "--model", "tiny", "--steps-per-task", "2"])
     assert runner.cfg == cfg and _loop_options(cfg) == DAPO_ON and runner.objective == objective
     assert dataclasses.asdict(runner.ccfg)["tasks"] == values["tasks"] == ["addition", "compare"]
@@ -262,7 +262,7 @@ def test_every_settings_field_is_a_flag_of_its_command():
     assert {f.name for f in dataclasses.fields(DriftSettings)} == {"tasks", "eval_size", "max_new_tokens",
                                                                     "spectral_rank", "seed", "backend"}
     # a list field is comma-separated on the command line; a flag left off keeps the dataclass default
-    _, _, values = parse_continual_args(["--objective", "grpo", "--tasks", "addition, compare", "--carry-optimizer",
+    _, _, _, values = parse_continual_args(["--objective", "grpo", "--tasks", "addition, compare", "--carry-optimizer",
                                          "--reset-optimizer"])
     ccfg = ContinualConfig(**values)
     assert ccfg.tasks == ["addition", "compare"] and ccfg.eval_tasks == [] and ccfg.carry_optimizer is False

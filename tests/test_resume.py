@@ -218,6 +218,37 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
     assert len(load_train_state(run_dir / "checkpoints" / f"step-{STEPS:06d}")[0]["rng"]) == 2
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~40 s: DENSER_DDP_TESTS=1")
+def test_two_processes_draw_the_samples_of_one_with_the_same_global_batch(tmp_path):
+    """DESIGN.md Contract 4: requests are seeded by (seed, step, round, global index), never by the
+    process, so 2 processes x 2 prompts sample the first step's completions of 1 process x 4 prompts
+    (the same prompts, the same weights). With DENSER_TEST_BREAK=local_index (seeds from the index on
+    the process, as a rank-based seed would do) the test fails."""
+    import shutil
+
+    if shutil.which("torchrun") is None:
+        pytest.skip("needs torchrun")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    fast = list(FAST)
+    fast[fast.index("--prompts-per-step") + 1] = "{P}"
+    args = ["--objective", "grpo", *fast, "--steps", "1", "--max-new-tokens", "24", "--temperature", "1.0"]
+    breaks = [f"break={os.environ['DENSER_TEST_BREAK']}"] if os.environ.get("DENSER_TEST_BREAK") else []
+    samples = {}
+    for n, per in ((1, 4), (2, 2)):
+        dump = tmp_path / f"samples-{n}"
+        dump.mkdir()
+        cmd = ["torchrun", "--nproc_per_node", str(n), str(HERE), f"dump_samples={dump}", *breaks, "--",
+               *[x.format(P=per) for x in args], "--output-dir", str(tmp_path / f"run-{n}")]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        calls = [json.loads(line) for f in sorted(dump.iterdir()) for line in f.read_text().splitlines()]
+        samples[n] = {tuple(p): c for call in calls
+                      for p, c in zip(call["prompts"], zip(*[iter(call["completions"])] * 4), strict=True)}
+    assert len(samples[1]) == 4 and samples[2] == samples[1]
+    assert len({tuple(c) for cs in samples[1].values() for c in cs}) > 4  # really sampled
+
+
 def ckpt_names(run: Path) -> list[str]:
     return sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step-"))
 
@@ -240,6 +271,7 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                           rename, print PAUSED and sleep (the test SIGKILLs the process there)
     disk_full_at=N        save_checkpoint of step N fails with ENOSPC while writing the model
     nan_at_steps=A,B,..   the objective's loss is NaN at these (0-based) steps
+    dump_samples=DIR      every sampled generate call appends its prompts and completions to DIR/rank-R.jsonl
     phases=1              print "PHASE <phase> <step>" (flushed) as each phase begins: eval, generate, backward,
                           optimizer (of the 1-based step in progress), save and saved (of the step saved)
     signal_at=P:S:SIG     send SIG (TERM, INT) to this very process as phase P of step S begins
@@ -247,7 +279,8 @@ def _install_hooks(hooks: dict[str, str]) -> None:
                           numpy_rng, torch_rng (that stream not restored), rank0_rng (every process
                           gets process 0's streams: only visible with 2+ processes), seed_order (set_seed after
                           the restore), teacher, optimizer, scheduler (state not loaded), metrics (not
-                          truncated), data (prompts counted from the resume step)
+                          truncated), data (prompts counted from the resume step), local_index (requests
+                          seeded by the prompt's index on its process, not in the whole step)
     """
     import errno
 
@@ -301,6 +334,20 @@ def _install_hooks(hooks: dict[str, str]) -> None:
             return real_save(run_dir, step, model=model, **kw)
 
         ckpt.save_checkpoint = failing_save
+    if "dump_samples" in hooks:
+        from denser.engines import HFRolloutEngine
+
+        real_generate = HFRolloutEngine.generate
+
+        def dumping_generate(self, prompt_ids, params, **kw):
+            rollout = real_generate(self, prompt_ids, params, **kw)
+            if params.do_sample:
+                rank = os.environ.get("RANK", "0")
+                with open(Path(hooks["dump_samples"]) / f"rank-{rank}.jsonl", "a") as f:
+                    f.write(json.dumps({"prompts": rollout.prompt_ids, "completions": rollout.completion_ids}) + "\n")
+            return rollout
+
+        HFRolloutEngine.generate = dumping_generate
     if "phases" in hooks or "signal_at" in hooks:
         _phase_hooks(hooks)
     if "break" in hooks:
@@ -324,9 +371,9 @@ def _phase_hooks(hooks: dict[str, str]) -> None:
     from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
+    from denser.engines import HFRolloutEngine
     from denser.trainers import checkpoint as ckpt
     from denser.trainers import loop
-    from denser.trainers.rollout import HFRolloutEngine
 
     show = hooks.get("phases") == "1"
     target = None
@@ -418,6 +465,8 @@ def _break_resume(what: str) -> None:
         torch.optim.lr_scheduler.LambdaLR.load_state_dict = lambda self, state: None
     elif what == "metrics":
         run_dir.RunDir.truncate_metrics = lambda self, rows: None
+    elif what == "local_index":  # a prompt's request seeded by its index among this process's prompts
+        prompts.PromptSchedule.request_indices = lambda self: list(range(self.per_step))
     elif what == "data":  # prompts counted from the first step this process runs (the resume step)
         real_rows, first = prompts.PromptSchedule.rows_for_step, {}
         prompts.PromptSchedule.rows_for_step = lambda self, step: real_rows(self, step - first.setdefault(id(self), step))

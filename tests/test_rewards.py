@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from denser.cli import main
+from denser.engines import HFRolloutEngine
 from denser.objectives.teacher import TeacherSpec, teacher_messages
 from denser.tasks import (
     FileTaskError,
@@ -24,7 +25,6 @@ from denser.tasks import (
     unregister_reward,
 )
 from denser.tasks.rewards import parse_reward_spec
-from denser.trainers.rollout import HFRolloutEngine
 
 BUILTIN = {"exact", "numeric", "contains", "format", "math"}
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from denser.trainers.models import build_tiny_model, render_prompt
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, completion_logprobs, lm_head_params
-from denser.trainers.rollout import (
+from denser.engines import (
     HFRolloutEngine,
     Rollout,
     SamplingParams,
     get_rollout_engine,
     list_rollout_engines,
+    request_seed,
     truncate_at_stop,
 )
+from denser.engines.packing import build_packed_batch, completion_hidden_states, completion_logprobs, lm_head_params
+from denser.trainers.models import build_tiny_model, render_prompt
 
 QUESTIONS = ["What is 2 + 3?", "Reverse 'cat'.", "hi"]
 
@@ -80,6 +81,79 @@ def test_seed_reproducible_and_global_rng_untouched(tiny, rollout):
     assert torch.equal(state, torch.random.get_rng_state())
     assert again.completion_ids == rollout.completion_ids
     assert all(torch.equal(a, b) for a, b in zip(again.logps, rollout.logps))
+
+
+def test_a_prompts_samples_depend_on_its_seed_alone_not_on_the_batch(tiny):
+    """DESIGN.md Contract 4: the same prompt with the same request seed draws the same completions
+    whether it is generated with other prompts, alone, in another order, or cut into smaller
+    generate calls (another number of processes, another --hf-max-batch-size)."""
+    model, tok = tiny
+    qs = QUESTIONS + ["Sort 3 1 2."]
+    prompts = [render_prompt(tok, q) for q in qs]
+    seeds = [request_seed(7, 2, 0, i) for i in range(4)]  # run seed 7, step 2, round 0, global index i
+    params = SamplingParams(max_new_tokens=10, num_generations=3, temperature=0.9)
+    whole = HFRolloutEngine(model, tok).generate(prompts, params, seeds=seeds)
+
+    def per_prompt(r, order):
+        g = params.num_generations
+        return {p: r.completion_ids[k * g:(k + 1) * g] for k, p in enumerate(order)}, \
+               {p: r.logps[k * g:(k + 1) * g] for k, p in enumerate(order)}
+
+    want, want_lp = per_prompt(whole, range(4))
+    assert len({tuple(c) for cs in want.values() for c in cs}) > 4  # really sampled, not all alike
+    halves = [HFRolloutEngine(model, tok).generate(prompts[a:b], params, seeds=seeds[a:b]) for a, b in ((0, 2), (2, 4))]
+    reordered = HFRolloutEngine(model, tok).generate([prompts[3], prompts[1]], params, seeds=[seeds[3], seeds[1]])
+    chunked = HFRolloutEngine(model, tok, max_batch_size=2).generate(prompts, params, seeds=seeds)
+    for r, order in [(halves[0], [0, 1]), (halves[1], [2, 3]), (reordered, [3, 1]), (chunked, range(4))]:
+        got, got_lp = per_prompt(r, order)
+        for p in order:
+            assert got[p] == want[p], (p, order)
+            for a, b in zip(got_lp[p], want_lp[p]):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # another seed (another step, round or index) draws other completions
+    other = HFRolloutEngine(model, tok).generate(prompts[:1], params, seeds=[request_seed(7, 2, 1, 0)])
+    assert other.completion_ids != want[0]
+    # seed=s is request_seed(s, position) per prompt
+    by_position = HFRolloutEngine(model, tok).generate(prompts, params, seed=7)
+    assert by_position.completion_ids == HFRolloutEngine(model, tok).generate(
+        prompts, params, seeds=[request_seed(7, p) for p in range(4)]).completion_ids
+    with pytest.raises(ValueError, match="3 seeds for 4 prompts"):
+        HFRolloutEngine(model, tok).generate(prompts, params, seeds=seeds[:3])
+
+
+def test_seeded_sampler_draws_from_the_warped_distribution():
+    """The sampler's inverse-CDF draws follow softmax(scores) (a chi-square bound on 4000 draws per
+    row), never pick a masked (-inf) token, and depend only on the row's own seed."""
+    from denser.engines.hf import _SeededSampler
+
+    scores = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), -1.0], [float("-inf"), 3.0, 0.0, 0.0, float("-inf")]])
+    probs = torch.softmax(scores.double(), -1)
+    n = 4000
+    sampler = _SeededSampler([request_seed(1, b) for b in range(2)], max_new_tokens=n)
+    counts = torch.zeros(2, 5, dtype=torch.float64)
+    for _ in range(n):
+        out = sampler(None, scores)
+        assert (torch.isfinite(out).sum(-1) == 1).all()
+        counts[torch.arange(2), out.argmax(-1)] += 1
+    assert counts[0, 3] == 0 and counts[1, 0] == 0 and counts[1, 4] == 0
+    expected = probs * n
+    support = expected > 0
+    chi2 = ((counts - expected)[support] ** 2 / expected[support]).sum()
+    assert chi2 < 30, chi2  # 5 degrees of freedom: P(chi2 > 30) < 1e-4
+    # row 1 alone, with its seed, draws its tokens exactly as beside row 0
+    alone = _SeededSampler([request_seed(1, 1)], max_new_tokens=n)
+    again = _SeededSampler([request_seed(1, b) for b in range(2)], max_new_tokens=n)
+    for _ in range(50):
+        assert alone(None, scores[1:]).argmax(-1) == again(None, scores)[1:].argmax(-1)
+
+
+def test_request_seeds_are_stable_and_distinct():
+    assert request_seed(0, 1, 0, 2) == request_seed(0, 1, 0, 2)
+    keys = [(0, s, r, i) for s in range(5) for r in range(3) for i in range(8)] + [(0, i) for i in range(8)]
+    assert len({request_seed(*k) for k in keys}) == len(keys)
+    assert 0 <= request_seed(-5, 2**40) < 2**63
+    # pinned: a change of the function changes every run's samples (and breaks --resume of older runs)
+    assert request_seed(0, 0, 0, 0) == 7974950579062360516
 
 
 def test_pack_layout(rollout):

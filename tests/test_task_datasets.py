@@ -12,8 +12,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from denser.cli import main
+from denser.engines import HFRolloutEngine
 from denser.tasks import FileTaskError, HFTask, get_task
-from denser.trainers.rollout import HFRolloutEngine
 
 ANSWERS = ["007", "12", "NA", "x = 3", "\\frac{1}{2}", "-0.50", "None", "true"]
 ROWS = [{"prompt": f"Question {i}?", "answer": a, "level": str(i % 3)} for i, a in enumerate(ANSWERS)]

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.kernels import token_stats, token_stats_from_logits
 from denser.objectives import TeacherSpec, get_objective
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import build_tiny_model
-from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 from denser.trainers.teacher import TeacherWeights, build_teacher, resolve_teacher_path
 
 

@@ -8,8 +8,8 @@ import json
 import pytest
 
 from denser.cli import main
+from denser.engines import HFRolloutEngine
 from denser.trainers import tracking
-from denser.trainers.rollout import HFRolloutEngine
 from denser.trainers.tracking import Tracker, flatten_config
 
 pytest.importorskip("tensorboard")

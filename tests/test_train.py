@@ -303,7 +303,8 @@ def test_teacher_logp_alone_gets_the_default_teacher_and_a_missing_spec_fails_fi
 
 
 def test_the_loop_runs_the_engine_named_by_engine_and_refreshes_its_weights(tmp_path):
-    from denser.trainers.rollout import _ENGINES, HFRolloutEngine, list_rollout_engines, register_rollout_engine
+    from denser.engines import HFRolloutEngine, list_rollout_engines, register_rollout_engine
+    from denser.engines.base import _ENGINES
 
     updates = []
 

@@ -5,8 +5,8 @@
 
 The prompts are the first ``eval_size`` rows of each task's eval split (as the training loop's
 greedy eval and ``denser continual`` use them), rendered with the model's chat template; the
-completions come from the loop's rollout engine (:class:`~denser.trainers.rollout.HFRolloutEngine`)
-and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
+completions come from a rollout engine (``engine``: a run's :class:`~denser.engines.base.EngineSpec`;
+by default the loop's ``hf`` engine at ``--batch-size`` sequences per call) and are scored by the task (``task.score_batch``, ``task.is_success``): a run's final
 ``eval_accuracy`` and ``denser eval``'s greedy accuracy of its final checkpoint measure one thing.
 
 Per task, each a mean over prompts with its standard error over prompts
@@ -37,13 +37,14 @@ import yaml
 
 from denser.analysis.checkpoints import resolve_model, tasks_of
 from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vote_groups
+from denser.analysis.responses import build_engine
 from denser.analysis.suite import EvalSuite
+from denser.engines import DEFAULT_ENGINE, EngineSpec, SamplingParams, list_rollout_engines
 from denser.tasks import DEFAULT_TASK, get_task, parse_number
 from denser.tasks.answers import normalize_text
 from denser.trainers.checkpoint import quiet_transformers
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.models import load_model
-from denser.trainers.rollout import HFRolloutEngine, SamplingParams
 
 __all__ = ["EvalSettings", "default_ks", "default_tasks", "eval_table", "evaluate_model", "run_config", "vote_key"]
 
@@ -89,6 +90,8 @@ class EvalSettings:
     batch_size: int = _f(64, "completions per generate call")
     dtype: Literal["float32", "bfloat16"] | None = _run_default("dtype", "parameter dtype (a run directory: the "
                                                                 "run's own)")
+    engine: str | None = _run_default("engine", "rollout engine that generates the completions (its options: "
+                                      "--ENGINE-OPTION flags; a run directory: the run's engine and its engine_args)")
 
     def resolve(self, run: Mapping[str, Any] | None = None) -> EvalSettings:
         """A copy with every unset setting (None) taken from ``run`` (a run's config.yaml values), else
@@ -122,6 +125,8 @@ class EvalSettings:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:
             problems.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.engine is not None and self.engine not in list_rollout_engines():
+            problems.append(f"--engine must be one of {', '.join(list_rollout_engines())}, got {self.engine!r}")
         if self.dtype not in (None, "float32", "bfloat16"):
             problems.append(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         if problems:
@@ -129,6 +134,18 @@ class EvalSettings:
         if samples and not self.ks:
             self.ks = default_ks(samples)
         self.ks = sorted(set(self.ks))
+
+
+def run_engine(settings: EvalSettings, run: Mapping[str, Any] | None = None,
+               options: Mapping[str, Any] | None = None) -> EngineSpec | None:
+    """The engine of an eval with resolved ``settings``: ``settings.engine`` with the options ``run``
+    (a run's config.yaml values) recorded for it, when it is that run's engine, and ``options`` over
+    them; None when there are none for the default engine (the ``hf`` engine at ``settings.batch_size``
+    sequences per call)."""
+    recorded = (run or {}).get("engine_args") if (run or {}).get("engine") == settings.engine else None
+    if recorded is None and not options and settings.engine == DEFAULT_ENGINE:
+        return None
+    return EngineSpec.from_args(settings.engine, {**(recorded or {}), **(options or {})}, where="engine options")
 
 
 def run_config(model: str) -> dict[str, Any] | None:
@@ -190,11 +207,16 @@ def default_tasks(model: str) -> list[str]:
 
 
 def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: EvalSettings | None = None, *,
-                   device: str | None = None, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Measure ``model`` on ``tasks`` (default: :func:`default_tasks`); returns the JSON-able result
+                   device: str | None = None, log: Callable[[str], Any] = print,
+                   engine: EngineSpec | None = None) -> dict[str, Any]:
+    """Measure ``model`` on ``tasks`` (default: :func:`default_tasks`) with ``engine`` (default:
+    ``settings.engine``, for a run directory the run's engine with its options); returns the JSON-able result
     ``{"model", "model_path", "settings", "tasks": {name: {"prompts", "metrics"}}, "overall"}``, each
     metric ``{"mean", "stderr"}``. Bad input raises ``ValueError`` before anything is generated."""
-    settings = (settings or EvalSettings()).resolve(run_config(model))  # a run's own eval settings where unset
+    run = run_config(model)
+    settings = (settings or EvalSettings()).resolve(run)  # a run's own eval settings where unset
+    if engine is None:  # the run's engine with its recorded options, or the settings' engine
+        engine = run_engine(settings, run)
     names = [t.strip() for t in (tasks or default_tasks(model)) if t.strip()]
     if len(set(names)) != len(names):
         raise ValueError(f"--tasks lists a task twice: {', '.join(names)}")
@@ -210,7 +232,8 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
                                                                     for t in task_objs.values()))
     # 0: each task's eval split, at most EVAL_SIZE_CAP rows, as `denser train` (resolve_eval_size)
     suite = EvalSuite(task_objs, eval_size=settings.eval_size or EVAL_SIZE_CAP,
-                      max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size)
+                      max_new_tokens=settings.max_new_tokens, batch_size=settings.batch_size,
+                      engine=engine)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with quiet_transformers():
         policy, tokenizer = load_model(path, dtype=getattr(torch, settings.dtype), seed=settings.seed)
@@ -225,12 +248,12 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
         for name, gens in suite.generate_many(policy, tokenizer, names).items():
             per_prompt[name]["greedy"] = [float(s) for s in gens.extra["success"]]
     if settings.samples:
-        engine = HFRolloutEngine(policy, tokenizer, max_batch_size=settings.batch_size)
+        sampler = build_engine(policy, tokenizer, engine, settings.batch_size)
         params = SamplingParams(max_new_tokens=settings.max_new_tokens, num_generations=settings.samples,
                                 temperature=settings.temperature, top_p=settings.top_p)
         for name in names:
             log(f"sampling: {name}, {settings.samples} completions for each of {len(prompts[name])} prompts")
-            per_prompt[name].update(_sampled(engine, params, task_objs[name], suite.rows[name], prompts[name],
+            per_prompt[name].update(_sampled(sampler, params, task_objs[name], suite.rows[name], prompts[name],
                                              settings))
     result = {
         "model": model,
@@ -250,6 +273,7 @@ def evaluate_model(model: str, tasks: Sequence[str] | None = None, settings: Eva
 
 def _sampled(engine, params, task, rows, prompt_ids, settings: EvalSettings) -> dict[str, list[float]]:
     n = settings.samples
+    # eval row p's request is seeded request_seed(seed, p), as the training loop's sampled eval seeds it
     rollout = engine.generate(prompt_ids, params, seed=settings.seed)
     scores = task.score_batch(rollout.texts, [row for row in rows for _ in range(n)])
     out: dict[str, list[float]] = {f"mean@{n}": [], **{f"pass@{k}": [] for k in settings.ks},

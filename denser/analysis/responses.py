@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from denser.engines import DEFAULT_ENGINE, EngineSpec, HFOptions, RolloutEngine, SamplingParams
+
 
 @dataclass
 class Generations:
@@ -43,14 +45,22 @@ class Generations:
         return len(self.texts)
 
 
+def build_engine(model, tokenizer, engine: EngineSpec | None = None, batch_size: int | None = None) -> RolloutEngine:
+    """The rollout engine that generates ``model``'s responses: ``engine`` (a run's engine and its
+    options), or without one the ``hf`` engine with at most ``batch_size`` sequences per ``generate``
+    call (None: all at once)."""
+    spec = engine if engine is not None else EngineSpec(DEFAULT_ENGINE, HFOptions(max_batch_size=batch_size or 0))
+    return spec.build(model, tokenizer)
+
+
 def generate_responses(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
                        greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-                       batch_size: int | None = None, stop: Callable[[], bool] | None = None) -> Generations:
-    """One completion per prompt from ``model`` (greedy, or sampled with a fixed ``seed``); ``stop``:
-    polled while generating, the completions end once it is True (a graceful stop of a run)."""
-    from denser.trainers.rollout import HFRolloutEngine, SamplingParams
-
-    engine = HFRolloutEngine(model, tokenizer, max_batch_size=batch_size)
+                       batch_size: int | None = None, stop: Callable[[], bool] | None = None,
+                       engine: EngineSpec | None = None) -> Generations:
+    """One completion per prompt from ``model`` (greedy, or sampled with a fixed ``seed``) by ``engine``
+    (:func:`build_engine`: default the ``hf`` engine at ``batch_size``); ``stop``: polled while
+    generating, the completions end once it is True (a graceful stop of a run)."""
+    engine = build_engine(model, tokenizer, engine, batch_size)
     params = SamplingParams(max_new_tokens=max_new_tokens, num_generations=1, do_sample=not greedy,
                             temperature=temperature)
     rollout = engine.generate([list(p) for p in prompt_ids], params, seed=None if greedy else seed, stop=stop)
@@ -67,8 +77,8 @@ def token_drift(current, initial, gens: Generations, *, batch_size: int = 16, ba
     "seq_kl": [per response mean KL], "seq_entropy": [...]}``; ``mean_*`` are token-weighted
     means over all responses (``mean_kl`` is None without ``initial``).
     """
+    from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.kernels import token_stats
-    from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
 
     n = len(gens)
     if n == 0:

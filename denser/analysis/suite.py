@@ -13,8 +13,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from denser.analysis.artifacts import DEFAULT_NGRAM, artifact_rates
 from denser.analysis.estimators import mean_stderr
-from denser.analysis.responses import Generations, generate_responses, mean_similarity, token_drift
-from denser.trainers.rollout import HFRolloutEngine, SamplingParams
+from denser.analysis.responses import Generations, build_engine, generate_responses, mean_similarity, token_drift
+from denser.engines import EngineSpec, SamplingParams
 
 
 class EvalSuite:
@@ -28,10 +28,13 @@ class EvalSuite:
         backend: loss-core backend for the per-token KL and entropy.
         ngram: n of the repeated n-gram rate.
         seed: task generation seed when ``tasks`` holds names.
+        engine: the rollout engine that generates (a run's, with its options); default the ``hf`` engine
+            at ``batch_size`` sequences per call.
     """
 
     def __init__(self, tasks: Mapping[str, Any] | Sequence[str], *, eval_size: int = 16, max_new_tokens: int = 24,
-                 batch_size: int | None = None, backend: str = "auto", ngram: int = DEFAULT_NGRAM, seed: int = 0):
+                 batch_size: int | None = None, backend: str = "auto", ngram: int = DEFAULT_NGRAM, seed: int = 0,
+                 engine: EngineSpec | None = None):
         from denser.tasks import get_task
 
         if not isinstance(tasks, Mapping):
@@ -43,6 +46,7 @@ class EvalSuite:
         self.tasks = dict(tasks)
         self.eval_size, self.max_new_tokens = int(eval_size), int(max_new_tokens)
         self.batch_size, self.backend, self.ngram = batch_size, backend, ngram
+        self.engine = engine
         self.rows = {name: [t.eval[i] for i in range(min(self.eval_size, len(t.eval)))] for name, t in self.tasks.items()}
         for name, rows in self.rows.items():
             if not rows:
@@ -72,7 +76,7 @@ class EvalSuite:
         if not flat:
             return {}
         gens = generate_responses(model, tokenizer, flat, max_new_tokens=self.max_new_tokens, greedy=True,
-                                  batch_size=self.batch_size, stop=stop)
+                                  batch_size=self.batch_size, stop=stop, engine=self.engine)
         out, start = {}, 0
         for n in names:
             end = start + len(prompts[n])
@@ -91,7 +95,7 @@ class EvalSuite:
         """Per task, each fixed prompt's fraction of ``samples`` completions (sampled at ``temperature``
         and ``top_p`` by the loop's rollout engine, seeded: the same model gives the same samples) that
         succeed: the per-prompt values of mean@n. ``stop``: as in :meth:`generate_many`."""
-        engine = HFRolloutEngine(model, tokenizer, max_batch_size=self.batch_size)
+        engine = build_engine(model, tokenizer, self.engine, self.batch_size)
         params = SamplingParams(max_new_tokens=self.max_new_tokens, num_generations=samples, temperature=temperature,
                                 top_p=top_p)
         out = {}

@@ -58,8 +58,8 @@ def head(argv: list[str]) -> int:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.trainers.models import load_model
-    from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.trainers.sharding import ModelCall, Sharding, fsdp_plugin
 
     model_name, out = argv[0], argv[1]

@@ -163,10 +163,10 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     # lazy: the runner process never imports torch or the trainers (start-up time of `denser bench step`)
     import torch
 
+    from denser.engines.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.kernels import fused_loss
     from denser.objectives import PolicyBatch, get_objective
     from denser.objectives.common import normaliser_counts
-    from denser.trainers.packing import build_packed_batch, completion_hidden_states, lm_head_params
     from denser.trainers.signals import token_budget_groups
 
     prompts, teacher_ctx, completions, advantages = data

@@ -21,6 +21,8 @@ from denser.cli.flags import (
     CLIError,
     TrainArgumentParser,
     add_dataclass_flags,
+    add_engine_flags,
+    engine_flag_values,
     list_parser,
     one_line,
     parse_continual_args,
@@ -74,7 +76,7 @@ def cmd_continual(argv: list[str]) -> int:
     """``denser continual ...``: run the sequence, print where the report is. Exit codes as ``denser
     train``'s: 143 / 130 stopped by SIGTERM / SIGINT (inside a stage, that stage's last finished step
     is saved; the line printed says how to continue: the same command with ``--resume``)."""
-    cfg, objective, values = parse_continual_args(argv)
+    cfg, objective, engine, values = parse_continual_args(argv)
     # imported here for start-up time (the loop and the analysis): see the module docstring
     from denser.continual import ContinualConfig, ContinualRunner
     from denser.trainers.preemption import Interrupted, StopSignals
@@ -84,7 +86,7 @@ def cmd_continual(argv: list[str]) -> int:
         resume_argv.append("--no-overwrite")
     try:
         with StopSignals() as signals:  # SIGTERM / Ctrl-C: stop at the next check point and save
-            runner = ContinualRunner(cfg, objective, ContinualConfig(**values), stop_signals=signals)
+            runner = ContinualRunner(cfg, objective, ContinualConfig(**values), stop_signals=signals, engine=engine)
             runner.command = "denser continual " + shlex.join(argv)
             runner.resume_command = "denser continual " + shlex.join(resume_argv)
             record = runner.run()
@@ -131,6 +133,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
                    help=IMPORT_HELP)
     add_dataclass_flags(p.add_argument_group("eval settings"), EvalSettings, flags={"ks": "k"})
+    add_engine_flags(p)
     p.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
     p.add_argument("--json", default="", metavar="FILE", help="also write the result as JSON to FILE")
     return p
@@ -145,14 +148,19 @@ def cmd_eval(argv: list[str]) -> int:
         EvalSettings,
         eval_table,
         evaluate_model,
+        run_config,
+        run_engine,
         write_json,
     )
     from denser.trainers.models import EmbeddedModelMissingError
 
     model, tasks, cpu, json_path = args.pop("model"), args.pop("tasks"), args.pop("cpu"), args.pop("json")
-    settings = EvalSettings(**args)  # the flags given; the rest from the run (a run directory) or the defaults
+    fields = {f.name for f in dataclasses.fields(EvalSettings)}
+    # the flags given; the rest from the run (a run directory) or the defaults
+    settings = EvalSettings(**{k: v for k, v in args.items() if k in fields}).resolve(run_config(model))
+    engine = run_engine(settings, run_config(model), engine_flag_values(args, settings.engine))
     try:
-        result = evaluate_model(model, tasks or None, settings, device="cpu" if cpu else None,
+        result = evaluate_model(model, tasks or None, settings, device="cpu" if cpu else None, engine=engine,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))
     except EmbeddedModelMissingError as e:
         raise CLIError(str(e)) from None

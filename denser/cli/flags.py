@@ -11,6 +11,8 @@
 - ``denser eval``'s and ``denser report drift``'s settings are dataclasses too (``EvalSettings``,
   ``DriftSettings``): a list field is a comma-separated flag, a field with ``metadata["unset"]`` is
   None until set (its flag shows the value it then takes).
+- :func:`add_engine_flags`: every rollout engine's options as flags ``--ENGINE-OPTION``
+  (``--hf-max-batch-size``), read with a config file's ``engine_args:`` into the run's ``EngineSpec``.
 - ``--import MODULE|FILE.py`` (and a config file's ``import:``) imports plugin modules first
   (:mod:`denser.plugins`), so the objectives and tasks they register have their flags here.
 
@@ -28,6 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
+from denser.engines.base import DEFAULT_ENGINE, EngineSpec, list_rollout_engines, rollout_engine_options
 from denser.objectives import DEFAULT_OBJECTIVE, get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
 from denser.plugins import import_plugins
@@ -188,6 +191,7 @@ def _objective_flag_names(objective: str) -> dict[str, str]:
 
 def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]:
     """``(run values, objective values)`` from a YAML file; unknown keys and wrong types are errors.
+    The run values hold the file's ``engine_args`` (the engine's options), if it has them.
 
     The objective is ``objective_hint`` (the command line's ``--objective``) if given, else the
     file's ``objective``, else ``DEFAULT_OBJECTIVE``; objective keys may sit at the top level or under
@@ -210,6 +214,9 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise CLIError(f"{where}: expected a mapping of option: value, got {type(data).__name__}")
+    engine_args = data.pop("engine_args", None)  # the engine's options: checked when the run is resolved
+    if engine_args is not None and not isinstance(engine_args, dict):
+        raise CLIError(f"{where}: 'engine_args' must be a mapping of option: value of the run's engine")
     if "import" in data:  # plugins first: the objective the file names may be one of theirs
         import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)
@@ -239,6 +246,8 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
             section = f"objective_args of {objective!r}" if in_nested else "keys"
             raise CLIError(f"{where}: unknown key {key!r}{hint}; valid {section}: "
                            f"{', '.join(sorted(obj_names) if in_nested else valid)}")
+    if engine_args is not None:
+        run_vals["engine_args"] = engine_args
     return run_vals, obj_vals
 
 
@@ -281,6 +290,7 @@ def build_train_parser(objective: str, known: list[str] | None = None) -> argpar
     doc = (cls.__doc__ or "").strip().splitlines()
     group = p.add_argument_group(f"objective {objective}", doc[0] if doc else None)
     add_dataclass_flags(group, cls, _objective_flag_names(objective))
+    add_engine_flags(p)
     return p
 
 
@@ -298,7 +308,9 @@ def pre_parse(argv: list[str]) -> argparse.Namespace:
 
 def train_values(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(objective name, run values, objective values)`` the command line (and ``--config``) sets:
-    flags over the config file's values; an option set by neither is absent (not set)."""
+    flags over the config file's values; an option set by neither is absent (not set). The run values'
+    ``engine_args`` are the engine's options (the file's, when it names the same engine, then the
+    ``--ENGINE-OPTION`` flags)."""
     known = pre_parse(argv)
     file_run, file_obj = ({}, {})
     if known.config:
@@ -315,9 +327,16 @@ def train_values(argv: list[str]) -> tuple[str, dict[str, Any], dict[str, Any]]:
     ns.pop("imports", None)
     run_names = {f.name for f in dataclasses.fields(TrainConfig)}
     obj_names = {f.name for f in objective_fields(objective_class(objective))}
+    file_engine_args = file_run.pop("engine_args", None) or {}
     run_vals = {**file_run, **{k: v for k, v in ns.items() if k in run_names}}
     obj_vals = {**file_obj, **{k: v for k, v in ns.items() if k in obj_names and k not in run_names}}
     run_vals.pop("objective", None)
+    engine = run_vals.get("engine", DEFAULT_ENGINE)
+    if file_run.get("engine", DEFAULT_ENGINE) != engine:  # the file's options are another engine's
+        file_engine_args = {}
+    engine_args = {**file_engine_args, **engine_flag_values(ns, engine)}
+    if engine_args:
+        run_vals["engine_args"] = engine_args
     return objective, run_vals, obj_vals
 
 
@@ -339,6 +358,47 @@ def parse_train_args(argv: list[str]):
     resolves them to the same run again)."""
     run = parse_run_args(argv)
     return run.config, run.objective
+
+
+# ------------------------------------------------------------------------------- rollout engines
+
+
+def _engine_flag_fields(name: str) -> type:
+    """Engine ``name``'s options dataclass with every field renamed ``NAME_FIELD``: its flags are
+    ``--NAME-FIELD`` (``--hf-max-batch-size``), never one of the run's own (a ``--vllm-dtype`` beside ``--dtype``)."""
+    options = rollout_engine_options(name)
+    hints = typing.get_type_hints(options)
+    fields = []
+    for f in dataclasses.fields(options):
+        if f.init:
+            default = (dataclasses.field(default_factory=f.default_factory, metadata=f.metadata)
+                       if f.default is dataclasses.MISSING else dataclasses.field(default=f.default, metadata=f.metadata))
+            fields.append((f"{name}_{f.name}".replace("-", "_"), hints[f.name], default))
+    return dataclasses.make_dataclass(f"{options.__name__}Flags", fields)
+
+
+def add_engine_flags(parser) -> None:
+    """Every registered rollout engine's options as flags ``--NAME-FIELD``, one group per engine that has any."""
+    for name in list_rollout_engines():
+        flags = _engine_flag_fields(name)
+        if dataclasses.fields(flags):
+            add_dataclass_flags(parser.add_argument_group(
+                f"engine {name}", f"options of --engine {name} (a run's engine_args: in config.yaml)"), flags)
+
+
+def engine_flag_values(ns: dict[str, Any], engine: str) -> dict[str, Any]:
+    """The options of engine ``engine`` set on the command line (``ns``: the parsed flags); a flag of
+    another engine is an error."""
+    values = {}
+    for name in list_rollout_engines():
+        for f in dataclasses.fields(_engine_flag_fields(name)):
+            if f.name in ns:
+                option = f.name[len(name) + 1:]
+                if name != engine:
+                    raise CLIError(f"--{f.name.replace('_', '-')} is an option of --engine {name}, but this run's "
+                                   f"engine is {engine}; drop the flag or pass --engine {name}")
+                values[option] = ns[f.name]
+    return values
 
 
 # ------------------------------------------------------------------------------- denser continual
@@ -365,8 +425,8 @@ def build_continual_parser(objective: str, known: list[str] | None = None) -> ar
     return p
 
 
-def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, Any]]:
-    """``(TrainConfig, objective, ContinualConfig keyword arguments)`` from a ``denser continual``
+def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, EngineSpec, dict[str, Any]]:
+    """``(TrainConfig, objective, EngineSpec, ContinualConfig keyword arguments)`` from a ``denser continual``
     command line (``--help`` prints the help and exits). The TrainConfig holds what the user gave
     (flags, ``--config``) with the objective's run defaults applied; each stage resolves it with its
     task (``resolve_run``), as ``denser.continual`` does."""
@@ -390,9 +450,11 @@ def parse_continual_args(argv: list[str]) -> tuple[TrainConfig, Any, dict[str, A
     from denser.trainers.resolve import apply_run_defaults  # the task registry, as above
 
     objective, run_vals, obj_vals = train_values(rest)
+    engine_args = run_vals.pop("engine_args", {})
     try:
         obj = get_objective(objective, **obj_vals)
         cfg = apply_run_defaults(TrainConfig(**run_vals, objective=obj.name), obj)
+        engine = EngineSpec.from_args(cfg.engine, engine_args, where="engine options")
     except (ValueError, TypeError) as e:
         raise CLIError(str(e)) from None
-    return cfg, obj, vars(ns)
+    return cfg, obj, engine, vars(ns)

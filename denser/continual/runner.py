@@ -27,6 +27,7 @@ from denser.continual.record import (
     save_record,
     write_json,
 )
+from denser.engines.base import EngineSpec
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
@@ -56,8 +57,11 @@ class ContinualRunner:
     """
 
     def __init__(self, cfg: TrainConfig, objective: Objective | None, ccfg: ContinualConfig, *, log=print,
-                 stop_signals: StopSignals | None = None):
+                 stop_signals: StopSignals | None = None, engine: EngineSpec | None = None):
         self.cfg, self.ccfg, self.log = cfg, ccfg, log
+        # every stage's rollouts and the measurements (a spec names its engine: it replaces cfg.engine)
+        self.engine = engine if engine is not None else EngineSpec(cfg.engine)
+        cfg = dataclasses.replace(cfg, engine=self.engine.name)
         if cfg.lora_r:
             raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
                              "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
@@ -95,7 +99,8 @@ class ContinualRunner:
                                         output_dir=str(self._stage_dir(k, task_name)), resume=resume,
                                         overwrite=not resume)
         base = self.updates
-        run = resolve_run(stage_cfg, copy.deepcopy(self.objective), self.task_objs[task_name])  # as denser train's
+        # as denser train's
+        run = resolve_run(stage_cfg, copy.deepcopy(self.objective), self.task_objs[task_name], engine=self.engine)
         trainer = Trainer(run, log=self.log,
                           anchor=self.initial, optimizer_state=optimizer_state if self.ccfg.carry_optimizer else None,
                           teacher_state=None if self.ccfg.teacher_reset else teacher_state,
@@ -179,7 +184,7 @@ class ContinualRunner:
             budget = max(int(t.suggested_max_new_tokens) for t in self.task_objs.values())
             self.cfg = cfg = dataclasses.replace(cfg, max_new_tokens=budget)
         suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size or EVAL_SIZE_CAP,
-                          max_new_tokens=cfg.max_new_tokens, backend=cfg.backend)
+                          max_new_tokens=cfg.max_new_tokens, backend=cfg.backend, engine=self.engine)
         self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
         self.initial.eval().requires_grad_(False)
         self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))

@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from denser.engines.base import DEFAULT_ENGINE, list_rollout_engines
 from denser.kernels.options import BACKENDS
 from denser.objectives import DEFAULT_OBJECTIVE
 from denser.objectives.fields import type_problems
-from denser.trainers.rollout import DEFAULT_ENGINE, list_rollout_engines
 from denser.trainers.tracking import TRACKERS, report_to_problems
 
 #: the most eval rows ``eval_size: 0`` (the default) takes: every built-in task's eval split up to this
@@ -93,7 +93,7 @@ class TrainConfig:
     save_every_minutes: float = _f(30.0, "also checkpoint when M minutes of training have passed since the last "
                                          "checkpoint (0 = off), so a SIGKILL loses at most about M minutes")
     keep_last: int = _f(2, "checkpoints to keep")
-    engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.trainers.register_rollout_engine): "
+    engine: str = _f(DEFAULT_ENGINE, "rollout engine (registered with denser.engines.register_rollout_engine): "
                      + " | ".join(list_rollout_engines()))
     backend: str = _f("auto", "loss-core backend: " + " | ".join(BACKENDS))
     chunk_size: int = _f(0, "loss-core tokens per chunk (0 = sized from the vocabulary)")

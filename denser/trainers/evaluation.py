@@ -8,13 +8,13 @@ from typing import Any, Callable
 
 from accelerate.utils import gather_object
 
+from denser.engines.base import Rollout, SamplingParams, request_seed
 from denser.tasks import Task
 from denser.trainers.config import TrainConfig
 from denser.trainers.estimators import mean_stderr
 from denser.trainers.prompts import PromptSchedule
-from denser.trainers.rollout import Rollout, SamplingParams
 
-#: ``generate(prompt_ids, params, seed=None, stop=None) -> Rollout`` (the Trainer's engine call)
+#: ``generate(prompt_ids, params, seeds=None, stop=None) -> Rollout`` (the Trainer's engine call)
 Generate = Callable[..., Rollout]
 
 
@@ -35,7 +35,8 @@ def evaluate_policy(task: Task, prompts: PromptSchedule, generate: Generate, cfg
             n = cfg.eval_samples
             params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=n,
                                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p)
-            rollout = generate(prompt_ids, params, seed=cfg.seed * 1009 + rank, stop=stop)
+            # eval row i's request: request_seed(seed, i), as `denser eval` seeds it; never the process
+            rollout = generate(prompt_ids, params, seeds=[request_seed(cfg.seed, i) for i in idx], stop=stop)
             ok = successes(task, rollout, [r for r in rows for _ in range(n)])
             sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
     return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)

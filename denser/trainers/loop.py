@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from denser.engines.base import EngineSpec, Rollout, SamplingParams, request_seed
 from denser.objectives import Objective, Signal
 from denser.plugins import plugin_imports
 from denser.tasks import Task
@@ -56,7 +57,6 @@ from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.resolve import ResolvedRun, resolve_run
-from denser.trainers.rollout import Rollout, SamplingParams, get_rollout_engine
 from denser.trainers.run_dir import RunDir
 from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
 from denser.trainers.sharding import Sharding
@@ -110,7 +110,9 @@ class Trainer:
       policy this run starts from, not from ``anchor`` (``denser continual --teacher-reset``);
     - ``tracker``: where metrics rows and sample completions go besides metrics.jsonl (default: the
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
-      tracker for a whole sequence).
+      tracker for a whole sequence);
+    - ``engine``: the rollout engine and its options (:class:`~denser.engines.base.EngineSpec`; default:
+      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``.
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
@@ -122,16 +124,18 @@ class Trainer:
                  task: Task | str | None = None, log: Callable[[str], Any] = print, anchor: nn.Module | None = None,
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
-                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None):
+                 teacher_from_policy: bool = False, stop_signals: StopSignals | None = None,
+                 engine: EngineSpec | None = None):
         if not isinstance(run, ResolvedRun):  # Trainer(cfg, objective, task=...): resolved here, as resolve_run does
-            run = resolve_run(run, objective, task)
-        elif objective is not None or task is not None:
-            raise ValueError("Trainer(run): a ResolvedRun holds its objective and task; pass them to resolve_run")
+            run = resolve_run(run, objective, task, engine=engine)
+        elif objective is not None or task is not None or engine is not None:
+            raise ValueError("Trainer(run): a ResolvedRun holds its objective, task and engine; pass them to resolve_run")
         self.resolved = run
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
         # the objective is the run's (for_run: several updates per rollout batch turn old_logp on)
         self.cfg, self.objective, self.task, self.log = run.config, run.objective, run.task, log
         cfg = run.config
+        self.engine_spec = run.engine
         self.accelerator = _accelerator(cfg)
         lora.check_lora_run(cfg, self.accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
@@ -175,7 +179,7 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.to(device)
         self.policy = self.accelerator.unwrap_model(self.loss_module).model
-        self.engine = get_rollout_engine(cfg.engine, self.policy, self.tokenizer)
+        self.engine = self.engine_spec.build(self.policy, self.tokenizer)
         self.signals = SignalComputer(self.objective, self.task, self.tokenizer, cfg, device=device, rank=self.rank,
                                       reduce=lambda t: self.accelerator.reduce(t, reduction="sum"),
                                       reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
@@ -216,7 +220,8 @@ class Trainer:
         return {**({"import": imports} if imports else {}), **dataclasses.asdict(self.cfg),
                 "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
-                "objective_args": dataclasses.asdict(self.objective)}
+                "objective_args": dataclasses.asdict(self.objective),
+                "engine_args": self.engine_spec.args()}
 
     def _check_data(self) -> None:
         name = self.task.name
@@ -296,7 +301,7 @@ class Trainer:
         ``eval_accuracy`` (one greedy completion per prompt) and its standard error over prompts
         ``eval_accuracy_se``; with ``--eval-samples n`` also ``eval_mean_at_n`` (the mean over prompts
         of the fraction of ``n`` completions sampled at ``--eval-temperature``/``--eval-top-p`` that
-        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the process index) and
+        succeed) and ``eval_mean_at_n_se``. Sampling is seeded (``--seed`` and the eval row's index) and
         leaves the training RNG streams alone, so an eval is reproducible and does not change the run.
         With an ``evaluator``, what it returns (a float is the greedy accuracy)."""
         if self.evaluator is not None:
@@ -337,7 +342,9 @@ class Trainer:
         def generate_round(j: int) -> tuple[Rollout, list[dict], Scores]:
             with timer("generate"):
                 rows = self.prompts.rows_for_step(step, round=j) if j else self.prompts.rows_for_step(step)
-                rollout = self._rollout(rows)
+                # each prompt's request seeded by (seed, step, round, global index): never by the process
+                rollout = self._rollout(rows, [request_seed(self.cfg.seed, step, j, i)
+                                               for i in self.prompts.request_indices()])
             self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
             with timer("signals"):
                 return rollout, rows, self.signals.score(rollout, rows)
@@ -346,12 +353,12 @@ class Trainer:
             return RolloutBatch(*generate_round(0))
         return dynamic_batch(generate_round, self.cfg.prompts_per_step, self.cfg.max_generation_rounds)
 
-    def _rollout(self, rows: list[dict]) -> Rollout:
+    def _rollout(self, rows: list[dict], seeds: list[int] | None = None) -> Rollout:
         cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p)
         self.policy.eval()
-        rollout = self._generate(self.prompts.prompt_ids(rows), params, stop=self.stop.during_generation)
+        rollout = self._generate(self.prompts.prompt_ids(rows), params, seeds=seeds, stop=self.stop.during_generation)
         self.policy.train()
         trim_heap()  # generation's freed KV caches, before the update's activations
         return rollout

@@ -12,8 +12,9 @@ torchrun's and accelerate's signal forwarding: 30 s by default); a person presse
   the same check point and none waits in a collective for a peer that has left; the loop places its
   check points where every process passes in the same order (after generation, after each
   micro-batch, at each step boundary).
-- :func:`abandon_forward_on_stop` makes a long forward (a generation's prefill takes seconds on a
-  busy CPU) end within one layer once a stop is requested (single process only).
+- :meth:`StopControl.during_generation` is what the rollout engine polls; the ``hf`` engine
+  (:func:`denser.engines.hf.abandon_forward_on_stop`) makes a long forward (a generation's prefill
+  takes seconds on a busy CPU) end within one layer once a stop is requested (single process only).
 - :class:`Interrupted` is what a check raises: the loop abandons the step in progress, writes a
   checkpoint of the last finished step (with the RNG streams snapshotted at that step's boundary,
   so the resumed run is bit-identical to an uninterrupted one) and the CLI exits with
@@ -22,15 +23,13 @@ torchrun's and accelerate's signal forwarding: 30 s by default); a person presse
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
-from torch import nn
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -176,33 +175,3 @@ class StopControl:
     def saved(self) -> None:
         """A checkpoint was written: the save clock restarts."""
         self.last_save = self.clock()
-
-
-class ForwardAbandoned(Exception):
-    """Raised inside a model's forward once a stop was requested (:func:`abandon_forward_on_stop`)."""
-
-
-@contextlib.contextmanager
-def abandon_forward_on_stop(model: nn.Module, stop: Callable[[], bool] | None) -> Iterator[None]:
-    """While active, every block of ``model`` (each module of an ``nn.ModuleList``: a transformer's
-    layers) polls ``stop`` before it runs and raises :class:`ForwardAbandoned` once it is True, so
-    a forward in progress ends within one layer (a prefill of 16 prompts took 13 s on a loaded
-    2-core CPU, most of the wait from SIGTERM to the checkpoint). With several processes nothing is
-    installed: a forward may hold collectives (FSDP) that every process must finish."""
-    import torch.distributed as dist
-
-    if stop is None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        yield
-        return
-
-    def poll(module, args):
-        if stop():
-            raise ForwardAbandoned
-
-    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
-    handles = [m.register_forward_pre_hook(poll) for m in blocks]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()

@@ -6,6 +6,11 @@ seeded by ``seed``; step ``t`` on process ``r`` of ``W`` takes draws
 ``[(t W + r) P, (t W + r + 1) P)``. So a resumed run sees exactly the prompts the uninterrupted run
 would have, and processes never share a prompt within an epoch.
 
+A prompt's global index in its step (:meth:`PromptSchedule.request_indices`) is its place among
+every process's prompts of the step, ``r P + i``: with the same global batch ``W P`` the same draw
+has the same index whatever ``W``. The rollout engine seeds the prompt's request with it
+(DESIGN.md, Contract 4), so the samples do not depend on the number of processes.
+
 Dynamic sampling's further generation rounds (``round >= 1`` of at most ``rounds`` per step) draw
 from a second stream, the same construction with other permutations: round ``j`` of step ``t`` on
 process ``r`` takes its draws ``[((t (R - 1) + j - 1) W + r) P, ... + P)``. So the first round of
@@ -46,6 +51,11 @@ class PromptSchedule:
         else:
             raise ValueError(f"generation round {round} of a step: a run has rounds 0..{self.rounds - 1}")
         return [self.task.train[self._perm_index(k, stream)] for k in range(start, start + self.per_step)]
+
+    def request_indices(self) -> list[int]:
+        """The global index in its step (or generation round) of each of this process's prompts, in
+        the order :meth:`rows_for_step` gives them: their place among every process's prompts."""
+        return [self.rank * self.per_step + i for i in range(self.per_step)]
 
     def prompt_ids(self, rows: list[dict]) -> list[list[int]]:
         """Prompt token ids of ``rows``, each checked against the context."""

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from denser.engines import EngineSpec
 from denser.objectives import DEFAULT_OBJECTIVE, TEACHER_SIGNALS, Objective, TeacherSpec, get_objective
 from denser.plugins import import_plugins
 from denser.tasks import DEFAULT_TASK, Task, get_task
@@ -45,18 +46,19 @@ class ResolvedRun:
 
     ``config``: the run settings, nothing left "not set" or "from the task" (what ``config.yaml``
     records); ``objective``: the objective instance for this run (after ``for_run``); ``task``: the
-    task instance; ``engine``: the rollout engine's name; ``teacher``: the objective's teacher spec,
-    or None when it declares no teacher signal."""
+    task instance; ``engine``: the rollout engine ``config.engine`` with its options (``config.yaml``'s
+    ``engine_args``); ``teacher``: the objective's teacher spec, or None when it declares no teacher signal."""
 
     config: TrainConfig
     objective: Objective
     task: Task
-    engine: str
+    engine: EngineSpec
     teacher: TeacherSpec | None
 
 
 def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective: str | Objective | None = None,
                 task: str | Task | None = None, *, objective_args: Mapping[str, Any] | None = None,
+                engine: str | EngineSpec | None = None, engine_args: Mapping[str, Any] | None = None,
                 **values: Any) -> ResolvedRun:
     """The :class:`ResolvedRun` of the given settings (see the module docstring for the order).
 
@@ -69,13 +71,25 @@ def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective
         task: a registered name or ``file:PATH``, a :class:`~denser.tasks.Task` instance, or None for
             ``config``'s ``task`` (empty: the default task).
         objective_args: field values of the objective when it is given by name.
+        engine: the rollout engine: a registered name (the run option ``engine``), or an
+            :class:`~denser.engines.EngineSpec`, which gives its options too.
+        engine_args: the engine's options, option: value, over those a run's ``config.yaml`` records.
         values: ``TrainConfig`` fields that replace ``config``'s.
 
     Raises ``ValueError`` naming the problem (an unknown field, a bad value, an unknown objective or
     task) before anything is loaded.
     """
     given, obj_args = _given_values(config, objective_args)
+    recorded_engine_args, recorded_engine = given.pop("engine_args", None) or {}, given.get("engine")
+    if isinstance(engine, EngineSpec):
+        if engine_args:
+            raise ValueError("engine_args apply to an engine given by name; an EngineSpec holds its options")
+        values["engine"] = engine.name
+    elif engine is not None:
+        values["engine"] = engine
     given.update(values)
+    if given.get("engine") != recorded_engine:  # the recorded options are another engine's
+        recorded_engine_args = {}
     unknown = sorted(set(given) - {f.name for f in fields(TrainConfig)})
     if unknown:
         close = difflib.get_close_matches(unknown[0], [f.name for f in fields(TrainConfig)], n=1)
@@ -101,7 +115,8 @@ def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
     run_objective = obj.for_run(cfg.updates_per_step)  # several updates per step: old_logp declared
     teacher = run_objective.teacher_spec() if run_objective.signals() & TEACHER_SIGNALS else None
-    return ResolvedRun(config=cfg, objective=run_objective, task=task_obj, engine=cfg.engine, teacher=teacher)
+    return ResolvedRun(config=cfg, objective=run_objective, task=task_obj,
+                       engine=_engine(cfg, recorded_engine_args, engine, engine_args), teacher=teacher)
 
 
 def apply_run_defaults(config: TrainConfig, objective: Objective) -> TrainConfig:
@@ -168,6 +183,17 @@ def _objective(objective, named: str | None, args: dict[str, Any]) -> Objective:
     if not isinstance(name, str):
         raise ValueError(f"'objective' must be a name, got {name!r}")
     return get_objective(name, **args)
+
+
+def _engine(cfg: TrainConfig, recorded: Any, engine: str | EngineSpec | None,
+            args: Mapping[str, Any] | None) -> EngineSpec:
+    """Engine ``cfg.engine`` with its options: a given :class:`~denser.engines.EngineSpec` as it is, else
+    ``recorded`` (a config file's ``engine_args``) with ``args`` over them."""
+    if isinstance(engine, EngineSpec):
+        return engine
+    if not isinstance(recorded, Mapping) or not isinstance(args or {}, Mapping):
+        raise ValueError("engine_args must be a mapping of the engine's option: value")
+    return EngineSpec.from_args(cfg.engine, {**recorded, **(args or {})})
 
 
 def _load_task(cfg: TrainConfig) -> Task:

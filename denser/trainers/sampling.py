@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from denser.engines.base import Rollout
 from denser.tasks import Score
-from denser.trainers.rollout import Rollout
 
 
 @dataclass

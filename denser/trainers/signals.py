@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from denser.engines.base import Rollout
+from denser.engines.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.kernels import token_stats
 from denser.objectives import (
     TEACHER_LOGP,
@@ -44,8 +46,6 @@ from denser.objectives.common import normaliser_counts
 from denser.tasks import Task
 from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
-from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
-from denser.trainers.rollout import Rollout
 from denser.trainers.sampling import Scores, overlong_penalty
 from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.teacher import TeacherInputs, TeacherWeights
@@ -83,7 +83,7 @@ def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: n
 
 def padded_tokens(sizes: list[tuple[int, int]]) -> int:
     """The tokens of one packed forward of samples of ``(context, completion)`` lengths ``sizes``: rows x
-    (longest context + longest completion), as :func:`~denser.trainers.packing.build_packed_batch` pads."""
+    (longest context + longest completion), as :func:`~denser.engines.packing.build_packed_batch` pads."""
     return len(sizes) * (max(c for c, _ in sizes) + max(t for _, t in sizes)) if sizes else 0
 
 

@@ -45,12 +45,12 @@ from typing import Any, Callable, Union
 import torch
 from torch import Tensor, nn
 
+from denser.engines.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.objectives import TeacherSpec
 from denser.objectives.teacher import TEACHER_MODES
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.lora import AdapterView, trainable_adapter
 from denser.trainers.models import load_model
-from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.sharding import ModelCall, Sharding
 
 #: a model, or a function that loads it when first asked (so a run loads only the models its teacher uses)

@@ -11,9 +11,9 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from denser.engines.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.kernels import Metric, fused_loss, token_stats
 from denser.objectives import Objective, PolicyBatch
-from denser.trainers.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.trainers.sharding import ModelCall
 from denser.trainers.signals import TeacherInputs
 

@@ -1,5 +1,8 @@
 """Packing: completions laid out for one forward pass and for the loss core, and the hidden states.
 
+An engine-level type: :meth:`denser.engines.base.Rollout.pack` builds it, the loop, the teacher,
+the reference model and the analysis run models on it.
+
     batch = rollout.pack(indices)                          # PackedBatch of some samples of a rollout
     batch = build_packed_batch(contexts, completions, pad_token_id=...)
     hidden = completion_hidden_states(model, batch)        # [N, H] -> kernels.fused_loss

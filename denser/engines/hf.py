@@ -1,0 +1,308 @@
+"""The ``hf`` rollout engine: transformers' ``generate`` on the live policy model.
+
+Behaviour log-probs
+-------------------
+``old_logp`` of a sampled token is ``log_softmax(raw_logits / temperature)[token]`` at the step
+that sampled it, taken from inside ``generate`` by a logits processor that runs *before* the
+temperature / top-k / top-p warpers (transformers applies its own processors first; this engine
+switches all of them off and installs its own, in order). That is exactly the quantity the loss
+core computes at the same temperature over the full vocabulary, so with top-k / top-p off the
+ratio ``exp(logp - old_logp)`` is 1 up to numerics at the first update; with top-k / top-p on,
+``old_logp`` deliberately stays the full-vocabulary value (the truncation is part of the sampler,
+not of the policy being trained), as in TRL and verl.
+
+Seeded sampling
+---------------
+Each sampled completion draws its tokens from a stream of its own: sample ``j`` of a prompt whose
+request seed is ``s`` (:func:`~denser.engines.base.prompt_seeds`) draws uniforms from a
+``torch.Generator`` seeded with ``request_seed(s, j)`` (on the CPU: the same numbers on any
+device), one per new token, and takes the token by inverse CDF of the warped distribution (after
+temperature, top-k, top-p), which is a draw from exactly that distribution. The last logits
+processor (:class:`_SeededSampler`) makes the draw and leaves only that token possible, so
+``generate`` runs greedy and never touches the global RNG. A completion's tokens therefore depend
+on its prompt, its seed and the model alone: not on the other prompts of the call, on
+``max_batch_size``, or on the process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from denser.engines.base import (
+    DEFAULT_ENGINE,
+    Rollout,
+    RolloutEngine,
+    SamplingParams,
+    prompt_seeds,
+    register_rollout_engine,
+    request_seed,
+    truncate_at_stop,
+)
+from denser.engines.packing import model_device
+
+__all__ = ["ForwardAbandoned", "HFOptions", "HFRolloutEngine", "abandon_forward_on_stop"]
+
+
+class _BehaviourLogpRecorder:
+    """A logits processor that records ``log_softmax(raw / T)`` of each sampled token.
+
+    Placed first in the processor list (every built-in processor of ``generate`` is switched
+    off), it sees raw logits. At step ``t`` the token sampled at step ``t-1`` is the last column
+    of ``input_ids``, so only one ``[B, V]`` log-softmax is kept at a time; :meth:`finish` reads
+    the last step's token from the final sequences.
+    """
+
+    def __init__(self, temperature: float):
+        self.temperature = float(temperature)
+        self.prev: Tensor | None = None
+        self.steps: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.prev = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def finish(self, sequences: Tensor) -> Tensor:
+        """``[B, steps]`` log-probs, one column per generated token."""
+        if self.prev is not None:
+            self.steps.append(self.prev.gather(1, sequences[:, -1:].to(self.prev.device)).squeeze(1))
+            self.prev = None
+        if not self.steps:
+            return torch.zeros(sequences.shape[0], 0)
+        return torch.stack(self.steps, dim=1)
+
+
+@dataclass(frozen=True)
+class HFOptions:
+    """The ``hf`` engine's options: flags ``--hf-...`` of ``denser train``, ``engine_args:`` of a run."""
+
+    max_batch_size: int = field(default=0, metadata={"help": (
+        "hf engine: at most this many sequences (prompts x completions each) per generate call, the rest in "
+        "further calls; bounds the KV cache's memory and leaves the samples unchanged (0 = all of a call at once)")})
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 0:
+            raise ValueError(f"--hf-max-batch-size must be >= 0 (0 = all at once), got {self.max_batch_size}")
+
+
+@register_rollout_engine(DEFAULT_ENGINE, options=HFOptions)
+class HFRolloutEngine(RolloutEngine):
+    """Sampling with transformers ``generate`` on the live policy model.
+
+    Args:
+        model: an unwrapped HF causal LM (under accelerate, pass ``accelerator.unwrap_model(model)``).
+        tokenizer: its tokenizer (decodes texts; gives EOS and pad ids).
+        max_batch_size: at most this many sequences per ``generate`` call (0 or None: all at once);
+            :class:`HFOptions`.
+        stop_token_ids: tokens that end a completion (default: the tokenizer's EOS plus the
+            model's ``generation_config.eos_token_id``).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        if stop_token_ids is None:
+            ids: list[int] = []
+            for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+                for t in (src if isinstance(src, (list, tuple)) else [src]):
+                    if t is not None and int(t) not in ids:
+                        ids.append(int(t))
+            stop_token_ids = ids
+        if not stop_token_ids:
+            raise ValueError("HFRolloutEngine needs a stop token: the tokenizer has no eos_token and none was given")
+        self.stop_token_ids = [int(t) for t in stop_token_ids]
+        pad = tokenizer.pad_token_id
+        self.pad_token_id = int(pad) if pad is not None else self.stop_token_ids[0]
+
+    def generate(
+        self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
+        seed: int | None = None, stop: Callable[[], bool] | None = None,
+    ) -> Rollout:
+        prompts = [list(map(int, p)) for p in prompt_ids]
+        if not prompts:
+            raise ValueError("generate needs at least one prompt")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt: render prompts with render_prompt() first")
+        G = params.num_generations
+        flat = [p for p in prompts for _ in range(G)]
+        # one stream per sample: sample j of prompt p from request_seed(seed of p, j); greedy needs none
+        sample_seeds = ([request_seed(s, j) for s in prompt_seeds(len(prompts), seeds, seed) for j in range(G)]
+                        if params.do_sample else [0] * len(flat))
+        chunk = self.max_batch_size or len(flat)
+        completions: list[list[int]] = []
+        logps: list[Tensor] = []
+        truncated: list[bool] = []
+        device = model_device(self.model)
+        with _eval_mode(self.model), torch.no_grad():
+            for start in range(0, len(flat), chunk):
+                c, lp, tr = self._generate_chunk(flat[start : start + chunk], params, device, stop,
+                                                 sample_seeds[start : start + chunk])
+                completions += c
+                logps += lp
+                truncated += tr
+        texts = self.tokenizer.batch_decode(completions, skip_special_tokens=True)
+        return Rollout(
+            prompt_ids=prompts,
+            completion_ids=completions,
+            texts=texts,
+            logps=logps,
+            truncated=torch.tensor(truncated, dtype=torch.bool),
+            num_generations=G,
+            params=params,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def _generate_chunk(
+        self, prompts: list[list[int]], params: SamplingParams, device: torch.device,
+        stop: Callable[[], bool] | None, seeds: list[int],
+    ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
+        # lazy: importing transformers takes seconds, and `denser train --help` imports this module
+        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for b, p in enumerate(prompts):
+            input_ids[b, width - len(p) :] = torch.tensor(p)
+            attention_mask[b, width - len(p) :] = 1
+        recorder = _BehaviourLogpRecorder(params.temperature)
+        processors: list[Any] = [recorder]
+        if params.do_sample:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k > 0:
+                processors.append(TopKLogitsWarper(params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(params.top_p))
+            processors.append(_SeededSampler(seeds, params.max_new_tokens))
+        # Every built-in processor off and greedy decoding: ours above run alone, in order, and the
+        # seeded sampler's token is the only one left to pick.
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=self.stop_token_ids,
+            pad_token_id=self.pad_token_id,
+            use_cache=True,
+        )
+        try:
+            with _neutral_generation_config(self.model, config), abandon_forward_on_stop(self.model, stop):
+                sequences = self.model.generate(
+                    input_ids=input_ids.to(device),
+                    attention_mask=attention_mask.to(device),
+                    generation_config=config,
+                    logits_processor=LogitsProcessorList(processors),
+                    **({"stopping_criteria": _stop_criteria(stop)} if stop is not None else {}),
+                )
+        except ForwardAbandoned:  # stopped inside a forward: no completion, the caller abandons them
+            return [[] for _ in prompts], [torch.zeros(0) for _ in prompts], [True for _ in prompts]
+        logp_steps = recorder.finish(sequences).cpu()
+        new = sequences[:, width:].cpu()
+        completions, logps, truncated = [], [], []
+        for b in range(new.shape[0]):
+            tokens, tr = truncate_at_stop(new[b].tolist(), self.stop_token_ids)
+            completions.append(tokens)
+            logps.append(logp_steps[b, : len(tokens)].clone())
+            truncated.append(tr)
+        return completions, logps, truncated
+
+
+class _SeededSampler:
+    """The last logits processor of a sampled ``generate``: draws row ``b``'s next token from the
+    (warped) scores with the ``t``-th uniform of its own stream (seed ``seeds[b]``), by inverse CDF in
+    float64, and returns scores where only that token is finite (greedy decoding then picks it)."""
+
+    def __init__(self, seeds: list[int], max_new_tokens: int):
+        # (0, 1]: a uniform of exactly 0 could otherwise pick a leading zero-probability token
+        self.uniforms = torch.stack([
+            1.0 - torch.rand(max_new_tokens, generator=torch.Generator().manual_seed(s), dtype=torch.float64)
+            for s in seeds])
+        self.t = 0
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        u = self.uniforms[:, min(self.t, self.uniforms.shape[1] - 1)].to(scores.device)
+        self.t += 1
+        cdf = torch.softmax(scores.double(), dim=-1).cumsum(dim=-1)
+        tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).clamp_max(scores.shape[-1] - 1)
+        return torch.full_like(scores, float("-inf")).scatter_(1, tokens, 0.0)
+
+
+def _stop_criteria(stop: Callable[[], bool]):
+    """A ``generate`` stopping criterion that ends every sequence once ``stop()`` is True (it
+    samples nothing and draws no random numbers: a run that is never stopped is unchanged).
+    Under FSDP, ``generate`` keeps the processes in step (``synced_gpus``) when one ends early."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Stop(StoppingCriteria):
+        def __call__(self, input_ids: Tensor, scores: Tensor, **kwargs) -> Tensor:
+            return torch.full((input_ids.shape[0],), bool(stop()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Stop()])
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def _neutral_generation_config(model: Any, config: Any):
+    """``generate`` fills unset fields from ``model.generation_config`` (repetition penalty,
+    top-k, ... of a checkpoint); swap in ours for the call so nothing else alters the logits."""
+    saved = model.generation_config
+    model.generation_config = config
+    try:
+        yield
+    finally:
+        model.generation_config = saved
+
+
+class ForwardAbandoned(Exception):
+    """Raised inside a model's forward once a stop was requested (:func:`abandon_forward_on_stop`)."""
+
+
+@contextlib.contextmanager
+def abandon_forward_on_stop(model: nn.Module, stop: Callable[[], bool] | None) -> Iterator[None]:
+    """While active, every block of ``model`` (each module of an ``nn.ModuleList``: a transformer's
+    layers) polls ``stop`` before it runs and raises :class:`ForwardAbandoned` once it is True, so
+    a forward in progress ends within one layer (a prefill of 16 prompts took 13 s on a loaded
+    2-core CPU, most of the wait from SIGTERM to the checkpoint). With several processes nothing is
+    installed: a forward may hold collectives (FSDP) that every process must finish."""
+    import torch.distributed as dist
+
+    if stop is None or (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        yield
+        return
+
+    def poll(module, args):
+        if stop():
+            raise ForwardAbandoned
+
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst]
+    handles = [m.register_forward_pre_hook(poll) for m in blocks]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
