@@ -14,7 +14,7 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.resolve import resolve_run
-from denser.trainers.sampling import Scores, dynamic_batch, overlong_penalty, varied_groups
+from denser.trainers.scoring import Scores, dynamic_batch, overlong_penalty, varied_groups
 
 # ------------------------------------------------------------------------------ overlong shaping
 

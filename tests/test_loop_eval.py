@@ -16,6 +16,7 @@ from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.evaluation import eval_metrics, format_eval
 from denser.trainers.loop import Trainer
 from denser.trainers.resolve import resolve_run
+from denser.trainers.scoring import score_rollout
 
 
 class FirstDigitTask(Addition):
@@ -169,7 +170,7 @@ def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
     trainer = Trainer(cfg, get_objective("sdpo", teacher="live"), task=ParityAddition(), log=lambda *a: None)
     rows = trainer.prompts.rows_for_step(0)
     rollout = trainer._rollout(rows)
-    scores = trainer.signals.score(rollout, rows)
+    scores = score_rollout(trainer.task, rollout, rows, trainer.cfg)
     sample = trainer.signals.per_sample(rollout, rows, scores)
     mb = trainer.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)[0]
     teacher = trainer.signals.model_signals(rollout, mb)

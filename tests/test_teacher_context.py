@@ -151,12 +151,14 @@ def test_loop_builds_prompt_contexts_for_every_sample(tmp_path):
     loss is zero (up to float noise) on every token."""
     import torch
 
+    from denser.trainers.scoring import score_rollout
+
     plain = _trainer(tmp_path, "plain", {"teacher_max_context_tokens": 8}, teacher="live", teacher_context="prompt",
                      distill_mode="full")
     sdpo = _trainer(tmp_path, "sdpo", teacher="live", include_feedback=False)
     rows = plain.prompts.rows_for_step(0)
     rollout = plain._rollout(rows)
-    scores = plain.signals.score(rollout, rows)
+    scores = score_rollout(plain.task, rollout, rows, plain.cfg)
     contexts, mask = plain.signals.teacher_contexts(rollout, rows, scores)
     prompt_ids = plain.prompts.prompt_ids(rows)
     g = rollout.num_generations

@@ -14,6 +14,7 @@ from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 from denser.trainers.models import build_tiny_model
+from denser.trainers.scoring import score_rollout
 from denser.trainers.teacher import TeacherWeights, build_teacher, resolve_teacher_path
 
 
@@ -188,7 +189,7 @@ def test_teacher_context_is_cut_on_the_right_and_truncated_completions_are_maske
     assert TrainConfig().teacher_max_context_tokens == 10240
     rows = long.prompts.rows_for_step(0)
     rollout = short._rollout(rows)
-    scores = long.signals.score(rollout, rows)
+    scores = score_rollout(long.task, rollout, rows, long.cfg)
     full, mask = long.signals.teacher_contexts(rollout, rows, scores)
     cut, mask2 = short.signals.teacher_contexts(rollout, rows, scores)
     assert mask.any() and torch.equal(mask, mask2)

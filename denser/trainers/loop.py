@@ -4,7 +4,7 @@ One step is one rollout batch (DESIGN.md, Contract 3)::
 
     rollout   prompts of the step -> rollout engine -> completions + behaviour log-probs
     score     task.score -> rewards (+ feedback, + overlong shaping); with dynamic sampling, rounds of
-              rollout + score until enough groups have varied rewards (trainers/sampling.py)
+              rollout + score until enough groups have varied rewards (trainers/scoring.py)
     signals   what the objective declared, and only those (trainers/signals.py): old_logp (a no-grad
               forward of the pre-update policy when a step makes several updates), advantages,
               teacher contexts
@@ -58,7 +58,7 @@ from denser.trainers.preemption import Interrupted, StopControl, StopSignals, si
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.resolve import ResolvedRun, resolve_run
 from denser.trainers.run_dir import RunDir
-from denser.trainers.sampling import RolloutBatch, Scores, dynamic_batch
+from denser.trainers.scoring import RolloutBatch, Scores, dynamic_batch, score_rollout
 from denser.trainers.sharding import Sharding
 from denser.trainers.signals import (
     MicroBatch,
@@ -347,7 +347,7 @@ class Trainer:
                                                for i in self.prompts.request_indices()])
             self.stop.check(f"step {step + 1}, after generation")  # a stop during it: the rollout is abandoned
             with timer("signals"):
-                return rollout, rows, self.signals.score(rollout, rows)
+                return rollout, rows, score_rollout(self.task, rollout, rows, self.cfg)
 
         if not self.cfg.dynamic_sampling:
             return RolloutBatch(*generate_round(0))

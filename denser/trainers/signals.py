@@ -1,7 +1,5 @@
 """The signals of one rollout batch: those the objective declared (``objective.signals()``), and only those.
 
-    scores  = signals.score(rollout, rows)                        rewards [S] (+ overlong shaping),
-                                                                  successes, feedback
     rollout = signals.pre_update_logp(rollout)                    old_logp: the policy before the step's
                                                                   first update (no-grad forward), when
                                                                   --old-logp-source says so
@@ -46,7 +44,7 @@ from denser.objectives.common import normaliser_counts
 from denser.tasks import Task
 from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
-from denser.trainers.sampling import Scores, overlong_penalty
+from denser.trainers.scoring import Scores
 from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.teacher import TeacherInputs, TeacherWeights
 
@@ -165,21 +163,6 @@ class SignalComputer:
             raise ValueError("SignalComputer: old_logp from a forward pass (--old-logp-source) needs the policy")
 
     # ----------------------------------------------------------------------- per rollout batch
-
-    def score(self, rollout: Rollout, rows: list[dict]) -> Scores:
-        """Rewards (and feedback) of every sample; sample ``s`` answers ``rows[s // G]``. With
-        ``--overlong-buffer`` the rewards carry DAPO's overlong penalty (``scores.overlong``)."""
-        g = rollout.num_generations
-        sample_rows = [rows[s // g] for s in range(rollout.num_samples)]
-        scores = self.task.score_batch(rollout.texts, sample_rows)
-        rewards = torch.tensor([s.score for s in scores], dtype=torch.float32)
-        success = torch.tensor([float(self.task.is_success(s)) for s in scores])
-        overlong = None
-        if self.cfg.overlong_buffer > 0:
-            overlong = overlong_penalty(rollout.lengths, self.cfg.max_new_tokens, self.cfg.overlong_buffer,
-                                        self.cfg.overlong_penalty)
-            rewards = rewards + overlong
-        return Scores(scores, rewards, success, overlong)
 
     @torch.no_grad()
     def pre_update_logp(self, rollout: Rollout) -> Rollout:

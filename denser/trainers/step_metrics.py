@@ -12,7 +12,7 @@ import torch
 from denser.kernels import merge_metrics
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers.config import TrainConfig
-from denser.trainers.sampling import RolloutBatch, Scores
+from denser.trainers.scoring import RolloutBatch, Scores
 from denser.trainers.update import PhaseTimer, UpdateResult
 
 #: sums a tensor over the run's processes (the identity in a single process)

@@ -1,7 +1,8 @@
-"""What a step trains on: the task's verdicts (``Scores``) and DAPO's two loop options, dynamic
-sampling and overlong reward shaping.
+"""Scoring a step's rollouts: the task's verdicts (``Scores``, :func:`score_rollout`) and DAPO's two
+loop options, overlong reward shaping and dynamic sampling.
 
-    rewards += overlong_penalty(lengths, max_new_tokens, buffer, factor)    (SignalComputer.score)
+    scores = score_rollout(task, rollout, rows, cfg)                         rewards [S], successes, feedback
+    rewards += overlong_penalty(lengths, max_new_tokens, buffer, factor)    (in score_rollout)
     batch = dynamic_batch(generate_round, prompts_per_step, max_rounds)     (Trainer._rollout_batch)
 
 Overlong shaping (DAPO's "soft overlong punishment", verl's ``overlong_buffer``): a completion of
@@ -27,7 +28,8 @@ import torch
 from torch import Tensor
 
 from denser.engines.base import Rollout
-from denser.tasks import Score
+from denser.tasks import Score, Task
+from denser.trainers.config import TrainConfig
 
 
 @dataclass
@@ -62,6 +64,21 @@ def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float) 
         return torch.zeros(lengths.shape, dtype=torch.float32)
     over = (lengths.float() - (max_len - buffer)) / buffer
     return -float(factor) * over.clamp(min=0.0, max=1.0)
+
+
+def score_rollout(task: Task, rollout: Rollout, rows: list[dict], cfg: TrainConfig) -> Scores:
+    """Rewards (and feedback) of every sample; sample ``s`` answers ``rows[s // G]``. With
+    ``--overlong-buffer`` the rewards carry DAPO's overlong penalty (``scores.overlong``)."""
+    g = rollout.num_generations
+    sample_rows = [rows[s // g] for s in range(rollout.num_samples)]
+    scores = task.score_batch(rollout.texts, sample_rows)
+    rewards = torch.tensor([s.score for s in scores], dtype=torch.float32)
+    success = torch.tensor([float(task.is_success(s)) for s in scores])
+    overlong = None
+    if cfg.overlong_buffer > 0:
+        overlong = overlong_penalty(rollout.lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_penalty)
+        rewards = rewards + overlong
+    return Scores(scores, rewards, success, overlong)
 
 
 def varied_groups(rewards: Tensor, num_generations: int) -> Tensor:
