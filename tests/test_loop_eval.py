@@ -172,7 +172,7 @@ def test_teacher_and_student_entropy_on_tokens_with_a_teacher(tmp_path):
     rollout = trainer._rollout(rows)
     scores = score_rollout(trainer.task, rollout, rows, trainer.cfg)
     sample = trainer.signals.per_sample(rollout, rows, scores)
-    mb = trainer.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)[0]
+    mb = trainer.batches.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)[0]
     teacher = trainer.signals.model_signals(rollout, mb)
     assert teacher.entropy is not None
     mb.batch.teacher_mask = mb.batch.teacher_mask.clone()

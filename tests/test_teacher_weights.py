@@ -198,7 +198,7 @@ def test_teacher_context_is_cut_on_the_right_and_truncated_completions_are_maske
             assert len(full[s]) > 12 and cut[s] == full[s][:12]  # SDPO: reprompt_truncation right
     assert rollout.truncated.any()
     sample = short.signals.per_sample(rollout, rows, scores)
-    batches = short.signals.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)
+    batches = short.batches.micro_batches(rollout, sample, list(range(rollout.num_samples)), 0)
     for mb in batches:
         b = mb.batch
         assert torch.equal(b.token_mask, ~rollout.truncated[mb.indices][b.seq_ids])

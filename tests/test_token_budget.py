@@ -13,9 +13,9 @@ from denser.engines.base import Rollout, SamplingParams
 from denser.objectives import get_objective
 from denser.tasks import Score
 from denser.tasks.builtin import Addition
+from denser.trainers.batches import UpdateBatches, split_to_count, token_budget_groups
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import PhaseTimer, Trainer
-from denser.trainers.signals import SignalComputer, split_to_count, token_budget_groups
 
 
 class Parity(Addition):
@@ -66,8 +66,8 @@ def test_the_flag_is_checked():
 def _grads(trainer: Trainer, rollout, sample, indices, budget: int):
     """The update's loss and gradients over micro-batches cut by ``budget`` (0 = --micro-batch-size)."""
     signals = trainer.signals
-    signals.cfg = dataclasses.replace(signals.cfg, max_tokens_per_micro_batch=budget)
-    batches = signals.micro_batches(rollout, sample, indices, step=0)
+    trainer.batches.cfg = dataclasses.replace(trainer.batches.cfg, max_tokens_per_micro_batch=budget)
+    batches = trainer.batches.micro_batches(rollout, sample, indices, step=0)
     trainer.optimizer.zero_grad(set_to_none=True)
     cfg, total = trainer.cfg, 0.0
     for mb in batches:
@@ -130,12 +130,10 @@ def test_processes_agree_on_the_number_of_micro_batches():
         peer[5] = 1.0
         return t + peer
 
-    signals = SignalComputer(get_objective("grpo"), Parity(), None, cfg, device=torch.device("cpu"), rank=0,
-                             reduce=reduce_with_a_peer, reference=None, teacher=None, teacher_spec=None)
-    groups = signals._groups(rollout, list(range(8)))
+    batches = UpdateBatches(cfg, device=torch.device("cpu"), rank=0, reduce=reduce_with_a_peer, old_logp=False)
+    groups = batches.groups(rollout, list(range(8)))
     assert len(seen) == 1 and seen[0].shape == (2 * 4 + 1,) and int(seen[0].argmax()) == 1
     assert len(groups) == 5 and [i for g in groups for i in g] == list(range(8))
-    assert signals._groups(rollout, list(range(8)), same_count=False) == [list(range(8))]
-    alone = SignalComputer(get_objective("grpo"), Parity(), None, cfg, device=torch.device("cpu"), rank=0,
-                           reduce=lambda t: t, reference=None, teacher=None, teacher_spec=None)
-    assert alone._groups(rollout, list(range(8))) == [list(range(8))]
+    assert batches.groups(rollout, list(range(8)), same_count=False) == [list(range(8))]
+    alone = UpdateBatches(cfg, device=torch.device("cpu"), rank=0, reduce=lambda t: t, old_logp=False)
+    assert alone.groups(rollout, list(range(8))) == [list(range(8))]

@@ -136,7 +136,7 @@ def test_every_update_matches_an_independent_reference(tmp_path, shuffle, source
     assert (forward - rollout.behaviour_logp()).abs().mean() > 0.1  # the two sources differ here
     old = rollout.behaviour_logp() if source == "engine" else forward
     if shuffle:
-        plan = trainer.signals.update_plan(S, 0)
+        plan = trainer.batches.update_plan(S, 0)
         for e in range(2):  # each epoch is a permutation of the rollout, cut into near-equal halves
             assert sorted(plan[2 * e] + plan[2 * e + 1]) == list(range(S)) and len(plan[2 * e]) == S // 2
         assert plan[:2] != plan[2:] and plan[0] != list(range(S // 2))
@@ -278,13 +278,12 @@ def test_bad_update_settings_fail_with_one_clear_message():
 
 
 def test_update_plan_cuts_each_epoch_into_near_equal_mini_batches(tmp_path):
-    from denser.trainers.signals import SignalComputer
+    from denser.trainers.batches import UpdateBatches
 
     def plan(**kw):
         cfg = TrainConfig(**{**dict(prompts_per_step=4, num_generations=5), **kw})
-        sc = SignalComputer(get_objective("grpo"), Parity(), None, cfg, device=torch.device("cpu"), rank=0,
-                            reduce=lambda t: t, reference=None, teacher=None, teacher_spec=None)
-        return sc.update_plan(20, step=3)
+        batches = UpdateBatches(cfg, device=torch.device("cpu"), rank=0, reduce=lambda t: t, old_logp=False)
+        return batches.update_plan(20, step=3)
 
     assert plan() == [list(range(20))]
     assert plan(epochs=3) == [list(range(20))] * 3

@@ -167,7 +167,7 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     from denser.kernels import fused_loss
     from denser.objectives import PolicyBatch, get_objective
     from denser.objectives.common import normaliser_counts
-    from denser.trainers.signals import token_budget_groups
+    from denser.trainers.batches import token_budget_groups
 
     prompts, teacher_ctx, completions, advantages = data
     sdpo = "sdpo" in spec.case

@@ -50,6 +50,7 @@ from denser.plugins import plugin_imports
 from denser.tasks import Task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers import lora
+from denser.trainers.batches import MicroBatch
 from denser.trainers.config import TrainConfig
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
 from denser.trainers.memory import adamw, trim_heap
@@ -60,12 +61,7 @@ from denser.trainers.resolve import ResolvedRun, resolve_run
 from denser.trainers.run_dir import RunDir
 from denser.trainers.scoring import RolloutBatch, Scores, dynamic_batch, score_rollout
 from denser.trainers.sharding import Sharding
-from denser.trainers.signals import (
-    MicroBatch,
-    SignalComputer,
-    check_signals,
-    check_teacher_vocabulary,
-)
+from denser.trainers.signals import SignalComputer, check_signals, check_teacher_vocabulary
 from denser.trainers.step_metrics import metrics_row
 from denser.trainers.teacher import build_teacher, resolve_teacher_path
 from denser.trainers.tracking import Tracker
@@ -185,6 +181,7 @@ class Trainer:
                                       reference=self.reference, teacher=self.teacher, teacher_spec=self.teacher_spec,
                                       policy=self.policy, reference_root=self.reference_root,
                                       policy_root=self.loss_module if self.sharding is not None else None)
+        self.batches = self.signals.batches  # the update plan and micro-batches (trainers/batches.py)
         self.prompts = PromptSchedule(self.task, self.tokenizer, seed=cfg.seed, prompts_per_step=cfg.prompts_per_step,
                                       rank=self.rank, world=self.world, max_new_tokens=cfg.max_new_tokens,
                                       context_limit=getattr(self.policy.config, "max_position_embeddings", None),
@@ -325,9 +322,9 @@ class Trainer:
             rollout = self.signals.pre_update_logp(batch.rollout)
             sample = self.signals.per_sample(rollout, batch.rows, batch.scores)
         updates = []
-        for u, indices in enumerate(self.signals.update_plan(rollout.num_samples, step)):
+        for u, indices in enumerate(self.batches.update_plan(rollout.num_samples, step)):
             with timer("signals"):
-                micro_batches = self.signals.micro_batches(rollout, sample, indices, step, u)
+                micro_batches = self.batches.micro_batches(rollout, sample, indices, step, u)
             # a stop may abandon the rollout batch only before its first applied optimiser step
             stoppable = not any(up.applied for up in updates)
             updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))

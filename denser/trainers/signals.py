@@ -4,12 +4,8 @@
                                                                   first update (no-grad forward), when
                                                                   --old-logp-source says so
     sample  = signals.per_sample(rollout, rows, scores)           advantages, teacher contexts and mask
-    for update, indices in enumerate(signals.update_plan(S, step)):   epochs x mini-batches
-        batches = signals.micro_batches(rollout, sample, indices, step, update)
-                                                                  packed micro-batches with the update's
-                                                                  global normalisers (its mini-batch,
-                                                                  all processes)
-        teacher = signals.model_signals(rollout, micro_batch)     no-grad forwards: ref_logp, the
+    for each micro-batch mb of each update                        (signals.batches: trainers/batches.py)
+        teacher = signals.model_signals(rollout, mb)              no-grad forwards: ref_logp, the
                                                                   teacher's hidden states and teacher_logp
 
 The objective says what it needs through its methods (``signals()``, ``advantages()``,
@@ -21,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,13 +29,12 @@ from denser.objectives import (
     TEACHER_LOGP,
     TEACHER_SIGNALS,
     Objective,
-    PolicyBatch,
     Signal,
     TeacherSpec,
     teacher_messages,
 )
-from denser.objectives.common import normaliser_counts
 from denser.tasks import Task
+from denser.trainers.batches import MicroBatch, SampleSignals, UpdateBatches
 from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
 from denser.trainers.scoring import Scores
@@ -79,62 +72,6 @@ def check_teacher_vocabulary(objective: Objective, policy: nn.Module, teacher: n
                          f"the policy's ({v_s}); token-level distillation needs one shared tokenizer")
 
 
-def padded_tokens(sizes: list[tuple[int, int]]) -> int:
-    """The tokens of one packed forward of samples of ``(context, completion)`` lengths ``sizes``: rows x
-    (longest context + longest completion), as :func:`~denser.engines.packing.build_packed_batch` pads."""
-    return len(sizes) * (max(c for c, _ in sizes) + max(t for _, t in sizes)) if sizes else 0
-
-
-def token_budget_groups(indices: list[int], sizes: list[tuple[int, int]], budget: int) -> list[list[int]]:
-    """``indices`` cut, in order, into consecutive groups whose packed forward holds at most ``budget``
-    tokens (:func:`padded_tokens`; ``sizes[k]``: the context and completion lengths of ``indices[k]``);
-    a sample longer than ``budget`` gets a group of its own (one long reply never stops a run; that
-    micro-batch is then over the budget)."""
-    groups: list[list[int]] = []
-    current: list[tuple[int, int]] = []
-    for i, size in zip(indices, sizes):
-        if groups and padded_tokens(current + [size]) <= budget:
-            groups[-1].append(i)
-            current.append(size)
-        else:
-            groups.append([i])
-            current = [size]
-    return groups
-
-
-def split_to_count(groups: list[list[int]], sizes: dict[int, tuple[int, int]], count: int) -> list[list[int]]:
-    """``groups`` with the largest (:func:`padded_tokens`) of those holding two or more samples halved, in
-    its place, until there are ``count`` of them (every process of a run must make the same number of
-    backward passes per update). ``count`` must be at most the number of samples."""
-    groups = [list(g) for g in groups]
-    while len(groups) < count:
-        k = max((j for j, g in enumerate(groups) if len(g) > 1),
-                key=lambda j: padded_tokens([sizes[i] for i in groups[j]]))
-        g = groups[k]
-        groups[k:k + 1] = [g[:len(g) // 2], g[len(g) // 2:]]
-    return groups
-
-
-@dataclass
-class SampleSignals:
-    """The per-sample signals of a rollout batch, computed once and shared by all its updates."""
-
-    rewards: Tensor  # [S]
-    advantages: Tensor | None  # [S] (ADVANTAGES)
-    contexts: list[list[int]] | None  # per sample: the teacher's context token ids (a teacher)
-    teacher_mask: Tensor | None  # [S] bool: the sample has a teacher context (a teacher)
-
-
-@dataclass
-class MicroBatch:
-    """Samples ``indices`` of the rollout, packed, with their ``PolicyBatch``."""
-
-    indices: list[int]
-    packed: PackedBatch
-    batch: PolicyBatch
-    teacher_contexts: list[list[int]] | None = None  # per sample: the teacher's context token ids
-
-
 class SignalComputer:
     """Computes the declared signals of each rollout batch for one run.
 
@@ -155,6 +92,8 @@ class SignalComputer:
         self.reference, self.teacher, self.teacher_spec = reference, teacher, teacher_spec
         self.policy = policy
         self.policy_root, self.reference_root = policy_root, reference_root
+        self.batches = UpdateBatches(cfg, device=device, rank=rank, reduce=reduce,
+                                     old_logp=Signal.OLD_LOGP in self.declared)
         source = cfg.old_logp_source
         # old_logp from a forward of the pre-update policy ('auto': when a step makes several updates)
         self.forward_old_logp = Signal.OLD_LOGP in self.declared and (
@@ -178,7 +117,7 @@ class SignalComputer:
         model.eval()
         logps: list[Tensor] = []
         try:
-            for idx in self._groups(rollout, list(range(S)), same_count=False):
+            for idx in self.batches.groups(rollout, list(range(S)), same_count=False):
                 packed = rollout.pack(idx, device=self.device)
                 logp = _run(self.policy_root, model, functools.partial(_logp, packed=packed, cfg=cfg, chunk_size=cfg.chunk_size or None))
                 logps += list(logp.float().cpu().split(packed.lengths.tolist()))
@@ -195,71 +134,6 @@ class SignalComputer:
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)
         return SampleSignals(scores.rewards, advantages, contexts, teacher_mask)
-
-    def update_plan(self, num_samples: int, step: int) -> list[list[int]]:
-        """The samples of each optimiser update of ``step``: ``epochs`` passes, each cut into ``mini_batches``
-        near-equal mini-batches (sizes differ by at most one). With ``mini_batches > 1`` and
-        ``shuffle_mini_batches`` each pass cuts a fresh permutation, drawn from a generator seeded by
-        ``(seed, step, epoch)`` (the global RNG streams are untouched); otherwise the rollout's order.
-        With one mini-batch the order is always kept: a permutation would only reorder the sums of the
-        one update (and a run of one update per step is then what it always was)."""
-        cfg, plan = self.cfg, []
-        for epoch in range(cfg.epochs):
-            order = torch.arange(num_samples)
-            if cfg.mini_batches > 1 and cfg.shuffle_mini_batches:
-                key = f"{cfg.seed}:{step}:{epoch}:mini_batches".encode()
-                g = torch.Generator().manual_seed(int(hashlib.sha256(key).hexdigest()[:15], 16))
-                order = torch.randperm(num_samples, generator=g)
-            plan += [part.tolist() for part in torch.tensor_split(order, cfg.mini_batches)]
-        return plan
-
-    def micro_batches(self, rollout: Rollout, sample: SampleSignals, indices: list[int], step: int,
-                      update: int = 0) -> list[MicroBatch]:
-        """Samples ``indices`` of the rollout (one update's mini-batch) in micro-batches (:meth:`_groups`),
-        each with its per-sample signals and the loss normalisers of the whole mini-batch (all its
-        micro-batches, summed over processes)."""
-        cfg, dev = self.cfg, self.device
-        groups = self._groups(rollout, indices)
-        out = []
-        for i, idx in enumerate(groups):
-            packed = rollout.pack(idx, device=dev)
-            it = torch.tensor(idx)
-            token_mask = None
-            if cfg.mask_truncated_completions:  # TRL's option: a reply cut by the length limit gets no loss
-                token_mask = ~rollout.truncated[it].to(dev)[packed.seq_ids]
-            batch = PolicyBatch(
-                seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0, token_mask=token_mask,
-                rewards=sample.rewards[it].to(dev),
-                advantages=None if sample.advantages is None else sample.advantages[it].to(dev),
-                old_logp=packed.old_logp if Signal.OLD_LOGP in self.declared else None,
-                teacher_mask=None if sample.teacher_mask is None else sample.teacher_mask[it].to(dev),
-                norm_length=float(cfg.max_new_tokens), step=step, total_steps=cfg.steps,
-                micro_batch=self.rank * len(groups) + i, update=update)
-            out.append(MicroBatch(idx, packed, batch,
-                                  None if sample.contexts is None else [sample.contexts[j] for j in idx]))
-        self._set_global_normalisers([mb.batch for mb in out])
-        return out
-
-    def _groups(self, rollout: Rollout, indices: list[int], *, same_count: bool = True) -> list[list[int]]:
-        """The micro-batches of ``indices``, in order: ``cfg.micro_batch_size`` samples each, or, with
-        ``--max-tokens-per-micro-batch``, at most that many tokens in the policy's packed forward (rows x
-        padded prompt + completion width; :func:`token_budget_groups`). With a budget and ``same_count`` the processes agree on the largest
-        count among them (one all-reduce) and the others halve micro-batches to reach it, since every
-        backward pass of an update synchronises gradients."""
-        cfg = self.cfg
-        budget = cfg.max_tokens_per_micro_batch
-        if budget <= 0:
-            return [indices[a:a + cfg.micro_batch_size] for a in range(0, len(indices), cfg.micro_batch_size)]
-        sizes = {i: (len(rollout.sample_prompt_ids(i)), len(rollout.completion_ids[i])) for i in indices}
-        groups = token_budget_groups(indices, [sizes[i] for i in indices], budget)
-        if same_count:
-            # the count of every process, as a histogram of fixed length (a rollout batch's samples per process)
-            slots = max(cfg.prompts_per_step * cfg.num_generations, len(indices)) + 1
-            hist = torch.zeros(slots, device=self.device)
-            hist[len(groups)] = 1.0
-            count = int(torch.nonzero(self.reduce(hist)).max())
-            groups = split_to_count(groups, sizes, count)
-        return groups
 
     def teacher_contexts(self, rollout: Rollout, rows: list[dict], scores: Scores) -> tuple[list[list[int]], Tensor]:
         """Per sample: the teacher's context token ids, and ``teacher_mask [S]`` bool (the sample has a
@@ -286,18 +160,6 @@ class SignalComputer:
                 contexts.append(ids[:self.cfg.teacher_max_context_tokens])  # cut on the right, as SDPO
                 mask.append(True)
         return contexts, torch.tensor(mask, dtype=torch.bool)
-
-    def _set_global_normalisers(self, batches: list[PolicyBatch]) -> None:
-        """Every micro-batch's loss normalisers := the totals of the step (all micro-batches, all processes)."""
-        counts: dict[str, float] = {}
-        for b in batches:
-            for k, v in normaliser_counts(b).items():
-                counts[k] = counts.get(k, 0.0) + v
-        keys = sorted(counts)
-        totals = self.reduce(torch.tensor([counts[k] for k in keys], device=self.device))
-        for b in batches:
-            for k, v in zip(keys, totals.tolist()):
-                setattr(b, k, v)
 
     # ----------------------------------------------------------------------- per micro-batch
 
