@@ -15,7 +15,8 @@ from denser.tasks import Score
 from denser.tasks.builtin import Addition
 from denser.trainers.batches import UpdateBatches, split_to_count, token_budget_groups
 from denser.trainers.config import TrainConfig
-from denser.trainers.loop import PhaseTimer, Trainer
+from denser.trainers.loop import Trainer
+from denser.trainers.step_metrics import PhaseTimer
 
 
 class Parity(Addition):

@@ -13,9 +13,9 @@ from safetensors.torch import load_file
 
 from denser.cli import main, parse_train_args
 from denser.objectives import Signal
+from denser.trainers import policy_loss as policy_loss_mod
 from denser.trainers import signals as signals_mod
 from denser.trainers import teacher as teacher_mod
-from denser.trainers import update as update_mod
 from denser.trainers.config import TrainConfig
 from denser.trainers.loop import Trainer
 
@@ -90,8 +90,8 @@ def test_only_declared_signals_are_computed(tmp_path, monkeypatch, argv, policy_
     assert (trainer.reference is not None) == has_ref
     assert (trainer.teacher is not None) == has_teacher
     assert (Signal.REF_LOGP in objective.signals()) == has_ref
-    spy = _Spy(update_mod.completion_hidden_states)
-    for module in (update_mod, signals_mod, teacher_mod):  # the policy's forward, the reference's, the teacher's
+    spy = _Spy(policy_loss_mod.completion_hidden_states)
+    for module in (policy_loss_mod, signals_mod, teacher_mod):  # the policy's forward, the reference's, the teacher's
         monkeypatch.setattr(module, "completion_hidden_states", spy)
     trainer.step(0)
     micro_batches = -(-cfg.prompts_per_step * cfg.num_generations // cfg.micro_batch_size)

@@ -15,9 +15,10 @@ One step is one rollout batch (DESIGN.md, Contract 3)::
     metrics   one row of metrics.jsonl, summed over processes
 
 The run directory (config.yaml, metrics.jsonl, resume) is :class:`~denser.trainers.run_dir.RunDir`;
-checkpoints are :mod:`denser.trainers.checkpoint`; an update's pieces (the policy-and-loss module
-DDP/FSDP wrap, the phase timer) :mod:`~denser.trainers.update`; a step's metrics row
-:mod:`~denser.trainers.step_metrics`; the loop's evaluation :mod:`~denser.trainers.evaluation`.
+checkpoints are :mod:`denser.trainers.checkpoint`; the policy-and-loss module DDP/FSDP wrap
+:mod:`~denser.trainers.policy_loss`; the update plan and micro-batches :mod:`~denser.trainers.batches`;
+a step's metrics row (and its phase timer) :mod:`~denser.trainers.step_metrics`; the loop's
+evaluation :mod:`~denser.trainers.evaluation`.
 
 This file is the :class:`Trainer` class and little else; at about 600 lines it is over the project's
 ~450-line mark, kept whole on purpose: its methods are the run's phases in the order they happen
@@ -55,6 +56,7 @@ from denser.trainers.config import TrainConfig
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
 from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
+from denser.trainers.policy_loss import PolicyLoss
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.prompts import PromptSchedule
 from denser.trainers.resolve import ResolvedRun, resolve_run
@@ -62,10 +64,9 @@ from denser.trainers.run_dir import RunDir
 from denser.trainers.scoring import RolloutBatch, Scores, dynamic_batch, score_rollout
 from denser.trainers.sharding import Sharding
 from denser.trainers.signals import SignalComputer, check_signals, check_teacher_vocabulary
-from denser.trainers.step_metrics import metrics_row
+from denser.trainers.step_metrics import PhaseTimer, UpdateResult, metrics_row
 from denser.trainers.teacher import build_teacher, resolve_teacher_path
 from denser.trainers.tracking import Tracker
-from denser.trainers.update import PhaseTimer, PolicyLoss, UpdateResult
 
 
 class TrainingStopped(RuntimeError):

@@ -1,22 +1,54 @@
 """A step's row of ``metrics.jsonl``: sums and counts over processes, then means (rewards, each
 reward of a multi-reward task, the objective's metrics over every micro-batch of every update,
-lengths, dynamic sampling and overlong shaping, timings)."""
+lengths, dynamic sampling and overlong shaping, timings), and what it is made of: each update's
+:class:`UpdateResult` and the step's :class:`PhaseTimer`."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 
-from denser.kernels import merge_metrics
+from denser.kernels import Metric, merge_metrics
 from denser.tasks.rewards import per_reward_sums
 from denser.trainers.config import TrainConfig
 from denser.trainers.scoring import RolloutBatch, Scores
-from denser.trainers.update import PhaseTimer, UpdateResult
 
 #: sums a tensor over the run's processes (the identity in a single process)
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+class PhaseTimer:
+    """Wall time per named phase of a step, summed over the phase's entries: ``with timer("update"): ...``."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class UpdateResult:
+    """What one optimiser update reports."""
+
+    loss: float  # summed over micro-batches and processes
+    grad_norm: float
+    applied: bool  # False: a non-finite loss or gradient norm; the update was skipped
+    metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
 
 
 def per_reward_means(scores: Scores, reduce: Reduce) -> dict[str, float]:

@@ -1,12 +1,9 @@
-"""One optimiser update's pieces: the policy and its loss in one module (what DDP/FSDP wrap), the
-``--log-teacher-entropy`` metrics, the phase timer of a step, and what an update reports."""
+"""The policy and its loss in one module (:class:`PolicyLoss`, what DDP/FSDP wrap), and the
+``--log-teacher-entropy`` metrics computed from the same forward."""
 
 from __future__ import annotations
 
-import contextlib
-import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +12,7 @@ from denser.engines.packing import PackedBatch, completion_hidden_states, lm_hea
 from denser.kernels import Metric, fused_loss, token_stats
 from denser.objectives import Objective, PolicyBatch
 from denser.trainers.sharding import ModelCall
-from denser.trainers.signals import TeacherInputs
+from denser.trainers.teacher import TeacherInputs
 
 
 class PolicyLoss(ModelCall):
@@ -61,32 +58,3 @@ def entropy_metrics(hidden, weight, bias, packed: PackedBatch, batch: PolicyBatc
     if batch.teacher_mask is not None:
         mask = mask & batch.teacher_mask.to(mask.device, torch.bool)[batch.seq_ids]
     return {"teacher_entropy": Metric.of(teacher_entropy, mask), "student_entropy": Metric.of(student, mask)}
-
-
-class PhaseTimer:
-    """Wall time per named phase of a step, summed over the phase's entries: ``with timer("update"): ...``."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.start
-
-
-@dataclass
-class UpdateResult:
-    """What one optimiser update reports."""
-
-    loss: float  # summed over micro-batches and processes
-    grad_norm: float
-    applied: bool  # False: a non-finite loss or gradient norm; the update was skipped
-    metrics: list[dict[str, Metric]]  # per micro-batch, from the objective
