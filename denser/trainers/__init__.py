@@ -3,14 +3,18 @@
     from denser.trainers import Trainer, TrainConfig
     summary = Trainer(TrainConfig(objective="grpo", model="tiny", steps=3)).train()
 
-Modules: ``loop`` (``Trainer``: one step = rollout, score, signals, update, metrics), ``signals``
-(the signals an objective declared), ``run_dir`` (config.yaml, metrics.jsonl, resume),
-``models`` (``load_model``: embedded default, tiny, local directories), ``checkpoint``
-(atomic checkpoints, RNG state; ``state_codec`` their encoding), ``teacher`` (``TeacherWeights``),
-``config`` (``TrainConfig``), ``io`` (atomic file writes), ``update`` (the policy-and-loss module,
-phase timer), ``step_metrics`` (a step's metrics row), ``evaluation`` (the loop's eval),
+Modules: ``loop`` (``Trainer``: one step = rollout, score, signals, updates, metrics), ``resolve``
+(``resolve_run``: flags, a config file or Python arguments -> one ``ResolvedRun``), ``config``
+(``TrainConfig``), ``prompts`` (each step's prompts), ``scoring`` (``Scores``, overlong shaping,
+dynamic sampling), ``signals`` (the signals an objective declared), ``batches`` (the update plan and
+micro-batches), ``policy_loss`` (the policy-and-loss module DDP/FSDP wrap), ``step_metrics`` (a
+step's metrics row, its phase timer, ``UpdateResult``), ``evaluation`` (the loop's eval),
+``teacher`` (``build_teacher``, ``TeacherWeights``), ``models`` (``load_model``: embedded default,
+tiny, local directories), ``checkpoint`` (atomic checkpoints, RNG state; ``state_codec`` their
+encoding), ``run_dir`` (config.yaml, metrics.jsonl, resume), ``io`` (atomic file writes),
 ``sharding`` (FSDP), ``lora`` (peft adapters), ``memory`` (allocator and optimizer settings),
-``preemption`` (stop signals). The rollout engines, ``Rollout`` and ``PackedBatch`` live one layer
+``preemption`` (stop signals), ``tracking`` (trackers), ``estimators`` (the eval's standard error).
+The rollout engines, ``Rollout`` and ``PackedBatch`` live one layer
 below, in :mod:`denser.engines`; their names are re-exported here for code written against
 ``denser.trainers``.
 """
