@@ -4,7 +4,7 @@ a run never interrupted; SIGTERM at a random moment loses no finished step.
 Each attempt is a real ``denser train`` subprocess (the driver of tests/test_resume.py, with its
 ``phases`` hook printing "PHASE <phase> <step>" as each phase begins). A kill lands either at a
 random time over the rest of the run, or shortly after a randomly chosen phase begins (generation,
-backward, optimiser step, checkpoint write), so every phase the issue names is hit. Every kill is
+backward, the optimiser update, checkpoint write), so every phase the issue names is hit. Every kill is
 printed (``pytest -s``) with the phase it landed in; ``DENSER_CHAOS_LOG=FILE`` appends them as JSON
 lines.
 

@@ -147,7 +147,7 @@ def test_ema_teacher_averages_a_and_b_separately(gen):
     start = {k: v.detach().clone() for k, v in trainable_adapter(policy).items()}
     expected = dict(start)
     g = torch.Generator().manual_seed(7)
-    for _ in range(2):  # two optimiser steps' worth of new adapter weights
+    for _ in range(2):  # two optimiser updates' worth of new adapter weights
         with torch.no_grad():
             for p in trainable_adapter(policy).values():
                 p.add_(0.3 * torch.randn(p.shape, generator=g))

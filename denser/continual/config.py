@@ -26,7 +26,7 @@ class ContinualConfig:
                           required=True, metavar="TASK[,TASK...]")
     eval_tasks: list[str] = _f([], "held-out tasks, never trained on, evaluated after every stage (comma-separated)",
                                metavar="TASK[,TASK...]")
-    steps_per_task: int = _f(4, "optimiser steps on each task")
+    steps_per_task: int = _f(4, "training steps (rollout batches) on each task")
     carry_optimizer: bool = _f(False, "keep the AdamW state from stage to stage (default: reset it, as a new "
                                "fine-tuning job would; --reset-optimizer says so explicitly)")
     spectral_rank: int = _f(16, "r of the top-r singular subspace drift of each weight matrix (0 = off)")

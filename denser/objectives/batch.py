@@ -26,8 +26,9 @@ class PolicyBatch:
     Per-sequence tensors are ``[num_seqs]``; per-token tensors are ``[N]``.
 
     ``global_tokens`` and ``global_seqs`` are the loss normalisers: the number of loss tokens and
-    sequences in the *whole* optimiser step (all gradient-accumulation micro-batches on all
-    processes), so that summing micro-batch losses gives the loss of the full batch. Every
+    sequences in the *whole* optimiser update (its mini-batch: all gradient-accumulation
+    micro-batches on all processes), so that summing micro-batch losses gives the loss of the
+    mini-batch. Every
     sequence counts in ``global_seqs``, also one whose tokens are all masked.
     ``norm_length`` is the constant divisor of ``seq-mean-token-sum-norm`` (Dr. GRPO): usually
     the generation budget ``max_new_tokens``.
@@ -38,8 +39,9 @@ class PolicyBatch:
     samples with a teacher).
     ``normaliser_counts(batch)`` in ``denser.objectives.common`` gives a micro-batch's share of all
     four counts; the loop sums them over micro-batches and processes.
-    ``micro_batch`` numbers the micro-batches of one optimiser update across processes
-    (``rank * accumulation_steps + i``) and ``update`` the updates of one rollout batch (``step``),
+    ``step`` is the index of the rollout batch the micro-batch comes from (of ``total_steps``: what
+    schedules move along); ``micro_batch`` numbers the micro-batches of one optimiser update across
+    processes (``rank * micro_batches_per_process + i``) and ``update`` the updates of one step,
     so that random draws in ``Objective.prepare`` (token masks) differ between micro-batches and
     updates and are reproducible.
     """
@@ -55,13 +57,13 @@ class PolicyBatch:
     ref_logp: Tensor | None = None  # [N] frozen reference log-probs
     teacher_mask: Tensor | None = None  # [S] bool: the sample has a teacher context
     norm_length: float = 1.0
-    step: int = 0  # optimiser step, for schedules
-    total_steps: int = 1
+    step: int = 0  # the rollout batch (0-based), for schedules and random draws
+    total_steps: int = 1  # rollout batches in the run
     extras: dict[str, Tensor] = dataclasses.field(default_factory=dict)  # per-token [N] tensors an objective prepares
-    global_teacher_tokens: float | None = None  # loss tokens of samples with a teacher, whole step
-    global_teacher_seqs: float | None = None  # samples with a teacher, whole step
+    global_teacher_tokens: float | None = None  # loss tokens of samples with a teacher, whole update
+    global_teacher_seqs: float | None = None  # samples with a teacher, whole update
     micro_batch: int = 0  # index of this micro-batch in its update (across processes), for random draws
-    update: int = 0  # index of the optimiser update within the step (rollout batch), for random draws
+    update: int = 0  # index of the optimiser update within the step, for random draws
     # True: ``advantages`` is per-token [N]; False: per-sequence [S]; None: inferred from its size
     # on the full micro-batch (and then kept, so a chunk of tokens is never mistaken for sequences).
     token_level_advantages: bool | None = None

@@ -92,12 +92,12 @@ def aggregate(
     global_tokens: float | None = None,
     global_seqs: float | None = None,
 ) -> Tensor:
-    """Aggregate per-token ``values [N]`` into a scalar with normalisers global to the step.
+    """Aggregate per-token ``values [N]`` into a scalar with normalisers global to the update.
 
     ``m`` is ``mask`` (default ``batch.token_mask``); ``L_s`` the loss tokens of sequence ``s``
-    (``batch.seq_lens``, from the full micro-batch); ``T`` and ``S`` the step's loss tokens and
-    sequences (``batch.global_tokens``/``global_seqs`` unless given; ``S`` counts every sequence
-    of the step, also those whose tokens are all masked).
+    (``batch.seq_lens``, from the full micro-batch); ``T`` and ``S`` the loss tokens and sequences
+    of the update's mini-batch (``batch.global_tokens``/``global_seqs`` unless given; ``S`` counts
+    every sequence of the mini-batch, also those whose tokens are all masked).
 
     - ``token-mean``:              sum_i m_i v_i / T
     - ``seq-mean-token-mean``:     sum_i m_i v_i / L_{s(i)} / S      (GRPO paper, GSPO)
@@ -130,14 +130,14 @@ def _positive(x) -> float:
 
 
 def normaliser_counts(batch: PolicyBatch) -> dict[str, float]:
-    """This micro-batch's share of the step's normalisers.
+    """This micro-batch's share of the update's normalisers (the totals of its mini-batch).
 
     The loop sums the four counts over the gradient-accumulation micro-batches (and all-reduces
     them over processes) and sets ``global_tokens``, ``global_seqs``, ``global_teacher_tokens`` and
     ``global_teacher_seqs`` on every micro-batch before any loss is computed. Tokens count where
     ``token_mask`` is set; every sequence counts, including one whose tokens are all masked (e.g.
     by ``mask_truncated_completions``) or that has no teacher: a per-sequence mean is over all the
-    step's sequences, as TRL computes it (and SDPO's code, whose micro-batches hold one sequence).
+    mini-batch's sequences, as TRL computes it (and SDPO's code, whose micro-batches hold one sequence).
     """
     lens = batch.seq_lens
     counts = {"global_tokens": float(lens.sum()), "global_seqs": float(batch.num_seqs)}

@@ -147,7 +147,7 @@ class GRPO(Objective):
     loss_agg_mode: AggMode = field(
         default="token-mean",
         metadata={
-            "help": "loss aggregation with step-global normalisers: token-mean (verl's default, DAPO), "
+            "help": "loss aggregation with normalisers global to the update (its mini-batch, all processes): token-mean (verl's default, DAPO), "
             "seq-mean-token-mean (GRPO paper; SDPO's GRPO baseline, micro-batches of one sequence), seq-mean-token-sum, "
             "seq-mean-token-sum-norm (Dr. GRPO)"
         },

@@ -11,10 +11,11 @@ per-sequence mean), and their loss calls ``GRPO.loss`` / ``SDPO.loss`` on parts 
 exactly the ``grpo`` loss (the SDPO part is not evaluated and no teacher is needed), ``lam == 0``
 exactly the ``sdpo`` loss (``hybrid``) or the pure dense-advantage surrogate (``hybrid_adv``).
 
-The density schedule (``DensitySchedule``) is shared: ``lam`` moves from ``lam`` at step 0 to
+The density schedule (``DensitySchedule``) is shared and moves along the run's steps (rollout
+batches; every update of a step uses the step's value): ``lam`` moves from ``lam`` at step 0 to
 ``lam_end`` at step ``total_steps - 1`` (linear or cosine), and ``density`` (likewise scheduled
-to ``density_end``) is the fraction of tokens, drawn at random per token each step, that get the
-dense signal. In the loss blend a token left out is not distilled and the kept ones are
+to ``density_end``) is the fraction of tokens, drawn at random per token for every update, that get
+the dense signal. In the loss blend a token left out is not distilled and the kept ones are
 weighted ``1 / density`` (the SDPO part stays a mean over distilled tokens, as ``mask_ratio``);
 in the advantage blend a token left out gets the group advantage part only (no reweighting: an
 advantage is per token, not an average).
@@ -58,7 +59,7 @@ class DensitySchedule:
     )
     density: float = field(
         default=1.0,
-        metadata={"help": "fraction of tokens, drawn at random per token each step, that get the dense signal; value at step 0"},
+        metadata={"help": "fraction of tokens, drawn at random per token for every update, that get the dense signal; value at step 0"},
     )
     density_end: float | None = field(
         default=None, metadata={"help": "density at the last step; none keeps density constant"}

@@ -10,13 +10,13 @@ completion, and the student is pulled towards it token by token:
         weighted by     w_t = sg[min(exp(logp_t - old_logp_t), is_clip)]   (IS correction)
     loss = aggregate(w * l, loss_agg_mode) over the distilled tokens:
         seq-mean-token-mean (default): sum over distilled sequences of their token mean, divided by
-                                       the number of *all* sequences of the step (``batch.global_seqs``:
+                                       the number of *all* sequences of the update (``batch.global_seqs``:
                                        samples without a teacher and fully masked ones count), as the
                                        SDPO code (token-mean over micro-batches of one sequence) and
                                        TRL's SDPOTrainer compute it;
-        token-mean:                    sum over distilled tokens / the step's distilled tokens
+        token-mean:                    sum over distilled tokens / the update's distilled tokens
                                        (``batch.global_teacher_tokens``; denser's earlier default);
-        seq-mean-token-sum(-norm):     as ``aggregate``, over all sequences of the step.
+        seq-mean-token-sum(-norm):     as ``aggregate``, over all sequences of the update.
 
 ``sampled_token`` is the reverse KL estimated on the sampled token only, written as the SDPO code
 writes it: a REINFORCE surrogate whose gradient ``(logp_s(y) - logp_t(y)) grad logp_s(y)`` is the
@@ -64,7 +64,7 @@ from denser.objectives.common import (
 )
 from denser.objectives.teacher import TeacherSpec
 
-# SDPO's aggregation: each distilled sequence's token mean, summed, / all sequences of the step
+# SDPO's aggregation: each distilled sequence's token mean, summed, / all sequences of the update
 SDPO_AGG_MODE: AggMode = "seq-mean-token-mean"
 TOKEN_WEIGHT = "sdpo_token_weight"  # batch.extras key written by prepare(): 0 = dropped, else 1/keep_prob
 
@@ -95,14 +95,14 @@ class SDPO(Objective, TeacherSpec):
     )
     mask_ratio: float = field(
         default=0.0,
-        metadata={"help": "fraction of distilled tokens dropped at random each step (SDPO-CL); kept ones are weighted 1/(1-mask_ratio)"},
+        metadata={"help": "fraction of distilled tokens dropped at random, drawn afresh for every update (SDPO-CL); kept ones are weighted 1/(1-mask_ratio)"},
     )
     seed: int = field(default=0, metadata={"help": "seed of the random token mask (combined with the step, update and micro-batch)"})
     loss_agg_mode: AggMode = field(
         default=SDPO_AGG_MODE,
         metadata={
-            "help": "seq-mean-token-mean: each distilled sequence's token mean, summed, / all sequences of the step "
-            "(SDPO's code and TRL's SDPOTrainer); token-mean: / the step's distilled tokens (denser's earlier "
+            "help": "seq-mean-token-mean: each distilled sequence's token mean, summed, / all sequences of the update "
+            "(SDPO's code and TRL's SDPOTrainer); token-mean: / the update's distilled tokens (denser's earlier "
             "default); seq-mean-token-sum, seq-mean-token-sum-norm: / all sequences"
         },
     )
@@ -216,7 +216,7 @@ class SDPO(Objective, TeacherSpec):
         if weight is not None:
             per_token = per_token * weight.to(per_token.dtype)
 
-        # token-mean: over the step's distilled tokens; sequence modes: over all of the step's sequences
+        # token-mean: over the update's distilled tokens; sequence modes: over all of the update's sequences
         tokens = batch.global_teacher_tokens if batch.global_teacher_tokens is not None else batch.global_tokens
         loss = aggregate(per_token, batch, self.loss_agg_mode, mask=distilled, global_tokens=tokens)
         return LossOutput(loss, metrics)

@@ -75,7 +75,7 @@ class TrainConfig:
         "log-probs, 'auto' = forward when a step makes several updates, engine when it makes one")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
-    warmup_steps: int = _f(0, "linear warmup steps")
+    warmup_steps: int = _f(0, "linear LR warmup over this many steps (rollout batches)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     adam_beta2: float = _f(0.99, "AdamW beta2")
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this (0 = off)")

@@ -10,7 +10,7 @@ One step is one rollout batch (DESIGN.md, Contract 3)::
               teacher contexts
     updates   epochs x mini-batches optimiser updates; each: per micro-batch, reference / teacher
               forwards (no grad), then the policy forward to final hidden states [N, H] ->
-              kernels.fused_loss(...) -> backward (normalisers: the update's mini-batch); clip, step
+              kernels.fused_loss(...) -> backward (normalisers: the update's mini-batch); clip, optimizer.step()
     finish    once per rollout batch: LR schedule, teacher EMA, engine weights
     metrics   one row of metrics.jsonl, summed over processes
 
@@ -326,7 +326,7 @@ class Trainer:
         for u, indices in enumerate(self.batches.update_plan(rollout.num_samples, step)):
             with timer("signals"):
                 micro_batches = self.batches.micro_batches(rollout, sample, indices, step, u)
-            # a stop may abandon the rollout batch only before its first applied optimiser step
+            # a stop may abandon the rollout batch only before its first applied optimiser update
             stoppable = not any(up.applied for up in updates)
             updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
         self._finish_step(updates, timer)
@@ -372,7 +372,7 @@ class Trainer:
     def _update(self, rollout: Rollout, batches: list[MicroBatch], timer: PhaseTimer, *, step: int = 0,
                 stoppable: bool = False) -> UpdateResult:
         """One optimiser update: accumulate the gradients of the update's micro-batches, then one
-        optimiser step (skipped when the loss or the gradient norm is not finite).
+        ``optimizer.step()`` (skipped when the loss or the gradient norm is not finite).
 
         ``stoppable``: no update of this rollout batch was applied yet, so a stop request may abandon
         the batch after a micro-batch (every process passes the same value: ``applied`` is agreed)."""

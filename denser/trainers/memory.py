@@ -3,9 +3,9 @@
 
 - :func:`adamw`: AdamW with ``fused=True`` where the parameters' device supports it (CPU and CUDA in
   torch >= 2.4; TRL's default ``adamw_torch_fused``): one kernel per parameter instead of the
-  ``foreach`` path's temporaries (~216 MB per step on the 135M model), falling back to the default;
+  ``foreach`` path's temporaries (~216 MB per update on the 135M model), falling back to the default;
 - :func:`trim_heap`: glibc's ``malloc_trim(0)``, returning the freed heap that glibc otherwise keeps
-  after a step's activations are released (0.5-1.7 GB on the short workload); a no-op elsewhere;
+  after an update's activations are released (0.5-1.7 GB on the short workload); a no-op elsewhere;
 - :func:`set_mmap_threshold`: glibc's ``mallopt(M_MMAP_THRESHOLD, n)`` (what the environment variable
   ``MALLOC_MMAP_THRESHOLD_`` sets): allocations of at least ``n`` bytes come from ``mmap`` and go back
   to the system when freed. Lowers the peak most, but every large tensor then costs fresh page faults;

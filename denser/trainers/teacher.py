@@ -11,7 +11,7 @@ about the teacher's kind; the teacher's context is built by ``trainers/signals.p
 - ``ema``: a copy of the policy (or of ``teacher_path``), ``teacher <- (1 - rate) * teacher + rate *
   policy`` once per rollout batch, after its optimiser updates (when one of them was applied;
   :meth:`TeacherWeights.update`, called by the loop's ``_finish_step``, as SDPO's actor updates its
-  teacher once per training step); with several updates per rollout batch (``--mini-batches``,
+  teacher once per training step, i.e. rollout batch); with several updates per rollout batch (``--mini-batches``,
   ``--epochs``) still once;
 - ``frozen``: the initial policy (or ``teacher_path``), never updated;
 - ``trust-region`` (SDPO's ``TrustRegionTeacher``): logits ``lerp(reference, policy, rate)``, both
@@ -196,14 +196,14 @@ class TeacherWeights:
         AdamW kernel updates parameters in place without bumping their version counter (so a version
         key reused the first update's ``W_pol`` for the whole run), and under FSDP each forward hands
         back fresh copies of the gathered weights whose ids can repeat once freed. The cache holds the
-        tensors it was built from and is cleared by the loop after every optimiser step."""
+        tensors it was built from and is cleared by the loop after every optimiser update."""
         cached = self._joint
         if cached is None or cached[0][0] is not w_ref or cached[0][1] is not w_pol:
             self._joint = ((w_ref, w_pol), torch.cat([w_ref.detach(), w_pol.detach().to(w_ref.dtype)], dim=-1))
         return self._joint[1]
 
     def policy_updated(self) -> None:
-        """The policy's weights changed (an optimiser step): drop what was derived from them."""
+        """The policy's weights changed (an optimiser update): drop what was derived from them."""
         self._joint = None
 
     # ---------------------------------------------------------------------------------- updates
