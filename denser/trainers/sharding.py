@@ -41,8 +41,6 @@ from torch import Tensor, nn
 
 T = TypeVar("T")
 
-WRAP_POLICIES = ("transformer_based_wrap", "size_based_wrap", "no_wrap")
-
 
 class ModelCall(nn.Module):
     """``ModelCall(model)(fn, *args)`` is ``fn(model, *args)``, run inside this module's forward.
