@@ -14,14 +14,12 @@ tiny, local directories), ``checkpoint`` (atomic checkpoints, RNG state; ``state
 encoding), ``run_dir`` (config.yaml, metrics.jsonl, resume), ``io`` (atomic file writes),
 ``sharding`` (FSDP), ``lora`` (peft adapters), ``memory`` (allocator and optimizer settings),
 ``preemption`` (stop signals), ``tracking`` (trackers), ``estimators`` (the eval's standard error).
-The rollout engines, ``Rollout`` and ``PackedBatch`` live one layer
-below, in :mod:`denser.engines`; their names are re-exported here for code written against
-``denser.trainers``.
+The rollout engines, ``Rollout`` and ``PackedBatch`` live one layer below, in :mod:`denser.engines`.
 """
 
 import importlib
 
-# Every public name and the module it lives in (one of this package's, or a full module path). Resolved on
+# Every public name and the module of this package it lives in. Resolved on
 # first use (PEP 562), for start-up time only: the loop imports accelerate and transformers (seconds), while `denser train --help` and a
 # bad flag need nothing but TrainConfig.
 _EXPORTS = {
@@ -35,18 +33,6 @@ _EXPORTS = {
     "build_tiny_model": "models",
     "load_model": "models",
     "render_prompt": "models",
-    "PackedBatch": "denser.engines.packing",
-    "build_packed_batch": "denser.engines.packing",
-    "completion_hidden_states": "denser.engines.packing",
-    "completion_logprobs": "denser.engines.packing",
-    "lm_head_params": "denser.engines.packing",
-    "HFRolloutEngine": "denser.engines.hf",
-    "Rollout": "denser.engines.base",
-    "RolloutEngine": "denser.engines.base",
-    "SamplingParams": "denser.engines.base",
-    "get_rollout_engine": "denser.engines.base",
-    "list_rollout_engines": "denser.engines.base",
-    "register_rollout_engine": "denser.engines.base",
     "TeacherWeights": "teacher",
 }
 __all__ = sorted(_EXPORTS)
@@ -55,8 +41,7 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'denser.trainers' has no attribute {name!r}")
-    module = _EXPORTS[name]
-    value = getattr(importlib.import_module(module if "." in module else f"denser.trainers.{module}"), name)
+    value = getattr(importlib.import_module(f"denser.trainers.{_EXPORTS[name]}"), name)
     globals()[name] = value
     return value
 
