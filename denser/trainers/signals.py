@@ -5,7 +5,9 @@
     rollout = signals.pre_update_logp(rollout)                    old_logp: the policy before the step's
                                                                   first update (no-grad forward), when
                                                                   --old-logp-source says so
-    sample  = signals.per_sample(rollout, rows, scores)           advantages, teacher contexts and mask
+    sample  = signals.per_sample(rollout, rows, scores)           advantages (Objective.rollout_advantages), the
+                                                                  reference's log-probs when ROLLOUT_REF_LOGP,
+                                                                  teacher contexts and mask
     for update, indices in enumerate(signals.update_plan(S, step)):   epochs x mini-batches
         batches = signals.micro_batches(rollout, sample, indices, step, update)
                                                                   packed micro-batches with the update's
