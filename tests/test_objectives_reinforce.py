@@ -457,3 +457,46 @@ def test_loop_passes_rollout_advantages_and_reuses_reference_log_probs(tmp_path,
         else:
             assert not b.token_level_advantages
             assert torch.equal(b.advantages.cpu(), advantages[torch.tensor(mb.indices)])
+
+
+# ------------------------------------------------------------------- SDPG's loss terms (docs/objectives.md)
+
+
+def sdpg_loss64(h, w, th, targets, batch, *, beta, alpha, clip_low, clip_high, c):
+    """SDPG's compute_sdpg_loss (lauyikfung/SDPG, verl/trainer/ppo/core_algos.py, kl_mode='urkl') with its
+    dp_actor's full-vocabulary KL(pi(.|x) || sg pi(.|c,x)), re-derived in float64 from materialised logits."""
+    logq = torch.log_softmax(h @ w.T, -1)
+    logt = torch.log_softmax(th @ w.T, -1).detach()
+    logp = logq.gather(1, targets[:, None])[:, 0]
+    kl_distill = (logq.exp() * (logq - logt)).sum(-1)
+    adv = batch.token_advantages().double()
+    ratio = torch.exp(torch.clamp(logp - batch.old_logp.double(), -20, 20))
+    l1 = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    pg = torch.where(adv < 0, torch.minimum(-adv * c, l1), l1)
+    logw = logp - batch.ref_logp.double()
+    per_token = pg + beta * kl_distill + alpha / 2 * logw ** 2
+    m = batch.token_mask
+    return per_token[m].sum() / batch.global_tokens
+
+
+@pytest.mark.parametrize("backend", ["chunked", "reference"])
+def test_sdpg_loss_terms_are_hybrid_when_every_sample_has_a_teacher(gen, backend):
+    """The configuration docs/objectives.md names: (1 + beta) * hybrid == SDPG's loss for the same teacher."""
+    hidden, weight, targets, batch = loss_case(gen, per_token_adv=False)
+    batch.old_logp[2] = 0.0  # SDPG's formula is written unmasked: keep it finite on the masked token
+    batch.teacher_mask = torch.ones(batch.num_seqs, dtype=torch.bool)
+    batch.global_teacher_tokens, batch.global_teacher_seqs = batch.global_tokens, batch.global_seqs
+    teacher_hidden = hidden + 0.7 * torch.randn(hidden.shape, generator=gen)
+    beta, alpha = 0.3, 0.2  # large, so a wrong term shows
+    objective = get_objective("hybrid", teacher="live", distill_mode="full", alpha=1.0, is_clip=None,
+                              sdpo_loss_agg_mode="token-mean", clip_high=0.28, kl_coef=alpha, kl_estimator="k2",
+                              lam=1 / (1 + beta))
+    h = hidden.clone().requires_grad_()
+    out = fused_loss(h, weight, targets, objective, batch, teacher_hidden=teacher_hidden, backend=backend, chunk_size=4)
+    (out.loss * (1 + beta)).backward()
+    h64 = hidden.double().requires_grad_()
+    expected = sdpg_loss64(h64, weight.double(), teacher_hidden.double(), targets, batch, beta=beta, alpha=alpha,
+                           clip_low=0.2, clip_high=0.28, c=3.0)
+    expected.backward()
+    assert (out.loss * (1 + beta)).item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    assert torch.allclose(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
