@@ -500,3 +500,17 @@ def test_sdpg_loss_terms_are_hybrid_when_every_sample_has_a_teacher(gen, backend
     expected.backward()
     assert (out.loss * (1 + beta)).item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
     assert torch.allclose(h.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_advantages_of_the_wrong_shape_fail_with_one_line():
+    from types import SimpleNamespace
+
+    from denser.trainers.signals import _checked_advantages
+
+    rollout = SimpleNamespace(logps=[torch.zeros(3), torch.zeros(2)])
+    objective = get_objective("reinforce_pp")
+    assert _checked_advantages(objective, torch.zeros(2), rollout).shape == (2,)
+    assert len(_checked_advantages(objective, [torch.zeros(3), torch.zeros(2)], rollout)) == 2
+    for bad in (torch.zeros(5), [torch.zeros(2), torch.zeros(3)], [torch.zeros(3)]):
+        with pytest.raises(ValueError, match="objective 'reinforce_pp': rollout_advantages"):
+            _checked_advantages(objective, bad, rollout)

@@ -222,7 +222,7 @@ class SignalComputer:
             inputs = AdvantageInputs(scores.rewards, rollout.num_generations, token_mask=token_mask,
                                      old_logp=list(rollout.logps), ref_logp=ref_logp,
                                      reduce=lambda t: self.reduce(t.to(self.device)).cpu())
-            advantages = self.objective.rollout_advantages(inputs)
+            advantages = _checked_advantages(self.objective, self.objective.rollout_advantages(inputs), rollout)
         contexts, teacher_mask = None, None
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)
@@ -365,6 +365,18 @@ class SignalComputer:
             teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                           temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
         return teacher
+
+
+def _checked_advantages(objective: Objective, advantages, rollout: Rollout):
+    """``advantages`` if they are ``[S]`` or one ``[L_s]`` tensor per sample, else one line naming the objective."""
+    lengths = [len(lp) for lp in rollout.logps]
+    if isinstance(advantages, Tensor) and tuple(advantages.shape) == (len(lengths),):
+        return advantages
+    if isinstance(advantages, list) and [tuple(a.shape) for a in advantages] == [(n,) for n in lengths]:
+        return advantages
+    got = tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__
+    raise ValueError(f"objective {objective.name!r}: rollout_advantages() returned {got}; expected a tensor [S={len(lengths)}] "
+                     "or a list of S tensors [L_s], one per completion token")
 
 
 def _per_sample(values: Tensor | list[Tensor] | None, idx: list[int], device: torch.device) -> Tensor | None:
