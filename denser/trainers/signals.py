@@ -5,7 +5,9 @@
     rollout = signals.pre_update_logp(rollout)                    old_logp: the policy before the step's
                                                                   first update (no-grad forward), when
                                                                   --old-logp-source says so
-    sample  = signals.per_sample(rollout, rows, scores)           advantages, teacher contexts and mask
+    sample  = signals.per_sample(rollout, rows, scores)           advantages (Objective.rollout_advantages), the
+                                                                  reference's log-probs when ROLLOUT_REF_LOGP,
+                                                                  teacher contexts and mask
     for update, indices in enumerate(signals.update_plan(S, step)):   epochs x mini-batches
         batches = signals.micro_batches(rollout, sample, indices, step, update)
                                                                   packed micro-batches with the update's
@@ -36,6 +38,7 @@ from denser.kernels import token_stats
 from denser.objectives import (
     TEACHER_LOGP,
     TEACHER_SIGNALS,
+    AdvantageInputs,
     Objective,
     PolicyBatch,
     Signal,
@@ -59,6 +62,9 @@ def check_signals(objective: Objective, task: Task) -> None:
     """Fail before any model is loaded when a declared signal cannot be provided."""
     name, declared = objective.name, objective.signals()
     spec = objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+    if Signal.ROLLOUT_REF_LOGP in declared and Signal.REF_LOGP not in declared:
+        raise ValueError(f"objective {name!r} declares signal '{Signal.ROLLOUT_REF_LOGP}' without '{Signal.REF_LOGP}'; "
+                         "declare both (the reference model is loaded for REF_LOGP)")
     for s in sorted(declared & TEACHER_SIGNALS, key=str):
         if spec is None:
             raise ValueError(f"objective {name!r} declares signal '{s}' but its teacher_spec() returns None; "
@@ -122,9 +128,10 @@ class SampleSignals:
     """The per-sample signals of a rollout batch, computed once and shared by all its updates."""
 
     rewards: Tensor  # [S]
-    advantages: Tensor | None  # [S] (ADVANTAGES)
+    advantages: Tensor | list[Tensor] | None  # [S], or per sample [L_s] per-token (ADVANTAGES)
     contexts: list[list[int]] | None  # per sample: the teacher's context token ids (a teacher)
     teacher_mask: Tensor | None  # [S] bool: the sample has a teacher context (a teacher)
+    ref_logp: list[Tensor] | None = None  # per sample [L_s]: reference log-probs (ROLLOUT_REF_LOGP)
 
 
 @dataclass
@@ -205,13 +212,31 @@ class SignalComputer:
 
     def per_sample(self, rollout: Rollout, rows: list[dict], scores: Scores) -> SampleSignals:
         """Advantages (ADVANTAGES) and teacher contexts (a teacher) of every sample, once per rollout batch."""
-        advantages = None
+        advantages, ref_logp = None, None
+        if Signal.ROLLOUT_REF_LOGP in self.declared:
+            ref_logp = self._rollout_ref_logp(rollout)
         if Signal.ADVANTAGES in self.declared:
-            advantages = self.objective.advantages(scores.rewards, rollout.num_generations)
+            token_mask = None
+            if self.cfg.mask_truncated_completions:  # as micro_batches masks them
+                token_mask = [torch.full(lp.shape, not bool(t)) for lp, t in zip(rollout.logps, rollout.truncated)]
+            inputs = AdvantageInputs(scores.rewards, rollout.num_generations, token_mask=token_mask,
+                                     old_logp=list(rollout.logps), ref_logp=ref_logp,
+                                     reduce=lambda t: self.reduce(t.to(self.device)).cpu())
+            advantages = _checked_advantages(self.objective, self.objective.rollout_advantages(inputs), rollout)
         contexts, teacher_mask = None, None
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)
-        return SampleSignals(scores.rewards, advantages, contexts, teacher_mask)
+        return SampleSignals(scores.rewards, advantages, contexts, teacher_mask, ref_logp)
+
+    @torch.no_grad()
+    def _rollout_ref_logp(self, rollout: Rollout) -> list[Tensor]:
+        """The reference's log-probs of every sample's tokens (ROLLOUT_REF_LOGP), in micro-batches."""
+        out: list[Tensor] = []
+        for idx in self._groups(rollout, list(range(rollout.num_samples))):
+            packed = rollout.pack(idx, device=self.device)
+            logp = _run(self.reference_root, self.reference, functools.partial(_logp, packed=packed, cfg=self.cfg))
+            out += list(logp.float().cpu().split(packed.lengths.tolist()))
+        return out
 
     def update_plan(self, num_samples: int, step: int) -> list[list[int]]:
         """The samples of each optimiser update of ``step``: ``epochs`` passes, each cut into ``mini_batches``
@@ -247,7 +272,9 @@ class SignalComputer:
             batch = PolicyBatch(
                 seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0, token_mask=token_mask,
                 rewards=sample.rewards[it].to(dev),
-                advantages=None if sample.advantages is None else sample.advantages[it].to(dev),
+                advantages=_per_sample(sample.advantages, idx, dev),
+                token_level_advantages=None if sample.advantages is None else isinstance(sample.advantages, list),
+                ref_logp=None if sample.ref_logp is None else _per_sample(sample.ref_logp, idx, dev),
                 old_logp=packed.old_logp if Signal.OLD_LOGP in self.declared else None,
                 teacher_mask=None if sample.teacher_mask is None else sample.teacher_mask[it].to(dev),
                 norm_length=float(cfg.max_new_tokens), step=step, total_steps=cfg.steps,
@@ -325,7 +352,7 @@ class SignalComputer:
         ``ref_logp`` (REF_LOGP), and the teacher's hidden states (TEACHER) and its log-prob of
         each sampled token (TEACHER_LOGP, in ``batch.extras[TEACHER_LOGP]``)."""
         cfg, packed, batch = self.cfg, mb.packed, mb.batch
-        if self.reference is not None:
+        if self.reference is not None and batch.ref_logp is None:  # not already from ROLLOUT_REF_LOGP
             batch.ref_logp = _run(self.reference_root, self.reference, lambda m: _logp(m, packed, cfg))
         if self.teacher is None:
             return None
@@ -338,6 +365,27 @@ class SignalComputer:
             teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                           temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
         return teacher
+
+
+def _checked_advantages(objective: Objective, advantages, rollout: Rollout):
+    """``advantages`` if they are ``[S]`` or one ``[L_s]`` tensor per sample, else one line naming the objective."""
+    lengths = [len(lp) for lp in rollout.logps]
+    if isinstance(advantages, Tensor) and tuple(advantages.shape) == (len(lengths),):
+        return advantages
+    if isinstance(advantages, list) and [tuple(a.shape) for a in advantages] == [(n,) for n in lengths]:
+        return advantages
+    got = tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__
+    raise ValueError(f"objective {objective.name!r}: rollout_advantages() returned {got}; expected a tensor [S={len(lengths)}] "
+                     "or a list of S tensors [L_s], one per completion token")
+
+
+def _per_sample(values: Tensor | list[Tensor] | None, idx: list[int], device: torch.device) -> Tensor | None:
+    """Samples ``idx`` of ``[S]`` values, or of per-sample ``[L_s]`` values concatenated in packed order ``[N]``."""
+    if values is None:
+        return None
+    if isinstance(values, list):
+        return torch.cat([values[j] for j in idx]).to(device)
+    return values[torch.tensor(idx)].to(device)
 
 
 def _run(root: ModelCall | None, model: nn.Module, fn):
