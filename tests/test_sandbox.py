@@ -433,3 +433,11 @@ def test_fallback_without_namespaces_still_reaps_and_limits():
     _no_leftovers()
     r = run_program("import os, time\nos.setsid()\ntime.sleep(60)", limits=FAST, namespaces=False, python=py)
     assert r.status == "timeout"
+
+
+def test_the_docs_example_runs_as_written():
+    import re
+
+    page = (ROOT / "docs" / "sandbox.md").read_text()
+    block = re.search(r"```python\n(.*?)```", page, re.S).group(1)
+    exec(compile(block, "docs/sandbox.md", "exec"), {"__name__": "docs_example"})
