@@ -289,6 +289,9 @@ def main():
         cfg = json.loads(f.read())
     status_fd = cfg["status_fd"]
     os.set_inheritable(status_fd, False)
+    _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # the caller dies (killed trainer): so do we, and init with us
+    if os.getppid() != cfg["parent"]:
+        return
     lim = cfg["limits"]
     root = os.geteuid() == 0
     status = {"isolation": []}

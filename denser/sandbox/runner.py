@@ -219,7 +219,10 @@ def _remove(path: str) -> None:
         except OSError:
             pass
 
-    shutil.rmtree(path, onerror=retry)
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=retry)
+    else:
+        shutil.rmtree(path, onerror=retry)
 
 
 def _run(workdir, files, stdin, limits, args, env, python, namespaces, drop_uid, fds) -> Result:
@@ -230,7 +233,8 @@ def _run(workdir, files, stdin, limits, args, env, python, namespaces, drop_uid,
         "workdir": workdir,
         "files": files,
         "python": python,
-        "argv": ["-s", "-P", "-B", "main.py", *args],
+        "argv": ["-s", "-B", "main.py", *args],
+        "parent": os.getpid(),
         "env": _program_env(workdir, env),
         "expose": _expose_paths(python),
         "namespaces": namespaces,
