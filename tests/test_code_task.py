@@ -97,3 +97,32 @@ def test_score_batch_in_parallel_equals_one_at_a_time():
     assert [s.score for s in batch][0] == 1.0 and batch[1].score == 0.0
     with pytest.raises(ValueError, match="workers"):
         get_task("code", workers=0)
+
+
+def test_tests_reward_on_the_docs_three_row_file(tmp_path):
+    """docs/sandbox.md's file, in LiveCodeBench's two test shapes, scored through a file: task."""
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "sandbox.md").read_text()
+    (tmp_path / "code.jsonl").write_text(re.search(r"```json\n(.*?)```", page, re.S).group(1))
+    task = get_task(f"file:{tmp_path / 'code.jsonl'}?reward=tests&answer_column=tests&format_hint=false"
+                    "&eval_fraction=0")
+    rows = {r["prompt"].split()[0]: r for r in task.train}
+    assert sorted(rows) == ["Complete", "Read", "Write"]
+    assert "Answer:" not in task.prompt(rows["Read"])[-1]["content"]
+    right = {"Read": "a, b = map(int, input().split())\nprint(a + b)",
+             "Write": "def add(a, b):\n    return a + b",
+             "Complete": "class Solution:\n    def maxOfList(self, nums):\n        return max(nums)"}
+    for key, row in rows.items():
+        assert task.score(f"```python\n{right[key]}\n```", row).score == 1.0, key
+    wrong = task.score("print(0)", rows["Read"])
+    assert wrong.score == 0.0 and wrong.feedback == (
+        "2 of 2 tests failed: input '1 2\\n': expected output '3\\n', got '0\\n'; "
+        "input '-4 10\\n': expected output '6\\n', got '0\\n'.")
+    half = task.score("def add(a, b):\n    return a + b if isinstance(a, int) else b", rows["Write"])
+    assert half.score == 0.5 and "add([1], [2]) returned [2], expected [1, 2]" in half.feedback
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "tests": [{"input": "1", "output": "2", "testtype": "other"}]}\n')
+    with pytest.raises(Exception, match="testtype must be 'stdin' or 'functional'"):
+        _ = get_task(f"file:{bad}?reward=tests&answer_column=tests&eval_fraction=0").train

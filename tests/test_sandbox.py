@@ -441,3 +441,26 @@ def test_the_docs_example_runs_as_written():
     page = (ROOT / "docs" / "sandbox.md").read_text()
     block = re.search(r"```python\n(.*?)```", page, re.S).group(1)
     exec(compile(block, "docs/sandbox.md", "exec"), {"__name__": "docs_example"})
+
+
+def test_a_killed_caller_takes_its_programs_with_it():
+    """The trainer dies by SIGKILL mid-run: the launcher has PR_SET_PDEATHSIG, init has it too, so the
+    program and what it started die with it (an empty working directory stays in /tmp)."""
+    before = _sandbox_dirs()
+    code = ("from denser.sandbox import Limits, run_program\n"
+            "run_program('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(60)', "
+            "limits=Limits(cpu_s=1, wall_s=60))\n")
+    caller = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
+    try:
+        for _ in range(200):  # until both of the program's processes run
+            if len([p for p in _leftovers() if _proc_stat(str(p)) and _proc_stat(str(p))[1] >= UID_BASE]) >= 2:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the program never started")
+    finally:
+        caller.kill()
+        caller.wait()
+    _no_leftovers()
+    for name in _sandbox_dirs() - before:
+        shutil.rmtree(Path("/tmp") / name)

@@ -23,9 +23,10 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable
 
-from denser.sandbox import Limits, TestCase, default_workers, run_function_tests
+from denser.sandbox import Limits, TestCase, default_workers, run_function_tests, run_io_tests
 from denser.tasks.base import Score, Task
 from denser.tasks.registry import register_task
+from denser.tasks.rewards import register_reward
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.S | re.I)
 
@@ -189,3 +190,99 @@ class CodeTask(Task):
             return [self.score(c, r) for c, r in pairs]
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-task") as pool:
             return list(pool.map(lambda p: self.score(*p), pairs))
+
+
+# ---------------------------------------------------------------- your data: the `tests` reward
+
+
+def _parse_tests(value: Any) -> list[dict[str, Any]]:
+    """A row's tests in LiveCodeBench's public-test shape: a list (or its JSON text) of
+    ``{"input", "output", "testtype"}`` with ``testtype`` ``stdin`` (input and expected output are texts)
+    or ``functional`` (input: one JSON value per line, the arguments; output: the JSON return value)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            import ast
+
+            try:
+                value = ast.literal_eval(value)  # a list column read back as text by str()
+            except (ValueError, SyntaxError) as e:
+                raise ValueError(f"tests are not JSON: {e}") from None
+    if not isinstance(value, list) or not value:
+        raise ValueError("tests must be a non-empty list of {input, output, testtype}")
+    for i, t in enumerate(value):
+        if not isinstance(t, dict) or not {"input", "output"} <= set(t):
+            raise ValueError(f"test {i} must be an object with input and output (and testtype)")
+        kind = t.get("testtype", "stdin")
+        if kind not in ("stdin", "functional"):
+            raise ValueError(f"test {i}: testtype must be 'stdin' or 'functional', got {kind!r}")
+    kinds = {t.get("testtype", "stdin") for t in value}
+    if len(kinds) > 1:
+        raise ValueError("a row's tests must all have one testtype")
+    return value
+
+
+def _check_tests(answer: str) -> str | None:
+    try:
+        tests = _parse_tests(answer)
+        if tests[0].get("testtype") == "functional":
+            for t in tests:
+                for line in str(t["input"]).splitlines():
+                    json.loads(line)
+                if isinstance(t["output"], str):
+                    json.loads(t["output"])
+    except ValueError as e:
+        return f"reward 'tests': {e}"
+    return None
+
+
+def _function_name(row: dict[str, Any]) -> str | None:
+    for key in ("function", "func_name", "fn_name"):
+        if row.get(key):
+            return str(row[key])
+    meta = row.get("metadata")
+    if isinstance(meta, str):
+        try:
+            meta = json.loads(meta)
+        except ValueError:
+            meta = None
+    if isinstance(meta, dict) and meta.get("func_name"):
+        return str(meta["func_name"])
+    return None
+
+
+def _row_limits(row: dict[str, Any]) -> Limits:
+    cpu = row.get("cpu_s", row.get("time_limit"))
+    mem = row.get("memory_mb", row.get("memory_limit"))
+    return Limits(cpu_s=float(cpu) if cpu else 2.0, memory_mb=int(mem) if mem else 512)
+
+
+def _first(row: dict[str, Any], *keys: str) -> Any:
+    return next((row[k] for k in keys if row.get(k) is not None), None)
+
+
+@register_reward("tests", description="run the reply's program against the row's tests in the sandbox "
+                 "(LiveCodeBench's stdin and functional shapes); the fraction passed",
+                 check_answer=_check_tests)
+def tests_reward(completion: str, row: dict[str, Any]) -> Score:
+    """The fraction of the row's tests the reply's program passes; feedback as the ``code`` task's.
+
+    The tests come from the row's ``tests`` (or ``public_test_cases``) column, else from its answer
+    (``answer_column=tests``); functional tests call ``function``/``func_name`` (or ``metadata``'s
+    ``func_name``); ``cpu_s``/``time_limit`` and ``memory_mb``/``memory_limit`` columns set the limits."""
+    program = extract_program(completion)
+    if not program.strip():
+        return Score(0.0, "No code found: reply with the program in a ```python code block.", None)
+    tests = _parse_tests(_first(row, "tests", "public_test_cases", "answer"))
+    limits = _row_limits(row)
+    if tests[0].get("testtype") == "functional":
+        name = _function_name(row)
+        if name is None:
+            raise ValueError("reward 'tests': functional tests need a function, func_name or metadata.func_name column")
+        cases = [TestCase([json.loads(line) for line in str(t["input"]).splitlines()],
+                          json.loads(t["output"]) if isinstance(t["output"], str) else t["output"]) for t in tests]
+        report = run_function_tests(program, name, cases, limits)
+    else:
+        report = run_io_tests(program, [TestCase(str(t["input"]), str(t["output"])) for t in tests], limits)
+    return Score(report.reward(), report.feedback(), f"{report.passed}/{report.total} tests")
