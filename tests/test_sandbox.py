@@ -160,6 +160,8 @@ def test_bad_limits_are_refused_with_one_line():
         Limits(cpu_s=0)
     with pytest.raises(ValueError, match="plain names"):
         run_program("pass", files={"../x.py": ""})
+    with pytest.raises(ValueError, match="input must be the list of arguments"):
+        run_function_tests("def f(x): return x", "f", [TestCase("abc", "abc")])
 
 
 def test_capabilities_are_what_the_machine_allows():
@@ -171,7 +173,7 @@ def test_capabilities_are_what_the_machine_allows():
     exe = shutil.which("unshare")
     if exe is None:
         pytest.skip("no unshare command to compare the probe with")
-    user = [] if os.geteuid() == 0 else ["--user", "--map-current-user"]
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
 
     def works(*flags: str) -> bool:
         return subprocess.run([exe, *user, *flags, "true"], capture_output=True, timeout=30).returncode == 0

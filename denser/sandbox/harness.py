@@ -211,6 +211,9 @@ def run_function_tests(
     compare its return values with the expected ones here. ``options`` go to :func:`run_program`."""
     if not function.isidentifier():
         raise ValueError(f"function must be a Python name, got {function!r}")
+    for i, t in enumerate(tests):
+        if not isinstance(t.input, (list, tuple)):
+            raise ValueError(f"function test {i}: input must be the list of arguments, got {type(t.input).__name__}")
     limits = limits or Limits()
     marker = "@@denser-result-" + secrets.token_hex(16)
     inputs = [list(t.input) for t in tests]

@@ -248,11 +248,14 @@ def _run(workdir, files, stdin, limits, args, env, python, namespaces, drop_uid,
         cfg_f.seek(0)
         in_f.write(stdin.encode() if isinstance(stdin, str) else stdin)
         in_f.seek(0)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(cfg_f.fileno())],
-            stdin=in_f, stdout=out_f, stderr=err_f, pass_fds=(cfg_f.fileno(), status_w),
-            env={"PATH": "/usr/bin:/bin"}, cwd="/", start_new_session=True,
-        )
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", _LAUNCHER, str(cfg_f.fileno())],
+                stdin=in_f, stdout=out_f, stderr=err_f, pass_fds=(cfg_f.fileno(), status_w),
+                env={"PATH": "/usr/bin:/bin"}, cwd="/", start_new_session=True,
+            )
+        except OSError as e:  # no process left to start one (the machine, not the program)
+            return Result("sandbox_error", error=f"could not start the launcher: {e}")
         os.close(status_w)
         fds.remove(status_w)
         try:
