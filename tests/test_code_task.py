@@ -126,3 +126,23 @@ def test_tests_reward_on_the_docs_three_row_file(tmp_path):
     bad.write_text('{"prompt": "p", "tests": [{"input": "1", "output": "2", "testtype": "other"}]}\n')
     with pytest.raises(Exception, match="testtype must be 'stdin' or 'functional'"):
         _ = get_task(f"file:{bad}?reward=tests&answer_column=tests&eval_fraction=0").train
+
+
+def test_feedback_reaches_sdpos_teacher_context():
+    """The failing tests of a sample's own program are its teacher's context when no sibling succeeded
+    (SDPO's include_feedback, through feedback_template; with a successful sibling its program is the
+    demonstration instead, SDPO's feedback_only_without_solution default)."""
+    from denser.objectives.teacher import teacher_messages
+
+    task = get_task("code")
+    row = _row(task, "times_3")
+    replies = ["def times_3(x):\n    return x + 3", "oops(", "def times_3(x):\n    return 3 * x"]
+    scores = task.score_batch(replies, [row] * 3)
+    assert [s.score for s in scores] == [0.0, 0.0, 1.0]
+    prompt, rewards, feedback = task.prompt(row), [s.score for s in scores], [s.feedback for s in scores]
+    failed_only = teacher_messages(prompt, replies[:2], rewards[:2], feedback[:2], 0)[-1]["content"]
+    assert feedback[0].startswith("5 of 5 tests failed: times_3(") and feedback[0] in failed_only
+    assert row["question"] in failed_only
+    assert "SyntaxError" in teacher_messages(prompt, replies[:2], rewards[:2], feedback[:2], 1)[-1]["content"]
+    with_demo = teacher_messages(prompt, replies, rewards, feedback, 0)[-1]["content"]
+    assert "return 3 * x" in with_demo and feedback[0] not in with_demo
