@@ -466,3 +466,16 @@ def test_a_killed_caller_takes_its_programs_with_it():
     _no_leftovers()
     for name in _sandbox_dirs() - before:
         shutil.rmtree(Path("/tmp") / name)
+
+
+def test_bench_sandbox_runs_and_writes_its_results(tmp_path, capsys):
+    from denser import bench
+
+    assert bench.main(["sandbox", "--n", "2", "--workers", "2", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "sandbox overhead per program" in out and "| sleep 0.2 s |" in out
+    import json
+
+    res = json.loads(next(tmp_path.glob("sandbox-*.json")).read_text())
+    assert [r["program"] for r in res["rows"]] == ["pass", "cpu 0.2 s", "sleep 0.2 s"]
+    assert res["workers"] == 2 and res["bare_python_s"] > 0 and len(list(tmp_path.glob("sandbox-*.md"))) == 1
