@@ -3,7 +3,7 @@ sandbox per program against a bare ``python -c pass``.
 
     denser bench sandbox                          # 20 programs of each kind, workers = the number of cores
     denser bench sandbox --n 40 --workers 4
-    denser bench sandbox --out-dir bench/results  # also write sandbox-<date>.json and .md there
+    denser bench sandbox --out-dir bench/results  # also write sandbox-cpu-<cores>core-<date>.json and .md there
 
 Three programs: ``pass`` (the fixed cost: launcher, namespaces, interpreter start-up), a CPU-bound
 loop of about 0.2 s, and ``time.sleep(0.2)`` (a program that waits: what the pool overlaps even on
@@ -33,7 +33,7 @@ PROGRAMS = {
 }
 
 
-def measure(n: int, workers: int) -> dict:
+def measure(n: int, workers: int, argv: list[str]) -> dict:
     limits = Limits(cpu_s=10, wall_s=60)
     t0 = time.perf_counter()
     for _ in range(n):
@@ -60,7 +60,7 @@ def measure(n: int, workers: int) -> dict:
         "isolation": [k for k in ("network", "pid", "mount", "user", "uid") if getattr(caps, k)],
         "machine": {"platform": platform.platform(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "loadavg_before": os.getloadavg()},
-        "command": "denser bench sandbox " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else []),
+        "command": " ".join(["denser bench sandbox", *argv]),
         "date": _dt.date.today().isoformat(),
     }
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="denser bench sandbox", description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=20, help="programs of each kind (default: 20)")
     ap.add_argument("--workers", type=int, default=None, help="pool size (default: the number of cores)")
-    ap.add_argument("--out-dir", default=None, help="also write sandbox-<date>.json and .md there")
+    ap.add_argument("--out-dir", default=None, help="also write sandbox-cpu-<cores>core-<date>.json and .md there")
     args = ap.parse_args(argv)
     if args.n < 1 or (args.workers is not None and args.workers < 1):
         ap.error("--n and --workers must be >= 1")
@@ -94,15 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     if caps.error:
         print(f"denser bench sandbox: the sandbox cannot run programs here: {caps.error}", file=sys.stderr)
         return 2
-    res = measure(args.n, args.workers or default_workers())
+    res = measure(args.n, args.workers or default_workers(), list(sys.argv[1:] if argv is None else argv))
     text = report(res)
     print(text)
     if args.out_dir:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        stem = f"sandbox-{res['date']}"
+        stem = f"sandbox-cpu-{res['machine']['cores']}core-{res['date']}"
         (out / f"{stem}.json").write_text(json.dumps(res, indent=1) + "\n")
-        (out / f"{stem}.md").write_text(f"# {res['command'].strip()}\n\n{text}\n")
+        (out / f"{stem}.md").write_text(f"# Sandbox benchmark ({res['date']})\n\nCommand: `{res['command']}`\n\n"
+                                        f"Machine: {res['machine']['platform']}, Python {res['machine']['python']}\n\n"
+                                        f"{text}\n")
     return 0
 
 
