@@ -24,6 +24,8 @@ _EXPORTS = {
     "CheckpointError": "checkpoint",
     "latest_checkpoint": "checkpoint",
     "TrainConfig": "config",
+    "ResolvedRun": "resolve",
+    "resolve_run": "resolve",
     "Trainer": "loop",
     "TrainingStopped": "loop",
     "EmbeddedModelMissingError": "models",
@@ -44,6 +46,8 @@ _EXPORTS = {
     "list_rollout_engines": "denser.engines.base",
     "register_rollout_engine": "denser.engines.base",
     "TeacherWeights": "teacher",
+    "build_teacher": "teacher",
+    "EngineSpec": "denser.engines.base",
 }
 __all__ = sorted(_EXPORTS)
 
