@@ -53,6 +53,17 @@ def test_splits_hold_each_function_once_and_prompts_show_an_example():
         _ = get_task("code", num_eval=1000).train
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_no_problem_is_passed_by_a_constant_function(seed):
+    """Every problem's hidden tests expect at least two different values, so `return <constant>`
+    never scores 1 (before, 16 of 133 functions, e.g. `count_b` on words without a 'b', had tests
+    that all expected the same value)."""
+    task = get_task("code", seed=seed)
+    for row in list(task.train) + list(task.eval):
+        expected = {json.dumps(e) for _, e in json.loads(row["tests"])}
+        assert len(expected) > 1, (row["function"], expected)
+
+
 def test_right_wrong_partial_and_all_or_nothing():
     task = get_task("code", num_eval=5)
     for row in task.eval:

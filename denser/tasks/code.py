@@ -50,6 +50,12 @@ def _word(rng: random.Random) -> list:
     return [rng.choice(WORDS)]
 
 
+def _word_with(c: str) -> Callable[[random.Random], list]:
+    """Words, some of them ending in an extra ``c``: the tests of a function about the letter ``c``
+    then see words with it and words without (few of ``WORDS`` end in a given letter)."""
+    return lambda rng: [rng.choice(WORDS) + (c if rng.random() < 0.4 else "")]
+
+
 def _int_list(rng: random.Random) -> list:
     return [[rng.randint(-5, 30) for _ in range(rng.randint(1, 6))]]
 
@@ -75,11 +81,11 @@ def _families() -> list[tuple[str, str, str, Callable[..., Any], Callable[[rando
                     lambda xs, k=k: sum(1 for x in xs if x > k), _int_list))
     for c in LETTERS:
         out.append((f"count_{c}", f"how many times the letter '{c}' appears in the string s", "s",
-                    lambda s, c=c: s.count(c), _word))
+                    lambda s, c=c: s.count(c), _word_with(c)))
         out.append((f"ends_with_{c}", f"True if the string s ends with '{c}', else False", "s",
-                    lambda s, c=c: s.endswith(c), _word))
+                    lambda s, c=c: s.endswith(c), _word_with(c)))
         out.append((f"remove_{c}", f"the string s with every '{c}' removed", "s",
-                    lambda s, c=c: s.replace(c, ""), _word))
+                    lambda s, c=c: s.replace(c, ""), _word_with(c)))
     for suf in SUFFIXES:
         out.append((f"add_{suf}", f"the string s followed by '{suf}'", "s", lambda s, suf=suf: s + suf, _word))
     out += [
@@ -162,6 +168,16 @@ class CodeTask(Task):
             args = gen(rng)
             if args != example and args not in calls:
                 calls.append(args)
+        # tests whose expected values are all equal are passed by a constant function (`return 0`):
+        # the last test is redrawn until it expects something else (every function has such inputs)
+        outputs = {json.dumps(ref(*args)) for args in calls}
+        for _ in range(2000):
+            if len(calls) < 2 or len(outputs) > 1:
+                break
+            args = gen(rng)
+            if args != example and args not in calls and json.dumps(ref(*args)) not in outputs:
+                calls[-1] = args
+                outputs.add(json.dumps(ref(*args)))
         tests = [[args, ref(*args)] for args in calls]
         question = (f"Write a Python function `{name}({params})` that returns {what}. "
                     f"For example, {_call(name, example)} returns {ref(*example)!r}.\n"
