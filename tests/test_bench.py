@@ -12,7 +12,7 @@ import denser.bench as bench
 
 
 def test_first_argument_picks_the_benchmark(capsys):
-    assert set(bench.KINDS) == {"gpu", "loop", "step", "fsdp", "lora"}
+    assert set(bench.KINDS) == {"gpu", "loop", "step", "fsdp", "lora", "sandbox"}
     assert bench.main(["gpu", "--dry-run", "--shapes", "128x64x1000", "--alphas", "1", "--cases", "chunked"]) == 0
     assert "N=128 H=64 V=1000 alpha=1.0 bfloat16: floor, chunked" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the loss-core flags are checked by the loss-core parser

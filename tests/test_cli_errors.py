@@ -237,3 +237,30 @@ def test_the_installed_entry_point_prints_one_line_and_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "denser", "train", "--steps"], capture_output=True, text=True,
                           env=env, timeout=120, cwd=tmp_path)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "usage" not in proc.stderr
+
+
+def test_denser_score_prints_reward_and_feedback_as_json(tmp_path, capsys):
+    """`denser score` scores one completion against one row (the task's own check, independently
+    recomputed here) and exits 0 whatever the completion; bad input is one line, exit 2."""
+    import json
+
+    from denser.cli import main
+    from denser.tasks import get_task
+
+    task = get_task("addition", seed=3)
+    row = task.train[2]
+    right, wrong = tmp_path / "right.txt", tmp_path / "wrong.txt"
+    right.write_text(f"Let me add.\nAnswer: {row['answer']}")
+    wrong.write_text("no answer here")
+    for path, reward in ((right, 1.0), (wrong, 0.0)):
+        assert main(["score", "--task", "addition", "--seed", "3", "--row", "2", "--completion", str(path)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["reward"] == reward == task.score(path.read_text(), row).score
+        assert out["success"] is (reward == 1.0) and out["row"] == 2 and out["task"] == "addition"
+    assert out["feedback"] and out["feedback"] == task.score("no answer here", row).feedback
+    for argv, message in ((["--task", "addition", "--row", "99999", "--completion", str(right)], "outside the train split"),
+                          (["--task", "nosuchtask", "--row", "0", "--completion", str(right)], "--task nosuchtask"),
+                          (["--task", "addition", "--row", "0", "--completion", str(tmp_path / "none")], "no such file")):
+        assert main(["score", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1

@@ -25,7 +25,8 @@ from denser.objectives import (
     unregister_objective,
 )
 
-BUILTINS = {"grpo", "dr_grpo", "dapo", "gspo", "sdpo", "hybrid", "hybrid_adv"}
+BUILTINS = {"grpo", "dr_grpo", "dapo", "gspo", "sdpo", "hybrid", "hybrid_adv", "rloo", "reinforce_pp",
+            "reinforce_pp_baseline", "cispo"}
 
 
 @pytest.fixture

@@ -25,6 +25,11 @@ CASES = [
                     loss_agg_mode="seq-mean-token-sum-norm")),
     ("hybrid_adv", dict(lam=0.5, kl_coef=0.05)),
     ("hybrid_adv", dict(lam=0.2, density=0.6, loss_agg_mode="seq-mean-token-mean")),
+    ("rloo", dict(loss_agg_mode="seq-mean-token-mean", kl_coef=0.1)),
+    ("reinforce_pp", dict(clip_high=0.28, entropy_coef=0.01)),
+    ("reinforce_pp_baseline", dict(loss_agg_mode="seq-mean-token-sum-norm")),
+    ("cispo", dict()),
+    ("cispo", dict(clip_low=0.1, clip_high=0.1, kl_coef=0.1, loss_agg_mode="seq-mean-token-mean")),
 ]
 
 

@@ -221,7 +221,7 @@ def test_two_process_sigkill_then_resume_is_bit_exact(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("DENSER_DDP_TESTS"), reason="two torchrun processes, ~40 s: DENSER_DDP_TESTS=1")
 def test_two_processes_draw_the_samples_of_one_with_the_same_global_batch(tmp_path):
-    """DESIGN.md Contract 4: requests are seeded by (seed, step, round, global index), never by the
+    """docs/design.md, Contract 4: requests are seeded by (seed, step, round, global index), never by the
     process, so 2 processes x 2 prompts sample the first step's completions of 1 process x 4 prompts
     (the same prompts, the same weights). With DENSER_TEST_BREAK=local_index (seeds from the index on
     the process, as a rank-based seed would do) the test fails."""

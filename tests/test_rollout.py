@@ -84,7 +84,7 @@ def test_seed_reproducible_and_global_rng_untouched(tiny, rollout):
 
 
 def test_a_prompts_samples_depend_on_its_seed_alone_not_on_the_batch(tiny):
-    """DESIGN.md Contract 4: the same prompt with the same request seed draws the same completions
+    """docs/design.md, Contract 4: the same prompt with the same request seed draws the same completions
     whether it is generated with other prompts, alone, in another order, or cut into smaller
     generate calls (another number of processes, another --hf-max-batch-size)."""
     model, tok = tiny

@@ -1,4 +1,4 @@
-"""Several optimiser updates per rollout batch (--mini-batches K, --epochs E; DESIGN.md Contract 3).
+"""Several optimiser updates per rollout batch (--mini-batches K, --epochs E; docs/design.md, Contract 3).
 
 What is proved here: K = E = 1 is the run it always was (bit for bit); with K * E > 1 every update's
 gradient is the one an independent implementation computes (old_logp from the pre-update policy's

@@ -316,6 +316,53 @@ def cmd_tasks(argv: list[str]) -> int:
     return 0
 
 
+def cmd_score(argv: list[str]) -> int:
+    """``denser score --task NAME --row I --completion FILE``: one completion's reward and feedback as
+    JSON on stdout. Exit 0 whatever the completion (a program that crashes is a score of 0 with its
+    feedback), 2 on bad input (an unknown task, a row out of range, a missing file)."""
+    p = TrainArgumentParser(
+        prog="denser score",
+        description="Score one completion against one row of a task's train split and print "
+                    '{"reward": ..., "feedback": ..., "answer": ..., "success": ...} as JSON (code tasks run the '
+                    "program in the sandbox), to debug a reward or a test case by hand.")
+    p.add_argument("--task", required=True, help="a task name, name?option=value, file:PATH or hf:NAME (as --task of "
+                   "denser train)")
+    p.add_argument("--row", type=int, required=True, metavar="I", help="the row of the task's split (0-based)")
+    p.add_argument("--completion", required=True, metavar="FILE", help="the completion's text ('-': standard input)")
+    p.add_argument("--split", choices=["train", "eval"], default="train", help="the split the row is from "
+                   "(default: train)")
+    p.add_argument("--seed", type=int, default=0, help="task generation seed, as denser train's --seed (default: 0)")
+    p.add_argument("--import", dest="imports", action="append", default=None, metavar="MODULE|FILE.py",
+                   help=IMPORT_HELP)
+    args = p.parse_args(argv)
+    import_plugins(args.imports)
+    from denser.tasks import get_task  # start-up time (datasets): see the module docstring
+
+    if args.completion == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.completion)
+        if not path.is_file():
+            raise CLIError(f"--completion {args.completion}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise CLIError(f"--completion {args.completion}: cannot read it as UTF-8 text ({e})") from None
+    try:
+        task = get_task(args.task, seed=args.seed)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"--task {args.task}: {one_line(e)}") from None
+    rows = task.train if args.split == "train" else task.eval
+    if not 0 <= args.row < len(rows):
+        raise CLIError(f"--row {args.row} is outside the {args.split} split of {task.name!r} (rows 0 to {len(rows) - 1})")
+    row = rows[args.row]
+    score = task.score(text, row)
+    print(json.dumps({"task": task.name, "split": args.split, "row": args.row, "reward": score.score,
+                      "success": task.is_success(score), "feedback": score.feedback, "answer": score.answer,
+                      **({"rewards": score.rewards} if score.rewards else {})}, default=str))
+    return 0
+
+
 # ------------------------------------------------------------------------------------ benchmarks
 
 
@@ -348,4 +395,5 @@ def cmd_merge_lora(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
-            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare, "merge-lora": cmd_merge_lora}
+            "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare, "merge-lora": cmd_merge_lora,
+            "score": cmd_score}

@@ -1,4 +1,4 @@
-"""Rollout engines (DESIGN.md, Contract 4): what samples the completions a step trains on.
+"""Rollout engines (docs/design.md, Contract 4): what samples the completions a step trains on.
 
     from denser.engines import get_rollout_engine, SamplingParams
     engine = get_rollout_engine("hf", model, tokenizer)

@@ -1,4 +1,4 @@
-"""Rollout engines: the interface, the registry, and what an engine returns (DESIGN.md, Contract 4).
+"""Rollout engines: the interface, the registry, and what an engine returns (docs/design.md, Contract 4).
 
 The loop builds its engine by name (``TrainConfig.engine``, ``--engine``; ``hf`` by default) and
 uses it like this::
@@ -246,7 +246,7 @@ class NoOptions:
 
 
 def request_seed(*keys: int) -> int:
-    """A 63-bit seed from integer ``keys`` (DESIGN.md, Contract 4): ``request_seed(run_seed, step, round,
+    """A 63-bit seed from integer ``keys`` (docs/design.md, Contract 4): ``request_seed(run_seed, step, round,
     index)`` for the prompt at global ``index`` of a training step's generation ``round``,
     ``request_seed(seed, index)`` for eval row ``index``, ``request_seed(prompt_seed, j)`` for sample
     ``j`` of a prompt. A BLAKE2b hash of the keys: the same in every process, Python and platform,

@@ -10,7 +10,7 @@ the reference model and the analysis run models on it.
 
 Packed, a batch of ``B`` samples is ``N = sum(lengths)`` completion tokens, sample after sample:
 ``targets[N]`` (the token ids), ``seq_ids[N]`` (``0..B-1``, the sample's row in the batch) and
-``old_logp[N]``, the core's layout (DESIGN.md). For the forward pass, row ``b`` of
+``old_logp[N]``, the core's layout (docs/design.md). For the forward pass, row ``b`` of
 ``input_ids[B, C + T]`` is the context (prompt, or a teacher context) left-padded to width ``C``
 followed by the completion right-padded to width ``T``; so completion token ``j`` sits at column
 ``C + j`` and the hidden state that predicts it is at column ``C + j - 1``. ``predict_mask[B, C+T]``

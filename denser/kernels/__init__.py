@@ -1,7 +1,7 @@
 """The loss core: per-token statistics over the vocabulary without ``[tokens, vocab]`` in memory.
 
 ``token_stats`` computes the statistics (backends in ``BACKENDS``); ``fused_loss`` evaluates an
-objective's loss over them with the gradients computed in forward (DESIGN.md, Contract 1b).
+objective's loss over them with the gradients computed in forward (docs/design.md, Contract 1b).
 The core imports nothing from ``denser.objectives``: ``LossObjective`` and ``TokenBatch`` say
 what it needs of an objective and its batch.
 """

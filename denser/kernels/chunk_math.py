@@ -6,7 +6,7 @@ gradients into the gradient with respect to the chunk's raw logits. ``triton_chu
 implements the same two functions in Triton (backend ``triton_chunked``) with the same
 signatures, so the chunk drivers in ``chunked.py`` and ``fused.py`` serve both.
 
-Notation (DESIGN.md): z = logits / T, p = softmax(z), lse = logsumexp(z), g the upstream grads.
+Notation (docs/design.md): z = logits / T, p = softmax(z), lse = logsumexp(z), g the upstream grads.
 
     d logp / dz  = onehot(y) - p_s
     d H    / dz  = -p_s (log p_s + H)

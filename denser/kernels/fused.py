@@ -1,6 +1,6 @@
 """``fused_loss``: a separable objective evaluated chunk by chunk, gradients computed in forward.
 
-DESIGN.md Contract 1b. ``token_stats`` must recompute logits in backward because it does not
+docs/design.md, Contract 1b. ``token_stats`` must recompute logits in backward because it does not
 know the loss yet (six matmuls). When the loss is a sum of per-token (or per-sequence) terms
 with normalisers fixed in the batch, the core can instead, for each chunk while its logits are
 in memory:

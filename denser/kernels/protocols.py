@@ -3,7 +3,7 @@
 The loss core sits below ``denser.objectives`` and imports nothing from it, not even for typing.
 ``denser.objectives.Objective`` and ``PolicyBatch`` satisfy these Protocols by their members, and
 so does any other class with the same members: the core evaluates ``objective.loss`` chunk by
-chunk (DESIGN.md, Contract 1b) without knowing where the objective comes from.
+chunk (docs/design.md, Contract 1b) without knowing where the objective comes from.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Both Triton paths (``triton_chunk_math.py``: sweeps over materialised chunk logi
 ``triton_onchip.py``: logits tiles computed on chip) see the vocabulary one tile
 ``z [rows, BLOCK_V]`` at a time, ``z`` already divided by the temperature and ``-inf`` on columns
 past the vocabulary. The ``@triton.jit`` helpers here hold the math both paths share, so there
-is one copy of every formula (DESIGN.md, Contract 1; notation of ``chunk_math.py``):
+is one copy of every formula (docs/design.md, Contract 1; notation of ``chunk_math.py``):
 
 * ``online_update``: one tile of the single forward sweep. Running per row: the max ``m`` and
   sum ``s = sum exp(z - m)`` of the student (and teacher), ``e = sum exp(z_s - m) z_s`` for the

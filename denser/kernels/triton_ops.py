@@ -1,6 +1,6 @@
 """Entry point of the Triton backends: ``token_stats_impl(backend)`` and the path choice.
 
-Two Triton paths compute the same statistics as ``reference`` (DESIGN.md, Contract 1):
+Two Triton paths compute the same statistics as ``reference`` (docs/design.md, Contract 1):
 
 ``triton_chunked``  tokens in chunks; each chunk's logits come from one cuBLAS matmul into an fp32
                     ``[chunk, V]`` buffer and one Triton sweep per direction does the vocabulary

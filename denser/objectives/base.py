@@ -1,10 +1,13 @@
 """The objective contract: the signals, the base class every objective derives from, and the registry.
 
 An objective is a dataclass whose fields are its hyper-parameters. Everything the loop asks of it
-is a method of :class:`Objective`, with its default here (DESIGN.md, Contract 2):
+is a method of :class:`Objective`, with its default here (docs/design.md, Contract 2):
 
     signals()       which signals the loop computes for it, and only those
     advantages()    per-sequence advantages from rewards (when it declares ADVANTAGES)
+    rollout_advantages()  the general form: advantages (per sequence or per token) from the whole
+                    rollout batch (AdvantageInputs: rewards, token masks, behaviour and reference
+                    log-probs, a sum over processes); default: advantages(rewards, G)
     teacher_spec()  how teacher contexts are built and which weights score them (TEACHER, TEACHER_LOGP)
     core_options()  which per-token statistics the loss core computes, and how
     prepare()       once per micro-batch, before chunking (e.g. random token masks)
@@ -17,10 +20,12 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar, Literal
 
+import torch
 from torch import Tensor
 
 from denser.kernels.options import CoreOptions
@@ -36,12 +41,16 @@ class Signal(str, Enum):
     """What the loop can compute for an objective, and computes only when declared."""
 
     REWARDS = "rewards"  # task scores [S] (batch.rewards)
-    ADVANTAGES = "advantages"  # Objective.advantages(rewards) [S] (batch.advantages)
+    ADVANTAGES = "advantages"  # Objective.rollout_advantages(AdvantageInputs): [S] or per token (batch.advantages)
     OLD_LOGP = "old_logp"  # behaviour log-probs of the sampled tokens [N] (batch.old_logp)
     REF_LOGP = "ref_logp"  # a frozen reference model's log-probs of the sampled tokens [N] (batch.ref_logp)
     TEACHER = "teacher"  # teacher contexts (batch.teacher_mask) and the teacher's hidden states for the core
     TEACHER_LOGP = "teacher_logp"  # the teacher's log-prob of the sampled token [N] (batch.extras[TEACHER_LOGP])
     ENTROPY = "entropy"  # the policy's per-token entropy (stats.entropy)
+    # the reference's log-probs of every sample of the rollout batch, before its updates, for the advantages
+    # (AdvantageInputs.ref_logp: a KL penalty in the reward); declared with REF_LOGP, whose per-micro-batch
+    # batch.ref_logp then reuses them (one reference forward per sample)
+    ROLLOUT_REF_LOGP = "rollout_ref_logp"
 
     def __str__(self) -> str:  # StrEnum behaviour on Python 3.10 too
         return self.value
@@ -50,11 +59,50 @@ class Signal(str, Enum):
 TEACHER_SIGNALS = frozenset({Signal.TEACHER, Signal.TEACHER_LOGP})  # either one needs a teacher (Objective.teacher)
 
 
+def _identity(t: Tensor) -> Tensor:
+    return t
+
+
+@dataclass
+class AdvantageInputs:
+    """What :meth:`Objective.rollout_advantages` reads: this process's share of one rollout batch.
+
+    ``S`` samples in groups of ``num_generations`` consecutive ones; sample ``s`` has ``L_s``
+    completion tokens. Per-token inputs are lists of ``S`` tensors ``[L_s]`` (CPU, fp32 / bool).
+
+    - ``rewards [S]``: the task's scores (after overlong shaping);
+    - ``token_mask``: per sample, its loss tokens (all True unless ``--mask-truncated-completions``
+      masks a truncated completion); None: every token counts;
+    - ``old_logp``: per sample, the behaviour log-probs of its tokens (the engine's sampling
+      log-probs, or the pre-update forward's: verl's ``old_log_probs``); None when not known;
+    - ``ref_logp``: per sample, the frozen reference's log-probs of its tokens, when the objective
+      declares ``Signal.ROLLOUT_REF_LOGP``, else None;
+    - ``reduce``: sums a tensor over the run's processes (identity with one), for statistics of
+      the whole batch (REINFORCE++ whitens over every process's tokens).
+    """
+
+    rewards: Tensor
+    num_generations: int
+    token_mask: list[Tensor] | None = None
+    old_logp: list[Tensor] | None = None
+    ref_logp: list[Tensor] | None = None
+    reduce: Callable[[Tensor], Tensor] = _identity
+
+    def masks(self) -> list[Tensor]:
+        """``token_mask``, or all-True masks shaped like ``old_logp`` / ``ref_logp``."""
+        if self.token_mask is not None:
+            return self.token_mask
+        like = self.old_logp if self.old_logp is not None else self.ref_logp
+        if like is None:
+            raise ValueError("AdvantageInputs: token_mask, old_logp and ref_logp are all None; one gives the token counts")
+        return [torch.ones(t.shape, dtype=torch.bool) for t in like]
+
+
 class Objective:
     """Base class of every objective. Subclasses are dataclasses registered by name.
 
     ``separable`` tells the fused loss core how it may evaluate the loss chunk by chunk while a
-    chunk's logits are still in memory (DESIGN.md, Contract 1b):
+    chunk's logits are still in memory (docs/design.md, Contract 1b):
       "token":    the loss is a sum of per-token terms with normalisers fixed in the batch;
       "sequence": a sum of per-sequence terms (chunks must end on sequence boundaries);
       None:       not separable; the core computes all statistics first, then the loss.
@@ -80,6 +128,14 @@ class Objective:
         consecutive samples). The loop calls it when the objective declares ``Signal.ADVANTAGES``.
         Default: mean-centred and std-normalised within each group (GRPO)."""
         return group_advantages(rewards, num_generations)
+
+    def rollout_advantages(self, inputs: AdvantageInputs) -> Tensor | list[Tensor]:
+        """Advantages from the whole rollout batch (:class:`AdvantageInputs`): a tensor ``[S]`` (one per
+        sample, broadcast to its tokens) or a list of ``S`` tensors ``[L_s]`` (one per token). The loop
+        calls it, once per rollout batch, when the objective declares ``Signal.ADVANTAGES``.
+        Default: ``self.advantages(inputs.rewards, inputs.num_generations)``, so an objective whose
+        advantages depend on the rewards alone overrides :meth:`advantages` only."""
+        return self.advantages(inputs.rewards, inputs.num_generations)
 
     def teacher_spec(self) -> TeacherSpec | None:
         """How the loop builds teacher contexts and which weights score them, or None (no teacher).

@@ -1,6 +1,6 @@
 """``PolicyBatch``: one micro-batch of packed completion tokens and the signals computed for it.
 
-The loop builds it (DESIGN.md, Contract 3); the loss core slices it into chunks
+The loop builds it (docs/design.md, Contract 3); the loss core slices it into chunks
 (:meth:`PolicyBatch.token_slice`); objectives read it in ``prepare`` and ``loss``.
 """
 

@@ -1,6 +1,6 @@
 """Pieces every objective shares: group advantages, loss aggregation, KL estimators, token masks.
 
-Everything here keeps the loss *separable* (DESIGN.md, Contract 1b): an aggregate is a sum of
+Everything here keeps the loss *separable* (docs/design.md, Contract 1b): an aggregate is a sum of
 per-token terms divided by normalisers that live in the batch, so the sum of the aggregates of
 ``batch.token_slice(a, b)`` chunks equals the aggregate of the whole batch.
 """

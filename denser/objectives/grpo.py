@@ -209,24 +209,33 @@ class GRPO(Objective):
             logp, advantages, batch, clip_low=self.clip_low, clip_high=self.clip_high,
             clip_ratio_c=self.clip_ratio_c, ratio_level=self.ratio_level,
         )
-        if batch.ref_logp is not None or self.kl_coef > 0:
-            if batch.ref_logp is None:
-                raise ValueError(
-                    f"objective {self.name!r} has kl_coef={self.kl_coef} but the batch has no ref_logp "
-                    "(the loop must compute Signal.REF_LOGP)"
-                )
-            ref = torch.where(mask, batch.ref_logp.to(logp.dtype), logp.detach())
-            kl = kl_estimate(logp, ref, self.kl_estimator)
-            metrics["kl_ref"] = Metric.of(kl, mask)
-            if self.kl_coef > 0:
-                per_token = per_token + self.kl_coef * kl
-        if self.entropy_coef != 0:
-            if stats.entropy is None:
-                raise ValueError(f"objective {self.name!r} has entropy_coef={self.entropy_coef} but stats.entropy is None")
-            per_token = per_token - self.entropy_coef * stats.entropy
-        if stats.entropy is not None:
-            metrics["entropy"] = Metric.of(stats.entropy, mask)
+        per_token = regularised(self, per_token, metrics, stats, batch)
         return LossOutput(aggregate(per_token, batch, self.loss_agg_mode), metrics)
+
+
+def regularised(objective, per_token: Tensor, metrics: dict[str, Metric], stats: TokenStats, batch: PolicyBatch) -> Tensor:
+    """``per_token + kl_coef * KL_t(pi || pi_ref) - entropy_coef * H_t`` for an objective with the fields
+    ``kl_coef``, ``kl_estimator`` and ``entropy_coef`` (the ``grpo`` family, ``cispo``), adding the
+    ``kl_ref`` (when the batch has reference log-probs) and ``entropy`` (when computed) metrics."""
+    logp, mask = stats.logp, batch.token_mask
+    if batch.ref_logp is not None or objective.kl_coef > 0:
+        if batch.ref_logp is None:
+            raise ValueError(
+                f"objective {objective.name!r} has kl_coef={objective.kl_coef} but the batch has no ref_logp "
+                "(the loop must compute Signal.REF_LOGP)"
+            )
+        ref = torch.where(mask, batch.ref_logp.to(logp.dtype), logp.detach())
+        kl = kl_estimate(logp, ref, objective.kl_estimator)
+        metrics["kl_ref"] = Metric.of(kl, mask)
+        if objective.kl_coef > 0:
+            per_token = per_token + objective.kl_coef * kl
+    if objective.entropy_coef != 0:
+        if stats.entropy is None:
+            raise ValueError(f"objective {objective.name!r} has entropy_coef={objective.entropy_coef} but stats.entropy is None")
+        per_token = per_token - objective.entropy_coef * stats.entropy
+    if stats.entropy is not None:
+        metrics["entropy"] = Metric.of(stats.entropy, mask)
+    return per_token
 
 
 # ---------------------------------------------------------------------------------------- presets

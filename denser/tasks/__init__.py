@@ -14,6 +14,7 @@ sums, ``math`` on math-verify) in :mod:`denser.tasks.rewards`; the answer-extrac
 """
 
 from denser.tasks import builtin as _builtin  # noqa: F401  (registers the built-in tasks)
+from denser.tasks import code as _code  # noqa: F401  (registers the code task)
 from denser.tasks.answers import ANSWER_INSTRUCTION, extract_answer, parse_number
 from denser.tasks.base import Score, Task
 from denser.tasks.file_task import FileTask, FileTaskError, HFTask

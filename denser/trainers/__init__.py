@@ -19,13 +19,15 @@ The rollout engines, ``Rollout`` and ``PackedBatch`` live one layer below, in :m
 
 import importlib
 
-# Every public name and the module of this package it lives in. Resolved on
-# first use (PEP 562), for start-up time only: the loop imports accelerate and transformers (seconds), while `denser train --help` and a
-# bad flag need nothing but TrainConfig.
+# Every public name and the module it lives in (of this package, unless dotted). Resolved on first use
+# (PEP 562), for start-up time only: the loop imports accelerate and transformers (seconds), while
+# `denser train --help` and a bad flag need nothing but TrainConfig.
 _EXPORTS = {
     "CheckpointError": "checkpoint",
     "latest_checkpoint": "checkpoint",
     "TrainConfig": "config",
+    "ResolvedRun": "resolve",
+    "resolve_run": "resolve",
     "Trainer": "loop",
     "TrainingStopped": "loop",
     "EmbeddedModelMissingError": "models",
@@ -34,6 +36,21 @@ _EXPORTS = {
     "load_model": "models",
     "render_prompt": "models",
     "TeacherWeights": "teacher",
+    "build_teacher": "teacher",
+    # the engine names as they were importable from here before they moved to denser.engines
+    "EngineSpec": "denser.engines.base",
+    "PackedBatch": "denser.engines.packing",
+    "build_packed_batch": "denser.engines.packing",
+    "completion_hidden_states": "denser.engines.packing",
+    "completion_logprobs": "denser.engines.packing",
+    "lm_head_params": "denser.engines.packing",
+    "HFRolloutEngine": "denser.engines.hf",
+    "Rollout": "denser.engines.base",
+    "RolloutEngine": "denser.engines.base",
+    "SamplingParams": "denser.engines.base",
+    "get_rollout_engine": "denser.engines.base",
+    "list_rollout_engines": "denser.engines.base",
+    "register_rollout_engine": "denser.engines.base",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -41,7 +58,8 @@ __all__ = sorted(_EXPORTS)
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'denser.trainers' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"denser.trainers.{_EXPORTS[name]}"), name)
+    module = _EXPORTS[name]
+    value = getattr(importlib.import_module(module if "." in module else f"denser.trainers.{module}"), name)
     globals()[name] = value
     return value
 

@@ -68,9 +68,10 @@ class SampleSignals:
     """The per-sample signals of a rollout batch, computed once and shared by all its updates."""
 
     rewards: Tensor  # [S]
-    advantages: Tensor | None  # [S] (ADVANTAGES)
+    advantages: Tensor | list[Tensor] | None  # [S], or per sample [L_s] per-token (ADVANTAGES)
     contexts: list[list[int]] | None  # per sample: the teacher's context token ids (a teacher)
     teacher_mask: Tensor | None  # [S] bool: the sample has a teacher context (a teacher)
+    ref_logp: list[Tensor] | None = None  # per sample [L_s]: reference log-probs (ROLLOUT_REF_LOGP)
 
 
 @dataclass
@@ -128,7 +129,9 @@ class UpdateBatches:
             batch = PolicyBatch(
                 seq_ids=packed.seq_ids, num_seqs=len(idx), global_tokens=1.0, global_seqs=1.0, token_mask=token_mask,
                 rewards=sample.rewards[it].to(dev),
-                advantages=None if sample.advantages is None else sample.advantages[it].to(dev),
+                advantages=_per_sample(sample.advantages, idx, dev),
+                token_level_advantages=None if sample.advantages is None else isinstance(sample.advantages, list),
+                ref_logp=None if sample.ref_logp is None else _per_sample(sample.ref_logp, idx, dev),
                 old_logp=packed.old_logp if self.old_logp else None,
                 teacher_mask=None if sample.teacher_mask is None else sample.teacher_mask[it].to(dev),
                 norm_length=float(cfg.max_new_tokens), step=step, total_steps=cfg.steps,
@@ -170,3 +173,12 @@ class UpdateBatches:
         for b in batches:
             for k, v in zip(keys, totals.tolist()):
                 setattr(b, k, v)
+
+
+def _per_sample(values: Tensor | list[Tensor] | None, idx: list[int], device: torch.device) -> Tensor | None:
+    """Samples ``idx`` of ``[S]`` values, or of per-sample ``[L_s]`` values concatenated in packed order ``[N]``."""
+    if values is None:
+        return None
+    if isinstance(values, list):
+        return torch.cat([values[j] for j in idx]).to(device)
+    return values[torch.tensor(idx)].to(device)

@@ -1,6 +1,6 @@
 """The generic on-policy loop: one loop for every registered objective.
 
-One step is one rollout batch (DESIGN.md, Contract 3)::
+One step is one rollout batch (docs/design.md, Contract 3)::
 
     rollout   prompts of the step -> rollout engine -> completions + behaviour log-probs
     score     task.score -> rewards (+ feedback, + overlong shaping); with dynamic sampling, rounds of

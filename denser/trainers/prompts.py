@@ -9,7 +9,7 @@ would have, and processes never share a prompt within an epoch.
 A prompt's global index in its step (:meth:`PromptSchedule.request_indices`) is its place among
 every process's prompts of the step, ``r P + i``: with the same global batch ``W P`` the same draw
 has the same index whatever ``W``. The rollout engine seeds the prompt's request with it
-(DESIGN.md, Contract 4), so the samples do not depend on the number of processes.
+(docs/design.md, Contract 4), so the samples do not depend on the number of processes.
 
 Dynamic sampling's further generation rounds (``round >= 1`` of at most ``rounds`` per step) draw
 from a second stream, the same construction with other permutations: round ``j`` of step ``t`` on

@@ -28,6 +28,7 @@ from denser.kernels import token_stats
 from denser.objectives import (
     TEACHER_LOGP,
     TEACHER_SIGNALS,
+    AdvantageInputs,
     Objective,
     Signal,
     TeacherSpec,
@@ -50,6 +51,9 @@ def check_signals(objective: Objective, task: Task) -> None:
     """Fail before any model is loaded when a declared signal cannot be provided."""
     name, declared = objective.name, objective.signals()
     spec = objective.teacher_spec() if declared & TEACHER_SIGNALS else None
+    if Signal.ROLLOUT_REF_LOGP in declared and Signal.REF_LOGP not in declared:
+        raise ValueError(f"objective {name!r} declares signal '{Signal.ROLLOUT_REF_LOGP}' without '{Signal.REF_LOGP}'; "
+                         "declare both (the reference model is loaded for REF_LOGP)")
     for s in sorted(declared & TEACHER_SIGNALS, key=str):
         if spec is None:
             raise ValueError(f"objective {name!r} declares signal '{s}' but its teacher_spec() returns None; "
@@ -127,13 +131,31 @@ class SignalComputer:
 
     def per_sample(self, rollout: Rollout, rows: list[dict], scores: Scores) -> SampleSignals:
         """Advantages (ADVANTAGES) and teacher contexts (a teacher) of every sample, once per rollout batch."""
-        advantages = None
+        advantages, ref_logp = None, None
+        if Signal.ROLLOUT_REF_LOGP in self.declared:
+            ref_logp = self._rollout_ref_logp(rollout)
         if Signal.ADVANTAGES in self.declared:
-            advantages = self.objective.advantages(scores.rewards, rollout.num_generations)
+            token_mask = None
+            if self.cfg.mask_truncated_completions:  # as micro_batches masks them
+                token_mask = [torch.full(lp.shape, not bool(t)) for lp, t in zip(rollout.logps, rollout.truncated)]
+            inputs = AdvantageInputs(scores.rewards, rollout.num_generations, token_mask=token_mask,
+                                     old_logp=list(rollout.logps), ref_logp=ref_logp,
+                                     reduce=lambda t: self.reduce(t.to(self.device)).cpu())
+            advantages = _checked_advantages(self.objective, self.objective.rollout_advantages(inputs), rollout)
         contexts, teacher_mask = None, None
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)
-        return SampleSignals(scores.rewards, advantages, contexts, teacher_mask)
+        return SampleSignals(scores.rewards, advantages, contexts, teacher_mask, ref_logp)
+
+    @torch.no_grad()
+    def _rollout_ref_logp(self, rollout: Rollout) -> list[Tensor]:
+        """The reference's log-probs of every sample's tokens (ROLLOUT_REF_LOGP), in micro-batches."""
+        out: list[Tensor] = []
+        for idx in self.batches.groups(rollout, list(range(rollout.num_samples))):
+            packed = rollout.pack(idx, device=self.device)
+            logp = _run(self.reference_root, self.reference, functools.partial(_logp, packed=packed, cfg=self.cfg))
+            out += list(logp.float().cpu().split(packed.lengths.tolist()))
+        return out
 
     def teacher_contexts(self, rollout: Rollout, rows: list[dict], scores: Scores) -> tuple[list[list[int]], Tensor]:
         """Per sample: the teacher's context token ids, and ``teacher_mask [S]`` bool (the sample has a
@@ -170,7 +192,7 @@ class SignalComputer:
         ``ref_logp`` (REF_LOGP), and the teacher's hidden states (TEACHER) and its log-prob of
         each sampled token (TEACHER_LOGP, in ``batch.extras[TEACHER_LOGP]``)."""
         cfg, packed, batch = self.cfg, mb.packed, mb.batch
-        if self.reference is not None:
+        if self.reference is not None and batch.ref_logp is None:  # not already from ROLLOUT_REF_LOGP
             batch.ref_logp = _run(self.reference_root, self.reference, lambda m: _logp(m, packed, cfg))
         if self.teacher is None:
             return None
@@ -183,6 +205,18 @@ class SignalComputer:
             teacher.entropy = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
                                           temperature=cfg.temperature, need_entropy=True, backend=cfg.backend).entropy
         return teacher
+
+
+def _checked_advantages(objective: Objective, advantages, rollout: Rollout):
+    """``advantages`` if they are ``[S]`` or one ``[L_s]`` tensor per sample, else one line naming the objective."""
+    lengths = [len(lp) for lp in rollout.logps]
+    if isinstance(advantages, Tensor) and tuple(advantages.shape) == (len(lengths),):
+        return advantages
+    if isinstance(advantages, list) and [tuple(a.shape) for a in advantages] == [(n,) for n in lengths]:
+        return advantages
+    got = tuple(advantages.shape) if isinstance(advantages, Tensor) else type(advantages).__name__
+    raise ValueError(f"objective {objective.name!r}: rollout_advantages() returned {got}; expected a tensor [S={len(lengths)}] "
+                     "or a list of S tensors [L_s], one per completion token")
 
 
 def _run(root: ModelCall | None, model: nn.Module, fn):
