@@ -427,7 +427,7 @@ def test_loop_passes_rollout_advantages_and_reuses_reference_log_probs(tmp_path,
         return out
 
     monkeypatch.setattr(trainer.signals.objective, "rollout_advantages", spy_advantages)
-    real_logp, real_mb = signals_mod._logp, trainer.signals.micro_batches
+    real_logp, real_mb = signals_mod._logp, trainer.batches.micro_batches
 
     def spy_logp(model, *a, **k):
         seen["ref_forwards"] += model is trainer.reference
@@ -439,7 +439,7 @@ def test_loop_passes_rollout_advantages_and_reuses_reference_log_probs(tmp_path,
         return out
 
     monkeypatch.setattr(signals_mod, "_logp", spy_logp)
-    monkeypatch.setattr(trainer.signals, "micro_batches", spy_mb)
+    monkeypatch.setattr(trainer.batches, "micro_batches", spy_mb)
     trainer.step(0)
 
     S = cfg.prompts_per_step * cfg.num_generations
