@@ -21,9 +21,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from denser.kernels.options import CoreOptions
 from denser.kernels.stats import LossOutput, Metric, TokenStats
-from denser.objectives.base import Objective, Signal, register_objective
+from denser.objectives.base import register_objective
 from denser.objectives.batch import PolicyBatch
 from denser.objectives.common import (
     AGG_MODES,
@@ -33,18 +32,16 @@ from denser.objectives.common import (
     RewardScaling,
     aggregate,
     behaviour_log_ratio,
-    group_advantages,
     kl_estimate,
     require,
     same_field,
-    with_old_logp,
 )
-from denser.objectives.grpo import GRPO, regularised
+from denser.objectives.grpo import GRPO, GroupPolicyGradient, regularised
 
 
 @register_objective("cispo")
 @dataclass
-class CISPO(Objective):
+class CISPO(GroupPolicyGradient):
     """CISPO (MiniMax-M1, 2025): -sg(clip(r)) * A * logp on group advantages, no lower clip; verl compute_policy_loss_cispo."""
 
     clip_low: float | None = field(
@@ -75,26 +72,6 @@ class CISPO(Objective):
         require(self.kl_estimator in KL_ESTIMATORS, name, f"kl_estimator={self.kl_estimator!r} must be one of {KL_ESTIMATORS}")
         require(self.scale_rewards in ("group", "batch", "none"), name, f"scale_rewards={self.scale_rewards!r} must be 'group', 'batch' or 'none'")
         require(self.loss_agg_mode in AGG_MODES, name, f"loss_agg_mode={self.loss_agg_mode!r} must be one of {AGG_MODES}")
-
-    def for_run(self, updates_per_rollout: int) -> CISPO:
-        """With several updates per rollout batch the weights need the pre-update policy: use_old_logp on."""
-        return with_old_logp(self, updates_per_rollout)
-
-    def signals(self) -> frozenset[Signal]:
-        out = {Signal.REWARDS, Signal.ADVANTAGES}
-        if self.use_old_logp:
-            out.add(Signal.OLD_LOGP)
-        if self.kl_coef > 0:
-            out.add(Signal.REF_LOGP)
-        if self.entropy_coef != 0 or self.log_entropy:
-            out.add(Signal.ENTROPY)
-        return frozenset(out)
-
-    def core_options(self) -> CoreOptions:
-        return CoreOptions(need_entropy=self.entropy_coef != 0 or self.log_entropy)
-
-    def advantages(self, rewards, num_generations: int):
-        return group_advantages(rewards, num_generations, scale=self.scale_rewards, leave_one_out=self.leave_one_out)
 
     def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
         """Metrics: ``clip_frac`` (the weight is clipped, either side: verl's ``pg_clipfrac``), ``ratio`` (mean

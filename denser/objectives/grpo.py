@@ -90,9 +90,37 @@ def clipped_surrogate(
     return per_token, metrics
 
 
+class GroupPolicyGradient(Objective):
+    """What every group-advantage policy-gradient objective asks of the loop (``grpo`` and its presets,
+    ``cispo``): group-normalised advantages, old log-probs when the ratios need them, a reference
+    model when ``kl_coef > 0``, entropy when it is a term or logged. Its subclasses are dataclasses
+    with the fields ``use_old_logp``, ``kl_coef``, ``entropy_coef``, ``log_entropy``,
+    ``scale_rewards`` and ``leave_one_out``."""
+
+    def for_run(self, updates_per_rollout: int):
+        """With several updates per rollout batch the ratios need the pre-update policy: use_old_logp on."""
+        return with_old_logp(self, updates_per_rollout)
+
+    def signals(self) -> frozenset[Signal]:
+        out = {Signal.REWARDS, Signal.ADVANTAGES}
+        if self.use_old_logp:
+            out.add(Signal.OLD_LOGP)
+        if self.kl_coef > 0:
+            out.add(Signal.REF_LOGP)
+        if self.entropy_coef != 0 or self.log_entropy:
+            out.add(Signal.ENTROPY)
+        return frozenset(out)
+
+    def core_options(self) -> CoreOptions:
+        return CoreOptions(need_entropy=self.entropy_coef != 0 or self.log_entropy)
+
+    def advantages(self, rewards: Tensor, num_generations: int) -> Tensor:
+        return group_advantages(rewards, num_generations, scale=self.scale_rewards, leave_one_out=self.leave_one_out)
+
+
 @register_objective("grpo")
 @dataclass
-class GRPO(Objective):
+class GRPO(GroupPolicyGradient):
     """GRPO: PPO-clip surrogate on group-relative advantages (clip-higher, dual clip, token or sequence ratio, reference KL, entropy bonus)."""
 
     clip_low: float = field(
@@ -179,26 +207,6 @@ class GRPO(Objective):
     @property
     def separable(self) -> Literal["token", "sequence"]:  # type: ignore[override]
         return "sequence" if self.ratio_level == "sequence" else "token"
-
-    def for_run(self, updates_per_rollout: int) -> GRPO:
-        """With several updates per rollout batch the ratios need the pre-update policy: use_old_logp on."""
-        return with_old_logp(self, updates_per_rollout)
-
-    def signals(self) -> frozenset[Signal]:
-        out = {Signal.REWARDS, Signal.ADVANTAGES}
-        if self.use_old_logp:
-            out.add(Signal.OLD_LOGP)
-        if self.kl_coef > 0:
-            out.add(Signal.REF_LOGP)
-        if self.entropy_coef != 0 or self.log_entropy:
-            out.add(Signal.ENTROPY)
-        return frozenset(out)
-
-    def core_options(self) -> CoreOptions:
-        return CoreOptions(need_entropy=self.entropy_coef != 0 or self.log_entropy)
-
-    def advantages(self, rewards: Tensor, num_generations: int) -> Tensor:
-        return group_advantages(rewards, num_generations, scale=self.scale_rewards, leave_one_out=self.leave_one_out)
 
     def loss(self, stats: TokenStats, batch: PolicyBatch) -> LossOutput:
         logp = stats.logp
