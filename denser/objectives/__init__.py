@@ -2,7 +2,7 @@
 
 Importing this package registers the built-in families: ``grpo`` (and the presets ``dr_grpo``,
 ``dapo``, ``gspo``), ``cispo``, the REINFORCE-style estimators ``rloo``, ``reinforce_pp`` and
-``reinforce_pp_baseline``, ``sdpo``, and the sparse-dense mixes ``hybrid`` and ``hybrid_adv``.
+``reinforce_pp_baseline``, ``sdpo``, ``opd`` (on-policy distillation from a teacher model), and the sparse-dense mixes ``hybrid`` and ``hybrid_adv``.
 """
 
 from denser.kernels.stats import LossOutput, Metric, TokenStats
@@ -25,6 +25,7 @@ from denser.objectives.cispo import CISPO
 from denser.objectives.common import aggregate, group_advantages, kl_estimate, normaliser_counts
 from denser.objectives.grpo import DAPO, GRPO, GSPO, DrGRPO
 from denser.objectives.hybrid import Hybrid, HybridAdv
+from denser.objectives.opd import OPD
 from denser.objectives.reinforce import RLOO, ReinforcePP, ReinforcePPBaseline
 from denser.objectives.sdpo import SDPO
 from denser.objectives.teacher import TeacherSpec, teacher_messages
@@ -35,6 +36,7 @@ __all__ = [
     "DEFAULT_OBJECTIVE",
     "GRPO",
     "GSPO",
+    "OPD",
     "RLOO",
     "SDPO",
     "TEACHER_LOGP",

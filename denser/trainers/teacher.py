@@ -50,8 +50,11 @@ from denser.objectives import TeacherSpec
 from denser.objectives.teacher import TEACHER_MODES
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.lora import AdapterView, trainable_adapter
-from denser.trainers.models import load_model
+from denser.trainers.models import EMBEDDED_NAMES, TINY_NAME, build_tiny_model, load_model
 from denser.trainers.sharding import ModelCall, Sharding
+
+#: ``--teacher-path tiny``: a random tiny model unlike ``--model tiny`` (seed 0, hidden size 64), same vocabulary
+TINY_TEACHER = {"seed": 1, "hidden_size": 96}
 
 #: a model, or a function that loads it when first asked (so a run loads only the models its teacher uses)
 ModelSource = Union[nn.Module, AdapterView, Callable[[], Any]]
@@ -68,14 +71,21 @@ class TeacherInputs:
     entropy: Tensor | None = None  # [N] the teacher's entropy per token (--log-teacher-entropy), detached
 
 
-def resolve_teacher_path(path: str) -> Path:
-    """The model directory ``--teacher-path`` names: a Hugging Face model directory (``config.json``),
-    a denser checkpoint (``<ckpt>/model``, or a LoRA checkpoint's merged model ``<ckpt>/merged``) or a
-    denser run directory (its newest checkpoint's model). Raises ``ValueError`` naming the flag for anything else."""
+def resolve_teacher_path(path: str) -> Path | str:
+    """The model ``--teacher-path`` names: a model name (``default``/``smollm2``: the embedded model;
+    ``tiny``: :data:`TINY_TEACHER`, a random tiny model of another seed and hidden size than ``--model
+    tiny``), returned as the name, or the model directory of a Hugging Face model directory
+    (``config.json``), a denser checkpoint (``<ckpt>/model``, or a LoRA checkpoint's merged model
+    ``<ckpt>/merged``) or a denser run directory (its newest checkpoint's model). Raises ``ValueError``
+    naming the flag for anything else."""
+    name = str(path).strip().lower()
+    if name in EMBEDDED_NAMES or name == TINY_NAME:
+        return name
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ValueError(f"--teacher-path {path}: no such directory; give a local Hugging Face model directory "
-                         "(with config.json), a denser checkpoint directory or a denser run directory")
+                         "(with config.json), a denser checkpoint directory, a denser run directory, or "
+                         "default/tiny")
     if (p / "config.json").is_file():
         return p
     for ckpt_dir in (p, ckpt.latest_checkpoint(p)):  # a checkpoint, a run's newest; a LoRA run's merged model
@@ -304,8 +314,12 @@ def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
     """The model ``spec.teacher_path`` names, in the policy's dtype, checked against the policy
     (vocabulary; for an EMA teacher, the parameters it averages) before anything is computed."""
     path = resolve_teacher_path(spec.teacher_path)
-    with ckpt.quiet_transformers():
-        weights, _ = load_model(str(path), dtype=next(policy.parameters()).dtype)
+    dtype = next(policy.parameters()).dtype
+    if path == TINY_NAME:
+        weights, _ = build_tiny_model(**TINY_TEACHER, dtype=dtype)
+    else:
+        with ckpt.quiet_transformers():
+            weights, _ = load_model(str(path), dtype=dtype)
     if _vocab(weights) != _vocab(policy):
         raise ValueError(f"--teacher-path {spec.teacher_path}: its vocabulary ({_vocab(weights)}) differs from the "
                          f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
