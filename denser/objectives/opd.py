@@ -106,8 +106,10 @@ class OPD(SDPO):
                 distilled = batch.token_mask
             else:
                 distilled = batch.token_mask & batch.teacher_mask.to(device=logp.device, dtype=torch.bool)[batch.seq_ids]
-            t = teacher_logp.to(logp.dtype)
+            zero = torch.zeros((), dtype=logp.dtype, device=logp.device)
+            t = torch.where(distilled, teacher_logp.to(logp.dtype), zero)  # nothing from tokens outside the loss
+            s = torch.where(distilled, logp, zero)
             out.metrics["teacher_logp"] = Metric.of(t, distilled)
-            out.metrics["student_logp"] = Metric.of(logp, distilled)
-            out.metrics["reverse_kl"] = Metric.of(logp - t, distilled)
+            out.metrics["student_logp"] = Metric.of(s, distilled)
+            out.metrics["reverse_kl"] = Metric.of(s - t, distilled)
         return out
