@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+import yaml
 
 from denser.cli import main
 from denser.engines import HFRolloutEngine
@@ -229,3 +230,45 @@ def test_opd_bad_teacher_paths_are_one_line_before_any_compute(tmp_path, capsys,
     line = _one_line_error(capsys, ["--objective", "opd", "--teacher-path", str(tmp_path / "bigvocab"), *TINY_RUN,
                                     "--output-dir", str(tmp_path / "r2")])
     assert "vocabulary (300) differs from the policy's (259)" in line
+
+
+def _save_tiny(path, seed, hidden_size):
+    model, tok = build_tiny_model(seed=seed, hidden_size=hidden_size)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model
+
+
+def test_teacher_model_is_recorded_and_resume_refuses_another(tmp_path, capsys):
+    """config.yaml records the teacher model's path and the SHA-256 of its weights; --resume with the
+    same path holding other weights is one line, before any compute; with the same weights it resumes."""
+    from denser.trainers.teacher import weights_sha256
+
+    teacher_dir = tmp_path / "teacher"
+    model = _save_tiny(teacher_dir, seed=4, hidden_size=32)
+    run = tmp_path / "run"
+    argv = ["--objective", "opd", "--teacher-path", str(teacher_dir), *TINY_RUN, "--output-dir", str(run)]
+    argv[argv.index("--steps") + 1] = "1"
+    assert main(["train", *argv]) == 0
+    recorded = yaml.safe_load((run / "config.yaml").read_text())["teacher_model"]
+    assert recorded == {"path": str(teacher_dir), "sha256": weights_sha256(model)}
+    grpo = yaml.safe_load(_grpo_config(tmp_path))
+    assert "teacher_model" not in grpo  # runs without a teacher model write the keys they wrote before
+    _save_tiny(teacher_dir, seed=5, hidden_size=32)  # other weights under the same path
+    resume = [*argv, "--resume"]
+    resume[resume.index("--steps") + 1] = "2"
+    capsys.readouterr()
+    assert main(["train", *resume]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "--resume: the teacher model changed since the run started" in lines[0], lines
+    _save_tiny(teacher_dir, seed=4, hidden_size=32)  # the weights the run started with
+    assert main(["train", *resume]) == 0
+    assert len(_last_step(run)) == 2
+
+
+def _grpo_config(tmp_path) -> str:
+    run = tmp_path / "grpo"
+    argv = ["--objective", "grpo", *TINY_RUN, "--output-dir", str(run)]
+    argv[argv.index("--steps") + 1] = "1"
+    assert main(["train", *argv]) == 0
+    return (run / "config.yaml").read_text()

@@ -65,7 +65,7 @@ from denser.trainers.scoring import RolloutBatch, Scores, dynamic_batch, score_r
 from denser.trainers.sharding import Sharding
 from denser.trainers.signals import SignalComputer, check_signals, check_teacher_vocabulary
 from denser.trainers.step_metrics import PhaseTimer, UpdateResult, metrics_row
-from denser.trainers.teacher import build_teacher, resolve_teacher_path
+from denser.trainers.teacher import TEACHER_MODEL_KEY, build_teacher, check_resumed_teacher, resolve_teacher_path
 from denser.trainers.tracking import Tracker
 
 
@@ -154,6 +154,8 @@ class Trainer:
         policy = self._load_models(resume_from)
         if self.teacher is not None:
             check_teacher_vocabulary(self.objective, policy, self.teacher.model)
+            if resume_from is not None:  # the teacher model the run started with (its weights' hash)
+                check_resumed_teacher(self.run.recorded(TEACHER_MODEL_KEY), self.teacher.source)
         policy.train()
         if cfg.gradient_checkpointing:  # the reentrant variant would need inputs that require grad
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -219,7 +221,13 @@ class Trainer:
                 "objective": self.objective.name,
                 "task": self.cfg.task or self.task.name,  # with its inline options (file:x.csv?rewards=...)
                 "objective_args": dataclasses.asdict(self.objective),
-                "engine_args": self.engine_spec.args()}
+                "engine_args": self.engine_spec.args(),
+                # a teacher model from --teacher-path: its path and weights hash (resume checks them)
+                **({TEACHER_MODEL_KEY: source} if (source := self._teacher_source()) else {})}
+
+    def _teacher_source(self) -> dict[str, str] | None:
+        teacher = getattr(self, "teacher", None)  # None until the models are loaded
+        return teacher.source if teacher is not None else None
 
     def _check_data(self) -> None:
         name = self.task.name

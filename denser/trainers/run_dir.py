@@ -97,6 +97,14 @@ class RunDir:
         if changed:
             self.note(f"--resume: settings changed since the run started: {'; '.join(changed)}")
 
+    def recorded(self, key: str) -> Any:
+        """The value ``key`` has in the run's config.yaml (None when absent or unreadable)."""
+        try:
+            old = yaml.safe_load((self.path / "config.yaml").read_text()) or {}
+        except (yaml.YAMLError, OSError, UnicodeDecodeError):
+            return None
+        return old.get(key) if isinstance(old, dict) else None
+
     def init(self, run_config: dict[str, Any], *, fresh: bool, overwrite: bool) -> None:
         """Create the directory and its config.yaml (after every check has passed). ``overwrite``
         removes what a run writes (never the rest of the directory); ``fresh`` (no checkpoint to

@@ -38,6 +38,7 @@ updates shard by shard.
 from __future__ import annotations
 
 import copy
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Union
@@ -55,6 +56,8 @@ from denser.trainers.sharding import ModelCall, Sharding
 
 #: ``--teacher-path tiny``: a random tiny model unlike ``--model tiny`` (seed 0, hidden size 64), same vocabulary
 TINY_TEACHER = {"seed": 1, "hidden_size": 96}
+#: the config.yaml key of a teacher model's path and weights hash (:func:`teacher_source`)
+TEACHER_MODEL_KEY = "teacher_model"
 
 #: a model, or a function that loads it when first asked (so a run loads only the models its teacher uses)
 ModelSource = Union[nn.Module, AdapterView, Callable[[], Any]]
@@ -155,6 +158,8 @@ class TeacherWeights:
         self.sharding: Sharding | None = None
         self._root: ModelCall | None = None  # under FSDP: the root whose forward gathers ``model``'s weights
         self._policy_root: ModelCall | None = None  # ... and the policy's (live, trust-region)
+        # a teacher model from --teacher-path: {"path", "sha256"} (teacher_source), recorded in config.yaml
+        self.source: dict[str, str] | None = None
 
     @property
     def keeps_state(self) -> bool:
@@ -310,6 +315,32 @@ class _Once:
         return self._model
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def teacher_source(spec: TeacherSpec, weights: nn.Module) -> dict[str, str]:
+    """What config.yaml records of a teacher model from ``--teacher-path`` (key :data:`TEACHER_MODEL_KEY`):
+    the model it resolved to and the SHA-256 of its weights as loaded (before any --teacher-init-alpha mix)."""
+    return {"path": str(resolve_teacher_path(spec.teacher_path)), "sha256": weights_sha256(weights)}
+
+
+def check_resumed_teacher(recorded: Any, source: dict[str, str] | None) -> None:
+    """A resumed run's teacher model must be the one it started with (``recorded``: the run's
+    config.yaml entry, or None for a run that recorded none). Raises ``ValueError``, one line."""
+    if not isinstance(recorded, dict) or source is None or recorded.get("sha256") in (None, source["sha256"]):
+        return
+    raise ValueError(f"--resume: the teacher model changed since the run started ({recorded.get('path')}: weights "
+                     f"sha256 {str(recorded['sha256'])[:12]}..., now {source['path']}: {source['sha256'][:12]}...); "
+                     "resume with the teacher the run started with, or use another --output-dir")
+
+
 def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
     """The model ``spec.teacher_path`` names, in the policy's dtype, checked against the policy
     (vocabulary; for an EMA teacher, the parameters it averages) before anything is computed."""
@@ -359,8 +390,10 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
     start_model = _Once(start, default=lambda: policy)
     initial_model = _Once(initial, default=lambda: copy.deepcopy(start_model()))
     shared = None
+    source = None
     if spec.teacher_path:
         weights = _model_from_path(spec, policy)
+        source = teacher_source(spec, weights)
     elif mode == "ema":
         weights = copy.deepcopy(policy)
     elif start_from_policy:
@@ -371,7 +404,9 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
         if weights is shared:  # the reference's model: mix a copy
             weights = copy.deepcopy(shared)
         interpolate_(weights, start_model(), spec.teacher_init_alpha)
-    return TeacherWeights(policy, mode, rate, weights=weights.eval().requires_grad_(False))
+    teacher = TeacherWeights(policy, mode, rate, weights=weights.eval().requires_grad_(False))
+    teacher.source = source
+    return teacher
 
 
 def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | None) -> TeacherWeights:
@@ -386,7 +421,10 @@ def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | N
             raise ValueError(f"--teacher-init-alpha {spec.teacher_init_alpha} with --teacher-path and --lora-r: mixing "
                              "a full teacher model into a LoRA policy parameter by parameter is not supported; use "
                              "--teacher-init-alpha 1 or train without --lora-r")
-        return TeacherWeights(policy, mode, rate, weights=_model_from_path(spec, policy).eval().requires_grad_(False))
+        weights = _model_from_path(spec, policy)
+        teacher = TeacherWeights(policy, mode, rate, weights=weights.eval().requires_grad_(False))
+        teacher.source = teacher_source(spec, weights)
+        return teacher
     if mode == "ema":
         return LoraTeacherWeights(policy, rate)
     # frozen, trust-region: the base model. --teacher-init-alpha mixes in the policy the run starts
