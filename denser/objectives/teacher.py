@@ -119,8 +119,9 @@ class TeacherSpec:
     teacher_path: str | None = field(
         default=None,
         metadata={"help": "start the teacher (ema, frozen, or trust-region's reference) from this model instead of "
-                          "the initial policy: a local HF model directory, a denser checkpoint or run directory "
-                          "(SDPO-CL's teacher_path); its vocabulary must be the policy's"},
+                          "the initial policy: a local HF model directory, a denser checkpoint or run directory, or "
+                          "default/tiny (SDPO-CL's teacher_path; opd's teacher model); its vocabulary must be the "
+                          "policy's"},
     )
     teacher_init_alpha: float = field(
         default=1.0,
