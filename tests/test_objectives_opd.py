@@ -272,3 +272,26 @@ def _grpo_config(tmp_path) -> str:
     argv[argv.index("--steps") + 1] = "1"
     assert main(["train", *argv]) == 0
     return (run / "config.yaml").read_text()
+
+
+def test_a_frozen_teacher_model_keeps_its_own_dtype(tmp_path):
+    """A frozen teacher from --teacher-path loads in the dtype its config records (here bfloat16 for a
+    float32 policy) and the run computes with it; ema and trust-region teachers, which mix with the
+    policy, take the policy's dtype."""
+    from denser.objectives import TeacherSpec
+    from denser.trainers.teacher import build_teacher
+
+    model, tok = build_tiny_model(seed=6, hidden_size=32, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16")
+    tok.save_pretrained(tmp_path / "bf16")
+    policy, _ = build_tiny_model(seed=0)
+    frozen = build_teacher(TeacherSpec(teacher="frozen", teacher_path=str(tmp_path / "bf16")), policy)
+    assert next(frozen.model.parameters()).dtype == torch.bfloat16
+    tr = build_teacher(TeacherSpec(teacher="trust-region", teacher_path=str(tmp_path / "bf16")), policy)
+    assert next(tr.model.parameters()).dtype == torch.float32
+    run = tmp_path / "run"
+    argv = ["--objective", "opd", "--teacher-path", str(tmp_path / "bf16"), *TINY_RUN, "--output-dir", str(run)]
+    argv[argv.index("--steps") + 1] = "1"
+    assert main(["train", *argv]) == 0
+    (row,) = _last_step(run)
+    assert math.isfinite(row["loss"]) and row["teacher_frac"] == 1.0

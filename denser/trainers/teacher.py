@@ -342,12 +342,16 @@ def check_resumed_teacher(recorded: Any, source: dict[str, str] | None) -> None:
 
 
 def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
-    """The model ``spec.teacher_path`` names, in the policy's dtype, checked against the policy
-    (vocabulary; for an EMA teacher, the parameters it averages) before anything is computed."""
+    """The model ``spec.teacher_path`` names, checked against the policy (vocabulary; for an EMA teacher,
+    the parameters it averages) before anything is computed. A ``frozen`` teacher is a model of its own,
+    loaded in its own dtype (the ``torch_dtype`` its config records; ``tiny``: float32): the loss core
+    takes its hidden states and output layer in any dtype. ``ema`` and ``trust-region`` mix it with the
+    policy (parameters, logits), so they load it in the policy's dtype, as ``teacher_init_alpha`` needs too."""
     path = resolve_teacher_path(spec.teacher_path)
-    dtype = next(policy.parameters()).dtype
+    own = spec.teacher == "frozen" and spec.teacher_init_alpha == 1.0
+    dtype = "auto" if own else next(policy.parameters()).dtype
     if path == TINY_NAME:
-        weights, _ = build_tiny_model(**TINY_TEACHER, dtype=dtype)
+        weights, _ = build_tiny_model(**TINY_TEACHER, dtype=torch.float32 if own else dtype)
     else:
         with ckpt.quiet_transformers():
             weights, _ = load_model(str(path), dtype=dtype)
