@@ -264,6 +264,14 @@ def test_teacher_model_is_recorded_and_resume_refuses_another(tmp_path, capsys):
     _save_tiny(teacher_dir, seed=4, hidden_size=32)  # the weights the run started with
     assert main(["train", *resume]) == 0
     assert len(_last_step(run)) == 2
+    # the record is not an option: the run's own config.yaml resumes it (and refuses other weights too)
+    again = ["--config", str(run / "config.yaml"), "--steps", "3", "--resume", "--no-progress"]
+    assert main(["train", *again]) == 0
+    assert len(_last_step(run)) == 3
+    _save_tiny(teacher_dir, seed=5, hidden_size=32)
+    capsys.readouterr()
+    assert main(["train", *again[:3], "4", *again[4:]]) == 2
+    assert "the teacher model changed" in capsys.readouterr().err
 
 
 def _grpo_config(tmp_path) -> str:

@@ -34,7 +34,7 @@ from denser.engines.base import DEFAULT_ENGINE, EngineSpec, list_rollout_engines
 from denser.objectives import DEFAULT_OBJECTIVE, get_objective, list_objectives
 from denser.objectives.base import coerce_field_value, field_help, objective_class, objective_fields
 from denser.plugins import import_plugins
-from denser.trainers.config import TrainConfig
+from denser.trainers.config import TEACHER_MODEL_KEY, TrainConfig
 
 RUN_EPILOG = "Flags override values from --config FILE.yaml; a run's own config.yaml can be passed back as --config."
 IMPORT_HELP = ("import a module (name or .py file) that registers objectives or tasks before the flags are read; "
@@ -217,6 +217,7 @@ def load_config_file(path: str, objective_hint: str | None) -> tuple[dict, dict]
     engine_args = data.pop("engine_args", None)  # the engine's options: checked when the run is resolved
     if engine_args is not None and not isinstance(engine_args, dict):
         raise CLIError(f"{where}: 'engine_args' must be a mapping of option: value of the run's engine")
+    data.pop(TEACHER_MODEL_KEY, None)  # a run's record of its teacher model (checked by --resume), not an option
     if "import" in data:  # plugins first: the objective the file names may be one of theirs
         import_plugins(_near(data.pop("import"), os.path.dirname(path)), source=f"{where}: import")
     run_types = typing.get_type_hints(TrainConfig)

@@ -23,6 +23,10 @@ from denser.trainers.tracking import TRACKERS, report_to_problems
 #: the most eval rows ``eval_size: 0`` (the default) takes: every built-in task's eval split up to this
 EVAL_SIZE_CAP = 64
 
+#: config.yaml's record of a teacher model from --teacher-path ({"path", "sha256"}; trainers/teacher.py's
+#: teacher_source): written by the run, checked by --resume, not an option (config loaders skip it)
+TEACHER_MODEL_KEY = "teacher_model"
+
 
 def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})

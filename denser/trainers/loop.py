@@ -52,7 +52,7 @@ from denser.tasks import Task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers import lora
 from denser.trainers.batches import MicroBatch
-from denser.trainers.config import TrainConfig
+from denser.trainers.config import TEACHER_MODEL_KEY, TrainConfig
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
 from denser.trainers.memory import adamw, trim_heap
 from denser.trainers.models import load_model
@@ -65,7 +65,7 @@ from denser.trainers.scoring import RolloutBatch, Scores, dynamic_batch, score_r
 from denser.trainers.sharding import Sharding
 from denser.trainers.signals import SignalComputer, check_signals, check_teacher_vocabulary
 from denser.trainers.step_metrics import PhaseTimer, UpdateResult, metrics_row
-from denser.trainers.teacher import TEACHER_MODEL_KEY, build_teacher, check_resumed_teacher, resolve_teacher_path
+from denser.trainers.teacher import build_teacher, check_resumed_teacher, resolve_teacher_path
 from denser.trainers.tracking import Tracker
 
 

@@ -35,7 +35,7 @@ from denser.engines import EngineSpec
 from denser.objectives import DEFAULT_OBJECTIVE, TEACHER_SIGNALS, Objective, TeacherSpec, get_objective
 from denser.plugins import import_plugins
 from denser.tasks import DEFAULT_TASK, Task, get_task
-from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig, preset_options
+from denser.trainers.config import EVAL_SIZE_CAP, TEACHER_MODEL_KEY, TrainConfig, preset_options
 
 __all__ = ["ResolvedRun", "apply_run_defaults", "resolve_eval_size", "resolve_run"]
 
@@ -160,6 +160,7 @@ def _given_values(config, objective_args) -> tuple[dict[str, Any], dict[str, Any
     if not isinstance(config, Mapping):
         raise ValueError(f"config must be a TrainConfig or a mapping of its fields, got {type(config).__name__}")
     given = dict(config)
+    given.pop(TEACHER_MODEL_KEY, None)  # a run's record of its teacher model (checked by --resume), not an option
     if "import" in given:  # a run's config.yaml names the plugin modules of its objective and task
         import_plugins(given.pop("import"))
     nested = given.pop("objective_args", None) or {}

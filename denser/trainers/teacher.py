@@ -56,8 +56,6 @@ from denser.trainers.sharding import ModelCall, Sharding
 
 #: ``--teacher-path tiny``: a random tiny model unlike ``--model tiny`` (seed 0, hidden size 64), same vocabulary
 TINY_TEACHER = {"seed": 1, "hidden_size": 96}
-#: the config.yaml key of a teacher model's path and weights hash (:func:`teacher_source`)
-TEACHER_MODEL_KEY = "teacher_model"
 
 #: a model, or a function that loads it when first asked (so a run loads only the models its teacher uses)
 ModelSource = Union[nn.Module, AdapterView, Callable[[], Any]]
@@ -326,7 +324,7 @@ def weights_sha256(model: nn.Module) -> str:
 
 
 def teacher_source(spec: TeacherSpec, weights: nn.Module) -> dict[str, str]:
-    """What config.yaml records of a teacher model from ``--teacher-path`` (key :data:`TEACHER_MODEL_KEY`):
+    """What config.yaml records of a teacher model from ``--teacher-path`` (key ``denser.trainers.config.TEACHER_MODEL_KEY``):
     the model it resolved to and the SHA-256 of its weights as loaded (before any --teacher-init-alpha mix)."""
     return {"path": str(resolve_teacher_path(spec.teacher_path)), "sha256": weights_sha256(weights)}
 
