@@ -70,16 +70,25 @@ def _no_leftovers() -> None:
     pytest.fail(f"processes left behind: {_leftovers()}")
 
 
-def _sandbox_dirs() -> set[str]:
-    return {p.name for p in Path("/tmp").glob("denser-sandbox-*")}
-
-
 @pytest.fixture(autouse=True)
-def _clean():
-    before = _sandbox_dirs()
-    yield
-    _no_leftovers()
-    assert _sandbox_dirs() <= before, "a working directory was not deleted"
+def sandbox_tmp(monkeypatch):
+    """Each test's working directories go to a folder of its own under /tmp (``TMPDIR``, which the
+    sandbox's ``mkdtemp`` and any worker or caller process follow; traversable by the sandbox's user id,
+    as /tmp is), so another run on the machine that uses the sandbox at the same time cannot make a
+    directory look left behind; after the test it must be empty."""
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="denser-sandbox-test-", dir="/tmp"))
+    root.chmod(0o755)
+    monkeypatch.setenv("TMPDIR", str(root))
+    monkeypatch.setattr(tempfile, "tempdir", str(root))
+    try:
+        yield root
+        _no_leftovers()
+        left = sorted(p.name for p in root.glob("denser-sandbox-*"))
+        assert not left, f"a working directory was not deleted: {left}"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _one_line(feedback: str | None) -> str:
@@ -108,7 +117,7 @@ def test_environment_and_directory_are_fresh():
     assert sorted(listing) == ["main.py"]
     assert sorted(env) == sorted(["PATH", "HOME", "TMPDIR", "LANG", "LC_ALL", "PYTHONHASHSEED", "PYTHONDONTWRITEBYTECODE",
                                   "PYTHONIOENCODING", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"])
-    assert env["PYTHONHASHSEED"] == "0" and env["HOME"].startswith("/tmp/denser-sandbox-")
+    assert env["PYTHONHASHSEED"] == "0" and Path(env["HOME"]).name.startswith("denser-sandbox-")
 
 
 def test_function_tests_score_and_feedback():
@@ -445,10 +454,9 @@ def test_the_docs_example_runs_as_written():
     exec(compile(block, "docs/sandbox.md", "exec"), {"__name__": "docs_example"})
 
 
-def test_a_killed_caller_takes_its_programs_with_it():
+def test_a_killed_caller_takes_its_programs_with_it(sandbox_tmp):
     """The trainer dies by SIGKILL mid-run: the launcher has PR_SET_PDEATHSIG, init has it too, so the
-    program and what it started die with it (an empty working directory stays in /tmp)."""
-    before = _sandbox_dirs()
+    program and what it started die with it (an empty working directory stays in the temporary folder)."""
     code = ("from denser.sandbox import Limits, run_program\n"
             "run_program('import os, time\\nif os.fork() == 0:\\n    os.setsid()\\ntime.sleep(60)', "
             "limits=Limits(cpu_s=1, wall_s=60))\n")
@@ -464,8 +472,8 @@ def test_a_killed_caller_takes_its_programs_with_it():
         caller.kill()
         caller.wait()
     _no_leftovers()
-    for name in _sandbox_dirs() - before:
-        shutil.rmtree(Path("/tmp") / name)
+    for path in sandbox_tmp.glob("denser-sandbox-*"):
+        shutil.rmtree(path)
 
 
 def test_bench_sandbox_runs_and_writes_its_results(tmp_path, capsys):
