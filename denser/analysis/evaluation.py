@@ -40,6 +40,7 @@ from denser.analysis.estimators import majority_at_k, mean_stderr, pass_at_k, vo
 from denser.analysis.responses import build_engine
 from denser.analysis.suite import EvalSuite
 from denser.engines import DEFAULT_ENGINE, EngineSpec, SamplingParams, list_rollout_engines
+from denser.objectives.fields import help_field as _f
 from denser.tasks import DEFAULT_TASK, get_task, parse_number
 from denser.tasks.answers import normalize_text
 from denser.trainers.checkpoint import quiet_transformers
@@ -55,12 +56,6 @@ def _run_default(train_field: str, help: str):
     value (from its config.yaml). None: not set (resolved by :meth:`EvalSettings.resolve`)."""
     unset = next(f.default for f in fields(TrainConfig) if f.name == train_field)
     return field(default=None, metadata={"help": help, "unset": unset, "from_run": train_field})
-
-
-def _f(default, help: str, **kw):
-    if isinstance(default, list):
-        return field(default_factory=list, metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

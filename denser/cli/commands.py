@@ -29,6 +29,7 @@ from denser.cli.flags import (
     parse_run_args,
 )
 from denser.objectives import list_objectives
+from denser.objectives.fields import help_field as _field
 from denser.plugins import import_plugins
 
 # -------------------------------------------------------------------------------------- training
@@ -103,13 +104,6 @@ def cmd_continual(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------ evaluation
 
 
-def _field(default, help: str, **kw):
-    """A settings field whose ``help`` is its flag's help text (:func:`~denser.cli.flags.add_dataclass_flags`)."""
-    if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return dataclasses.field(default=default, metadata={"help": help, **kw})
-
-
 
 def build_eval_parser() -> argparse.ArgumentParser:
     """``denser eval``'s parser: the model, the tasks, and the fields of ``EvalSettings`` as flags."""
@@ -157,8 +151,9 @@ def cmd_eval(argv: list[str]) -> int:
     model, tasks, cpu, json_path = args.pop("model"), args.pop("tasks"), args.pop("cpu"), args.pop("json")
     fields = {f.name for f in dataclasses.fields(EvalSettings)}
     # the flags given; the rest from the run (a run directory) or the defaults
-    settings = EvalSettings(**{k: v for k, v in args.items() if k in fields}).resolve(run_config(model))
-    engine = run_engine(settings, run_config(model), engine_flag_values(args, settings.engine))
+    run = run_config(model)  # a run directory's config.yaml (continual.json), read once
+    settings = EvalSettings(**{k: v for k, v in args.items() if k in fields}).resolve(run)
+    engine = run_engine(settings, run, engine_flag_values(args, settings.engine))
     try:
         result = evaluate_model(model, tasks or None, settings, device="cpu" if cpu else None, engine=engine,
                                 log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from denser.objectives.fields import help_field as _f
 from denser.tasks import list_tasks
 
 SAMPLED_EVAL_STAGES = ("first-last", "all", "none")
-
-
-def _f(default, help: str, **kw):
-    """A field whose ``help`` is its flag's help text (``denser continual --help``)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
-    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass

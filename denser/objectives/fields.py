@@ -16,6 +16,15 @@ from typing import Any, Literal
 _UNION_TYPES = (typing.Union, types.UnionType)
 
 
+
+def help_field(default, help: str, **metadata):
+    """A dataclass field whose ``help`` is its flag's help text (``denser.cli.flags.add_dataclass_flags``
+    makes every such field a flag); a list default is copied for each instance."""
+    if isinstance(default, list):
+        return dataclasses.field(default_factory=lambda: list(default), metadata={"help": help, **metadata})
+    return dataclasses.field(default=default, metadata={"help": help, **metadata})
+
+
 def is_union(annotation) -> bool:
     """``X | Y`` or ``typing.Union[X, Y]`` (``Optional[X]`` included)."""
     return typing.get_origin(annotation) in _UNION_TYPES

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from denser.engines.base import DEFAULT_ENGINE, list_rollout_engines
 from denser.kernels.options import BACKENDS
 from denser.objectives import DEFAULT_OBJECTIVE
+from denser.objectives.fields import help_field as _f
 from denser.objectives.fields import type_problems
 from denser.trainers.tracking import TRACKERS, report_to_problems
 
@@ -26,10 +27,6 @@ EVAL_SIZE_CAP = 64
 #: config.yaml's record of a teacher model from --teacher-path ({"path", "sha256"}; trainers/teacher.py's
 #: teacher_source): written by the run, checked by --resume, not an option (config loaders skip it)
 TEACHER_MODEL_KEY = "teacher_model"
-
-
-def _f(default, help: str, **kw):
-    return field(default=default, metadata={"help": help, **kw})
 
 
 def _preset(unset, help: str):
