@@ -111,11 +111,11 @@ def test_score_batch_in_parallel_equals_one_at_a_time():
 
 
 def test_tests_reward_on_the_docs_three_row_file(tmp_path):
-    """docs/sandbox.md's file, in LiveCodeBench's two test shapes, scored through a file: task."""
+    """docs/tasks.md's file, in LiveCodeBench's two test shapes, scored through a file: task."""
     import re
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parents[1] / "docs" / "sandbox.md").read_text()
+    page = (Path(__file__).resolve().parents[1] / "docs" / "tasks.md").read_text()
     (tmp_path / "code.jsonl").write_text(re.search(r"```json\n(.*?)```", page, re.S).group(1))
     task = get_task(f"file:{tmp_path / 'code.jsonl'}?reward=tests&answer_column=tests&format_hint=false"
                     "&eval_fraction=0")
@@ -157,3 +157,43 @@ def test_feedback_reaches_sdpos_teacher_context():
     assert "SyntaxError" in teacher_messages(prompt, replies[:2], rewards[:2], feedback[:2], 1)[-1]["content"]
     with_demo = teacher_messages(prompt, replies, rewards, feedback, 0)[-1]["content"]
     assert "return 3 * x" in with_demo and feedback[0] not in with_demo
+
+
+def test_reward_workers_score_that_many_at_once_and_reach_the_task_from_the_run(tmp_path):
+    """A task that runs programs scores --reward-workers completions at a time: two scores that each
+    wait for the other (a barrier of 2) finish only when two run at once; the order is kept. A task
+    that runs none scores one at a time. resolve_run hands --reward-workers to the task; a file task
+    with the `tests` reward runs programs."""
+    import threading
+
+    from denser.tasks.base import Score, Task
+    from denser.trainers import resolve_run
+
+    class Waits(Task):
+        name, runs_programs = "waits", True
+
+        def __init__(self, parties):
+            super().__init__()
+            self.barrier = threading.Barrier(parties, timeout=10)
+
+        def check(self, completion, row):
+            self.barrier.wait()
+            return Score(float(completion), None, None)
+
+    task = Waits(2)
+    task.reward_workers = 2
+    assert [s.score for s in task.score_batch(["1", "0", "1", "0"], [{}] * 4)] == [1.0, 0.0, 1.0, 0.0]
+    one = Waits(1)
+    one.runs_programs = False
+    one.reward_workers = 2  # ignored: nothing to wait for, no threads
+    assert [s.score for s in one.score_batch(["1", "0"], [{}] * 2)] == [1.0, 0.0]
+
+    run = resolve_run({"model": "tiny", "reward_workers": 3, "output_dir": str(tmp_path / "r")}, "grpo", "code")
+    assert run.task.reward_workers == 3 and run.task.runs_programs
+    assert resolve_run({"model": "tiny"}, "grpo", "code?workers=2").task.reward_workers == 2
+    with pytest.raises(ValueError, match="--reward-workers must be >= 0"):
+        resolve_run({"model": "tiny", "reward_workers": -1}, "grpo", "code")
+    data = tmp_path / "t.jsonl"
+    data.write_text('{"prompt": "p", "tests": [{"input": "1", "output": "1", "testtype": "stdin"}]}\n')
+    assert get_task(f"file:{data}?reward=tests&answer_column=tests").runs_programs
+    assert not get_task(f"file:{data}?answer_column=tests").runs_programs

@@ -74,7 +74,7 @@ def test_opd_full_vocabulary_is_the_kl_of_materialised_logits(backend, alpha, di
     gradients (student hidden states and output layer) against float64 from materialised logits."""
     case = _case(seed=int(alpha * 10 + temperature * 100), temperature=temperature)
     objective = get_objective("opd", teacher_path="tiny", alpha=alpha)
-    assert objective.distill_mode == "full" and objective.is_clip is None
+    assert objective.distill_mode == "full" and objective.is_clip == 2.0  # weight 1: one update, no old_logp
     out, dh, dw = _core(objective, case, backend, temperature)
 
     hidden = case["hidden"].double().requires_grad_()
@@ -128,6 +128,8 @@ def test_opd_is_a_preset_of_the_teacher_axes():
     several = objective.for_run(4)  # several updates per rollout batch: behaviour log-probs and SDPO's IS clip
     assert several.use_old_logp and several.is_clip == 2.0 and Signal.OLD_LOGP in several.signals()
     assert objective.for_run(1) is objective
+    off = get_objective("opd", teacher_path="some/dir", is_clip=None).for_run(4)  # --is-clip none: no weight
+    assert off.use_old_logp and off.is_clip is None
     with pytest.raises(ValueError, match="^" + MISSING_TEACHER.replace("(", r"\(").replace(")", r"\)") + "$"):
         get_objective("opd").for_run(1)
 

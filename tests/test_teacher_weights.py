@@ -146,6 +146,28 @@ def test_a_teacher_of_another_vocabulary_or_shape_is_refused_before_any_compute(
         Trainer(cfg, get_objective("sdpo", teacher="ema", teacher_path=str(path)), log=lambda m: None)
 
 
+def test_a_teacher_whose_tokenizer_numbers_tokens_differently_is_refused(tmp_path):
+    """Same vocabulary size, two tokens' ids swapped: the sizes agree, the tokenizers do not."""
+    import json
+
+    model, tok = _tiny(1)
+    path = _save(model, tok, tmp_path / "swapped")
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["b"] = vocab["b"], vocab["a"]
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    policy, policy_tok = _tiny(0)
+    a, b = policy_tok.get_vocab()["a"], policy_tok.get_vocab()["b"]
+    with pytest.raises(ValueError, match=rf"--teacher-path .*2 of its tokens have another id .*'a' is {b} in the "
+                                         rf"teacher's, {a} in the policy's.*one shared tokenizer"):
+        build_teacher(TeacherSpec(teacher="frozen", teacher_path=str(path)), policy, tokenizer=policy_tok)
+    same = _save(model, tok, tmp_path / "same")  # the same tokenizer passes
+    assert build_teacher(TeacherSpec(teacher="frozen", teacher_path=str(same)), policy, tokenizer=policy_tok) is not None
+    cfg = TrainConfig(model="tiny", steps=1, progress=False, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="another id"):  # the loop passes the policy's tokenizer
+        Trainer(cfg, get_objective("opd", teacher_path=str(path)), log=lambda m: None)
+
+
 def _cfg(tmp_path, name, **kw):
     base = dict(model="tiny", steps=1, eval_size=2, max_new_tokens=6, num_generations=2, prompts_per_step=2,
                 micro_batch_size=3, progress=False, lr=1e-3, output_dir=str(tmp_path / name))

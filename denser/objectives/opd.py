@@ -28,10 +28,11 @@ It is ``sdpo``'s loss machinery with other defaults (the class derives from :cla
   estimators instead: ``--distill-mode topk --alpha 0`` / ``--distill-mode sampled_token``);
 - ``loss_agg_mode = 'token-mean'``: TRL's generalised JSD loss averages over the completion tokens,
   verl's ``agg_loss`` default is ``token-mean``;
-- ``is_clip = None``: no importance weight (neither TRL nor verl weights the distillation loss); with one
-  update per rollout batch the weight would be 1 anyway. A run with several updates per rollout batch
-  (``--mini-batches``, ``--epochs``) turns on ``use_old_logp`` and, unless ``is_clip`` was set, SDPO's
-  weight ``min(exp(logp - old_logp), 2)`` (:meth:`OPD.for_run`);
+- ``is_clip = 2.0``, SDPO's importance weight ``min(exp(logp - old_logp), 2)``: with one update per
+  rollout batch ``old_logp = logp.detach()`` and the weight is exactly 1 (TRL and verl do not weight the
+  distillation loss: the same loss); a run with several updates per rollout batch (``--mini-batches``,
+  ``--epochs``) turns on ``use_old_logp`` (:meth:`SDPO.for_run`) and the weight corrects for the policy's
+  drift within the batch. ``--is-clip none`` drops the weight in either case;
 - the teacher: ``teacher = 'frozen'`` from ``teacher_path`` (required: ``opd`` without it is one error
   line before any model is loaded), ``teacher_context = 'prompt'``. The teacher may have another hidden
   size and depth than the student; it must share its vocabulary (checked before any compute).
@@ -53,7 +54,6 @@ whose per-token advantage is ``lam * A_group + (1 - lam) * (logp_T(y) - logp_S(y
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,8 +66,6 @@ from denser.objectives.common import AggMode, same_field
 from denser.objectives.sdpo import SDPO
 from denser.objectives.teacher import TeacherContext, TeacherMode, TeacherSpec
 
-# the importance clip a run with several updates per rollout batch gets when is_clip is unset (SDPO's)
-OPD_SEVERAL_UPDATES_IS_CLIP = 2.0
 MISSING_TEACHER = ("opd distils from a teacher model: pass --teacher-path DIR (a model directory, a denser "
                    "checkpoint or run, or default/tiny)")
 
@@ -79,20 +77,16 @@ class OPD(SDPO):
 
     alpha: float = same_field(SDPO, "alpha", 1.0)
     distill_mode: Literal["full", "topk", "sampled_token"] = same_field(SDPO, "distill_mode", "full")
-    is_clip: float | None = same_field(SDPO, "is_clip", None)
     loss_agg_mode: AggMode = same_field(SDPO, "loss_agg_mode", "token-mean")
     teacher: TeacherMode = same_field(TeacherSpec, "teacher", "frozen")
     teacher_context: TeacherContext = same_field(TeacherSpec, "teacher_context", "prompt")
 
     def for_run(self, updates_per_rollout: int) -> OPD:
         """The teacher model is required (one line, before any model is loaded); several updates per
-        rollout batch turn on ``use_old_logp`` and SDPO's importance clip (when ``is_clip`` is unset)."""
+        rollout batch turn on ``use_old_logp`` for the importance weight (as ``sdpo``)."""
         if not self.teacher_path:
             raise ValueError(MISSING_TEACHER)
-        run = super().for_run(updates_per_rollout)
-        if updates_per_rollout > 1 and run.is_clip is None:
-            run = dataclasses.replace(run, is_clip=OPD_SEVERAL_UPDATES_IS_CLIP)
-        return run
+        return super().for_run(updates_per_rollout)
 
     def signals(self) -> frozenset[Signal]:
         return super().signals() | {Signal.TEACHER_LOGP}  # the teacher's log-prob of y: the metrics below

@@ -16,11 +16,13 @@ what a CLI flag needs: ``get_task("file:data.jsonl?reward=numeric&eval_fraction=
 from __future__ import annotations
 
 import random
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable, Mapping
 
 from datasets import Dataset
 
+from denser.sandbox import default_workers
 from denser.tasks.answers import ANSWER_INSTRUCTION
 
 
@@ -166,9 +168,23 @@ class Task:
     def check(self, completion: str, row: dict[str, Any]) -> Score:
         raise NotImplementedError
 
+    #: scoring runs programs (the ``code`` task, the ``tests`` reward): :meth:`score_batch` then scores
+    #: ``reward_workers`` completions at a time, each program in a sandboxed child process of its own
+    runs_programs: bool = False
+    #: completions a task that runs programs scores at a time (None: the number of cores); the run's
+    #: ``--reward-workers`` sets it
+    reward_workers: int | None = None
+
     def score_batch(self, completions: Iterable[str], rows: Iterable[dict[str, Any]]) -> list[Score]:
-        """:meth:`score` over parallel lists."""
-        return [self.score(c, r) for c, r in zip(completions, rows, strict=True)]
+        """:meth:`score` over parallel lists, in order. A task that runs programs scores
+        ``reward_workers`` at a time (threads that wait on their sandboxed child processes); the
+        scores do not depend on how many run at once."""
+        pairs = list(zip(completions, rows, strict=True))
+        workers = min(self.reward_workers or default_workers(), len(pairs)) if self.runs_programs else 1
+        if workers <= 1:
+            return [self.score(c, r) for c, r in pairs]
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"score-{self.name}") as pool:
+            return list(pool.map(lambda p: self.score(*p), pairs))
 
     def is_success(self, score: Score) -> bool:
         return score.score >= self.success_threshold

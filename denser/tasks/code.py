@@ -20,10 +20,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
-from denser.sandbox import Limits, TestCase, default_workers, run_function_tests, run_io_tests
+from denser.sandbox import Limits, TestCase, run_function_tests, run_io_tests
 from denser.tasks.base import Score, Task
 from denser.tasks.registry import register_task
 from denser.tasks.rewards import register_reward
@@ -117,11 +116,13 @@ class CodeTask(Task):
     Args (besides :class:`~denser.tasks.base.Task`'s):
         num_tests: hidden tests per problem.
         all_or_nothing: reward 1 only when every test passes (default: the fraction passed).
-        workers: programs run at a time by :meth:`score_batch` (default: the number of cores).
+        workers: programs run at a time by :meth:`score_batch` (default: the number of cores; a run's
+            ``--reward-workers`` overrides it).
         cpu_s, memory_mb: each program's limits (a row's ``cpu_s``/``memory_mb`` win).
     """
 
     description = "write a small Python function; hidden unit tests run in the sandbox"
+    runs_programs = True
     examples = ((
         "Write a Python function `double_last(xs)` that returns the last item of the list xs times 2. "
         "For example, double_last([4, 1, 3]) returns 6.\nReply with the function in a ```python code block.",
@@ -135,10 +136,10 @@ class CodeTask(Task):
         super().__init__(**kw)
         self.num_tests = int(num_tests)
         self.all_or_nothing = bool(all_or_nothing)
-        self.workers = int(workers) if workers is not None else None
+        self.reward_workers = int(workers) if workers is not None else None
         if self.num_tests < 1:
             raise ValueError(f"task code: num_tests must be >= 1, got {num_tests}")
-        if self.workers is not None and self.workers < 1:
+        if self.reward_workers is not None and self.reward_workers < 1:
             raise ValueError(f"task code: workers must be >= 1, got {workers}")
         self.limits = Limits(cpu_s=float(cpu_s), memory_mb=int(memory_mb))
 
@@ -199,13 +200,6 @@ class CodeTask(Task):
         summary = f"{report.passed}/{report.total} tests"
         return Score(report.reward(self.all_or_nothing), report.feedback(), summary)
 
-    def score_batch(self, completions: Iterable[str], rows: Iterable[dict[str, Any]]) -> list[Score]:
-        pairs = list(zip(completions, rows, strict=True))
-        workers = min(self.workers or default_workers(), max(1, len(pairs)))
-        if workers == 1:
-            return [self.score(c, r) for c, r in pairs]
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="code-task") as pool:
-            return list(pool.map(lambda p: self.score(*p), pairs))
 
 
 # ---------------------------------------------------------------- your data: the `tests` reward

@@ -325,6 +325,10 @@ class FileTask(Task):
             last["content"] = f"{last['content'].rstrip()} {ANSWER_INSTRUCTION}"
         return messages
 
+    @property
+    def runs_programs(self) -> bool:  # the `tests` reward runs the reply's program: score in parallel
+        return "tests" in self.rewards.names
+
     def check(self, completion: str, row: dict[str, Any]) -> Score:
         return self.rewards.score(completion, row)
 

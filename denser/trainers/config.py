@@ -132,6 +132,9 @@ class TrainConfig:
                                   "blocks, never the output layer) or comma-separated module names (q_proj,v_proj)")
     merge_lora: bool = _f(False, "with --lora-r: the final checkpoint also holds merged/, the base model with the "
                           "adapter merged in (loadable with from_pretrained); `denser merge-lora RUN` does it later")
+    reward_workers: int = _f(0, "completions a task that runs programs (the code task, the tests reward) scores at "
+                             "a time, each program in a sandboxed process (0 = the task's own setting, default the "
+                             "number of cores); the rewards do not depend on it")
     cpu: bool = _f(False, "force CPU even when a GPU is present")
     fsdp: bool = _f(False, "shard the policy, reference and teacher across processes with FSDP2 (launch with torchrun; "
                     "an accelerate config with distributed_type FSDP turns it on too); without it, processes run DDP")
@@ -156,7 +159,7 @@ class TrainConfig:
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
-                     "chunk_size", "overlong_buffer", "max_tokens_per_micro_batch"):
+                     "chunk_size", "overlong_buffer", "max_tokens_per_micro_batch", "reward_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if not (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0):

@@ -267,7 +267,8 @@ class Trainer:
                 start = initial if self.anchor is None else functools.cache(load_initial)
         self.reference = initial() if Signal.REF_LOGP in self.objective.signals() else None
         self.teacher = build_teacher(self.teacher_spec, policy, initial=initial, start=start,
-                                     start_from_policy=self.teacher_from_policy, lora=bool(cfg.lora_r))
+                                     start_from_policy=self.teacher_from_policy, lora=bool(cfg.lora_r),
+                                     tokenizer=self.tokenizer)
         return policy
 
     def _load_state(self, path: Path) -> None:

@@ -103,6 +103,8 @@ def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective
         raise ValueError(f"task must be a task name or a Task instance, got {type(task).__name__}")
     cfg = apply_run_defaults(TrainConfig(**{**given, "objective": obj.name}), obj)
     task_obj = task if isinstance(task, Task) else _load_task(cfg)
+    if cfg.reward_workers:  # a task that runs programs scores this many completions at a time
+        task_obj.reward_workers = cfg.reward_workers
     changes: dict[str, Any] = {}
     if not cfg.task:
         changes["task"] = task_obj.name

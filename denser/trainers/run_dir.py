@@ -25,7 +25,7 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")  # wh
 # Differences between a run's config.yaml and a --resume that make it another run.
 RESUME_MUST_MATCH = ("objective", "model", "task")
 # Settings that may differ on a --resume without a note.
-RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "progress", "output_dir"})
+RESUME_MAY_CHANGE = frozenset({"resume", "overwrite", "progress", "output_dir", "reward_workers"})
 
 
 class RunDir:

@@ -102,6 +102,20 @@ def _vocab(model: nn.Module) -> int:
     return int(model.get_output_embeddings().weight.shape[0])
 
 
+def _different_tokenizer(teacher: Any, student: Any) -> str | None:
+    """How the teacher's tokenizer maps a token to another id than the student's, or None (same map).
+    A vocabulary of the same size can still number its tokens differently (another tokenizer of the
+    same size, added tokens in another order): token-level distillation would then compare
+    unrelated distributions without any error."""
+    t, s = teacher.get_vocab(), student.get_vocab()
+    if t == s:
+        return None
+    differ = sorted((tok for tok in set(t) | set(s) if t.get(tok) != s.get(tok)), key=lambda tok: s.get(tok, t.get(tok)))
+    tok = differ[0]
+    return (f"{len(differ)} of its tokens have another id than in the policy's tokenizer (first: {tok!r} is "
+            f"{t.get(tok, 'absent')} in the teacher's, {s.get(tok, 'absent')} in the policy's)")
+
+
 def _same_parameters(teacher: nn.Module, policy: nn.Module) -> str | None:
     """Why the two models cannot be mixed parameter by parameter, or None."""
     t, p = dict(teacher.named_parameters()), dict(policy.named_parameters())
@@ -339,9 +353,10 @@ def check_resumed_teacher(recorded: Any, source: dict[str, str] | None) -> None:
                      "resume with the teacher the run started with, or use another --output-dir")
 
 
-def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
-    """The model ``spec.teacher_path`` names, checked against the policy (vocabulary; for an EMA teacher,
-    the parameters it averages) before anything is computed. A ``frozen`` teacher is a model of its own,
+def _model_from_path(spec: TeacherSpec, policy: nn.Module, tokenizer: Any = None) -> nn.Module:
+    """The model ``spec.teacher_path`` names, checked against the policy (vocabulary size and, given the
+    policy's ``tokenizer``, the teacher's own tokenizer token by token; for an EMA teacher, the
+    parameters it averages) before anything is computed. A ``frozen`` teacher is a model of its own,
     loaded in its own dtype (the ``torch_dtype`` its config records; ``tiny``: float32): the loss core
     takes its hidden states and output layer in any dtype. ``ema`` and ``trust-region`` mix it with the
     policy (parameters, logits), so they load it in the policy's dtype, as ``teacher_init_alpha`` needs too."""
@@ -349,13 +364,17 @@ def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
     own = spec.teacher == "frozen" and spec.teacher_init_alpha == 1.0
     dtype = "auto" if own else next(policy.parameters()).dtype
     if path == TINY_NAME:
-        weights, _ = build_tiny_model(**TINY_TEACHER, dtype=torch.float32 if own else dtype)
+        weights, teacher_tokenizer = build_tiny_model(**TINY_TEACHER, dtype=torch.float32 if own else dtype)
     else:
         with ckpt.quiet_transformers():
-            weights, _ = load_model(str(path), dtype=dtype)
+            weights, teacher_tokenizer = load_model(str(path), dtype=dtype)
     if _vocab(weights) != _vocab(policy):
         raise ValueError(f"--teacher-path {spec.teacher_path}: its vocabulary ({_vocab(weights)}) differs from the "
                          f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
+    problem = _different_tokenizer(teacher_tokenizer, tokenizer) if tokenizer is not None else None
+    if problem:
+        raise ValueError(f"--teacher-path {spec.teacher_path}: {problem}; token-level distillation needs one "
+                         "shared tokenizer")
     problem = _same_parameters(weights, policy) if spec.teacher == "ema" else None
     if problem:
         raise ValueError(f"--teacher-path {spec.teacher_path}: an EMA teacher averages the policy into the teacher "
@@ -365,7 +384,7 @@ def _model_from_path(spec: TeacherSpec, policy: nn.Module) -> nn.Module:
 
 def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: ModelSource | None = None,
                   start: ModelSource | None = None, start_from_policy: bool = False,
-                  lora: bool = False) -> TeacherWeights | None:
+                  lora: bool = False, tokenizer: Any = None) -> TeacherWeights | None:
     """The teacher's weights ``spec`` names (None without a spec: the objective has no teacher).
 
     ``policy``: the model being trained (resumed, when the run resumes). ``initial``: the model the
@@ -376,6 +395,9 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
     this teacher needs it. ``start_from_policy``: a ``frozen`` teacher and the ``trust-region``
     reference start from a copy of ``start`` instead of ``initial`` (``denser continual
     --teacher-reset``). ``teacher_path`` replaces both as the teacher's starting point.
+
+    ``tokenizer``: the policy's; a ``teacher_path`` model's own tokenizer must map every token to the
+    same id (checked when given).
 
     ``lora``: ``policy`` is a LoRA model (peft; ``trainers/lora.py``): ``frozen`` and ``trust-region``
     are the base model (``initial``, default the policy with its adapter disabled), ``ema`` averages
@@ -388,13 +410,13 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
     if mode == "live":
         return TeacherWeights(policy, mode, rate)
     if lora:
-        return _lora_teacher(spec, policy, initial)
+        return _lora_teacher(spec, policy, initial, tokenizer)
     start_model = _Once(start, default=lambda: policy)
     initial_model = _Once(initial, default=lambda: copy.deepcopy(start_model()))
     shared = None
     source = None
     if spec.teacher_path:
-        weights = _model_from_path(spec, policy)
+        weights = _model_from_path(spec, policy, tokenizer)
         source = teacher_source(spec, weights)
     elif mode == "ema":
         weights = copy.deepcopy(policy)
@@ -411,7 +433,7 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
     return teacher
 
 
-def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | None) -> TeacherWeights:
+def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | None, tokenizer: Any = None) -> TeacherWeights:
     """:func:`build_teacher` for a LoRA policy (not ``live``)."""
     mode, rate = spec.teacher, spec.teacher_update_rate
     if spec.teacher_path:
@@ -423,7 +445,7 @@ def _lora_teacher(spec: TeacherSpec, policy: nn.Module, initial: ModelSource | N
             raise ValueError(f"--teacher-init-alpha {spec.teacher_init_alpha} with --teacher-path and --lora-r: mixing "
                              "a full teacher model into a LoRA policy parameter by parameter is not supported; use "
                              "--teacher-init-alpha 1 or train without --lora-r")
-        weights = _model_from_path(spec, policy)
+        weights = _model_from_path(spec, policy, tokenizer)
         teacher = TeacherWeights(policy, mode, rate, weights=weights.eval().requires_grad_(False))
         teacher.source = teacher_source(spec, weights)
         return teacher
