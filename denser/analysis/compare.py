@@ -28,6 +28,7 @@ from denser.analysis.claims import (
     objective_role,
 )
 from denser.analysis.compare_plots import compare_plots, frontier_plot
+from denser.analysis.forgetting import FORGETTING_DEFINITION
 from denser.analysis.records import config_line, fmt, load_run, run_label
 from denser.analysis.seeds import (
     BOOTSTRAP_SAMPLES,
@@ -41,7 +42,7 @@ from denser.analysis.seeds import (
 )
 
 FRONTIER_AUTO = 3  # distinct lam values of one hybrid family that draw the frontier without --frontier
-ACCURACY_KEYS = ("final_accuracy", "in_domain_gain", "forgetting", "worst_forgetting", "bwt", "fwt", "heldout_delta",
+ACCURACY_KEYS = ("final_accuracy", "in_domain_gain", "forgetting", "forgetting_all_earlier", "worst_forgetting", "bwt", "fwt", "heldout_delta",
                  "sampled_final", "sampled_delta")
 DRIFT_KEYS = ("relative_l2", "one_minus_cosine", "mean_angle", "mean_overlap", "kl", "similarity", "token_f1")
 ARTIFACT_KEYS = ("repeated_answer_rate", "no_answer_rate", "repeated_ngram_rate", "length_limit_rate", "mean_length",
@@ -53,6 +54,8 @@ def pm(stat: Stat, digits: int = 3, *, n: int | None = None, signed: bool = Fals
     where fewer seeds than the configuration's have the value."""
     if stat.mean is None:
         return "–"
+    if abs(stat.mean) < 1e-12:  # a difference of equal means: rounding noise, not a value
+        stat = Stat(0.0, stat.se, stat.n, stat.values)
 
     sci = "e" in fmt(stat.mean, digits)  # a tiny (or huge) mean: its se in the same notation
 
@@ -112,8 +115,9 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
     lines += ["## Accuracy and forgetting", "", f"![summary](plots/{files['summary']})", "",
               *_table(groups, summaries, ACCURACY_KEYS), "",
               "Final-stage values over the trained tasks. In-domain gain = mean over stages of R[j,j] - R[j-1,j] "
-              "(what training on a task did for it); forgetting = best earlier accuracy minus current (Chaudhry et "
-              "al. 2018), worst = the largest average forgetting after any stage; BWT/FWT as in Lopez-Paz & Ranzato "
+              "(what training on a task did for it); forgetting = " + FORGETTING_DEFINITION + "; \"max over all earlier "
+              "stages\" = the same with the best accuracy taken over every earlier stage, those before the task was "
+              "trained included (denser's measure before); worst = the largest average forgetting after any stage; BWT/FWT as in Lopez-Paz & Ranzato "
               "2017 (FWT against the initial model); held-out Δ = change of the mean held-out accuracy from the "
               "initial model; sampled mean@n over all tasks where the runs measured it.", ""]
     lines += _bootstrap_table(groups, boots, bootstrap_samples)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from denser.analysis.claims import CLAIMS, describe
+from denser.analysis.forgetting import average_forgetting
 from denser.analysis.plotting import ARTIFACT_PANELS, figure, save, stage_axis
 from denser.analysis.records import dig, stage_labels
 from denser.analysis.seeds import MEASURE, RunGroup, Stat, stage_stats
@@ -44,6 +45,12 @@ def _per_stage(*keys, transform: Callable[[float], float] | None = None) -> Call
 
 def _metric(key: str) -> Callable[[dict], list]:
     return lambda r: (r.get("metrics") or {}).get(key) or []
+
+
+def _average_forgetting(r: dict) -> list:
+    """Per stage, the average forgetting by the default definition, from the accuracy matrix (a record
+    written before that definition became the default holds the earlier one in its metrics)."""
+    return average_forgetting(r["accuracy_matrix"], len(r["train_tasks"]))
 
 
 def _x_labels(groups: list[RunGroup]) -> list[str]:
@@ -82,7 +89,7 @@ def compare_plots(groups: list[RunGroup], plots: Path) -> dict[str, str]:
     band_note = "mean over seeds, band ± 1 standard error"
     files = {"summary": _panels(groups, [
         ("average accuracy on tasks seen so far", _metric("average_accuracy")),
-        ("average forgetting", _metric("average_forgetting")),
+        ("average forgetting", _average_forgetting),
         ("held-out mean accuracy", _metric("heldout_mean_accuracy")),
         ("repeated answer markers (rate)", _per_stage("eval", "overall", "artifacts", "repeated_answer_rate")),
     ], plots / "compare_summary.png", cols=4, title=f"accuracy and forgetting ({band_note})", shift=True,
