@@ -229,3 +229,41 @@ def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], sum
                  "dotted bars: ± the sd of its prompt bootstrap)",
                  fontsize=10)
     return save(fig, path)
+
+
+def alignment_plot(groups: list[RunGroup], stats: dict[str, list[dict]], path: Path) -> str:
+    """In-domain gain (top) and forgetting of the stage's task by the end (bottom) against teacher
+    alignment (left: teacher − student log-prob of the correct reply's first token; right: teacher −
+    student greedy accuracy): one point per configuration and stage, error bars ± se over seeds on both
+    axes, the stage number beside it. A configuration without a teacher (no alignment) is a dashed
+    horizontal line at its mean over stages."""
+    fig, axes = figure(2, 2, w=5.0, h=3.8)
+    for col, (xkey, xname) in enumerate((("logp", "teacher − student log-prob, first token of the correct reply"),
+                                         ("accuracy", "teacher − student greedy accuracy"))):
+        for row, (ykey, yname) in enumerate((("gain", "in-domain gain R[k,k] − R[k-1,k]"),
+                                             ("forgetting", "forgetting of task k by the end"))):
+            ax = axes[row][col]
+            for i, g in enumerate(groups):
+                st = _style(i)
+                pts = [s for s in stats[g.label] if s[xkey].mean is not None and s[ykey].mean is not None]
+                if not pts:
+                    ys = [s[ykey].mean for s in stats[g.label] if s[ykey].mean is not None]
+                    if ys and not any(s[xkey].mean is not None for s in stats[g.label]):
+                        ax.axhline(sum(ys) / len(ys), color=st["color"], ls="--", lw=1, label=f"{legend_name(g)}: no teacher")
+                    continue
+                for s in pts:
+                    x, y = s[xkey], s[ykey]
+                    ax.errorbar([x.mean], [y.mean], xerr=None if x.se is None else [x.se],
+                                yerr=None if y.se is None else [y.se], fmt=st["marker"], color=st["color"], capsize=3,
+                                mfc="white" if g.n == 1 else st["color"],
+                                label=legend_name(g) if s is pts[0] else None)
+                    ax.annotate(str(s["stage"]), (x.mean, y.mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.axvline(0.0, color="grey", lw=0.6)
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.set_xlabel(xname, fontsize=8)
+            ax.set_ylabel(yname, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("outcome against teacher alignment: one point per configuration and stage (the number), "
+                 "± 1 standard error over seeds", fontsize=10)
+    return save(fig, path)
