@@ -19,7 +19,7 @@ baseline loss, 4 prompts x 4 completions a step, 4 mini-batch updates, lr 2e-5 c
 budget of ``TEACHER_STEPS`` steps, seed 0, one thread (deterministic). Its weights are cached outside
 git (``~/.cache/denser/aligned_teacher/<key>/``, ``$DENSER_CACHE`` replaces ``~/.cache/denser``; the
 key is a hash of the build command); ``results/aligned_teacher/teacher.json`` (committed) holds the
-command, the commit, the SHA-256 of the weights (denser's parameter hash, what runs record as
+command, the commit that trained it, the SHA-256 of the weights (denser's parameter hash, what runs record as
 ``teacher_model.sha256``, and of ``model.safetensors``) and each task's greedy accuracy (48 eval
 prompts per task and seed, the runs' own prompts) for the initial model and the teacher, with
 ``clearly_above`` (teacher − initial > 2 se, pooled over the three seeds' prompts). Runs refuse a
@@ -164,6 +164,12 @@ def _git(*args: str) -> str:
         return ""
 
 
+def _built_at(run_dir: Path) -> str:
+    """The commit that trained the cached teacher (written when its training started)."""
+    f = run_dir.parent / "commit.txt"
+    return f.read_text().strip() if f.is_file() else _git("rev-parse", "HEAD")
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -234,7 +240,8 @@ def teacher_record(s: Setup, before: dict, after: dict, cmd: list[str], model_di
     return {
         "kind": "denser.aligned_teacher",
         "command": shlex.join(["python", *cmd[1:]]).replace(str(run_dir), "$CACHE/run"),
-        "commit": _git("rev-parse", "HEAD"),
+        "commit": _built_at(run_dir),
+        "measured_at": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "cache_dir": _shown(run_dir),
         "model_dir": _shown(model_dir),
@@ -262,6 +269,7 @@ def build(s: Setup, root: Path, *, force: bool = False) -> tuple[int, dict | Non
         run_dir.mkdir(parents=True, exist_ok=True)
         resume = ["--resume"] if (run_dir / "config.yaml").is_file() and not force else ["--overwrite"]
         print(shlex.join(cmd + resume), flush=True)
+        (run_dir.parent / "commit.txt").write_text(_git("rev-parse", "HEAD") + "\n")  # the commit that trains it
         with open(run_dir.parent / "build.log", "a") as log:
             rc = subprocess.call(cmd + resume, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if rc:
@@ -498,7 +506,8 @@ def main(argv=None) -> int:
     if args.cmd == "verify-teacher":
         return verify_teacher(s)
     if args.cmd == "commands":
-        print(shlex.join(["python", *teacher_command(s, cache_root() / teacher_key(s) / "run")[1:]]))
+        build = ["python", *teacher_command(s, cache_root() / teacher_key(s) / "run")[1:]]
+        print(" ".join(_shown(Path(a)) if a.startswith("/") else shlex.quote(a) for a in build))
         for name in RUNS:
             try:
                 print(shown_command(s, name))
