@@ -12,6 +12,14 @@ eval prompts. Then ``|d| > 2 se`` in the claimed direction: **reproduced**; ``|d
 other direction: **contradicted**; otherwise **not resolved at this scale**. A configuration with one
 seed has no standard error over seeds, so a claim it enters is not resolved.
 
+**When the teacher knows better** (:data:`TEACHER_CLAIMS`): claims comparing two configurations in
+roles read from their records (:func:`teacher_roles`): with an aligned, stable teacher (sdpo or opd
+with a frozen ``teacher_path`` teacher) dense distillation specialises faster than GRPO (in-domain
+gain) and still forgets more; SDPO-CL's stable (frozen) teachers beat EMA teachers (final accuracy,
+both or neither with a ``teacher_path``). Same difference, standard error and verdict rule.
+:func:`stage_alignment` pairs each stage's recorded teacher alignment (``teacher_probe``) with what
+the stage did to its task.
+
 **The density frontier**: hybrid configurations (``hybrid``, ``hybrid_adv``) at a constant ``lam``
 (the GRPO weight: ``lam = 1`` is the sparse end, ``lam = 0`` the dense end), one point per lam with
 in-domain gain against forgetting and against response KL. A mix (``0 < lam < 1``) dominates an end
