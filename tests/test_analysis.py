@@ -14,6 +14,7 @@ from denser.analysis import (
     backward_transfer,
     continual_metrics,
     forgetting,
+    forgetting_all_earlier_stages,
     forward_transfer,
     has_repeated_answer,
     learning_gain,
@@ -60,6 +61,56 @@ def test_forgetting_ignores_the_initial_model_for_training_tasks():
     # Chaudhry et al.: l runs over 1..k-1 (after training), not over the untrained initial model
     M = [[0.9, 0.0], [0.5, 0.0], [0.4, 0.0]]
     assert forgetting(M, 2)[2][0] == pytest.approx(0.1)
+
+
+# task 2 rose to 0.8 in stage 1, before it was trained, and training it (stage 2) left it at 0.6
+M2 = [
+    [0.5, 0.4, 0.3],
+    [0.9, 0.8, 0.3],
+    [0.7, 0.6, 0.5],
+    [0.6, 0.5, 0.9],
+]
+
+
+def test_standard_forgetting_starts_at_the_stage_that_trained_the_task():
+    F = forgetting(M2, 3)
+    assert F[2][0] == pytest.approx(0.9 - 0.7)
+    assert F[3][0] == pytest.approx(0.9 - 0.6)
+    assert F[3][1] == pytest.approx(0.6 - 0.5)  # from stage 2 on: stage 1's 0.8 came before training task 2
+    assert average_forgetting(M2, 3) == [None, None, pytest.approx(0.2), pytest.approx((0.3 + 0.1) / 2)]
+
+
+def test_all_earlier_stages_forgetting_counts_stages_before_training():
+    F = forgetting_all_earlier_stages(M2, 3)
+    assert F[3][0] == pytest.approx(0.9 - 0.6)
+    assert F[3][1] == pytest.approx(0.8 - 0.5)  # stage 1's 0.8 counts
+    assert average_forgetting(M2, 3, "all_earlier")[3] == pytest.approx((0.3 + 0.3) / 2)
+    m = continual_metrics(M2, ["a", "b", "c"])
+    assert m["forgetting_definition"] == "since_trained"
+    assert m["final_average_forgetting"] == pytest.approx(0.2)
+    assert m["final_average_forgetting_all_earlier"] == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="unknown forgetting definition"):
+        average_forgetting(M2, 3, "best")
+
+
+def test_matrix_measures_match_a_loop_reference_on_random_matrices():
+    import numpy as np
+
+    from denser.analysis.seeds import matrix_measures
+
+    rng = np.random.default_rng(7)
+    for T in (2, 3, 5):
+        R = rng.integers(0, 49, size=(T + 1, T + 2)) / 48
+        got = matrix_measures(R, T)
+
+        def avg_f(k, first, R=R):  # plain loops, 1-based stages and tasks as in the papers
+            return sum(max(R[l][j - 1] for l in range(first(j), k)) - R[k][j - 1] for j in range(1, k)) / (k - 1)
+
+        assert float(got["forgetting"]) == pytest.approx(avg_f(T, lambda j: j), abs=1e-12)
+        assert float(got["forgetting_all_earlier"]) == pytest.approx(avg_f(T, lambda j: 1), abs=1e-12)
+        assert float(got["worst_forgetting"]) == pytest.approx(max(avg_f(k, lambda j: j) for k in range(2, T + 1)),
+                                                               abs=1e-12)
+        assert float(got["forgetting"]) == pytest.approx(average_forgetting(R.tolist(), T)[T], abs=1e-12)
 
 
 def test_backward_and_forward_transfer_by_hand():

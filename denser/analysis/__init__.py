@@ -24,6 +24,7 @@ from denser.analysis.forgetting import (
     backward_transfer,
     continual_metrics,
     forgetting,
+    forgetting_all_earlier_stages,
     forward_transfer,
     learning_gain,
 )
@@ -56,6 +57,7 @@ __all__ = [
     "compare_checkpoints",
     "continual_metrics",
     "forgetting",
+    "forgetting_all_earlier_stages",
     "forward_transfer",
     "generate_responses",
     "has_repeated_answer",

@@ -12,6 +12,14 @@ eval prompts. Then ``|d| > 2 se`` in the claimed direction: **reproduced**; ``|d
 other direction: **contradicted**; otherwise **not resolved at this scale**. A configuration with one
 seed has no standard error over seeds, so a claim it enters is not resolved.
 
+**When the teacher knows better** (:data:`TEACHER_CLAIMS`): claims comparing two configurations in
+roles read from their records (:func:`teacher_roles`): with an aligned, stable teacher (sdpo or opd
+with a frozen ``teacher_path`` teacher) dense distillation specialises faster than GRPO (in-domain
+gain) and still forgets more; SDPO-CL's stable (frozen) teachers beat EMA teachers (final accuracy,
+both or neither with a ``teacher_path``). Same difference, standard error and verdict rule.
+:func:`stage_alignment` pairs each stage's recorded teacher alignment (``teacher_probe``) with what
+the stage did to its task.
+
 **The density frontier**: hybrid configurations (``hybrid``, ``hybrid_adv``) at a constant ``lam``
 (the GRPO weight: ``lam = 1`` is the sparse end, ``lam = 0`` the dense end), one point per lam with
 in-domain gain against forgetting and against response KL. A mix (``0 < lam < 1``) dominates an end
@@ -186,3 +194,101 @@ def dominance(family: list[RunGroup], refs: list[RunGroup], summaries: dict[str,
         parts.append(("no sparse-dense mix dominates " if not found else "none dominates ") + ", ".join(none)
                      + f" (each mix has less in-domain gain or more {cost_name})")
     return head + "; ".join(parts) + " (point estimates)."
+
+
+# ------------------------------------------------------------------------- when the teacher knows better
+
+
+@dataclass(frozen=True)
+class PairClaim:
+    """A claim comparing configuration A with configuration B (roles from the records, see :func:`teacher_role`)."""
+
+    text: str
+    measure: str  # a key of denser.analysis.seeds.MEASURE
+    sign: int  # +1: the claim says A's value is larger, -1 smaller
+    a: str  # the role of A
+    b: str  # the role of B
+    same_teacher_source: bool = False  # A and B must both have or both lack a teacher model (--teacher-path)
+
+
+TEACHER_CLAIMS: tuple[PairClaim, ...] = (
+    PairClaim("With an aligned, stable teacher, dense distillation specialises faster than GRPO", "in_domain_gain", +1,
+              "aligned-stable", "grpo"),
+    PairClaim("… and still forgets more", "forgetting", +1, "aligned-stable", "grpo"),
+    PairClaim("Stable teachers beat EMA teachers (SDPO-CL)", "final_accuracy", +1, "sdpo-frozen", "sdpo-ema",
+              same_teacher_source=True),
+)
+
+
+def teacher_roles(group: RunGroup) -> set[str]:
+    """The roles a configuration plays in :data:`TEACHER_CLAIMS`, from its recorded objective and
+    teacher: ``grpo``; ``aligned-stable`` (sdpo or opd with a frozen teacher taken from another model,
+    ``teacher_path``: the teacher does not move and is not the student's own start); ``sdpo-frozen``,
+    ``sdpo-ema`` (sdpo's teacher, wherever it starts)."""
+    roles = set()
+    args = group.args
+    if group.objective == "grpo":
+        roles.add("grpo")
+    if group.objective in ("sdpo", "opd") and args.get("teacher") == "frozen" and args.get("teacher_path"):
+        roles.add("aligned-stable")
+    if group.objective == "sdpo" and args.get("teacher") in ("frozen", "ema"):
+        roles.add(f"sdpo-{args['teacher']}")
+    return roles
+
+
+@dataclass(frozen=True)
+class PairRow:
+    claim: PairClaim
+    a: RunGroup
+    b: RunGroup
+    a_stat: Stat
+    b_stat: Stat
+    diff: Difference
+    verdict: str
+
+
+def teacher_claim_rows(groups: list[RunGroup], summaries: dict[str, dict[str, Stat]],
+                       boots: dict[str, dict[str, np.ndarray] | None]) -> list[PairRow]:
+    """Every teacher claim for every pair of configurations in its two roles on the same task sequence
+    (the difference, its se and the verdict by the rule of the module docstring); [] when no pair exists."""
+    rows = []
+    for claim in TEACHER_CLAIMS:
+        for a in (g for g in groups if claim.a in teacher_roles(g)):
+            for b in (g for g in groups if claim.b in teacher_roles(g) and g is not a):
+                if a.records[0]["train_tasks"] != b.records[0]["train_tasks"]:
+                    continue
+                if claim.same_teacher_source and bool(a.args.get("teacher_path")) != bool(b.args.get("teacher_path")):
+                    continue
+                sa, sb = summaries[a.label][claim.measure], summaries[b.label][claim.measure]
+                ba, bb = (boots.get(a.label) or {}).get(claim.measure), (boots.get(b.label) or {}).get(claim.measure)
+                d = difference(sa, sb, ba, bb)
+                rows.append(PairRow(claim, a, b, sa, sb, d, verdict(d, claim.sign)))
+    return rows
+
+
+def stage_alignment(record: dict) -> list[dict]:
+    """Per trained stage k (1..T) of one run: the teacher alignment recorded at its start
+    (``stages[k].teacher_probe``, absent for runs without a teacher or without ``--teacher-probe``) and
+    what the stage did to its task:
+
+    - ``logp``: teacher − student log-prob of the correct reply's first token (mean over prompts);
+    - ``accuracy``: the teacher's greedy accuracy minus the student's (``R[k-1, k]``), where the teacher
+      ran as a policy;
+    - ``gain``: ``R[k, k] - R[k-1, k]``;
+    - ``forgetting``: of task k by the end, ``max_{k<=l<T} R[l, k] - R[T, k]`` (None for the last task)."""
+    R = record["accuracy_matrix"]
+    T = len(record["train_tasks"])
+    out = []
+    for k in range(1, min(T, len(R) - 1) + 1):
+        probe = record["stages"][k].get("teacher_probe") or {}
+        delta = (probe.get("first") or {}).get("teacher_minus_student")
+        acc = probe.get("teacher_accuracy")
+        done = len(R) - 1 == T
+        out.append({
+            "stage": k, "task": record["train_tasks"][k - 1],
+            "logp": delta[0] if delta else None,
+            "accuracy": None if acc is None else acc - R[k - 1][k - 1],
+            "gain": R[k][k - 1] - R[k - 1][k - 1],
+            "forgetting": (max(R[l][k - 1] for l in range(k, T)) - R[T][k - 1]) if done and k < T else None,
+        })
+    return out

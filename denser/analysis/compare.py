@@ -20,14 +20,18 @@ import numpy as np
 
 from denser.analysis.claims import (
     SE_MULTIPLE,
+    TEACHER_CLAIMS,
     claim_rows,
     describe,
     dominance,
     frontier_families,
     lam_values,
     objective_role,
+    stage_alignment,
+    teacher_claim_rows,
 )
-from denser.analysis.compare_plots import compare_plots, frontier_plot
+from denser.analysis.compare_plots import alignment_plot, compare_plots, frontier_plot
+from denser.analysis.forgetting import FORGETTING_DEFINITION
 from denser.analysis.records import config_line, fmt, load_run, run_label
 from denser.analysis.seeds import (
     BOOTSTRAP_SAMPLES,
@@ -41,7 +45,7 @@ from denser.analysis.seeds import (
 )
 
 FRONTIER_AUTO = 3  # distinct lam values of one hybrid family that draw the frontier without --frontier
-ACCURACY_KEYS = ("final_accuracy", "in_domain_gain", "forgetting", "worst_forgetting", "bwt", "fwt", "heldout_delta",
+ACCURACY_KEYS = ("final_accuracy", "in_domain_gain", "forgetting", "forgetting_all_earlier", "worst_forgetting", "bwt", "fwt", "heldout_delta",
                  "sampled_final", "sampled_delta")
 DRIFT_KEYS = ("relative_l2", "one_minus_cosine", "mean_angle", "mean_overlap", "kl", "similarity", "token_f1")
 ARTIFACT_KEYS = ("repeated_answer_rate", "no_answer_rate", "repeated_ngram_rate", "length_limit_rate", "mean_length",
@@ -53,6 +57,8 @@ def pm(stat: Stat, digits: int = 3, *, n: int | None = None, signed: bool = Fals
     where fewer seeds than the configuration's have the value."""
     if stat.mean is None:
         return "–"
+    if abs(stat.mean) < 1e-12:  # a difference of equal means: rounding noise, not a value
+        stat = Stat(0.0, stat.se, stat.n, stat.values)
 
     sci = "e" in fmt(stat.mean, digits)  # a tiny (or huge) mean: its se in the same notation
 
@@ -107,13 +113,15 @@ def write_compare_report(runs: Sequence[str | Path], out_dir: str | Path, *, lab
               "(stdev / √n, n in the table above); a configuration with one seed has no error bar and shows its "
               "value alone. Plots show the mean with a band (or error bar) of ± 1 standard error.", ""]
     lines += _claims_section(groups, summaries, boots, files)
+    lines += _teacher_section(groups, summaries, boots, out_dir / "plots")
     if draw_frontier:
         lines += _frontier_section(groups, summaries, boots, out_dir / "plots")
     lines += ["## Accuracy and forgetting", "", f"![summary](plots/{files['summary']})", "",
               *_table(groups, summaries, ACCURACY_KEYS), "",
               "Final-stage values over the trained tasks. In-domain gain = mean over stages of R[j,j] - R[j-1,j] "
-              "(what training on a task did for it); forgetting = best earlier accuracy minus current (Chaudhry et "
-              "al. 2018), worst = the largest average forgetting after any stage; BWT/FWT as in Lopez-Paz & Ranzato "
+              "(what training on a task did for it); forgetting = " + FORGETTING_DEFINITION + "; \"max over all earlier "
+              "stages\" = the same with the best accuracy taken over every earlier stage, those before the task was "
+              "trained included (denser's measure before); worst = the largest average forgetting after any stage; BWT/FWT as in Lopez-Paz & Ranzato "
               "2017 (FWT against the initial model); held-out Δ = change of the mean held-out accuracy from the "
               "initial model; sampled mean@n over all tasks where the runs measured it.", ""]
     lines += _bootstrap_table(groups, boots, bootstrap_samples)
@@ -270,3 +278,64 @@ def _frontier_section(groups: list[RunGroup], summaries: dict, boots: dict, plot
               f"is resolved when one of the two differences exceeds {SE_MULTIPLE:g} se of the difference.", ""]
     return lines
 
+
+
+def alignment_stats(group: RunGroup) -> list[dict]:
+    """Per trained stage, each :func:`~denser.analysis.claims.stage_alignment` value as mean ± se over
+    the configuration's seeds (a :class:`Stat`; n 0 where no seed has it)."""
+    per_run = [stage_alignment(r) for r in group.records]
+    out = []
+    for k, first in enumerate(per_run[0]):
+        row = {"stage": first["stage"], "task": first["task"]}
+        for key in ("logp", "accuracy", "gain", "forgetting"):
+            row[key] = mean_se([run[k][key] for run in per_run if k < len(run)])
+        out.append(row)
+    return out
+
+
+def _teacher_section(groups: list[RunGroup], summaries: dict, boots: dict, plots: Path) -> list[str]:
+    """When the teacher knows better: the teacher claims and teacher alignment against outcome (only when
+    a pair of roles exists or a run recorded its teacher's alignment)."""
+    rows = teacher_claim_rows(groups, summaries, boots)
+    stats = {g.label: alignment_stats(g) for g in groups}
+    probed = [g for g in groups if any(st["logp"].n for st in stats[g.label])]
+    if not rows and not probed:
+        return []
+    lines = ["## When the teacher knows better", ""]
+    if rows:
+        lines += ["| claim | measure (final stage) | A | B | A − B ± se | bootstrap 95% interval | verdict |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in rows:
+            m = MEASURE[row.claim.measure]
+            d = row.diff
+            diff = "–" if d.diff is None else (pm(Stat(d.diff, d.se, 2), m.digits, signed=True)
+                                              + ("" if d.se is not None else " (1 seed: no se)"))
+            ci = f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–"
+            lines.append(f"| {row.claim.text} | {m.title} ({'higher' if row.claim.sign > 0 else 'lower'} for A) | "
+                         f"{row.a.label}: {pm(row.a_stat, m.digits)} (n={row.a.n}) | "
+                         f"{row.b.label}: {pm(row.b_stat, m.digits)} (n={row.b.n}) | {diff} | {ci} | **{row.verdict}** |")
+        lines += ["", "Roles come from each run's recorded objective and teacher: *aligned, stable* = sdpo or opd with a "
+                  "frozen teacher loaded from another model (`teacher_path`); *stable* and *EMA* = sdpo's frozen and "
+                  "EMA teachers, compared only when both or neither start from another model. The verdict is the "
+                  f"claims table's rule: |A − B| > {SE_MULTIPLE:g} se in the claimed direction is *reproduced*, in "
+                  "the other *contradicted*, else *not resolved at this scale*.", ""]
+    else:
+        wanted = ", ".join(sorted({c.a for c in TEACHER_CLAIMS} | {c.b for c in TEACHER_CLAIMS}))
+        lines += [f"(No teacher claims: these runs lack a pair of the roles the claims compare: {wanted}.)", ""]
+    if probed:
+        path = alignment_plot(groups, stats, plots / "compare_alignment.png")
+        lines += [f"![alignment](plots/{path})", "",
+                  "| label | stage: task | n | teacher − student log-prob (first token) | teacher − student accuracy | "
+                  "in-domain gain R[k,k] − R[k-1,k] | forgetting of the task by the end |", "|---|---|---|---|---|---|---|"]
+        for g in probed:
+            for st in stats[g.label]:
+                lines.append(f"| {g.label} | {st['stage']}: {st['task']} | {seeds_cell(g)} | {pm(st['logp'], n=g.n, signed=True)} | "
+                             f"{pm(st['accuracy'], n=g.n, signed=True)} | {pm(st['gain'], n=g.n, signed=True)} | "
+                             f"{pm(st['forgetting'], n=g.n, signed=True)} |")
+        lines += ["", "Teacher alignment is measured at the start of every stage on that stage's task (`denser continual "
+                  "--teacher-probe`): the log-prob the run's teacher, on its own context, gives the first token of the "
+                  "correct reply `Answer: <answer>` minus the student's on the plain prompt (mean over the task's eval "
+                  "prompts), and the teacher's greedy accuracy minus the student's where the teacher can run as a "
+                  "policy. Configurations without a teacher (GRPO) are the dashed lines of the figure. Mean ± se over "
+                  "seeds.", ""]
+    return lines

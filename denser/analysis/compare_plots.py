@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from denser.analysis.claims import CLAIMS, describe
+from denser.analysis.forgetting import average_forgetting
 from denser.analysis.plotting import ARTIFACT_PANELS, figure, save, stage_axis
 from denser.analysis.records import dig, stage_labels
 from denser.analysis.seeds import MEASURE, RunGroup, Stat, stage_stats
@@ -44,6 +45,12 @@ def _per_stage(*keys, transform: Callable[[float], float] | None = None) -> Call
 
 def _metric(key: str) -> Callable[[dict], list]:
     return lambda r: (r.get("metrics") or {}).get(key) or []
+
+
+def _average_forgetting(r: dict) -> list:
+    """Per stage, the average forgetting by the default definition, from the accuracy matrix (a record
+    written before that definition became the default holds the earlier one in its metrics)."""
+    return average_forgetting(r["accuracy_matrix"], len(r["train_tasks"]))
 
 
 def _x_labels(groups: list[RunGroup]) -> list[str]:
@@ -82,7 +89,7 @@ def compare_plots(groups: list[RunGroup], plots: Path) -> dict[str, str]:
     band_note = "mean over seeds, band ± 1 standard error"
     files = {"summary": _panels(groups, [
         ("average accuracy on tasks seen so far", _metric("average_accuracy")),
-        ("average forgetting", _metric("average_forgetting")),
+        ("average forgetting", _average_forgetting),
         ("held-out mean accuracy", _metric("heldout_mean_accuracy")),
         ("repeated answer markers (rate)", _per_stage("eval", "overall", "artifacts", "repeated_answer_rate")),
     ], plots / "compare_summary.png", cols=4, title=f"accuracy and forgetting ({band_note})", shift=True,
@@ -221,4 +228,42 @@ def frontier_plot(families: dict[str, list[RunGroup]], refs: list[RunGroup], sum
     fig.suptitle("the density frontier: up = learns more, left = costs less (open circles: 1 seed, "
                  "dotted bars: ± the sd of its prompt bootstrap)",
                  fontsize=10)
+    return save(fig, path)
+
+
+def alignment_plot(groups: list[RunGroup], stats: dict[str, list[dict]], path: Path) -> str:
+    """In-domain gain (top) and forgetting of the stage's task by the end (bottom) against teacher
+    alignment (left: teacher − student log-prob of the correct reply's first token; right: teacher −
+    student greedy accuracy): one point per configuration and stage, error bars ± se over seeds on both
+    axes, the stage number beside it. A configuration without a teacher (no alignment) is a dashed
+    horizontal line at its mean over stages."""
+    fig, axes = figure(2, 2, w=5.0, h=3.8)
+    for col, (xkey, xname) in enumerate((("logp", "teacher − student log-prob, first token of the correct reply"),
+                                         ("accuracy", "teacher − student greedy accuracy"))):
+        for row, (ykey, yname) in enumerate((("gain", "in-domain gain R[k,k] − R[k-1,k]"),
+                                             ("forgetting", "forgetting of task k by the end"))):
+            ax = axes[row][col]
+            for i, g in enumerate(groups):
+                st = _style(i)
+                pts = [s for s in stats[g.label] if s[xkey].mean is not None and s[ykey].mean is not None]
+                if not pts:
+                    ys = [s[ykey].mean for s in stats[g.label] if s[ykey].mean is not None]
+                    if ys and not any(s[xkey].mean is not None for s in stats[g.label]):
+                        ax.axhline(sum(ys) / len(ys), color=st["color"], ls="--", lw=1, label=f"{legend_name(g)}: no teacher")
+                    continue
+                for s in pts:
+                    x, y = s[xkey], s[ykey]
+                    ax.errorbar([x.mean], [y.mean], xerr=None if x.se is None else [x.se],
+                                yerr=None if y.se is None else [y.se], fmt=st["marker"], color=st["color"], capsize=3,
+                                mfc="white" if g.n == 1 else st["color"],
+                                label=legend_name(g) if s is pts[0] else None)
+                    ax.annotate(str(s["stage"]), (x.mean, y.mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.axvline(0.0, color="grey", lw=0.6)
+            ax.axhline(0.0, color="grey", lw=0.6)
+            ax.set_xlabel(xname, fontsize=8)
+            ax.set_ylabel(yname, fontsize=8)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle("outcome against teacher alignment: one point per configuration and stage (the number), "
+                 "± 1 standard error over seeds", fontsize=10)
     return save(fig, path)

@@ -12,9 +12,14 @@ Definitions (all standard; values are accuracies in [0, 1], so differences are i
   ``A_k = 1/k * sum_{j<=k} R[k, j]`` (Chaudhry et al. 2018, "Riemannian Walk for Incremental
   Learning", Eq. 5); ``A_T`` is the ACC of Lopez-Paz & Ranzato 2017 ("Gradient Episodic Memory
   for Continual Learning", GEM, Eq. 2).
-- **forgetting** of task j after stage k > j, ``f_j^k = max_{l in 1..k-1} R[l, j] - R[k, j]``
-  (best earlier accuracy minus current; Chaudhry et al. 2018, Eq. 6), and the average
-  ``F_k = 1/(k-1) * sum_{j<k} f_j^k`` (Eq. 7).
+- **forgetting** of task j after stage k > j, ``f_j^k = max_{l in j..k-1} R[l, j] - R[k, j]``:
+  the best accuracy from the stage that trained task j on, minus the current one (Chaudhry et al.
+  2018, Eq. 6, as continual-learning libraries compute it: the maximum runs over the stages since
+  the task was learnt), and the average ``F_k = 1/(k-1) * sum_{j<k} f_j^k`` (Eq. 7). This is the
+  default (:data:`FORGETTING_DEFINITION`). The measure denser reported before, whose maximum runs
+  over *every* earlier stage, the stages before task j was trained included
+  (``max_{l in 1..k-1} R[l, j] - R[k, j]``, so a stage that lowered a task before it was ever trained
+  counts as forgetting), is kept as :func:`forgetting_all_earlier_stages` (``definition="all_earlier"``).
 - **backward transfer** ``BWT_k = 1/(k-1) * sum_{j<k} (R[k, j] - R[j, j])`` (GEM Eq. 3 at k=T;
   negative = forgetting).
 - **forward transfer** ``FWT = 1/(T-1) * sum_{j=2..T} (R[j-1, j] - b_j)`` (GEM Eq. 4). GEM's
@@ -31,7 +36,13 @@ Undefined values (e.g. forgetting after stage 1) are ``None``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
+
+SINCE_TRAINED, ALL_EARLIER = "since_trained", "all_earlier"
+FORGETTING_DEFINITIONS = (SINCE_TRAINED, ALL_EARLIER)
+FORGETTING_DEFINITION = ("forgetting of a trained task after stage k = its best accuracy from the stage that trained "
+                         "it up to stage k-1, minus its accuracy after stage k (Chaudhry et al. 2018, Eq. 6, as "
+                         "continual-learning libraries compute it); averaged over the tasks trained before stage k")
 
 
 def _mean(xs: Sequence[float]) -> float | None:
@@ -60,23 +71,43 @@ def average_accuracy(R, num_train: int) -> list[float | None]:
 
 
 def forgetting(R, num_train: int) -> list[list[float | None]]:
-    """``F[k][j-1] = f_j^k = max_{1<=l<k} R[l, j] - R[k, j]`` for ``j < k``, else None."""
+    """``F[k][j-1] = f_j^k = max_{j<=l<k} R[l, j] - R[k, j]`` for ``j < k``, else None: the best
+    accuracy since the stage that trained task j, minus the current one (the standard measure)."""
+    return _forgetting(R, num_train, first=lambda j: j)
+
+
+def forgetting_all_earlier_stages(R, num_train: int) -> list[list[float | None]]:
+    """``F[k][j-1] = max_{1<=l<k} R[l, j] - R[k, j]`` for ``j < k``, else None: the best accuracy over
+    every earlier stage, those before task j was trained included (denser's measure before the
+    standard one became the default)."""
+    return _forgetting(R, num_train, first=lambda j: 1)
+
+
+def _forgetting(R, num_train: int, first: Callable[[int], int]) -> list[list[float | None]]:
     R = check_matrix(R, num_train)
     out = []
     for k in range(num_train + 1):
         row: list[float | None] = []
         for j in range(1, num_train + 1):
             if 1 <= j < k:
-                row.append(max(R[l][j - 1] for l in range(1, k)) - R[k][j - 1])
+                row.append(max(R[l][j - 1] for l in range(first(j), k)) - R[k][j - 1])
             else:
                 row.append(None)
         out.append(row)
     return out
 
 
-def average_forgetting(R, num_train: int) -> list[float | None]:
+def forgetting_matrix(R, num_train: int, definition: str = SINCE_TRAINED) -> list[list[float | None]]:
+    """:func:`forgetting` (``"since_trained"``, the default) or :func:`forgetting_all_earlier_stages`
+    (``"all_earlier"``)."""
+    if definition not in FORGETTING_DEFINITIONS:
+        raise ValueError(f"unknown forgetting definition {definition!r}; use one of {', '.join(FORGETTING_DEFINITIONS)}")
+    return (forgetting if definition == SINCE_TRAINED else forgetting_all_earlier_stages)(R, num_train)
+
+
+def average_forgetting(R, num_train: int, definition: str = SINCE_TRAINED) -> list[float | None]:
     """``[F_0 .. F_T]``: ``F_k`` = mean over ``j < k`` of ``f_j^k`` (None for k < 2)."""
-    F = forgetting(R, num_train)
+    F = forgetting_matrix(R, num_train, definition)
     return [_mean([v for v in F[k] if v is not None]) for k in range(num_train + 1)]
 
 
@@ -120,6 +151,9 @@ def continual_metrics(R, train_tasks: Sequence[str], heldout_tasks: Sequence[str
         "final_average_accuracy": average_accuracy(R, T)[T],
         "average_forgetting": average_forgetting(R, T),
         "final_average_forgetting": average_forgetting(R, T)[T],
+        "forgetting_definition": SINCE_TRAINED,
+        "average_forgetting_all_earlier": average_forgetting(R, T, ALL_EARLIER),
+        "final_average_forgetting_all_earlier": average_forgetting(R, T, ALL_EARLIER)[T],
         "forgetting": {name: [F[k][j] for k in range(T + 1)] for j, name in enumerate(train_tasks)},
         "max_forgetting": {name: max((F[k][j] for k in range(T + 1) if F[k][j] is not None), default=None)
                            for j, name in enumerate(train_tasks)},

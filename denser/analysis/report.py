@@ -33,7 +33,7 @@ def _metrics_lines(record: dict) -> list[str]:
     lines = [
         "- average accuracy over the tasks seen so far, per stage: "
         + ", ".join(fmt(v, 3) for v in m["average_accuracy"][1:]) + f" (final **{fmt(m['final_average_accuracy'])}**)",
-        "- average forgetting (best earlier accuracy minus current), per stage: "
+        "- average forgetting (best accuracy since the stage that trained the task, minus current), per stage: "
         + ", ".join(fmt(v, 3) for v in m["average_forgetting"][1:]) + f" (final **{fmt(m['final_average_forgetting'])}**)",
         f"- backward transfer BWT (final): **{signed(m['final_backward_transfer'])}**; forward transfer FWT "
         f"(vs the initial model): **{signed(m['forward_transfer'])}**",

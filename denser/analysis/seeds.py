@@ -139,15 +139,18 @@ def matrix_measures(R: np.ndarray, num_train: int) -> dict[str, np.ndarray]:
     before = np.stack([R[..., j - 1, j - 1] for j in range(1, T + 1)], -1)
     out = {"final_accuracy": R[..., T, :T].mean(-1), "in_domain_gain": (diag - before).mean(-1)}
     if T >= 2:
-        best = np.stack([R[..., 1:T, j].max(-1) for j in range(T - 1)], -1)
-        out["forgetting"] = (best - R[..., T, : T - 1]).mean(-1)
-        avg_f = [np.stack([R[..., 1:k, j].max(-1) - R[..., k, j] for j in range(k - 1)], -1).mean(-1)
+        # forgetting: best accuracy from the stage that trained the task (stage j + 1 for column j) on, minus
+        # the current one; "_all_earlier": best over every stage from 1 on (denser's earlier measure)
+        for key, first in (("forgetting", lambda j: j + 1), ("forgetting_all_earlier", lambda j: 1)):
+            best = np.stack([R[..., first(j):T, j].max(-1) for j in range(T - 1)], -1)
+            out[key] = (best - R[..., T, : T - 1]).mean(-1)
+        avg_f = [np.stack([R[..., j + 1:k, j].max(-1) - R[..., k, j] for j in range(k - 1)], -1).mean(-1)
                  for k in range(2, T + 1)]
         out["worst_forgetting"] = np.stack(avg_f, -1).max(-1)
         out["bwt"] = (R[..., T, : T - 1] - diag[..., : T - 1]).mean(-1)
         out["fwt"] = np.stack([R[..., j - 1, j - 1] - R[..., 0, j - 1] for j in range(2, T + 1)], -1).mean(-1)
     else:
-        out.update(forgetting=nan, worst_forgetting=nan, bwt=nan, fwt=nan)
+        out.update(forgetting=nan, forgetting_all_earlier=nan, worst_forgetting=nan, bwt=nan, fwt=nan)
     held = R[..., T:]
     out["heldout_delta"] = (held[..., T, :] - held[..., 0, :]).mean(-1) if held.shape[-1] else nan
     return out
@@ -190,6 +193,8 @@ MEASURES: tuple[Measure, ...] = (
     Measure("final_accuracy", "final avg accuracy (trained tasks)", _from_matrix("final_accuracy"), True),
     Measure("in_domain_gain", "in-domain gain R[j,j] - R[j-1,j]", _from_matrix("in_domain_gain"), True),
     Measure("forgetting", "avg forgetting (final)", _from_matrix("forgetting"), True),
+    Measure("forgetting_all_earlier", "avg forgetting, max over all earlier stages (final)",
+            _from_matrix("forgetting_all_earlier"), True),
     Measure("worst_forgetting", "worst avg forgetting", _from_matrix("worst_forgetting"), True),
     Measure("bwt", "BWT", _from_matrix("bwt"), True),
     Measure("fwt", "FWT", _from_matrix("fwt"), True),

@@ -30,6 +30,10 @@ class ContinualConfig:
     teacher_reset: bool = _f(False, "the teacher restarts from each stage's starting policy (as SDPO-CL runs "
                              "restarted per stage); default: the EMA teacher keeps averaging across stages and a "
                              "frozen or trust-region teacher stays the initial model")
+    teacher_probe: bool = _f(False, "at the start of every stage, measure the stage's teacher on the stage's task: the "
+                             "teacher-minus-student log-prob of the correct reply 'Answer: <answer>' (first token and "
+                             "whole reply) with the run's teacher and teacher context, and the teacher's greedy accuracy "
+                             "where it can run as a policy (ema, frozen, live); recorded as each stage's teacher_probe")
     sampled_eval_stages: str = _f("first-last", "with --eval-samples N: the stages also measured by mean@N of "
                                   "sampled completions (first-last: the initial model and the final stage, to "
                                   "budget CPU; all; none)", metavar="first-last|all|none")

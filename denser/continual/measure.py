@@ -138,6 +138,45 @@ class StageMeasurer:
         path = self.run_dir / "responses" / f"stage-{stage:03d}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
+    # --------------------------------------------------------------------------- teacher probe
+
+    def teacher_probe(self, stage: int, name: str, trainer) -> dict:
+        """Stage ``stage``'s teacher alignment (``--teacher-probe``), measured once at the stage's start
+        with its trainer's student and teacher before any update, on task ``name``'s fixed prompts
+        (:func:`denser.analysis.teacher_probe.teacher_alignment`; the teacher's greedy accuracy where it
+        can run as a policy). Saved to ``teacher_probe/stage-NN.json`` before the stage trains, so a run
+        resumed inside the stage keeps the measurement of its start; the RNG streams are left as they were."""
+        from denser.analysis.teacher_probe import teacher_alignment, teacher_policy
+        from denser.trainers import checkpoint as ckpt
+
+        path = self.run_dir / "teacher_probe" / f"stage-{stage:02d}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        teacher = trainer.teacher
+        out: dict[str, Any] = {"stage": stage, "task": name,
+                               "teacher": None if teacher is None else teacher.mode,
+                               "teacher_path": getattr(trainer.teacher_spec, "teacher_path", None),
+                               "teacher_init_alpha": getattr(trainer.teacher_spec, "teacher_init_alpha", None)}
+        rng = ckpt.rng_state()
+        t0 = time.perf_counter()
+        if teacher is not None:
+            out.update(teacher_alignment(self.suite.tasks[name], self.suite.rows[name], self.tokenizer,
+                                         trainer.policy, teacher, trainer.teacher_spec))
+            model = teacher_policy(teacher, trainer.policy)
+            if model is not None:
+                gen = self.suite.generate_many(model, self.tokenizer, [name], stop=self.stop.during_generation)
+                self.stop.check(f"the teacher probe of stage {stage}")
+                success = [float(x) for x in gen[name].extra["success"]]
+                out["teacher_accuracy"], out["teacher_accuracy_se"] = mean_stderr(success)
+            else:
+                out["teacher_accuracy"] = out["teacher_accuracy_se"] = None
+        out["time_s"] = time.perf_counter() - t0
+        ckpt.set_rng_state(rng)
+        out = finite(out)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(json.dumps(out, indent=1))
+        return out
+
     # ------------------------------------------------------------------------- stage 0 again
 
     def load_reference(self) -> dict[str, Generations]:

@@ -34,7 +34,7 @@ from denser.trainers.tracking import TENSORBOARD_DIR
 
 FORMAT_VERSION = 1
 # what a continual run writes
-RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages", TENSORBOARD_DIR)
+RUN_FILES = ("continual.json", "report.md", "plots", "responses", "stages", "teacher_probe", TENSORBOARD_DIR)
 IN_PROGRESS = "in_progress"
 
 

@@ -72,6 +72,7 @@ class ContinualRunner:
         self.run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir(self.objective.name)
         self.updates = 0  # optimiser updates so far over the whole sequence: names the current weights
         self.command: str | None = None  # the command line, recorded in continual.json
+        self.stage_probe: dict | None = None  # --teacher-probe: the current stage's teacher at its start
         self.resume_command: str | None = None  # what continues this run after a stop (default: built from cfg)
         self.stop_signals = stop_signals
         self.stop = StopControl(stop_signals)
@@ -111,6 +112,7 @@ class ContinualRunner:
                           stop_signals=self.stop_signals)
         if trainer.world > 1:
             raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
+        self.stage_probe = self.measurer.teacher_probe(k, task_name, trainer) if self.ccfg.teacher_probe else None
         t0 = time.perf_counter()
         summary = trainer.train()
         elapsed = time.perf_counter() - t0
@@ -242,6 +244,8 @@ class ContinualRunner:
                                                               resume=resume)
                 self.stop.check(f"the end of stage {k}")  # a stop during the final eval or save: measured on resume
                 stage = measurer.measure(k, name, trainer.policy, self.updates, str(checkpoint), info)
+                if self.stage_probe is not None:
+                    stage["teacher_probe"] = self.stage_probe
                 self._log_stage(stage, record)
                 record.pop(IN_PROGRESS, None)
                 record["stages"].append(stage)

@@ -8,6 +8,7 @@ converted, ``+`` reads as a space)::
     get_task("addition", seed=0)
     get_task("file:data.jsonl?reward=numeric&eval_fraction=0.2")
     get_task("hf:openai/gsm8k:main?prompt_column=question&rewards=math+format:0.2")
+    get_task("mix:larger+subtract+multiply?exclude_eval_of=0,1,2")   # several tasks interleaved (tasks/mixed.py)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from urllib.parse import parse_qsl
 from denser.plugins import TASKS_GROUP, PluginError, load_entry_points
 from denser.tasks.base import Task
 from denser.tasks.file_task import FileTask, HFTask
+from denser.tasks.mixed import MIX_PREFIX, MixedTask
 
 TaskFactory = Callable[..., Task]
 _TASKS: dict[str, TaskFactory] = {}
@@ -71,8 +73,9 @@ def get_task(name: str, **options: Any) -> Task:
     Args:
         name: a registered name (see :func:`list_tasks`), ``file:PATH`` (a local
             ``.jsonl``/``.json``/``.csv``/``.parquet``/``.arrow`` file or dataset directory; see
-            :class:`~denser.tasks.file_task.FileTask`) or ``hf:NAME[:CONFIG]`` (a hub dataset or
-            local dataset directory; :class:`~denser.tasks.file_task.HFTask`). Options may follow
+            :class:`~denser.tasks.file_task.FileTask`), ``hf:NAME[:CONFIG]`` (a hub dataset or
+            local dataset directory; :class:`~denser.tasks.file_task.HFTask`) or ``mix:A+B[+C...]``
+            (several tasks interleaved; :class:`~denser.tasks.mixed.MixedTask`). Options may follow
             a ``?``: ``"addition?seed=3&num_eval=50"``.
         **options: constructor options (``seed``, ``num_train``, ``num_eval``, ...); they
             override inline options.
@@ -84,13 +87,15 @@ def get_task(name: str, **options: Any) -> Task:
         factory, args = FileTask, (base[len(FILE_PREFIX):],)
     elif base.startswith(HF_PREFIX):
         factory, args = HFTask, (base[len(HF_PREFIX):],)
+    elif base.startswith(MIX_PREFIX):
+        factory, args = MixedTask, (base[len(MIX_PREFIX):].split("+"),)
     else:
         if base not in _TASKS:
             _load_plugins()
         if base not in _TASKS:
             known = ", ".join(list_tasks())
             raise ValueError(f"unknown task {name!r}. Known tasks: {known}; or file:PATH.jsonl for a local file, "
-                             "hf:NAME[:CONFIG] for a dataset")
+                             "hf:NAME[:CONFIG] for a dataset, mix:A+B for several tasks at once")
         factory = _TASKS[base]
     try:
         return factory(*args, **options)

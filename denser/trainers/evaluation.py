@@ -10,6 +10,7 @@ from accelerate.utils import gather_object
 
 from denser.engines.base import Rollout, SamplingParams, request_seed
 from denser.tasks import Task
+from denser.tasks.mixed import MixedTask, part_accuracies
 from denser.trainers.config import TrainConfig
 from denser.trainers.estimators import mean_stderr
 from denser.trainers.prompts import PromptSchedule
@@ -39,7 +40,11 @@ def evaluate_policy(task: Task, prompts: PromptSchedule, generate: Generate, cfg
             rollout = generate(prompt_ids, params, seeds=[request_seed(cfg.seed, i) for i in idx], stop=stop)
             ok = successes(task, rollout, [r for r in rows for _ in range(n)])
             sampled = [sum(ok[p * n:(p + 1) * n]) / n for p in range(len(rows))]
-    return eval_metrics(gather_object(greedy), gather_object(sampled) if cfg.eval_samples else None)
+    all_greedy = gather_object(greedy)
+    out = eval_metrics(all_greedy, gather_object(sampled) if cfg.eval_samples else None)
+    if isinstance(task, MixedTask):  # a mix: the greedy accuracy of each part too
+        out.update(part_accuracies(task, gather_object([r["part"] for r in rows]), all_greedy))
+    return out
 
 
 def successes(task: Task, rollout: Rollout, rows: list[dict]) -> list[float]:
@@ -53,6 +58,9 @@ def eval_line(task: Task, cfg: TrainConfig, metrics: dict[str, Any]) -> str:
     greedy = format_eval({"eval_accuracy": metrics["eval_accuracy"],
                           "eval_accuracy_se": metrics.get("eval_accuracy_se")})
     line = f"{greedy} ({task.name}, {prompts} greedy prompts)"
+    parts = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_accuracy/") and v is not None}
+    if parts:
+        line += " [" + ", ".join(f"{name} {v:.3f}" for name, v in parts.items()) + "]"
     if metrics.get("eval_mean_at_n") is not None:
         line += (f"; {format_eval(metrics, cfg.eval_samples).split('; ', 1)[1]} "
                  f"(temperature {cfg.eval_temperature:g}, top-p {cfg.eval_top_p:g})")
