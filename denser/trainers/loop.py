@@ -362,7 +362,8 @@ class Trainer:
     def _rollout(self, rows: list[dict], seeds: list[int] | None = None) -> Rollout:
         cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
-                                temperature=cfg.temperature, top_p=cfg.top_p)
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                                repetition_penalty=cfg.repetition_penalty, stop=tuple(cfg.stop))
         self.policy.eval()
         rollout = self._generate(self.prompts.prompt_ids(rows), params, seeds=seeds, stop=self.stop.during_generation)
         self.policy.train()
@@ -420,7 +421,11 @@ class Trainer:
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update(self.policy)
-            self.engine.update_weights(self.policy)
+            if not self.engine.copies_weights:
+                self.engine.update_weights(self.policy)
+        if self.engine.copies_weights:  # an inference engine's copy of the weights: time_sync_s
+            with timer("sync"):
+                self.engine.update_weights(self.policy)
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""
