@@ -298,3 +298,27 @@ def test_sigkill_then_resume_with_vllm_is_exact(tmp_path):
             for line in (ref_dir / "metrics.jsonl").read_text().splitlines() if "time_sync_s" in line]
     assert len(sync) == steps and all(s > 0 for s in sync)
     assert os.path.exists(ref_dir / "config.yaml") and "engine: vllm" in (ref_dir / "config.yaml").read_text()
+
+
+@needs_vllm
+def test_engines_of_one_architecture_share_one_llm_and_each_samples_its_own_model(engine_and_model):
+    """Evaluation and denser continual build an engine per call or stage: they share the process's
+    vllm.LLM, and each engine's generate runs on its own model's weights, whatever ran last."""
+    from denser.analysis.responses import generate_responses
+    from denser.engines import EngineSpec, get_rollout_engine
+    from denser.engines.vllm import VLLMOptions
+
+    engine, model, tok = engine_and_model
+    other_model, _ = tiny_model(tied=engine.tied, seed=5)
+    other = get_rollout_engine("vllm", other_model, tok, kv_cache_gib=0.05)
+    assert other.llm is engine.llm
+    prompts = prompts_of(tok, "5+5=", "ok")
+    params = SamplingParams(max_new_tokens=6, num_generations=2, temperature=1.0)
+    for eng, m in ((engine, model), (other, other_model), (engine, model)):
+        assert max_logp_error(eng, m, prompts, params) < 1e-4
+    # an evaluation's greedy completions through the same engine (temperature 0): the argmax of its model
+    gens = generate_responses(other_model, tok, prompts, max_new_tokens=5,
+                              engine=EngineSpec("vllm", VLLMOptions(kv_cache_gib=0.05)))
+    greedy = other.generate(prompts, SamplingParams(max_new_tokens=5, num_generations=1, do_sample=False))
+    assert gens.completion_ids == greedy.completion_ids
+    assert max_logp_error(engine, model, prompts, params) < 1e-4

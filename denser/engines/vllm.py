@@ -142,47 +142,41 @@ class VLLMRolloutEngine(RolloutEngine):
         if sleep and not self.on_gpu:
             raise ValueError("--vllm-sleep needs a GPU (vLLM's sleep mode frees GPU memory); drop it on CPU")
         self.sleep_between = sleep
-        self._asleep = False
+        self.model = model
         self.last_sync_seconds = 0.0
         config = _base_model(model).config
         self.tied = bool(getattr(config, "tie_word_embeddings", False))
         if dtype == "auto":
             dtype = str(_policy_dtype(model)).removeprefix("torch.")
-        # before vllm is imported: the engine in this process, and (CPU) OpenMP threads not pinned to cores
-        # the trainer's own threads use
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if not self.on_gpu:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        import vllm
-
-        self._dir = tempfile.mkdtemp(prefix="denser-vllm-")
-        weakref.finalize(self, shutil.rmtree, self._dir, True)
-        config.save_pretrained(self._dir)  # the architecture only: the weights come from the policy
         max_len = max_model_len or int(getattr(config, "max_position_embeddings", 0) or 0) or None
-        kwargs: dict[str, Any] = dict(
-            model=self._dir, dtype=dtype, load_format="dummy", skip_tokenizer_init=True, enforce_eager=enforce_eager,
-            seed=0, max_model_len=max_len, logprobs_mode="processed_logprobs", generation_config="vllm",
-            enable_prefix_caching=False)
-        if kv_cache_gib > 0:
-            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
-        if self.on_gpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            if sleep:
-                kwargs["enable_sleep_mode"] = True
-        with _quiet_vllm():
-            self.llm = vllm.LLM(**kwargs)
-        self._vllm = vllm
+        # one vllm.LLM per process and architecture, shared by every engine built for it (the trainer's, an
+        # evaluation's, each stage of denser continual): an engine pushes its model's weights when the
+        # shared LLM last held another engine's
+        key = (config.to_json_string(), dtype, kv_cache_gib, gpu_memory_utilization, sleep, enforce_eager, max_len)
+        if key not in _SHARED:
+            _SHARED[key] = _Shared(config, dtype=dtype, max_len=max_len, kv_cache_gib=kv_cache_gib,
+                                   gpu_memory_utilization=gpu_memory_utilization if self.on_gpu else None,
+                                   sleep=sleep, enforce_eager=enforce_eager)
+        self._key = key
+        self._shared = _SHARED[key]
         self.update_weights(model)
+
+    @property
+    def llm(self) -> Any:
+        """The ``vllm.LLM`` (shared by the engines of this architecture and options in this process)."""
+        return self._shared.llm
 
     # ------------------------------------------------------------------------------ weights
 
     def update_weights(self, model: Any) -> None:
         """Push ``model``'s current weights into the engine (see the module docstring); the seconds it
-        took are ``last_sync_seconds`` (the loop logs them as ``timing/weight_sync_s``)."""
+        took are ``last_sync_seconds`` (the loop logs them as ``time_sync_s``)."""
         start = time.perf_counter()
-        if self._asleep:
-            self.llm.wake_up(tags=["weights"])
-        self.llm.collective_rpc(_reload, args=(policy_weights(model), self.tied))
+        shared = self._shared
+        if shared.asleep:
+            shared.llm.wake_up(tags=["weights"])
+        shared.llm.collective_rpc(_reload, args=(policy_weights(model), self.tied))
+        self.model, shared.owner = model, self
         self.last_sync_seconds = time.perf_counter() - start
 
     # ----------------------------------------------------------------------------- sampling
@@ -196,14 +190,17 @@ class VLLMRolloutEngine(RolloutEngine):
             raise ValueError("generate needs at least one prompt")
         if any(len(p) == 0 for p in prompts):
             raise ValueError("empty prompt: render prompts with render_prompt() first")
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
+        shared = self._shared
+        if shared.owner is not self:  # another engine's weights are in the shared LLM
+            self.update_weights(self.model)
+        if shared.asleep:
+            shared.llm.wake_up()
+            shared.asleep = False
         G = params.num_generations
         request_seeds = prompt_seeds(len(prompts), seeds, seed) if params.do_sample else [None] * len(prompts)
         requests = [self._params(params, s) for s in request_seeds]
         with _quiet_vllm():
-            outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
+            outputs = shared.llm.generate([{"prompt_token_ids": p} for p in prompts], requests, use_tqdm=False)
         completions, logps, truncated = [], [], []
         for out in outputs:
             samples = sorted(out.outputs, key=lambda o: o.index)
@@ -221,8 +218,8 @@ class VLLMRolloutEngine(RolloutEngine):
                 logps.append(torch.tensor(lp[: len(tokens)], dtype=torch.float32))
                 truncated.append(tr)
         if self.sleep_between:
-            self.llm.sleep(level=1)
-            self._asleep = True
+            shared.llm.sleep(level=1)
+            shared.asleep = True
         return Rollout(prompt_ids=prompts, completion_ids=completions,
                        texts=self.tokenizer.batch_decode(completions, skip_special_tokens=True), logps=logps,
                        truncated=torch.tensor(truncated, dtype=torch.bool), num_generations=G, params=params,
@@ -232,25 +229,64 @@ class VLLMRolloutEngine(RolloutEngine):
         common = dict(n=params.num_generations, max_tokens=params.max_new_tokens, stop_token_ids=self.stop_token_ids,
                       logprobs=0, detokenize=False, skip_special_tokens=False)
         if not params.do_sample:
-            return self._vllm.SamplingParams(temperature=0.0, **common)
-        return self._vllm.SamplingParams(
+            return self._shared.vllm.SamplingParams(temperature=0.0, **common)
+        return self._shared.vllm.SamplingParams(
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or -1, min_p=params.min_p,
             repetition_penalty=params.repetition_penalty, seed=seed, **common)
 
     def close(self) -> None:
-        """Free the engine (its KV cache and weights) and its config folder."""
-        llm = getattr(self, "llm", None)
-        if llm is not None:
-            del self.llm
-            with contextlib.suppress(Exception):
-                llm.llm_engine.engine_core.shutdown()
-            del llm
-            import gc
+        """Free the shared ``vllm.LLM`` of this engine's architecture (its KV cache and weights): every
+        engine that shares it must be done with it."""
+        shared = _SHARED.pop(getattr(self, "_key", None), None)
+        if shared is not None:
+            shared.close()
 
-            gc.collect()
-        if getattr(self, "_dir", None):
-            shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+
+class _Shared:
+    """A ``vllm.LLM`` started from a model config alone (dummy weights: the engines push theirs), and
+    which engine's weights it holds."""
+
+    def __init__(self, config: Any, *, dtype: str, max_len: int | None, kv_cache_gib: float,
+                 gpu_memory_utilization: float | None, sleep: bool, enforce_eager: bool):
+        # before vllm is imported: the engine in this process, and (CPU) OpenMP threads not pinned to cores
+        # (the trainer's own threads share them)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        if gpu_memory_utilization is None:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        import vllm
+
+        self.dir = tempfile.mkdtemp(prefix="denser-vllm-")
+        weakref.finalize(self, shutil.rmtree, self.dir, True)
+        config.save_pretrained(self.dir)  # the architecture only
+        kwargs: dict[str, Any] = dict(
+            model=self.dir, dtype=dtype, load_format="dummy", skip_tokenizer_init=True, enforce_eager=enforce_eager,
+            seed=0, max_model_len=max_len, logprobs_mode="processed_logprobs", generation_config="vllm",
+            enable_prefix_caching=False)
+        if kv_cache_gib > 0:
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        if gpu_memory_utilization is not None:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+            if sleep:
+                kwargs["enable_sleep_mode"] = True
+        with _quiet_vllm():
+            self.llm = vllm.LLM(**kwargs)
+        self.vllm = vllm
+        self.owner: Any = None
+        self.asleep = False
+
+    def close(self) -> None:
+        llm, self.llm = self.llm, None
+        with contextlib.suppress(Exception):
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+        import gc
+
+        gc.collect()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+#: the process's vllm.LLM per (architecture, dtype, options)
+_SHARED: dict[tuple, _Shared] = {}
 
 
 # -------------------------------------------------------------------------------- weights

@@ -81,7 +81,14 @@ class TrainConfig:
     old_logp_source: Literal["auto", "forward", "engine"] = _f(
         "auto", "old_logp, where the objective uses them: 'forward' = the policy before the step's first update "
         "(a no-grad forward, as verl's compute_log_prob and TRL), 'engine' = the rollout engine's sampling "
-        "log-probs, 'auto' = forward when a step makes several updates, engine when it makes one")
+        "log-probs, 'auto' = forward when a step makes several updates or the engine's log-probs are not the "
+        "trainer's (vllm), engine otherwise")
+    rollout_correction: Literal["auto", "off", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask"] = _f(
+        "auto", "rollout-vs-trainer correction (TRL's vllm_importance_sampling_mode, verl's rollout correction): each "
+        "sample's advantages times a weight pi_train/pi_rollout per token (token-) or per sample (sequence-), capped at "
+        "--rollout-correction-cap (-truncate) or zeroed above it (-mask); 'auto' = token-truncate with an engine whose "
+        "log-probs are not the trainer's (vllm), off with hf")
+    rollout_correction_cap: float = _f(2.0, "the cap of --rollout-correction (verl's TIS threshold 2.0)")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
     warmup_steps: int = _f(0, "linear LR warmup over this many steps (rollout batches)")
@@ -205,6 +212,8 @@ class TrainConfig:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.overlong_penalty is not None and not self.overlong_penalty >= 0:
             problems.append(f"--overlong-penalty must be >= 0 (a penalty, subtracted), got {self.overlong_penalty}")
+        if not (math.isfinite(self.rollout_correction_cap) and self.rollout_correction_cap > 0):
+            problems.append(f"--rollout-correction-cap must be a number > 0, got {self.rollout_correction_cap}")
         if self.old_logp_source not in ("auto", "forward", "engine"):
             problems.append(f"--old-logp-source must be auto, forward or engine, got {self.old_logp_source!r}")
         samples = self.prompts_per_step * self.num_generations

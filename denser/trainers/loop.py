@@ -337,6 +337,8 @@ class Trainer:
             # a stop may abandon the rollout batch only before its first applied optimiser update
             stoppable = not any(up.applied for up in updates)
             updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
+        if updates and self.signals.correction_metrics:  # the rollout correction's, once per step
+            updates[0].metrics.append(self.signals.correction_metrics)
         self._finish_step(updates, timer)
         return metrics_row(step, batch, updates, timer, cfg=self.cfg, world=self.world,
                            lr=self.scheduler.get_last_lr()[0], reduce=self._sum_over_processes)
