@@ -85,6 +85,8 @@ def test_auto_resolves_by_engine(monkeypatch):
     monkeypatch.setattr(VLLMRolloutEngine, "unavailable", classmethod(lambda cls: None))  # resolving builds nothing
     run = resolve_run({"model": "tiny"}, "grpo", "addition", engine="vllm")
     assert (run.config.rollout_correction, run.config.old_logp_source) == ("token-truncate", "forward")
+    run = resolve_run({"model": "tiny"}, "sdpo", "addition", engine="vllm")  # no advantages to weight
+    assert run.config.rollout_correction == "off"
     run = resolve_run({"model": "tiny", "rollout_correction": "off", "old_logp_source": "engine"}, "grpo",
                       "addition", engine="vllm")
     assert (run.config.rollout_correction, run.config.old_logp_source) == ("off", "engine")

@@ -152,6 +152,8 @@ class VLLMRolloutEngine(RolloutEngine):
         # one vllm.LLM per process and architecture, shared by every engine built for it (the trainer's, an
         # evaluation's, each stage of denser continual): an engine pushes its model's weights when the
         # shared LLM last held another engine's
+        if not self.on_gpu:
+            _check_cpu_head_size(config)
         key = (config.to_json_string(), dtype, kv_cache_gib, gpu_memory_utilization, sleep, enforce_eager, max_len)
         if key not in _SHARED:
             _SHARED[key] = _Shared(config, dtype=dtype, max_len=max_len, kv_cache_gib=kv_cache_gib,
@@ -240,6 +242,20 @@ class VLLMRolloutEngine(RolloutEngine):
         shared = _SHARED.pop(getattr(self, "_key", None), None)
         if shared is not None:
             shared.close()
+
+
+def _check_cpu_head_size(config: Any) -> None:
+    """vLLM's CPU attention has kernels for some head sizes only (the tiny test model's 16 is not one):
+    one line naming it, before the engine starts, instead of an error inside the first generate."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    heads = getattr(config, "num_attention_heads", None)
+    head = getattr(config, "head_dim", None) or (config.hidden_size // heads if heads else None)
+    sizes = CPUAttentionBackend.get_supported_head_sizes()
+    if head is not None and head not in sizes:
+        raise ValueError(f"--engine vllm on CPU: the model's attention head size is {head}, and vLLM's CPU build has "
+                         f"kernels for {', '.join(map(str, sizes))} only (--model tiny has 16); use --engine hf or "
+                         f"another model")
 
 
 class _Shared:

@@ -87,7 +87,8 @@ class TrainConfig:
         "auto", "rollout-vs-trainer correction (TRL's vllm_importance_sampling_mode, verl's rollout correction): each "
         "sample's advantages times a weight pi_train/pi_rollout per token (token-) or per sample (sequence-), capped at "
         "--rollout-correction-cap (-truncate) or zeroed above it (-mask); 'auto' = token-truncate with an engine whose "
-        "log-probs are not the trainer's (vllm), off with hf")
+        "log-probs are not the trainer's (vllm) and an objective with advantages, else off (sdpo's distillation has "
+        "none: set a mode to log the mismatch metrics alone)")
     rollout_correction_cap: float = _f(2.0, "the cap of --rollout-correction (verl's TIS threshold 2.0)")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")

@@ -18,8 +18,9 @@ policy-gradient term of every objective that uses advantages is corrected withou
 a term without advantages (a distillation loss) is unchanged.
 
 ``--rollout-correction auto`` (the default) is ``token-truncate`` for an engine that computes its
-own log-probs (``RolloutEngine.copies_weights``: vllm) and ``off`` for ``hf``, whose log-probs are
-the trainer's own forward. Metrics (means over the step's tokens, or samples at sequence level):
+own log-probs (``RolloutEngine.copies_weights``: vllm) and an objective that uses advantages, and
+``off`` otherwise (``hf``'s log-probs are the trainer's own forward; ``sdpo``'s distillation loss has
+no advantages to weight: a mode set explicitly then costs the forward and logs the metrics alone). Metrics (means over the step's tokens, or samples at sequence level):
 ``rollout_corr/kl`` (k1 estimate of KL(pi_rollout || pi_train): mean of log pi_rollout - log pi_train),
 ``rollout_corr/k3_kl`` (k3 estimate, >= 0), ``sampling/sampling_logp_difference/mean`` (mean
 |log pi_train - log pi_rollout|, TRL's name), ``sampling/importance_sampling_ratio/mean`` (the weight
