@@ -328,3 +328,22 @@ def test_engines_of_one_architecture_share_one_llm_and_each_samples_its_own_mode
     greedy = other.generate(prompts, SamplingParams(max_new_tokens=5, num_generations=1, do_sample=False))
     assert gens.completion_ids == greedy.completion_ids
     assert max_logp_error(engine, model, prompts, params) < 1e-4
+
+
+@needs_vllm
+def test_starting_an_engine_leaves_the_global_rngs_alone():
+    """vLLM seeds the process's RNGs when it starts in-process; the run's streams must go on as if it had not."""
+    import random
+
+    import numpy as np
+
+    from denser.engines import get_rollout_engine
+
+    model, tok = tiny_model(tied=False, seed=3)
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    want = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(1234), np.random.seed(1234), random.seed(1234)
+    engine = get_rollout_engine("vllm", model, tok, kv_cache_gib=0.04)  # another option value: a fresh LLM
+    got = (torch.rand(3), np.random.rand(3), random.random())
+    engine.close()
+    assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]

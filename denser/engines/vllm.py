@@ -39,6 +39,7 @@ the trainer's, not equal, which is what the rollout correction (``--rollout-corr
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import importlib.util
 import os
@@ -284,14 +285,20 @@ class _Shared:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if sleep:
                 kwargs["enable_sleep_mode"] = True
-        with _quiet_vllm():
+        with _quiet_vllm(), _global_rng_kept():  # vLLM seeds the process's global RNGs when it starts in-process
             self.llm = vllm.LLM(**kwargs)
         self.vllm = vllm
         self.owner: Any = None
         self.asleep = False
+        # at exit, before vLLM's own finalizer (atexit runs last-registered first): its teardown of the
+        # process group fails once accelerate has reset the distributed state, with a traceback after a
+        # run that succeeded
+        atexit.register(self.close)
 
     def close(self) -> None:
         llm, self.llm = self.llm, None
+        if llm is None:
+            return
         with contextlib.suppress(Exception):
             llm.llm_engine.engine_core.shutdown()
         del llm
@@ -380,6 +387,26 @@ def _refresh_tied_lm_head(model: nn.Module, vllm_config: Any) -> None:
     if lm_head is None or method is None or not hasattr(method, "process_weights_after_loading"):
         return
     method.process_weights_after_loading(lm_head)
+
+
+@contextlib.contextmanager
+def _global_rng_kept() -> Iterator[None]:
+    """Python's, numpy's and torch's global RNG states as they were before the block: the run's own
+    streams (seeded with --seed and the process rank) must not restart from vLLM's seed."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
 
 
 @contextlib.contextmanager
