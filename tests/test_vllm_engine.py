@@ -347,3 +347,15 @@ def test_starting_an_engine_leaves_the_global_rngs_alone():
     got = (torch.rand(3), np.random.rand(3), random.random())
     engine.close()
     assert torch.equal(got[0], want[0]) and np.array_equal(got[1], want[1]) and got[2] == want[2]
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fsdp_policy_syncs_gathered_weights_into_each_process_engine():
+    """Two processes, FSDP2-sharded tiny model, one engine each (tests/vllm_fsdp_check.py): after the
+    first sync and after a change of every weight, the engine's log-probs equal an unsharded copy's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "vllm_fsdp_check.py")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "\nOK " in "\n" + proc.stdout, (proc.stdout[-2000:], proc.stderr[-3000:])

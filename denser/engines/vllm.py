@@ -5,8 +5,10 @@ on a CPU one (docs/engines.md). The package is imported only when the engine is 
 that asks for it without it installed stops with one line naming the install command, before any
 model loads (:meth:`VLLMRolloutEngine.unavailable`).
 
-One engine per process (under DDP or FSDP each process owns one, on its own device); tensor
-parallelism and a separate inference server are out of scope (docs/engines.md says how the
+One ``vllm.LLM`` per process and architecture, shared by every engine built for it (the trainer's,
+an evaluation's, each stage of ``denser continual``); under DDP or FSDP each process owns one, on its
+own device, in the launcher's process group (vLLM's ``external_launcher``, as TRL's colocate mode).
+Tensor parallelism and a separate inference server are out of scope (docs/engines.md says how the
 interface would take them). vLLM's multiprocessing is switched off
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): an engine in a child process cannot receive new weights
 without a transport of its own.
@@ -281,6 +283,12 @@ class _Shared:
             enable_prefix_caching=False)
         if kv_cache_gib > 0:
             kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # under DDP/FSDP (torchrun, accelerate): one engine per process in the launcher's process group,
+            # as TRL's colocate mode
+            kwargs["distributed_executor_backend"] = "external_launcher"
         if gpu_memory_utilization is not None:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if sleep:

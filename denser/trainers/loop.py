@@ -375,7 +375,7 @@ class Trainer:
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
         """The engine's completions; under FSDP inside the policy root's forward, which gathers
         the weights the engine's model (the policy) runs on."""
-        if self.sharding is None:
+        if self.sharding is None or self.engine.copies_weights:  # an engine with its own weights gathers nothing
             return self.engine.generate(prompt_ids, params, **kw)
         with torch.no_grad():
             return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params, **kw))
