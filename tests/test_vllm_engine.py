@@ -135,6 +135,15 @@ def test_sampling_options_leave_hf_unchanged_when_off_and_act_when_on():
     same = engine.generate(prompts, SamplingParams(max_new_tokens=6, num_generations=3, temperature=1.3, top_k=0,
                                                    min_p=0.0, repetition_penalty=1.0, stop=()), seed=3)
     assert same.completion_ids == ref.completion_ids and all(torch.equal(a, b) for a, b in zip(same.logps, ref.logps))
+    # stop strings: the same samples, each cut after the token that completes the string
+    stop = tok.decode(ref.completion_ids[0][1:3])
+    cut = engine.generate(prompts, SamplingParams(max_new_tokens=6, num_generations=3, temperature=1.3, stop=(stop,)),
+                          seed=3)
+    for full, tr, got, got_tr in zip(ref.completion_ids, ref.truncated.tolist(), cut.completion_ids,
+                                     cut.truncated.tolist()):
+        k = next((k for k in range(1, len(full) + 1) if stop in tok.decode(full[:k])), None)
+        assert (got, got_tr) == ((full, tr) if k is None else (full[:k], False))
+    assert any(len(a) < len(b) for a, b in zip(cut.completion_ids, ref.completion_ids))
     for change in ({"top_k": 2}, {"min_p": 0.5}, {"repetition_penalty": 3.0}):
         other = engine.generate(prompts, SamplingParams(max_new_tokens=6, num_generations=3, temperature=1.3,
                                                         **change), seed=3)
