@@ -155,6 +155,7 @@ class VLLMRolloutEngine(RolloutEngine):
         # one vllm.LLM per process and architecture, shared by every engine built for it (the trainer's, an
         # evaluation's, each stage of denser continual): an engine pushes its model's weights when the
         # shared LLM last held another engine's
+        _set_vllm_env(self.on_gpu)
         if not self.on_gpu:
             _check_cpu_head_size(config)
         key = (config.to_json_string(), dtype, kv_cache_gib, gpu_memory_utilization, sleep, enforce_eager, max_len)
@@ -247,6 +248,16 @@ class VLLMRolloutEngine(RolloutEngine):
             shared.close()
 
 
+def _set_vllm_env(on_gpu: bool) -> None:
+    """Before vllm is first imported: the engine in this process, (CPU) OpenMP threads not pinned to
+    cores (the trainer's own threads share them), and vLLM's logs at WARNING (its start logs a page at
+    INFO) unless the user set them."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if not on_gpu:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+
 def _check_cpu_head_size(config: Any) -> None:
     """vLLM's CPU attention has kernels for some head sizes only (the tiny test model's 16 is not one):
     one line naming it, before the engine starts, instead of an error inside the first generate."""
@@ -267,11 +278,6 @@ class _Shared:
 
     def __init__(self, config: Any, *, dtype: str, max_len: int | None, kv_cache_gib: float,
                  gpu_memory_utilization: float | None, sleep: bool, enforce_eager: bool):
-        # before vllm is imported: the engine in this process, and (CPU) OpenMP threads not pinned to cores
-        # (the trainer's own threads share them)
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        if gpu_memory_utilization is None:
-            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         import vllm
 
         self.dir = tempfile.mkdtemp(prefix="denser-vllm-")
