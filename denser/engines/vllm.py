@@ -425,13 +425,21 @@ def _global_rng_kept() -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet_vllm() -> Iterator[None]:
-    """vLLM logs a page at INFO when it starts; a run's log keeps its warnings only."""
+    """vLLM logs a page at INFO when it starts; a run's log keeps its warnings only, less the chat
+    template's warm-up, which fails by design here (the engine gets token ids, no tokenizer)."""
     import logging
 
     logger = logging.getLogger("vllm")
+    renderer = logging.getLogger("vllm.renderers.base")
     level = logger.level
     logger.setLevel(max(level, logging.WARNING))
+
+    def not_warmup(record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
+    renderer.addFilter(not_warmup)
     try:
         yield
     finally:
         logger.setLevel(level)
+        renderer.removeFilter(not_warmup)
