@@ -325,5 +325,5 @@ def test_the_loop_runs_the_engine_named_by_engine_and_refreshes_its_weights(tmp_
         assert updates == ([trainer.policy] if row["skipped"] == 0 else [])
     finally:
         _ENGINES.pop("test_counting", None)
-    with pytest.raises(ValueError, match="--engine must be one of hf, got 'nope'"):
+    with pytest.raises(ValueError, match="--engine must be one of hf, vllm, got 'nope'"):
         TrainConfig(engine="nope")

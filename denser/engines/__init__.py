@@ -7,12 +7,17 @@
 Modules: ``base`` (the ``RolloutEngine`` interface, the registry, ``EngineSpec`` (an engine and its
 options, as a run holds it), ``SamplingParams``, ``Rollout``),
 ``packing`` (``PackedBatch``: a rollout's samples laid out for a forward pass, and the hidden states
-the loss core takes), ``hf`` (``HFRolloutEngine``: transformers' ``generate`` on the live policy; ``HFOptions``).
+the loss core takes), ``hf`` (``HFRolloutEngine``: transformers' ``generate`` on the live policy; ``HFOptions``),
+``vllm`` (``VLLMRolloutEngine``: a ``vllm.LLM`` in the trainer's process, weights synced after each
+rollout batch; ``VLLMOptions``; the vllm package is imported only when the engine is built).
 The package sits below ``denser.trainers`` and imports nothing of it: the loop, the evaluation and
 the continual measurements all build their engine here.
 """
 
-from denser.engines import hf  # noqa: F401  (registers "hf")
+from denser.engines import (
+    hf,  # noqa: F401  (registers "hf")
+    vllm,  # noqa: F401  (registers "vllm"; imports the vllm package only when built)
+)
 from denser.engines.base import (
     DEFAULT_ENGINE,
     EngineSpec,
@@ -20,6 +25,7 @@ from denser.engines.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    cut_at_stop_strings,
     get_rollout_engine,
     list_rollout_engines,
     prompt_seeds,
@@ -50,6 +56,7 @@ __all__ = [
     "RolloutEngine",
     "SamplingParams",
     "build_packed_batch",
+    "cut_at_stop_strings",
     "completion_hidden_states",
     "completion_logprobs",
     "get_rollout_engine",

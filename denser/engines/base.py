@@ -65,6 +65,7 @@ __all__ = [
     "rollout_engine_class",
     "rollout_engine_options",
     "truncate_at_stop",
+    "cut_at_stop_strings",
 ]
 
 DEFAULT_ENGINE = "hf"
@@ -85,6 +86,11 @@ class SamplingParams:
         temperature: sampling temperature; also the temperature of the recorded ``old_logp``.
         top_p: nucleus sampling mass (1.0 = off).
         top_k: sample among the k most likely tokens (0 = off).
+        min_p: drop tokens whose probability is below ``min_p`` times the most likely one's (0 = off).
+        repetition_penalty: CTRL's penalty on tokens already in the prompt or completion (positive
+            logits divided by it, negative ones multiplied; 1.0 = off).
+        stop: stop strings: a completion ends with the first token whose text completes one of them
+            (the token is kept; the completion is not ``truncated``); empty = none.
         do_sample: ``False`` for greedy decoding (evaluation); the sampling knobs are then ignored
             but ``old_logp`` is still recorded at ``temperature``.
     """
@@ -94,6 +100,9 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
     do_sample: bool = True
 
     def __post_init__(self) -> None:
@@ -107,6 +116,13 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            raise ValueError(f"min_p must be in [0, 1) (0 = off), got {self.min_p}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}")
+        self.stop = tuple(str(s) for s in self.stop)
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
 
 
 @dataclass
@@ -240,6 +256,29 @@ def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int] | set[
     return out, True
 
 
+def cut_at_stop_strings(tokens: Sequence[int], truncated: bool, stop: Sequence[str],
+                        tokenizer: Any) -> tuple[list[int], bool]:
+    """``tokens`` cut after the first token whose decoded prefix contains one of the ``stop`` strings
+    (the token kept). Returns ``(tokens, truncated)``: ``truncated`` is False when a stop string
+    ended the completion, else as given. Every engine applies it to its token ids, so they agree."""
+    tokens = [int(t) for t in tokens]
+
+    def hit(k: int) -> bool:
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=False)
+        return any(s in text for s in stop)
+
+    if not stop or not tokens or not hit(len(tokens)):
+        return tokens, truncated
+    lo, hi = 1, len(tokens)  # the shortest prefix that holds a stop string (a longer prefix holds it too)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hit(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return tokens[:lo], False
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options of an engine that takes none."""
@@ -280,6 +319,10 @@ class RolloutEngine(ABC):
     name: str = ""
     #: the dataclass of the engine's options (``register_rollout_engine(name, options=...)``)
     options_class: type = NoOptions
+    #: the engine holds its own copy of the weights (``update_weights`` copies; the loop times it as
+    #: ``time_sync_s``) and computes its own behaviour log-probs, close to the trainer's but not
+    #: equal (the rollout correction is on by default)
+    copies_weights: bool = False
 
     @abstractmethod
     def generate(
@@ -302,7 +345,17 @@ class RolloutEngine(ABC):
         may end every completion early, even with no token: the caller then abandons the rollout."""
 
     def update_weights(self, model: Any) -> None:  # noqa: B027 - optional hook
-        """Bring the engine's weights up to date with ``model`` (no-op by default)."""
+        """Bring the engine's weights up to date with ``model`` (no-op by default). An engine that
+        copies weights sets ``last_sync_seconds`` (the loop logs it per step)."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Free what the engine holds (an inference engine's memory); no-op by default."""
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this engine cannot run here (a missing package, with the install command), or None.
+        Checked when a run names the engine (:class:`EngineSpec`), before anything loads."""
+        return None
 
 
 _ENGINES: dict[str, type[RolloutEngine]] = {}
@@ -361,6 +414,9 @@ class EngineSpec:
     options: Any = None
 
     def __post_init__(self) -> None:
+        problem = rollout_engine_class(self.name).unavailable()
+        if problem:
+            raise ValueError(problem)
         cls = rollout_engine_options(self.name)
         if self.options is None:
             object.__setattr__(self, "options", cls())

@@ -39,6 +39,7 @@ from denser.engines.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    cut_at_stop_strings,
     prompt_seeds,
     register_rollout_engine,
     request_seed,
@@ -46,7 +47,7 @@ from denser.engines.base import (
 )
 from denser.engines.packing import model_device
 
-__all__ = ["ForwardAbandoned", "HFOptions", "HFRolloutEngine", "abandon_forward_on_stop"]
+__all__ = ["ForwardAbandoned", "HFOptions", "HFRolloutEngine", "abandon_forward_on_stop", "default_stop_token_ids"]
 
 
 class _BehaviourLogpRecorder:
@@ -117,12 +118,7 @@ class HFRolloutEngine(RolloutEngine):
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         if stop_token_ids is None:
-            ids: list[int] = []
-            for src in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-                for t in (src if isinstance(src, (list, tuple)) else [src]):
-                    if t is not None and int(t) not in ids:
-                        ids.append(int(t))
-            stop_token_ids = ids
+            stop_token_ids = default_stop_token_ids(model, tokenizer)
         if not stop_token_ids:
             raise ValueError("HFRolloutEngine needs a stop token: the tokenizer has no eos_token and none was given")
         self.stop_token_ids = [int(t) for t in stop_token_ids]
@@ -173,7 +169,12 @@ class HFRolloutEngine(RolloutEngine):
     ) -> tuple[list[list[int]], list[Tensor], list[bool]]:
         # lazy: importing transformers takes seconds, and `denser train --help` imports this module
         from transformers import GenerationConfig, LogitsProcessorList
-        from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+        from transformers.generation.logits_process import (
+            MinPLogitsWarper,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
 
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
@@ -184,8 +185,13 @@ class HFRolloutEngine(RolloutEngine):
         recorder = _BehaviourLogpRecorder(params.temperature)
         processors: list[Any] = [recorder]
         if params.do_sample:
+            # vLLM's order: penalty, temperature, min-p, top-k, top-p (min-p and top-k commute)
+            if params.repetition_penalty != 1.0:
+                processors.append(_RepetitionPenalty(params.repetition_penalty, [width - len(p) for p in prompts]))
             if params.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.min_p > 0:
+                processors.append(MinPLogitsWarper(params.min_p))
             if params.top_k > 0:
                 processors.append(TopKLogitsWarper(params.top_k))
             if params.top_p < 1.0:
@@ -217,10 +223,41 @@ class HFRolloutEngine(RolloutEngine):
         completions, logps, truncated = [], [], []
         for b in range(new.shape[0]):
             tokens, tr = truncate_at_stop(new[b].tolist(), self.stop_token_ids)
+            if params.stop:  # stop strings: cut afterwards (generation runs on to EOS or the budget)
+                tokens, tr = cut_at_stop_strings(tokens, tr, params.stop, self.tokenizer)
             completions.append(tokens)
             logps.append(logp_steps[b, : len(tokens)].clone())
             truncated.append(tr)
         return completions, logps, truncated
+
+
+def default_stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """The tokens that end a completion: the tokenizer's EOS, then the model's
+    ``generation_config.eos_token_id`` (one id or a list)."""
+    ids: list[int] = []
+    config = getattr(model, "generation_config", None)
+    for src in (tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        for t in (src if isinstance(src, (list, tuple)) else [src]):
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+    return ids
+
+
+class _RepetitionPenalty:
+    """CTRL's repetition penalty (as transformers' and vLLM's) on the tokens of each row's prompt and
+    completion so far, left padding excluded (vLLM never sees it): a positive logit of such a token
+    is divided by ``penalty``, a negative one multiplied."""
+
+    def __init__(self, penalty: float, pad_lengths: list[int]):
+        self.penalty = float(penalty)
+        self.pad_lengths = pad_lengths
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        seen = torch.zeros_like(scores, dtype=torch.bool)
+        for b, start in enumerate(self.pad_lengths):
+            seen[b, input_ids[b, start:]] = True
+        penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
+        return torch.where(seen, penalised, scores)
 
 
 class _SeededSampler:

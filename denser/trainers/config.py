@@ -54,6 +54,14 @@ class TrainConfig:
                              "32 for the default task)")
     temperature: float = _f(1.0, "sampling temperature; the loss core uses the same temperature for log-probs")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
+    top_k: int = _f(0, "sample among the k most likely tokens (0 = off); as --top-p, part of the sampler: the "
+                    "loss core's log-probs stay the full vocabulary's")
+    min_p: float = _f(0.0, "drop tokens whose probability is below min_p times the most likely token's (0 = off)")
+    repetition_penalty: float = _f(1.0, "CTRL's repetition penalty on the prompt's and completion's tokens while "
+                                   "sampling (1.0 = off; as vLLM's and transformers')")
+    stop: list[str] = field(default_factory=list, metadata={"help": (
+        "stop strings, comma-separated: a completion ends with the token whose text completes one (the token "
+        "is kept, the completion is not truncated); a config file's list for strings holding commas")})
     micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
     max_tokens_per_micro_batch: int = _f(0, "token-budget micro-batches (verl's dynamic batch size): cut each "
                                          "mini-batch, in order, into micro-batches whose policy forward holds at "
@@ -73,7 +81,15 @@ class TrainConfig:
     old_logp_source: Literal["auto", "forward", "engine"] = _f(
         "auto", "old_logp, where the objective uses them: 'forward' = the policy before the step's first update "
         "(a no-grad forward, as verl's compute_log_prob and TRL), 'engine' = the rollout engine's sampling "
-        "log-probs, 'auto' = forward when a step makes several updates, engine when it makes one")
+        "log-probs, 'auto' = forward when a step makes several updates or the engine's log-probs are not the "
+        "trainer's (vllm), engine otherwise")
+    rollout_correction: Literal["auto", "off", "token-truncate", "token-mask", "sequence-truncate", "sequence-mask"] = _f(
+        "auto", "rollout-vs-trainer correction (TRL's vllm_importance_sampling_mode, verl's rollout correction): each "
+        "sample's advantages times a weight pi_train/pi_rollout per token (token-) or per sample (sequence-), capped at "
+        "--rollout-correction-cap (-truncate) or zeroed above it (-mask); 'auto' = token-truncate with an engine whose "
+        "log-probs are not the trainer's (vllm) and an objective with advantages, else off (sdpo's distillation has "
+        "none: set a mode to log the mismatch metrics alone)")
+    rollout_correction_cap: float = _f(2.0, "the cap of --rollout-correction (verl's TIS threshold 2.0)")
     lr: float = _f(2e-5, "peak learning rate (AdamW)")
     lr_schedule: Literal["constant", "linear", "cosine"] = _f("constant", "learning-rate schedule after warmup")
     warmup_steps: int = _f(0, "linear LR warmup over this many steps (rollout batches)")
@@ -150,6 +166,8 @@ class TrainConfig:
         return self.mini_batches * self.epochs
 
     def __post_init__(self) -> None:
+        if isinstance(self.stop, str):  # a config file's single stop string
+            self.stop = [self.stop]
         problems = type_problems(self, _flag)
         if problems:  # wrong types first: the range checks below would fail on them in confusing ways
             raise ValueError("; ".join(problems))
@@ -174,6 +192,14 @@ class TrainConfig:
             problems.append(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             problems.append(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            problems.append(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p < 1:
+            problems.append(f"--min-p must be in [0, 1) (0 = off), got {self.min_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            problems.append(f"--repetition-penalty must be a number > 0 (1.0 = off), got {self.repetition_penalty}")
+        if any(not s for s in self.stop):
+            problems.append("--stop: a stop string is empty; give non-empty strings")
         if not self.eval_temperature > 0:
             problems.append(f"--eval-temperature must be > 0, got {self.eval_temperature}")
         if not 0 < self.eval_top_p <= 1:
@@ -190,6 +216,8 @@ class TrainConfig:
             problems.append(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.overlong_penalty is not None and not self.overlong_penalty >= 0:
             problems.append(f"--overlong-penalty must be >= 0 (a penalty, subtracted), got {self.overlong_penalty}")
+        if not (math.isfinite(self.rollout_correction_cap) and self.rollout_correction_cap > 0):
+            problems.append(f"--rollout-correction-cap must be a number > 0, got {self.rollout_correction_cap}")
         if self.old_logp_source not in ("auto", "forward", "engine"):
             problems.append(f"--old-logp-source must be auto, forward or engine, got {self.old_logp_source!r}")
         samples = self.prompts_per_step * self.num_generations

@@ -338,6 +338,8 @@ class Trainer:
             # a stop may abandon the rollout batch only before its first applied optimiser update
             stoppable = not any(up.applied for up in updates)
             updates.append(self._update(rollout, micro_batches, timer, step=step, stoppable=stoppable))
+        if updates and self.signals.correction_metrics:  # the rollout correction's, once per step
+            updates[0].metrics.append(self.signals.correction_metrics)
         self._finish_step(updates, timer)
         return metrics_row(step, batch, updates, timer, cfg=self.cfg, world=self.world,
                            lr=self.scheduler.get_last_lr()[0], reduce=self._sum_over_processes)
@@ -363,7 +365,8 @@ class Trainer:
     def _rollout(self, rows: list[dict], seeds: list[int] | None = None) -> Rollout:
         cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
-                                temperature=cfg.temperature, top_p=cfg.top_p)
+                                temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
+                                repetition_penalty=cfg.repetition_penalty, stop=tuple(cfg.stop))
         self.policy.eval()
         rollout = self._generate(self.prompts.prompt_ids(rows), params, seeds=seeds, stop=self.stop.during_generation)
         self.policy.train()
@@ -373,7 +376,7 @@ class Trainer:
     def _generate(self, prompt_ids: list[list[int]], params: SamplingParams, **kw: Any) -> Rollout:
         """The engine's completions; under FSDP inside the policy root's forward, which gathers
         the weights the engine's model (the policy) runs on."""
-        if self.sharding is None:
+        if self.sharding is None or self.engine.copies_weights:  # an engine with its own weights gathers nothing
             return self.engine.generate(prompt_ids, params, **kw)
         with torch.no_grad():
             return Sharding.run(self.loss_module, lambda _policy: self.engine.generate(prompt_ids, params, **kw))
@@ -421,7 +424,11 @@ class Trainer:
             self.scheduler.step()
             if self.teacher is not None:
                 self.teacher.update(self.policy)
-            self.engine.update_weights(self.policy)
+            if not self.engine.copies_weights:
+                self.engine.update_weights(self.policy)
+        if self.engine.copies_weights:  # an inference engine's copy of the weights: time_sync_s
+            with timer("sync"):
+                self.engine.update_weights(self.policy)
 
     def _clip_gradients(self) -> float:
         """The global gradient norm (before clipping), clipped to --max-grad-norm when it is > 0."""

@@ -15,7 +15,10 @@ returns is what the run does, and what its ``config.yaml`` records:
 3. the task (a registered name, ``file:PATH``, or a :class:`~denser.tasks.Task` instance) and what defaults
    to it: ``max_new_tokens`` 0 -> the task's ``suggested_max_new_tokens``, ``eval_size`` 0 -> its eval split,
    at most :data:`~denser.trainers.config.EVAL_SIZE_CAP` rows, ``task`` empty -> the task's name;
-4. ``old_logp_source`` ``auto`` -> ``forward`` when a step makes several updates, else ``engine``;
+4. ``old_logp_source`` ``auto`` -> ``forward`` when a step makes several updates or the engine's log-probs are
+   not the trainer's (``RolloutEngine.copies_weights``: vllm), else ``engine``; ``rollout_correction`` ``auto``
+   -> ``token-truncate`` with such an engine and an objective that uses advantages, else ``off``
+   (:mod:`denser.trainers.rollout_correction`);
 5. the objective for the run (``objective.for_run(updates_per_step)``) and its teacher (``teacher_spec()``,
    when the objective declares a teacher signal).
 
@@ -31,8 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from denser.engines import EngineSpec
-from denser.objectives import DEFAULT_OBJECTIVE, TEACHER_SIGNALS, Objective, TeacherSpec, get_objective
+from denser.engines import EngineSpec, rollout_engine_class
+from denser.objectives import DEFAULT_OBJECTIVE, TEACHER_SIGNALS, Objective, Signal, TeacherSpec, get_objective
 from denser.plugins import import_plugins
 from denser.tasks import DEFAULT_TASK, Task, get_task
 from denser.trainers.config import EVAL_SIZE_CAP, TEACHER_MODEL_KEY, TrainConfig, preset_options
@@ -112,10 +115,15 @@ def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective
         changes["max_new_tokens"] = int(task_obj.suggested_max_new_tokens)
     if cfg.eval_size == 0:
         changes["eval_size"] = resolve_eval_size(0, len(task_obj.eval))
+    # an engine with log-probs of its own (vllm): close to the trainer's, not equal
+    own_logps = rollout_engine_class(cfg.engine).copies_weights
     if cfg.old_logp_source == "auto":  # old_logp from a forward of the pre-update policy when the policy moves
-        changes["old_logp_source"] = "forward" if cfg.updates_per_step > 1 else "engine"
-    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+        changes["old_logp_source"] = "forward" if cfg.updates_per_step > 1 or own_logps else "engine"
     run_objective = obj.for_run(cfg.updates_per_step)  # several updates per step: old_logp declared
+    if cfg.rollout_correction == "auto":  # it weights advantages: an objective without them has nothing to correct
+        changes["rollout_correction"] = ("token-truncate" if own_logps and Signal.ADVANTAGES in run_objective.signals()
+                                         else "off")
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
     teacher = run_objective.teacher_spec() if run_objective.signals() & TEACHER_SIGNALS else None
     return ResolvedRun(config=cfg, objective=run_objective, task=task_obj,
                        engine=_engine(cfg, recorded_engine_args, engine, engine_args), teacher=teacher)

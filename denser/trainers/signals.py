@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from denser.engines.base import Rollout
 from denser.engines.packing import PackedBatch, completion_hidden_states, lm_head_params
 from denser.kernels import token_stats
+from denser.kernels.stats import Metric
 from denser.objectives import (
     TEACHER_LOGP,
     TEACHER_SIGNALS,
@@ -38,6 +39,7 @@ from denser.tasks import Task
 from denser.trainers.batches import MicroBatch, SampleSignals, UpdateBatches
 from denser.trainers.config import TrainConfig
 from denser.trainers.models import render_prompt
+from denser.trainers.rollout_correction import correction_weights, weight_advantages
 from denser.trainers.scoring import Scores
 from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.teacher import TeacherInputs, TeacherWeights
@@ -102,8 +104,12 @@ class SignalComputer:
         # old_logp from a forward of the pre-update policy ('auto': when a step makes several updates)
         self.forward_old_logp = Signal.OLD_LOGP in self.declared and (
             source == "forward" or (source == "auto" and cfg.updates_per_step > 1))
-        if self.forward_old_logp and policy is None:
+        # the rollout correction (trainers/rollout_correction.py): the trainer's log-probs from the same forward
+        self.correction = cfg.rollout_correction if cfg.rollout_correction not in ("off", "auto") else None
+        if (self.forward_old_logp or self.correction) and policy is None:
             raise ValueError("SignalComputer: old_logp from a forward pass (--old-logp-source) needs the policy")
+        self.correction_weights: list[Tensor] | None = None
+        self.correction_metrics: dict[str, Metric] = {}
 
     # ----------------------------------------------------------------------- per rollout batch
 
@@ -113,8 +119,14 @@ class SignalComputer:
         micro-batches, eval mode, the run's temperature), when old_logp come from a forward pass
         (``--old-logp-source forward``, or ``auto`` with several updates per step); else ``rollout``.
         Called before the step's first update, so every update's ratios compare with the policy that
-        the step started from (verl's ``compute_log_prob``, TRL's ``old_per_token_logps``)."""
-        if not self.forward_old_logp:
+        the step started from (verl's ``compute_log_prob``, TRL's ``old_per_token_logps``).
+
+        With the rollout correction on, the same forward gives ``pi_train`` and the weights
+        ``pi_train / pi_rollout`` (``correction_weights``, ``correction_metrics``) that
+        :meth:`per_sample` applies to the advantages; the rollout keeps the engine's log-probs unless
+        old_logp come from the forward."""
+        self.correction_weights, self.correction_metrics = None, {}
+        if not (self.forward_old_logp or self.correction):
             return rollout
         cfg, model, S = self.cfg, self.policy, rollout.num_samples
         was_training = model.training
@@ -127,7 +139,10 @@ class SignalComputer:
                 logps += list(logp.float().cpu().split(packed.lengths.tolist()))
         finally:
             model.train(was_training)
-        return dataclasses.replace(rollout, logps=logps)
+        if self.correction:
+            self.correction_weights, self.correction_metrics = correction_weights(
+                logps, rollout.logps, self.correction, self.cfg.rollout_correction_cap)
+        return dataclasses.replace(rollout, logps=logps) if self.forward_old_logp else rollout
 
     def per_sample(self, rollout: Rollout, rows: list[dict], scores: Scores) -> SampleSignals:
         """Advantages (ADVANTAGES) and teacher contexts (a teacher) of every sample, once per rollout batch."""
@@ -142,6 +157,8 @@ class SignalComputer:
                                      old_logp=list(rollout.logps), ref_logp=ref_logp,
                                      reduce=lambda t: self.reduce(t.to(self.device)).cpu())
             advantages = _checked_advantages(self.objective, self.objective.rollout_advantages(inputs), rollout)
+            if self.correction_weights is not None:  # the rollout correction: every objective's PG term
+                advantages = weight_advantages(advantages, self.correction_weights)
         contexts, teacher_mask = None, None
         if self.teacher is not None:
             contexts, teacher_mask = self.teacher_contexts(rollout, rows, scores)

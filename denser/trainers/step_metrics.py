@@ -112,6 +112,8 @@ def metrics_row(step: int, batch: RolloutBatch, updates: list[UpdateResult], tim
         "time_generate_s": timer.seconds.get("generate", 0.0),
         "time_signals_s": timer.seconds.get("signals", 0.0),
         "time_update_s": timer.seconds.get("update", 0.0),
+        # an engine with its own copy of the weights (vllm): the weight sync after the updates
+        **({"time_sync_s": timer.seconds["sync"]} if "sync" in timer.seconds else {}),
         "step_time_s": elapsed,
         "tokens_per_s": stat[3] / elapsed,
     }
