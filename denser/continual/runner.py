@@ -32,10 +32,11 @@ from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
-from denser.trainers.loop import Trainer
+from denser.trainers.loop import Trainer, accelerator_for
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.resolve import apply_run_defaults, resolve_run
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.tracking import Tracker
 
 
@@ -74,14 +75,33 @@ class ContinualRunner:
         self.command: str | None = None  # the command line, recorded in continual.json
         self.resume_command: str | None = None  # what continues this run after a stop (default: built from cfg)
         self.stop_signals = stop_signals
-        self.stop = StopControl(stop_signals)
+        # the processes of a torchrun / accelerate launch (DDP or FSDP): every one trains and measures,
+        # the main one writes the record; under FSDP every model is sharded (self.sharding)
+        self.accelerator = accelerator_for(cfg)
+        self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
+        if not self.is_main:
+            self.log = lambda *a, **k: None
+        self.stop = StopControl(stop_signals, world=self.world, device=self.accelerator.device)
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision)
 
     def _prepare(self) -> dict | None:
-        """Create the run directory; return the previous record when resuming."""
+        """Create the run directory (the main process); return the previous record when resuming."""
         identity = {"objective": self.objective.name, "train_tasks": self.ccfg.tasks,
                     "heldout_tasks": self.ccfg.eval_tasks, "model": self.cfg.model}
-        return prepare_run_dir(self.run_dir, identity, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
-                               log=self.log)
+        out: list[Any] = [None]
+        if self.is_main:
+            try:
+                out = [prepare_run_dir(self.run_dir, identity, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                                       log=self.log)]
+            except ValueError as e:
+                out = [e]
+        if self.world > 1:  # every process continues from the same record, or fails with the same error
+            from accelerate.utils import broadcast_object_list
+
+            out = broadcast_object_list(out, from_process=0)
+        if isinstance(out[0], ValueError):
+            raise out[0]
+        return out[0]
 
     # ------------------------------------------------------------------------------------ stages
 
@@ -109,8 +129,6 @@ class ContinualRunner:
                           tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
                                                       step_offset=(k - 1) * self.ccfg.steps_per_task),
                           stop_signals=self.stop_signals)
-        if trainer.world > 1:
-            raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
         t0 = time.perf_counter()
         summary = trainer.train()
         elapsed = time.perf_counter() - t0
@@ -136,7 +154,9 @@ class ContinualRunner:
                 "steps_log": [{k: r.get(k) for k in ("step", "reward_mean", "success_rate", "loss", "grad_norm",
                                                      "response_length", "truncated_frac", "step_time_s")}
                               for r in steps]}
-        checkpoint = summary.get("checkpoint")
+        checkpoint = summary.get("checkpoint")  # the main process's (it wrote it); the same path for the others
+        if not checkpoint and not self.is_main:
+            checkpoint = str(ckpt.checkpoint_dir(Path(stage_cfg.output_dir), self.ccfg.steps_per_task))
         if not checkpoint:
             raise RuntimeError(f"stage {k} ({task_name}) wrote no final checkpoint")
         return trainer, info, Path(checkpoint)
@@ -148,8 +168,8 @@ class ContinualRunner:
         cfg = self.cfg
         config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
                   "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
-        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
-                               cpu=cfg.cpu or not torch.cuda.is_available())
+        self.tracker = Tracker(cfg.report_to if self.is_main else [], self.run_dir, project=cfg.tracker_project,
+                               config=config, cpu=cfg.cpu or not torch.cuda.is_available())
         try:
             return self._run()
         finally:
@@ -187,9 +207,14 @@ class ContinualRunner:
                           max_new_tokens=cfg.max_new_tokens, backend=cfg.backend, engine=self.engine)
         self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
         self.initial.eval().requires_grad_(False)
-        self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+        if self.sharding is not None:  # sharded once: every stage's reference and frozen teacher share its shards
+            self.sharding.shard(ModelCall(self.initial), frozen=True)
+        else:
+            self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+        # sharded: the initial weights are gathered one parameter at a time at each measurement, never copied
         meter = ParameterDrift(self.initial, rank=max(1, ccfg.spectral_rank), spectral=ccfg.spectral_rank > 0)
-        self.measurer = StageMeasurer(suite, tokenizer, self.initial, meter, self.run_dir, cfg, ccfg, stop=self.stop)
+        self.measurer = StageMeasurer(suite, tokenizer, self.initial, meter, self.run_dir, cfg, ccfg, stop=self.stop,
+                                      is_main=self.is_main)
 
     def _run(self) -> dict:
         previous = self._prepare()
@@ -237,7 +262,8 @@ class ContinualRunner:
                 if not resume:
                     self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for "
                              f"{ccfg.steps_per_task} steps")
-                mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
+                if self.is_main:
+                    mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
                 trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state,
                                                               resume=resume)
                 self.stop.check(f"the end of stage {k}")  # a stop during the final eval or save: measured on resume
@@ -266,7 +292,8 @@ class ContinualRunner:
         return record
 
     def _save(self, record: dict) -> None:
-        save_record(self.run_dir, record, self.log)
+        if self.is_main:
+            save_record(self.run_dir, record, self.log)
 
     # ------------------------------------------------------------------------------------ stops
 
@@ -276,7 +303,8 @@ class ContinualRunner:
         measured = len(record["stages"]) - 1  # -1: not even stage 0
         if record["stages"]:
             record["status"] = "stopped"
-            write_json(self.run_dir / "continual.json", finite(record))
+            if self.is_main:
+                write_json(self.run_dir / "continual.json", finite(record))
         resume = self.resume_command or self._default_resume_command()
         started = record.get(IN_PROGRESS)
         if stop.step is not None and started is not None:  # inside a stage: its trainer saved what it could
