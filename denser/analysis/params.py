@@ -65,6 +65,8 @@ def named_tensors(model_or_state) -> dict[str, Tensor]:
     """``{name: tensor}`` of a module's (deduplicated) parameters, or of a state dict as given."""
     if isinstance(model_or_state, torch.nn.Module):
         return {n: p.detach() for n, p in model_or_state.named_parameters()}
+    if isinstance(model_or_state, Mapping) and not isinstance(model_or_state, dict):
+        return model_or_state  # a mapping that computes each tensor when read (LoRA's effective weights)
     if isinstance(model_or_state, Mapping):
         return {n: t.detach() for n, t in model_or_state.items()}
     raise TypeError(f"expected an nn.Module or a mapping of name -> tensor, got {type(model_or_state).__name__}")
@@ -166,6 +168,12 @@ class ParameterDrift:
                     r = U0.shape[1]
                     self.bases[name] = U0
                     self.gaps[name] = float(s0[r - 1] / s0[r]) if r < s0.numel() and s0[r] > 0 else None
+
+    def reads(self, initial) -> None:
+        """Read the initial weights from ``initial`` from now on (a module or mapping that holds exactly
+        them, e.g. a LoRA policy's base: ``trainers.lora.effective_weights(policy, adapters=False)``),
+        dropping the copy; ``None`` drops it until the next call. The subspaces stay those computed."""
+        self.initial, self.lazy = (named_tensors(initial) if initial is not None else {}), True
 
     def __call__(self, current) -> dict:
         return self.measure(current)

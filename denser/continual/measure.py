@@ -31,6 +31,7 @@ from denser.analysis.suite import EvalSuite, generations_to_rows
 from denser.continual.config import ContinualConfig
 from denser.continual.record import finite
 from denser.trainers.config import TrainConfig
+from denser.trainers import lora
 from denser.trainers.preemption import StopControl
 from denser.trainers.sharding import Sharding
 
@@ -122,7 +123,7 @@ class StageMeasurer:
         for name, values in sampled.items():
             mean, se = mean_stderr(values)
             record["tasks"][name]["sampled"] = {"n": self.cfg.eval_samples, "mean_at_n": mean, "mean_at_n_se": se}
-        params = self.meter(model)
+        params = self.meter(lora.effective_weights(model) if lora.is_lora(model) else model)  # LoRA: base + adapters
         self._save_responses(stage, gens)
         self.drop_cache_before(version)
         return finite({

@@ -31,6 +31,7 @@ from denser.engines.base import EngineSpec
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
+from denser.trainers import lora
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.loop import Trainer, accelerator_for
 from denser.trainers.models import load_model
@@ -63,9 +64,18 @@ class ContinualRunner:
         # every stage's rollouts and the measurements (a spec names its engine: it replaces cfg.engine)
         self.engine = engine if engine is not None else EngineSpec(cfg.engine)
         cfg = dataclasses.replace(cfg, engine=self.engine.name)
-        if cfg.lora_r:
-            raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
-                             "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
+        if cfg.lora_r and not ccfg.lora_stages:
+            raise ValueError("denser continual --lora-r needs --lora-stages: merge (each stage's adapter becomes part "
+                             "of the weights, the next stage trains a fresh one) or keep (one adapter through every "
+                             "stage)")
+        if ccfg.lora_stages and not cfg.lora_r:
+            raise ValueError(f"--lora-stages {ccfg.lora_stages} needs --lora-r (a LoRA run); drop --lora-stages")
+        if ccfg.lora_stages == "merge" and ccfg.carry_optimizer:
+            raise ValueError("--carry-optimizer with --lora-stages merge: every stage trains a fresh adapter, which has "
+                             "no AdamW state to carry; use --lora-stages keep, or drop --carry-optimizer")
+        if cfg.lora_r and ccfg.teacher_reset:
+            raise ValueError("--teacher-reset with --lora-r is not supported: a LoRA run's frozen and trust-region "
+                             "teachers are the base model; drop --teacher-reset")
         self.objective = objective if objective is not None else get_objective(cfg.objective)
         # the objective's run defaults (dapo: dynamic sampling) where the user set nothing; each stage's
         # Trainer resolves the rest with its task (resolve_run: max_new_tokens, eval_size, old_logp source)
@@ -109,8 +119,15 @@ class ContinualRunner:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
         return self.run_dir / "stages" / f"{k:02d}-{safe}"
 
+    def _lora_chain(self, record: dict) -> lora.AdapterChain | None:
+        """With --lora-r: the adapters of the stages trained so far (their final checkpoints' ``model/``)."""
+        if not self.cfg.lora_r:
+            return None
+        return lora.AdapterChain(self.ccfg.lora_stages, tuple(str(Path(st["checkpoint"]) / "model")
+                                                              for st in record["stages"][1:]))
+
     def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state, *,
-                     resume: bool = False):
+                     resume: bool = False, lora_chain: lora.AdapterChain | None = None):
         """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
         initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
         ``--teacher-reset``: a teacher that starts from ``model_path``). ``resume``: the stage had
@@ -128,7 +145,7 @@ class ContinualRunner:
                           evaluator=self.measurer.evaluator(task_name, base, f"the evaluation in stage {k}"),
                           tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
                                                       step_offset=(k - 1) * self.ccfg.steps_per_task),
-                          stop_signals=self.stop_signals)
+                          stop_signals=self.stop_signals, lora_chain=lora_chain)
         t0 = time.perf_counter()
         summary = trainer.train()
         elapsed = time.perf_counter() - t0
@@ -234,9 +251,11 @@ class ContinualRunner:
                 measurer.load_reference()
                 if done > 0:
                     last = Path(record["stages"][-1]["checkpoint"])
-                    model_path = str(last / "model")
+                    model_path = cfg.model if cfg.lora_r else str(last / "model")  # LoRA: the base, never changed
                     state, _, teacher_state = ckpt.load_train_state(last)
                     optimizer_state = state["optimizer"] if ccfg.carry_optimizer else None
+                    if ccfg.lora_stages == "merge":  # a fresh adapter: its EMA teacher starts from the stage's start
+                        teacher_state = None
                 inside = f", inside stage {done + 1}" if in_stage else ""
                 self.log(f"resuming {self.run_dir} after stage {done}{inside}")
             else:
@@ -252,6 +271,10 @@ class ContinualRunner:
                 record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
                 record["elapsed_s"] = time.perf_counter() - t_start
                 self._save(record)
+            if cfg.lora_r:  # from here the initial model is every stage's base: no copy of it is kept
+                self.initial = measurer.initial = None
+                measurer.meter.reads(None)
+                gc.collect()
             elapsed_before = record.get("elapsed_s", 0.0)
             t_start = time.perf_counter()
 
@@ -265,8 +288,11 @@ class ContinualRunner:
                 if self.is_main:
                     mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
                 trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state,
-                                                              resume=resume)
+                                                              resume=resume, lora_chain=self._lora_chain(record))
                 self.stop.check(f"the end of stage {k}")  # a stop during the final eval or save: measured on resume
+                if cfg.lora_r:  # the base with every adapter disabled is the initial model itself: KL and drift
+                    measurer.initial = lora.AdapterView(trainer.policy)
+                    measurer.meter.reads(lora.effective_weights(trainer.policy, adapters=False))
                 stage = measurer.measure(k, name, trainer.policy, self.updates, str(checkpoint), info)
                 self._log_stage(stage, record)
                 record.pop(IN_PROGRESS, None)
@@ -276,10 +302,13 @@ class ContinualRunner:
                 acc = ", ".join(f"{c} {stage['accuracy'][c]:.2f}" for c in record["columns"])
                 self.log(f"stage {k} done: accuracy {acc}; relative L2 drift {stage['params']['relative_l2']:.2e}; "
                          f"KL to initial {stage['eval']['overall']['kl']:.3g}")
-                model_path = str(checkpoint / "model")
+                model_path = cfg.model if cfg.lora_r else str(checkpoint / "model")
                 carried = trainer.carry_state()
                 optimizer_state = carried["optimizer_state"] if ccfg.carry_optimizer else None
-                teacher_state = carried["teacher_state"]
+                teacher_state = None if ccfg.lora_stages == "merge" else carried["teacher_state"]
+                if cfg.lora_r:  # nothing of the stage's policy outlives it
+                    measurer.initial = None
+                    measurer.meter.reads(None)
                 del trainer
                 gc.collect()
                 self._save(record)

@@ -113,7 +113,9 @@ class Trainer:
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
       tracker for a whole sequence);
     - ``engine``: the rollout engine and its options (:class:`~denser.engines.base.EngineSpec`; default:
-      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``.
+      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``;
+    - ``lora_chain``: with ``--lora-r``, the earlier continual stages' adapters this run's policy
+      starts from (:class:`~denser.trainers.lora.AdapterChain`; a resumed run's own adapter wins).
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
@@ -126,13 +128,14 @@ class Trainer:
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
                  teacher_from_policy: bool = False, stop_signals: StopSignals | None = None,
-                 engine: EngineSpec | None = None):
+                 engine: EngineSpec | None = None, lora_chain: lora.AdapterChain | None = None):
         if not isinstance(run, ResolvedRun):  # Trainer(cfg, objective, task=...): resolved here, as resolve_run does
             run = resolve_run(run, objective, task, engine=engine)
         elif objective is not None or task is not None or engine is not None:
             raise ValueError("Trainer(run): a ResolvedRun holds its objective, task and engine; pass them to resolve_run")
         self.resolved = run
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
+        self.lora_chain = lora_chain
         # the objective is the run's (for_run: several updates per rollout batch turn old_logp on)
         self.cfg, self.objective, self.task, self.log = run.config, run.objective, run.task, log
         cfg = run.config
@@ -280,7 +283,7 @@ class Trainer:
         # ``initial``: the frozen initial weights (the reference; a frozen teacher's), loaded when first
         # asked; ``start``: the weights this run started from (what --teacher-init-alpha mixes in)
         if cfg.lora_r:  # the base model plus an adapter; reference and teachers are views of it (trainers/lora.py)
-            policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from)
+            policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from, self.lora_chain)
             initial = start = functools.cache(lambda: lora.AdapterView(policy))  # a fresh adapter adds zero
         else:
             with ckpt.quiet_transformers():
