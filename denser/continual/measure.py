@@ -30,8 +30,8 @@ from denser.analysis.responses import Generations
 from denser.analysis.suite import EvalSuite, generations_to_rows
 from denser.continual.config import ContinualConfig
 from denser.continual.record import finite
-from denser.trainers.config import TrainConfig
 from denser.trainers import lora
+from denser.trainers.config import TrainConfig
 from denser.trainers.preemption import StopControl
 from denser.trainers.sharding import Sharding
 
