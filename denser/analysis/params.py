@@ -21,6 +21,12 @@ For the flattened parameter vectors ``theta`` (now) and ``theta0`` (initial):
 
 Tied parameters (SmolLM2 ties ``lm_head`` to ``embed_tokens``) are counted once, under the name
 ``named_parameters()`` gives them. Everything is computed in float64 on the CPU.
+
+Sharded models (FSDP2: parameters are DTensors) are measured one parameter at a time: each is
+gathered whole (``full_tensor()``, a collective every process takes part in, in the same order),
+measured and dropped, so no process ever holds a whole model; the initial weights of a sharded
+initial model are not copied but gathered again at each measurement. The numbers are those of the
+same weights unsharded.
 """
 
 from __future__ import annotations
@@ -59,9 +65,25 @@ def named_tensors(model_or_state) -> dict[str, Tensor]:
     """``{name: tensor}`` of a module's (deduplicated) parameters, or of a state dict as given."""
     if isinstance(model_or_state, torch.nn.Module):
         return {n: p.detach() for n, p in model_or_state.named_parameters()}
+    if isinstance(model_or_state, Mapping) and not isinstance(model_or_state, dict):
+        return model_or_state  # a mapping that computes each tensor when read (LoRA's effective weights)
     if isinstance(model_or_state, Mapping):
         return {n: t.detach() for n, t in model_or_state.items()}
     raise TypeError(f"expected an nn.Module or a mapping of name -> tensor, got {type(model_or_state).__name__}")
+
+
+def _is_sharded(t: Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _whole(t: Tensor) -> Tensor:
+    """``t`` in float64 on the CPU, gathered whole when it is sharded (a collective)."""
+    t = t.detach()
+    if _is_sharded(t):
+        t = t.full_tensor()
+    return t.to("cpu", torch.float64)
 
 
 def top_left_singular(W: Tensor, r: int) -> tuple[Tensor, Tensor]:
@@ -132,16 +154,26 @@ class ParameterDrift:
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         self.rank, self.spectral = int(rank), bool(spectral)
-        self.initial = {n: t.detach().to("cpu", torch.float64, copy=True) for n, t in named_tensors(initial).items()}
+        tensors = named_tensors(initial)
+        # a sharded initial model is kept as it is (its parameters, gathered when used), else a float64 copy
+        self.lazy = any(_is_sharded(t) for t in tensors.values())  # read (gathered) when used, not copied
+        self.initial = tensors if self.lazy else {n: t.to("cpu", torch.float64, copy=True)
+                                                  for n, t in tensors.items()}
         self.bases: dict[str, Tensor] = {}
         self.gaps: dict[str, float | None] = {}
         if self.spectral:
-            for name, W0 in self.initial.items():
-                if W0.dim() == 2 and min(W0.shape) >= 2:
-                    U0, s0 = top_left_singular(W0, self.rank)
+            for name, t in self.initial.items():
+                if t.dim() == 2 and min(t.shape) >= 2:
+                    U0, s0 = top_left_singular(_whole(t), self.rank)
                     r = U0.shape[1]
                     self.bases[name] = U0
                     self.gaps[name] = float(s0[r - 1] / s0[r]) if r < s0.numel() and s0[r] > 0 else None
+
+    def reads(self, initial) -> None:
+        """Read the initial weights from ``initial`` from now on (a module or mapping that holds exactly
+        them, e.g. a LoRA policy's base: ``trainers.lora.effective_weights(policy, adapters=False)``),
+        dropping the copy; ``None`` drops it until the next call. The subspaces stay those computed."""
+        self.initial, self.lazy = (named_tensors(initial) if initial is not None else {}), True
 
     def __call__(self, current) -> dict:
         return self.measure(current)
@@ -160,15 +192,19 @@ class ParameterDrift:
             raise ValueError(f"the current weights lack {len(missing)} initial parameters, e.g. {missing[:3]}; "
                              "parameter drift needs the same architecture")
         sums = {k: [0.0, 0.0, 0.0, 0.0, 0] for k in (*MODULE_KINDS, "all")}  # diff^2, w0^2, w^2, <w, w0>, numel
-        for name, W0 in self.initial.items():
-            W = cur[name].detach().to("cpu", torch.float64)
-            if W.shape != W0.shape:
-                raise ValueError(f"parameter {name}: shape {tuple(W.shape)} vs initial {tuple(W0.shape)}")
+        matrices = {}
+        for name, W0 in self.initial.items():  # one parameter at a time (gathered, when sharded)
+            if tuple(cur[name].shape) != tuple(W0.shape):  # (every process alike: shapes are global)
+                raise ValueError(f"parameter {name}: shape {tuple(cur[name].shape)} vs initial {tuple(W0.shape)}")
+            W, W0 = _whole(cur[name]), _whole(W0) if self.lazy else W0
             vals = (float(((W - W0) ** 2).sum()), float((W0 ** 2).sum()), float((W ** 2).sum()),
                     float((W * W0).sum()), W0.numel())
             for key in (module_kind(name), "all"):
                 for i, v in enumerate(vals):
                     sums[key][i] += v
+            if self.spectral and name in self.bases:
+                matrices[name] = self._matrix(name, W, W0)
+            del W, W0
 
         def summary(s):
             d2, n0, n1, dot, numel = s
@@ -180,19 +216,19 @@ class ParameterDrift:
         out = {"relative_l2": overall["relative_l2"], "cosine": overall["cosine"],
                "by_kind": {k: summary(sums[k]) for k in MODULE_KINDS if sums[k][4] > 0}, "spectral": None}
         if self.spectral:
-            out["spectral"] = self._spectral(cur)
+            out["spectral"] = self._spectral(matrices)
         return out
 
-    def _spectral(self, cur: dict[str, Tensor]) -> dict:
-        matrices = {}
-        for name, U0 in self.bases.items():
-            W = cur[name].detach().to("cpu", torch.float64)
-            if torch.equal(W, self.initial[name]):
-                angle, overlap = 0.0, 1.0  # unchanged matrix: the same subspace, no eigendecomposition needed
-            else:
-                U, _ = top_left_singular(W, self.rank)
-                angle, overlap = subspace_angle_overlap(U, U0)
-            matrices[name] = {"kind": module_kind(name), "angle_deg": angle, "overlap": overlap, "gap": self.gaps[name]}
+    def _matrix(self, name: str, W: Tensor, W0: Tensor) -> dict:
+        """The spectral drift of one weight matrix (``W``, ``W0``: whole, float64)."""
+        if torch.equal(W, W0):
+            angle, overlap = 0.0, 1.0  # unchanged matrix: the same subspace, no eigendecomposition needed
+        else:
+            U, _ = top_left_singular(W, self.rank)
+            angle, overlap = subspace_angle_overlap(U, self.bases[name])
+        return {"kind": module_kind(name), "angle_deg": angle, "overlap": overlap, "gap": self.gaps[name]}
+
+    def _spectral(self, matrices: dict[str, dict]) -> dict:
         by_kind = {}
         for kind in MODULE_KINDS:
             rows = [m for m in matrices.values() if m["kind"] == kind]

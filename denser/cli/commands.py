@@ -94,6 +94,8 @@ def cmd_continual(argv: list[str]) -> int:
     except Interrupted as stop:
         print(f"denser continual: {one_line(stop.message)}", file=sys.stderr)
         return stop.exit_code
+    if not runner.is_main:  # the other processes of a multi-process run: the main one reports
+        return 0
     m = record["metrics"]
     print(f"final average accuracy {m['final_average_accuracy']:.3f}, average forgetting "
           f"{(m['final_average_forgetting'] or 0.0):.3f}, relative L2 drift {record['stages'][-1]['params']['relative_l2']:.3e}")

@@ -9,6 +9,7 @@ from denser.objectives.fields import help_field as _f
 from denser.tasks import list_tasks
 
 SAMPLED_EVAL_STAGES = ("first-last", "all", "none")
+LORA_STAGES = ("merge", "keep")
 
 
 @dataclass
@@ -37,6 +38,10 @@ class ContinualConfig:
     sampled_eval_stages: str = _f("first-last", "with --eval-samples N: the stages also measured by mean@N of "
                                   "sampled completions (first-last: the initial model and the final stage, to "
                                   "budget CPU; all; none)", metavar="first-last|all|none")
+    lora_stages: str = _f("", "with --lora-r, required: merge (each stage's adapter becomes part of the weights "
+                          "and the next stage trains a fresh adapter from there, as SDPO-CL restarts from the "
+                          "previous stage's weights) or keep (one adapter trained through every stage)",
+                          metavar="merge|keep")
 
     def __post_init__(self) -> None:
         self.tasks = [t.strip() for t in self.tasks if t.strip()]
@@ -63,6 +68,8 @@ class ContinualConfig:
         if self.sampled_eval_stages not in SAMPLED_EVAL_STAGES:
             problems.append(f"--sampled-eval-stages must be one of {', '.join(SAMPLED_EVAL_STAGES)}, "
                             f"got {self.sampled_eval_stages!r}")
+        if self.lora_stages not in ("", *LORA_STAGES):
+            problems.append(f"--lora-stages must be merge or keep, got {self.lora_stages!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

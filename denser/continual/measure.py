@@ -6,6 +6,10 @@ measurement share them), measures accuracy, drift and artifacts (:meth:`EvalSuit
 <denser.analysis.suite.EvalSuite.measure>`), mean@n at the stages ``--sampled-eval-stages`` selects,
 and writes the responses to ``<run>/responses/stage-NNN.jsonl``.
 
+Under FSDP or DDP every process measures every prompt alike (greedy decoding of the same weights:
+the same responses; a sharded model's layers are gathered as it runs them, collectives every
+process takes part in) and the main process writes the files.
+
 A stop request (SIGTERM, Ctrl-C) ends a generation at its next token and raises
 :class:`~denser.trainers.preemption.Interrupted` right after it; nothing of an interrupted
 measurement is kept (the cache holds only complete generations), so a resumed run measures that
@@ -26,8 +30,10 @@ from denser.analysis.responses import Generations
 from denser.analysis.suite import EvalSuite, generations_to_rows
 from denser.continual.config import ContinualConfig
 from denser.continual.record import finite
+from denser.trainers import lora
 from denser.trainers.config import TrainConfig
 from denser.trainers.preemption import StopControl
+from denser.trainers.sharding import Sharding
 
 
 class StageMeasurer:
@@ -41,13 +47,15 @@ class StageMeasurer:
         run_dir: the continual run's directory (``responses/`` goes there).
         cfg, ccfg: the run's flags (eval samples, seed; the stages that are sampled).
         stop: the run's stop control (None: never stops).
+        is_main: this process writes the responses (the others of a multi-process run measure alike).
     """
 
     def __init__(self, suite: EvalSuite, tokenizer, initial, meter: ParameterDrift, run_dir: Path, cfg: TrainConfig,
-                 ccfg: ContinualConfig, *, stop: StopControl | None = None):
+                 ccfg: ContinualConfig, *, stop: StopControl | None = None, is_main: bool = True):
         self.suite, self.tokenizer, self.initial, self.meter = suite, tokenizer, initial, meter
         self.run_dir, self.cfg, self.ccfg = Path(run_dir), cfg, ccfg
         self.stop = stop if stop is not None else StopControl(None)
+        self.is_main = is_main
         self.reference: dict[str, Generations] | None = None  # the initial model's responses (similarity)
         self._cache: dict[tuple[str, int], Generations] = {}
 
@@ -59,11 +67,17 @@ class StageMeasurer:
         ``where``: the check point a stop during the generation is reported at."""
         missing = [n for n in names if (n, version) not in self._cache]
         if missing:
-            gens = self.suite.generate_many(model, self.tokenizer, missing, stop=self.stop.during_generation)
+            gens = Sharding.within(model, lambda m: self.suite.generate_many(m, self.tokenizer, missing,
+                                                                             stop=self._during_generation(m)))
             self.stop.check(where)  # before caching: a stopped generation is cut short
             for n, g in gens.items():
                 self._cache[(n, version)] = g
         return {n: self._cache[(n, version)] for n in names}
+
+    def _during_generation(self, model):
+        """The stop poll of a generation; none for a sharded model, whose processes must run the same
+        forwards (a stop then waits for the generation's end, checked right after it)."""
+        return None if Sharding.root_of(model) is not None else self.stop.during_generation
 
     def drop_cache_before(self, version: int) -> None:
         for key in [k for k in self._cache if k[1] < version]:
@@ -90,9 +104,17 @@ class StageMeasurer:
         t0 = time.perf_counter()
         first = stage == 0
         where = "the initial measurement" if first else f"the measurement after stage {stage}"
-        record, gens = self.suite.measure(model, self.tokenizer, initial=None if first else self.initial,
-                                          reference=None if first else self.reference,
-                                          generate=lambda names: self.generate(model, names, version, where))
+        generate = lambda names: self.generate(model, names, version, where)  # noqa: E731
+        generate(self.suite.names)  # the responses first; then the forwards of the drift, with the weights at hand
+
+        def measure(m, initial):
+            return self.suite.measure(m, self.tokenizer, initial=initial, reference=None if first else self.reference,
+                                      generate=generate)
+
+        if first:
+            record, gens = Sharding.within(model, lambda m: measure(m, None))
+        else:
+            record, gens = Sharding.within(model, lambda m: Sharding.within(self.initial, lambda i: measure(m, i)))
         if first:  # the initial model against itself: no drift by definition (saves two forwards per prompt)
             self.reference = gens
             for rec in (*record["tasks"].values(), record["overall"]):
@@ -101,7 +123,7 @@ class StageMeasurer:
         for name, values in sampled.items():
             mean, se = mean_stderr(values)
             record["tasks"][name]["sampled"] = {"n": self.cfg.eval_samples, "mean_at_n": mean, "mean_at_n_se": se}
-        params = self.meter(model)
+        params = self.meter(lora.effective_weights(model) if lora.is_lora(model) else model)  # LoRA: base + adapters
         self._save_responses(stage, gens)
         self.drop_cache_before(version)
         return finite({
@@ -127,13 +149,15 @@ class StageMeasurer:
         if not self.cfg.eval_samples or not chosen:
             return {}
         cfg = self.cfg
-        out = self.suite.sample_many(model, self.tokenizer, self.suite.names, samples=cfg.eval_samples,
-                                     temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, seed=cfg.seed,
-                                     stop=self.stop.during_generation)
+        out = Sharding.within(model, lambda m: self.suite.sample_many(
+            m, self.tokenizer, self.suite.names, samples=cfg.eval_samples, temperature=cfg.eval_temperature,
+            top_p=cfg.eval_top_p, seed=cfg.seed, stop=self._during_generation(model)))
         self.stop.check(where)
         return out
 
     def _save_responses(self, stage: int, gens) -> None:
+        if not self.is_main:
+            return
         rows = [r for name in self.suite.names for r in generations_to_rows(name, gens[name])]
         path = self.run_dir / "responses" / f"stage-{stage:03d}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))

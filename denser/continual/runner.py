@@ -31,11 +31,13 @@ from denser.engines.base import EngineSpec
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
+from denser.trainers import lora
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
-from denser.trainers.loop import Trainer
+from denser.trainers.loop import Trainer, accelerator_for
 from denser.trainers.models import load_model
 from denser.trainers.preemption import Interrupted, StopControl, StopSignals, signal_name
 from denser.trainers.resolve import apply_run_defaults, resolve_run
+from denser.trainers.sharding import ModelCall, Sharding
 from denser.trainers.tracking import Tracker
 
 
@@ -62,9 +64,18 @@ class ContinualRunner:
         # every stage's rollouts and the measurements (a spec names its engine: it replaces cfg.engine)
         self.engine = engine if engine is not None else EngineSpec(cfg.engine)
         cfg = dataclasses.replace(cfg, engine=self.engine.name)
-        if cfg.lora_r:
-            raise ValueError("denser continual does not support --lora-r yet (each stage would continue the adapter "
-                             "over the initial base model); run the stages with denser train --lora-r, or drop --lora-r")
+        if cfg.lora_r and not ccfg.lora_stages:
+            raise ValueError("denser continual --lora-r needs --lora-stages: merge (each stage's adapter becomes part "
+                             "of the weights, the next stage trains a fresh one) or keep (one adapter through every "
+                             "stage)")
+        if ccfg.lora_stages and not cfg.lora_r:
+            raise ValueError(f"--lora-stages {ccfg.lora_stages} needs --lora-r (a LoRA run); drop --lora-stages")
+        if ccfg.lora_stages == "merge" and ccfg.carry_optimizer:
+            raise ValueError("--carry-optimizer with --lora-stages merge: every stage trains a fresh adapter, which has "
+                             "no AdamW state to carry; use --lora-stages keep, or drop --carry-optimizer")
+        if cfg.lora_r and ccfg.teacher_reset:
+            raise ValueError("--teacher-reset with --lora-r is not supported: a LoRA run's frozen and trust-region "
+                             "teachers are the base model; drop --teacher-reset")
         self.objective = objective if objective is not None else get_objective(cfg.objective)
         # the objective's run defaults (dapo: dynamic sampling) where the user set nothing; each stage's
         # Trainer resolves the rest with its task (resolve_run: max_new_tokens, eval_size, old_logp source)
@@ -75,14 +86,36 @@ class ContinualRunner:
         self.stage_probe: dict | None = None  # --teacher-probe: the current stage's teacher at its start
         self.resume_command: str | None = None  # what continues this run after a stop (default: built from cfg)
         self.stop_signals = stop_signals
-        self.stop = StopControl(stop_signals)
+        # the processes of a torchrun / accelerate launch (DDP or FSDP): every one trains and measures,
+        # the main one writes the record; under FSDP every model is sharded (self.sharding)
+        self.accelerator = accelerator_for(cfg)
+        self.world, self.is_main = self.accelerator.num_processes, self.accelerator.is_main_process
+        if not self.is_main:
+            self.log = lambda *a, **k: None
+        self.stop = StopControl(stop_signals, world=self.world, device=self.accelerator.device)
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision)
+        if ccfg.teacher_probe and self.world > 1:  # its forwards are one process's, outside the sharded roots
+            raise ValueError("--teacher-probe measures in one process; run it without accelerate/torchrun, or drop "
+                             "--teacher-probe")
 
     def _prepare(self) -> dict | None:
-        """Create the run directory; return the previous record when resuming."""
+        """Create the run directory (the main process); return the previous record when resuming."""
         identity = {"objective": self.objective.name, "train_tasks": self.ccfg.tasks,
                     "heldout_tasks": self.ccfg.eval_tasks, "model": self.cfg.model}
-        return prepare_run_dir(self.run_dir, identity, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
-                               log=self.log)
+        out: list[Any] = [None]
+        if self.is_main:
+            try:
+                out = [prepare_run_dir(self.run_dir, identity, resume=self.cfg.resume, overwrite=self.cfg.overwrite,
+                                       log=self.log)]
+            except ValueError as e:
+                out = [e]
+        if self.world > 1:  # every process continues from the same record, or fails with the same error
+            from accelerate.utils import broadcast_object_list
+
+            out = broadcast_object_list(out, from_process=0)
+        if isinstance(out[0], ValueError):
+            raise out[0]
+        return out[0]
 
     # ------------------------------------------------------------------------------------ stages
 
@@ -90,8 +123,15 @@ class ContinualRunner:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in task)
         return self.run_dir / "stages" / f"{k:02d}-{safe}"
 
+    def _lora_chain(self, record: dict) -> lora.AdapterChain | None:
+        """With --lora-r: the adapters of the stages trained so far (their final checkpoints' ``model/``)."""
+        if not self.cfg.lora_r:
+            return None
+        return lora.AdapterChain(self.ccfg.lora_stages, tuple(str(Path(st["checkpoint"]) / "model")
+                                                              for st in record["stages"][1:]))
+
     def _train_stage(self, k: int, task_name: str, model_path: str, optimizer_state, teacher_state, *,
-                     resume: bool = False):
+                     resume: bool = False, lora_chain: lora.AdapterChain | None = None):
         """Stage ``k``: a Trainer from ``model_path`` whose frozen reference and frozen teacher are the
         initial model of the whole sequence, with the carried optimizer and EMA teacher state (with
         ``--teacher-reset``: a teacher that starts from ``model_path``). ``resume``: the stage had
@@ -109,9 +149,7 @@ class ContinualRunner:
                           evaluator=self.measurer.evaluator(task_name, base, f"the evaluation in stage {k}"),
                           tracker=self.tracker.scoped(f"stage{k}/{task_name}/",
                                                       step_offset=(k - 1) * self.ccfg.steps_per_task),
-                          stop_signals=self.stop_signals)
-        if trainer.world > 1:
-            raise ValueError("denser continual runs in a single process; launch it without accelerate/torchrun")
+                          stop_signals=self.stop_signals, lora_chain=lora_chain)
         self.stage_probe = self.measurer.teacher_probe(k, task_name, trainer) if self.ccfg.teacher_probe else None
         t0 = time.perf_counter()
         summary = trainer.train()
@@ -138,7 +176,9 @@ class ContinualRunner:
                 "steps_log": [{k: r.get(k) for k in ("step", "reward_mean", "success_rate", "loss", "grad_norm",
                                                      "response_length", "truncated_frac", "step_time_s")}
                               for r in steps]}
-        checkpoint = summary.get("checkpoint")
+        checkpoint = summary.get("checkpoint")  # the main process's (it wrote it); the same path for the others
+        if not checkpoint and not self.is_main:
+            checkpoint = str(ckpt.checkpoint_dir(Path(stage_cfg.output_dir), self.ccfg.steps_per_task))
         if not checkpoint:
             raise RuntimeError(f"stage {k} ({task_name}) wrote no final checkpoint")
         return trainer, info, Path(checkpoint)
@@ -150,8 +190,8 @@ class ContinualRunner:
         cfg = self.cfg
         config = {**dataclasses.asdict(cfg), "objective": self.objective.name,
                   "continual": dataclasses.asdict(self.ccfg), "objective_args": dataclasses.asdict(self.objective)}
-        self.tracker = Tracker(cfg.report_to, self.run_dir, project=cfg.tracker_project, config=config,
-                               cpu=cfg.cpu or not torch.cuda.is_available())
+        self.tracker = Tracker(cfg.report_to if self.is_main else [], self.run_dir, project=cfg.tracker_project,
+                               config=config, cpu=cfg.cpu or not torch.cuda.is_available())
         try:
             return self._run()
         finally:
@@ -189,9 +229,14 @@ class ContinualRunner:
                           max_new_tokens=cfg.max_new_tokens, backend=cfg.backend, engine=self.engine)
         self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
         self.initial.eval().requires_grad_(False)
-        self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+        if self.sharding is not None:  # sharded once: every stage's reference and frozen teacher share its shards
+            self.sharding.shard(ModelCall(self.initial), frozen=True)
+        else:
+            self.initial.to(torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu"))
+        # sharded: the initial weights are gathered one parameter at a time at each measurement, never copied
         meter = ParameterDrift(self.initial, rank=max(1, ccfg.spectral_rank), spectral=ccfg.spectral_rank > 0)
-        self.measurer = StageMeasurer(suite, tokenizer, self.initial, meter, self.run_dir, cfg, ccfg, stop=self.stop)
+        self.measurer = StageMeasurer(suite, tokenizer, self.initial, meter, self.run_dir, cfg, ccfg, stop=self.stop,
+                                      is_main=self.is_main)
 
     def _run(self) -> dict:
         previous = self._prepare()
@@ -211,9 +256,11 @@ class ContinualRunner:
                 measurer.load_reference()
                 if done > 0:
                     last = Path(record["stages"][-1]["checkpoint"])
-                    model_path = str(last / "model")
+                    model_path = cfg.model if cfg.lora_r else str(last / "model")  # LoRA: the base, never changed
                     state, _, teacher_state = ckpt.load_train_state(last)
                     optimizer_state = state["optimizer"] if ccfg.carry_optimizer else None
+                    if ccfg.lora_stages == "merge":  # a fresh adapter: its EMA teacher starts from the stage's start
+                        teacher_state = None
                 inside = f", inside stage {done + 1}" if in_stage else ""
                 self.log(f"resuming {self.run_dir} after stage {done}{inside}")
             else:
@@ -229,6 +276,10 @@ class ContinualRunner:
                 record["accuracy_matrix"] = [[stage0["accuracy"][c] for c in record["columns"]]]
                 record["elapsed_s"] = time.perf_counter() - t_start
                 self._save(record)
+            if cfg.lora_r:  # from here the initial model is every stage's base: no copy of it is kept
+                self.initial = measurer.initial = None
+                measurer.meter.reads(None)
+                gc.collect()
             elapsed_before = record.get("elapsed_s", 0.0)
             t_start = time.perf_counter()
 
@@ -239,10 +290,14 @@ class ContinualRunner:
                 if not resume:
                     self.log(f"stage {k}/{len(ccfg.tasks)}: {self.objective.name} on {name} for "
                              f"{ccfg.steps_per_task} steps")
-                mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
+                if self.is_main:
+                    mark_in_progress(self.run_dir, record, k, name, self._stage_dir(k, name))
                 trainer, info, checkpoint = self._train_stage(k, name, model_path, optimizer_state, teacher_state,
-                                                              resume=resume)
+                                                              resume=resume, lora_chain=self._lora_chain(record))
                 self.stop.check(f"the end of stage {k}")  # a stop during the final eval or save: measured on resume
+                if cfg.lora_r:  # the base with every adapter disabled is the initial model itself: KL and drift
+                    measurer.initial = lora.AdapterView(trainer.policy)
+                    measurer.meter.reads(lora.effective_weights(trainer.policy, adapters=False))
                 stage = measurer.measure(k, name, trainer.policy, self.updates, str(checkpoint), info)
                 if self.stage_probe is not None:
                     stage["teacher_probe"] = self.stage_probe
@@ -254,10 +309,13 @@ class ContinualRunner:
                 acc = ", ".join(f"{c} {stage['accuracy'][c]:.2f}" for c in record["columns"])
                 self.log(f"stage {k} done: accuracy {acc}; relative L2 drift {stage['params']['relative_l2']:.2e}; "
                          f"KL to initial {stage['eval']['overall']['kl']:.3g}")
-                model_path = str(checkpoint / "model")
+                model_path = cfg.model if cfg.lora_r else str(checkpoint / "model")
                 carried = trainer.carry_state()
                 optimizer_state = carried["optimizer_state"] if ccfg.carry_optimizer else None
-                teacher_state = carried["teacher_state"]
+                teacher_state = None if ccfg.lora_stages == "merge" else carried["teacher_state"]
+                if cfg.lora_r:  # nothing of the stage's policy outlives it
+                    measurer.initial = None
+                    measurer.meter.reads(None)
                 del trainer
                 gc.collect()
                 self._save(record)
@@ -270,7 +328,8 @@ class ContinualRunner:
         return record
 
     def _save(self, record: dict) -> None:
-        save_record(self.run_dir, record, self.log)
+        if self.is_main:
+            save_record(self.run_dir, record, self.log)
 
     # ------------------------------------------------------------------------------------ stops
 
@@ -280,7 +339,8 @@ class ContinualRunner:
         measured = len(record["stages"]) - 1  # -1: not even stage 0
         if record["stages"]:
             record["status"] = "stopped"
-            write_json(self.run_dir / "continual.json", finite(record))
+            if self.is_main:
+                write_json(self.run_dir / "continual.json", finite(record))
         resume = self.resume_command or self._default_resume_command()
         started = record.get(IN_PROGRESS)
         if stop.step is not None and started is not None:  # inside a stage: its trainer saved what it could

@@ -350,6 +350,18 @@ def prune(run_dir, keep_last: int) -> None:
 # ---------------------------------------------------------------------------------------- read
 
 
+def saved_batch(ckpt: Path) -> tuple[int, int] | None:
+    """``(processes, prompts per process)`` of the run that wrote checkpoint ``ckpt`` (its trainer
+    state; None for a checkpoint of an earlier denser, which did not record them)."""
+    try:
+        state = json.loads((Path(ckpt) / "state" / TRAINER_STATE).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None  # load_train_state names the problem
+    if not isinstance(state, dict) or "processes" not in state or "prompts_per_step" not in state:
+        return None
+    return int(state["processes"]), int(state["prompts_per_step"])
+
+
 def load_train_state(ckpt: Path) -> tuple[dict, dict, dict[str, torch.Tensor] | None]:
     """``(train_state {optimizer, scheduler, rng}, trainer_state, teacher_state or None)``.
 

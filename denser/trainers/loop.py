@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_scheduler
@@ -83,6 +83,9 @@ def _accelerator(cfg: TrainConfig) -> Accelerator:
     return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
 
 
+accelerator_for = _accelerator  # the continual runner's, before its first stage (the same state as its stages')
+
+
 class Trainer:
     """``Trainer(run).train()`` runs ``run.config.steps`` on-policy steps and returns the final metrics.
 
@@ -96,7 +99,8 @@ class Trainer:
     What a run starts from besides ``cfg.model`` (the continual runner chains runs with these):
 
     - ``anchor``: the model the frozen reference (``ref_logp``) and a ``frozen`` teacher are: shared,
-      not copied, and never trained (default: a fresh load of ``cfg.model``);
+      not copied, and never trained (default: a fresh load of ``cfg.model``); under FSDP it is sharded
+      in place by the first run that uses it, and later runs share its shards (``Sharding.root_of``);
     - ``optimizer_state``, ``teacher_state``: an AdamW state and EMA teacher weights to start from,
       as :meth:`carry_state` returns them (the learning rates stay this run's schedule; a
       non-EMA teacher ignores ``teacher_state``). A run resumed from its own checkpoint
@@ -109,7 +113,9 @@ class Trainer:
       trackers of ``cfg.report_to``, opened and closed by this run; the continual runner passes one
       tracker for a whole sequence);
     - ``engine``: the rollout engine and its options (:class:`~denser.engines.base.EngineSpec`; default:
-      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``.
+      engine ``cfg.engine`` with its default options), written to config.yaml as ``engine_args``;
+    - ``lora_chain``: with ``--lora-r``, the earlier continual stages' adapters this run's policy
+      starts from (:class:`~denser.trainers.lora.AdapterChain`; a resumed run's own adapter wins).
 
     Under FSDP (``cfg.fsdp``, or an accelerate FSDP launch: ``sharding`` is then a
     :class:`~denser.trainers.sharding.Sharding`) the policy, the reference and the teacher are
@@ -122,13 +128,14 @@ class Trainer:
                  optimizer_state: dict | None = None, teacher_state: dict | None = None,
                  evaluator: Callable[[Trainer], float | dict] | None = None, tracker: Tracker | None = None,
                  teacher_from_policy: bool = False, stop_signals: StopSignals | None = None,
-                 engine: EngineSpec | None = None):
+                 engine: EngineSpec | None = None, lora_chain: lora.AdapterChain | None = None):
         if not isinstance(run, ResolvedRun):  # Trainer(cfg, objective, task=...): resolved here, as resolve_run does
             run = resolve_run(run, objective, task, engine=engine)
         elif objective is not None or task is not None or engine is not None:
             raise ValueError("Trainer(run): a ResolvedRun holds its objective, task and engine; pass them to resolve_run")
         self.resolved = run
         self.anchor, self.evaluator, self.teacher_from_policy = anchor, evaluator, teacher_from_policy
+        self.lora_chain = lora_chain
         # the objective is the run's (for_run: several updates per rollout batch turn old_logp on)
         self.cfg, self.objective, self.task, self.log = run.config, run.objective, run.task, log
         cfg = run.config
@@ -137,14 +144,17 @@ class Trainer:
         lora.check_lora_run(cfg, self.accelerator)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.is_main = self.accelerator.is_main_process
-        chained = any(x is not None for x in (anchor, optimizer_state, teacher_state)) or teacher_from_policy
-        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision,
-                                         chained=chained)  # None: one process, or DDP
+        # None: one process, or DDP
+        self.sharding = Sharding.for_run(self.accelerator, cfg.fsdp, mixed_precision=cfg.mixed_precision)
         self._check_data()
         self.run_dir = Path(cfg.output_dir or f"runs/{self.objective.name}-{self.task.name}")
-        self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone)
+        self.run = RunDir(self.run_dir, is_main=self.is_main, log=log, barrier=self.accelerator.wait_for_everyone,
+                          world=self.world, broadcast=lambda obj: broadcast_object_list([obj], from_process=0)[0],
+                          gather=lambda obj: gather_object([obj]))
         # refuses another run's directory; writes nothing yet
         resume_from = self.run.check(self._run_config(), resume=cfg.resume, overwrite=cfg.overwrite, steps=cfg.steps)
+        if resume_from is not None:  # on another number of processes: the global batch of the checkpoint's run
+            self.cfg = cfg = self._keep_global_batch(resume_from, cfg)
         set_seed(cfg.seed + self.rank)  # before loading: a resumed run's RNG streams are restored last, below
 
         check_signals(self.objective, self.task)
@@ -236,6 +246,27 @@ class Trainer:
         if len(self.task.eval) == 0:
             self._note(f"warning: task {name!r} has no eval rows; eval accuracy will read 0")
 
+    def _keep_global_batch(self, path: Path, cfg: TrainConfig) -> TrainConfig:
+        """``cfg`` with the prompts per process that keep the global batch of the run that wrote
+        ``path`` (its processes x its ``--prompts-per-step``), so the prompt schedule and the request
+        seeds continue as that run's would (trainers/prompts.py); refused, before any compute, when
+        this number of processes does not divide it."""
+        saved = ckpt.saved_batch(path)
+        if saved is None or saved[0] == self.world:
+            return cfg
+        world, per = saved
+        total = world * per
+        if total % self.world:
+            raise ValueError(f"--resume: {path} was written by {world} process(es) with --prompts-per-step {per} "
+                             f"({total} prompts per step); {self.world} processes cannot split them evenly: resume "
+                             f"with a number of processes that divides {total}")
+        if cfg.prompts_per_step != per:
+            self._note(f"--resume: --prompts-per-step {cfg.prompts_per_step} ignored: the run continues with its "
+                       f"{total} prompts per step")
+        self._note(f"--resume: {path} was written by {world} process(es); {self.world} continue it with "
+                   f"--prompts-per-step {total // self.world} each ({total} prompts per step, as before)")
+        return dataclasses.replace(cfg, prompts_per_step=total // self.world)
+
     def _load_models(self, resume_from: Path | None) -> nn.Module:
         """The policy (from ``resume_from`` when resuming), and the models the declared signals
         need: ``self.reference`` (REF_LOGP) and ``self.teacher`` (TEACHER, TEACHER_LOGP: the weights
@@ -252,7 +283,7 @@ class Trainer:
         # ``initial``: the frozen initial weights (the reference; a frozen teacher's), loaded when first
         # asked; ``start``: the weights this run started from (what --teacher-init-alpha mixes in)
         if cfg.lora_r:  # the base model plus an adapter; reference and teachers are views of it (trainers/lora.py)
-            policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from)
+            policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from, self.lora_chain)
             initial = start = functools.cache(lambda: lora.AdapterView(policy))  # a fresh adapter adds zero
         else:
             with ckpt.quiet_transformers():
@@ -288,8 +319,13 @@ class Trainer:
         self.consecutive_skips = int(trainer_state.get("consecutive_skips", 0))
         self.finished = bool(trainer_state.get("finished", False)) and self.start_step >= self.cfg.steps
         self.run.truncate_metrics(self.run.metrics_rows)
-        # Last, after everything that might draw random numbers: the streams continue where the run left them.
-        ckpt.set_rng_state(state["rng"], self.rank)
+        # Last, after everything that might draw random numbers: the streams continue where the run left them
+        # (on another number of processes, a process the writer did not have starts a stream of its own)
+        rng = state["rng"]
+        if isinstance(rng, list) and len(rng) != self.world and self.rank >= len(rng):
+            set_seed(self.cfg.seed + self.rank + 1_000_003 * self.start_step)
+        else:
+            ckpt.set_rng_state(rng, self.rank)
         self._note(f"resumed from {path} (step {self.start_step}, the newest complete checkpoint)")
 
     # ------------------------------------------------------------------------------------- eval
@@ -446,7 +482,9 @@ class Trainer:
 
     def _trainer_state(self, step: int, finished: bool) -> dict[str, Any]:
         return {"step": step, "metrics_rows": self.run.metrics_rows, "skipped_total": self.skipped_total,
-                "consecutive_skips": self.consecutive_skips, "finished": finished}
+                "consecutive_skips": self.consecutive_skips, "finished": finished,
+                # the global batch, for a resume on another number of processes (_keep_global_batch)
+                "processes": self.world, "prompts_per_step": self.cfg.prompts_per_step}
 
     def save(self, step: int, *, finished: bool = False) -> Path | None:
         """Checkpoint ``step`` (every process takes part: the RNG streams of all of them are stored).
@@ -606,16 +644,24 @@ class Trainer:
 
     def carry_state(self) -> dict[str, Any]:
         """What a following run can start from: ``Trainer(cfg2, objective, **trainer.carry_state())``
-        continues the AdamW state and the EMA teacher (``teacher_state`` is None without one)."""
+        continues the AdamW state and the EMA teacher (``teacher_state`` is None without one).
+
+        Under FSDP this process's shards (DTensors, nothing gathered): the following run must be
+        sharded alike (the same processes, model and wrap policy), as a continual run's next stage is."""
         if self.sharding is not None:
-            raise ValueError("carry_state: runs under FSDP are not chained by the continual runner")
+            teacher = ({k: v.detach() for k, v in self.teacher.model.state_dict().items()}
+                       if self.teacher is not None and self.teacher.keeps_state else None)
+            return {"optimizer_state": self.optimizer.state_dict(), "teacher_state": teacher}
         return {"optimizer_state": self.optimizer.state_dict(),
                 "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
 
     def _start_from(self, optimizer_state: dict | None, teacher_state: dict | None) -> None:
         if optimizer_state is not None:
             lrs = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(optimizer_state)
+            if self.sharding is not None:  # whole tensors (a checkpoint's) or shards laid out alike (carry_state)
+                self.sharding.load_optimizer_state(self.optimizer, optimizer_state)
+            else:
+                self.optimizer.load_state_dict(optimizer_state)
             for g, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):  # this run's schedule
                 g["lr"] = lr
                 if initial_lr is not None:

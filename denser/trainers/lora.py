@@ -27,6 +27,14 @@ Checkpoints hold the adapter in peft's format in ``<ckpt>/model`` (``adapter_con
 ``AutoModelForCausalLM.from_pretrained``, to the final checkpoint; :func:`merge_lora` (``denser
 merge-lora``) merges any checkpoint afterwards. A resumed run loads the base model again
 (``--model``) and the adapter from the checkpoint. FSDP with LoRA is not supported (refused).
+
+A continual run's stages chain adapters (:class:`AdapterChain`, ``denser continual --lora-stages``):
+``keep`` trains one adapter through every stage (stage k starts from stage k-1's adapter); ``merge``
+makes each finished stage's adapter part of the weights and trains a fresh one. The base model is
+never changed: the earlier stages' adapters stay beside it, frozen and active (their low-rank updates
+add up to what merging them would), so the base with every adapter disabled is still the sequence's
+initial model, the KL reference, without a second copy of the weights. :func:`effective_weights`
+gives the weights the policy computes with (base plus every active adapter's update), layer by layer.
 """
 
 from __future__ import annotations
@@ -35,9 +43,12 @@ import contextlib
 import copy
 import json
 import os
+import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -57,8 +68,9 @@ ALL_LINEAR = "all-linear"
 MERGED_DIR = "merged"
 ADAPTER_CONFIG = "adapter_config.json"
 
-__all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterView", "attach_lora", "check_lora_run", "is_adapter_dir",
-           "load_lora_policy", "merge_lora", "merged_model", "trainable_adapter"]
+__all__ = ["ALL_LINEAR", "MERGED_DIR", "AdapterChain", "AdapterView", "attach_lora", "check_lora_run",
+           "effective_weights", "is_adapter_dir", "is_lora", "load_lora_policy", "merge_lora", "merged_model",
+           "trainable_adapter"]
 
 
 def _peft():
@@ -215,16 +227,104 @@ def check_lora_run(cfg: Any, accelerator: Any) -> None:
                          "or --lora-r")
 
 
-def load_lora_policy(cfg: Any, resume_from: Path | None) -> tuple[nn.Module, Any]:
+@dataclass(frozen=True)
+class AdapterChain:
+    """What a continual stage's LoRA policy starts from (``denser continual --lora-stages``).
+
+    ``mode``: ``keep`` (the trainable adapter starts as the last of ``adapters``) or ``merge`` (every
+    one of ``adapters`` is attached frozen and active, the trainable adapter is fresh).
+    ``adapters``: the earlier stages' final adapters (peft directories: their checkpoints' ``model/``), in order."""
+
+    mode: str
+    adapters: tuple[str, ...] = ()
+
+
+def load_lora_policy(cfg: Any, resume_from: Path | None, chain: AdapterChain | None = None) -> tuple[nn.Module, Any]:
     """``(policy, tokenizer)`` of a LoRA run: the base model ``cfg.model`` with a fresh adapter (or the
-    adapter of ``resume_from``). The reference and the teacher are views of it: ``AdapterView(policy)``
-    (the base model) and ``trainers.teacher.build_teacher(..., lora=True)``."""
+    adapter of ``resume_from``; or, in a continual stage, as ``chain`` says). The reference and the
+    teacher are views of it: ``AdapterView(policy)`` (the base model) and
+    ``trainers.teacher.build_teacher(..., lora=True)``."""
     with ckpt.quiet_transformers():
         base, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
     adapter = resume_from / "model" if resume_from is not None else None
+    if adapter is None and chain is not None and chain.mode == "keep" and chain.adapters:
+        adapter = Path(chain.adapters[-1])
     policy = attach_lora(base, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                          target_modules=cfg.lora_target_modules, adapter=adapter)
+    if chain is not None and chain.mode == "merge" and chain.adapters:
+        _add_frozen_adapters(policy, [(f"stage{i + 1}", p) for i, p in enumerate(chain.adapters)])
     return policy, tokenizer
+
+
+def _add_frozen_adapters(policy: nn.Module, adapters: list[tuple[str, str | os.PathLike]]) -> None:
+    """Attach ``adapters`` (name, peft directory) to ``policy``, frozen and active beside its own
+    (trainable) adapter: the policy computes with the base plus every one of their updates. peft
+    saves them with the policy's adapter (as subdirectories ``<name>/`` of its directory)."""
+    own = policy.active_adapter
+    for name, path in adapters:
+        policy.load_adapter(str(path), adapter_name=name, is_trainable=False)
+    policy.base_model.set_adapter([name for name, _ in adapters] + [own])  # peft makes them trainable: undone below
+    for n, p in policy.named_parameters():
+        p.requires_grad_("lora_" in n and f".{own}." in n)
+
+
+def _stage_adapters(adapter_dir: Path) -> list[tuple[str, Path]]:
+    """The earlier stages' adapters a ``--lora-stages merge`` checkpoint holds beside its own."""
+    found = [d for d in adapter_dir.iterdir() if d.is_dir() and re.fullmatch(r"stage\d+", d.name)
+             and (d / ADAPTER_CONFIG).is_file()]
+    return [(d.name, d) for d in sorted(found, key=lambda d: int(d.name[5:]))]
+
+
+def is_lora(model: Any) -> bool:
+    """``model`` is a peft model (a LoRA policy)."""
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def effective_weights(policy: nn.Module, *, adapters: bool = True) -> Mapping[str, Tensor]:
+    """The weights the LoRA ``policy`` computes with, under the plain model's parameter names: each
+    adapted layer's base weight plus the updates of its active adapters (``B @ A`` scaled, what
+    merging them gives), the other parameters as they are; ``adapters=False``: the base weights
+    alone (the initial model's, never changed). Computed on access, one layer at a time (a mapping:
+    the drift meter reads one parameter at a time)."""
+    return _EffectiveWeights(policy, adapters)
+
+
+class _EffectiveWeights(Mapping):
+    def __init__(self, policy: nn.Module, adapters: bool):
+        self.adapters = adapters
+        model = policy.get_base_model()
+        self._layers: dict[str, nn.Module] = {}
+        self._plain: dict[str, Tensor] = {}
+        adapted = {}
+        for name, module in model.named_modules():
+            if hasattr(module, "base_layer") and hasattr(module, "lora_A"):
+                adapted[name] = module
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                continue
+            owner = next((m for m in adapted if name.startswith(m + ".base_layer.")), None)
+            if owner is None:
+                self._plain[name] = p
+            else:
+                key = owner + "." + name[len(owner) + len(".base_layer."):]
+                (self._layers if key.endswith(".weight") else self._plain)[key] = adapted[owner] if key.endswith(
+                    ".weight") else p
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name in self._plain:
+            return self._plain[name].detach()
+        layer = self._layers[name]
+        w = layer.base_layer.weight.detach()
+        for a in layer.active_adapters if self.adapters else ():
+            if a in layer.lora_A and not getattr(layer, "disable_adapters", False):
+                w = w + layer.get_delta_weight(a).detach().to(w.dtype)
+        return w
+
+    def __iter__(self):
+        return iter([*self._plain, *self._layers])
+
+    def __len__(self) -> int:
+        return len(self._plain) + len(self._layers)
 
 
 # ------------------------------------------------------------------------------------- merge
@@ -271,6 +371,9 @@ def merge_lora(path: str | os.PathLike, output: str | os.PathLike | None = None,
     with ckpt.quiet_transformers():
         base, tokenizer = load_model(name, dtype=config.get("dtype", "float32"), seed=int(config.get("seed", 0)))
         policy = attach_lora(base, r=0, alpha=0.0, dropout=0.0, adapter=found / "model")
+        stages = _stage_adapters(found / "model")  # a `denser continual --lora-stages merge` stage: all of them
+        if stages:
+            _add_frozen_adapters(policy, stages)
         merged = policy.merge_and_unload()
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

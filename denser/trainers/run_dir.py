@@ -13,6 +13,7 @@ the row count, and ``barrier`` (``accelerator.wait_for_everyone``) keeps them in
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,9 +33,13 @@ class RunDir:
     """One run's directory. ``log`` prints a message (on the main process only)."""
 
     def __init__(self, path: str | Path, *, is_main: bool = True, log: Callable[[str], Any] = print,
-                 barrier: Callable[[], Any] = lambda: None):
+                 barrier: Callable[[], Any] = lambda: None, world: int = 1,
+                 broadcast: Callable[[Any], Any] = lambda obj: obj, gather: Callable[[Any], list] = lambda obj: [obj]):
+        """``world`` processes; ``broadcast(obj)``: the main process's ``obj`` on every process;
+        ``gather(obj)``: every process's ``obj``, in rank order, on every process (collectives)."""
         self.path = Path(path)
         self.is_main, self.log, self.barrier = is_main, log, barrier
+        self.world, self.broadcast, self.gather = world, broadcast, gather
         self.metrics_rows = 0  # rows of metrics.jsonl written so far (on every process)
 
     @property
@@ -64,10 +69,7 @@ class RunDir:
             self._check_same_run(existing, run_config)
         for p in ckpt.incomplete_checkpoints(run):
             self.note(f"--resume: ignoring {p} (an interrupted checkpoint write; removed at the next save)")
-        try:  # the newest checkpoint that matches its manifest; damaged ones are named and skipped
-            latest = ckpt.latest_checkpoint(run, verify=True, note=lambda m: self.note(f"--resume: {m}"))
-        except ckpt.CheckpointError as e:  # damaged or pickled (an older denser): before any compute
-            raise ValueError(f"--resume: {e}") from None
+        latest = self._verified_latest(run)
         if latest is None:
             self.note(f"--resume: no complete checkpoint in {run}; starting from step 0")
             return None
@@ -76,6 +78,41 @@ class RunDir:
             raise ValueError(f"--resume: the newest checkpoint {latest} is at step {step}, beyond --steps {steps}; "
                              f"pass --steps {step} or more")
         return latest
+
+    def _verify(self, run: Path) -> Path | None | ValueError:
+        """The newest checkpoint that matches its manifest (damaged ones are named and skipped), or
+        the error to raise (damaged or pickled, an older denser's)."""
+        try:
+            return ckpt.latest_checkpoint(run, verify=True, note=lambda m: self.note(f"--resume: {m}"))
+        except ckpt.CheckpointError as e:
+            return ValueError(f"--resume: {e}")
+
+    def _verified_latest(self, run: Path) -> Path | None:
+        """:meth:`_verify`, done once: the main process hashes the checkpoint's files and the others
+        take its verdict when they see the same files (a probe file the main process writes in the
+        run directory is visible to them: a shared filesystem); a process that does not (a node's
+        own disk) verifies what it will read itself. Every process must end on the same checkpoint."""
+        if self.world <= 1:
+            verdict = self._verify(run)
+        else:
+            probe = run / f".denser-probe-{uuid.uuid4().hex}" if self.is_main and run.is_dir() else None
+            if probe is not None:
+                probe.write_text("")
+            name = self.broadcast(probe.name if probe is not None else None)
+            shared = self.is_main or (name is not None and (run / name).exists())
+            self.barrier()  # every process looked for the probe
+            if probe is not None:
+                probe.unlink()
+            main = self.broadcast(self._verify(run) if self.is_main else None)
+            verdict = main if shared else self._verify(run)
+            seen = self.gather(verdict.name if isinstance(verdict, Path) else None)
+            if not isinstance(verdict, ValueError) and len(set(seen)) > 1:
+                verdict = ValueError(f"--resume: the processes see different newest intact checkpoints in {run} "
+                                     f"({', '.join(str(x) for x in seen)}, in rank order): give every machine "
+                                     "the same checkpoints")
+        if isinstance(verdict, ValueError):  # before any compute
+            raise verdict
+        return verdict
 
     def _check_same_run(self, existing: Path, new: dict[str, Any]) -> None:
         try:

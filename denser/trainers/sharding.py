@@ -27,7 +27,11 @@ same slices of the same parameters, so ``lerp_`` on the local tensors is the who
 
 Checkpoints gather full tensors (every process takes part; the main process keeps them) into the
 format of a single-process run: a checkpoint is loadable by ``from_pretrained`` and resumable
-with any number of processes, sharded or not.
+sharded or not (docs/resuming.md says what another number of processes changes).
+
+A sharded model remembers its root (:meth:`Sharding.root_of`): a model sharded once (the continual
+runner's initial model, the reference and frozen teacher of every stage) is not sharded again, and
+code above the loop (measurements) runs it through :meth:`Sharding.within`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 T = TypeVar("T")
+
+_ROOT_ATTR = "_denser_fsdp_root"  # a sharded model's ModelCall root (in its __dict__: not a submodule)
+_MESHES: dict[tuple[str, int], Any] = {}  # one device mesh per (device type, world size) in a process
 
 
 class ModelCall(nn.Module):
@@ -107,22 +114,19 @@ class Sharding:
         self.mp_policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
         self.offload_policy = plugin.cpu_offload
         self.device = device
-        self.mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        key = (device.type, dist.get_world_size())
+        if key not in _MESHES:  # every Sharding of a process (continual stages) shards over the same mesh
+            _MESHES[key] = init_device_mesh(device.type, (dist.get_world_size(),))
+        self.mesh = _MESHES[key]
 
     @classmethod
-    def for_run(cls, accelerator: Any, cfg_fsdp: bool, *, mixed_precision: str = "no",
-                chained: bool = False) -> "Sharding | None":
+    def for_run(cls, accelerator: Any, cfg_fsdp: bool, *, mixed_precision: str = "no") -> "Sharding | None":
         """The run's sharding, or None (one process or DDP). With one process, a process group of
         one is started, so ``--fsdp`` runs the same code on one process as on many.
 
-        Refused before anything is loaded or started: ``chained`` (a run the continual runner
-        starts from another's state) and fp16 mixed precision (it needs a gradient scaler)."""
+        Refused before anything is loaded or started: fp16 mixed precision (it needs a gradient scaler)."""
         if not fsdp_requested(cfg_fsdp, accelerator):
             return None
-        if chained:
-            raise ValueError("runs chained by the continual runner (anchor, optimizer_state, teacher_state, "
-                             "teacher_from_policy) do not run under FSDP; run them without --fsdp or an FSDP "
-                             "accelerate config")
         if mixed_precision == "fp16":
             raise ValueError("--mixed-precision fp16 needs a gradient scaler, which FSDP runs do not use; "
                              "use --mixed-precision bf16 (or no)")
@@ -163,15 +167,34 @@ class Sharding:
 
         ``frozen`` (the reference, a frozen or EMA teacher): every unit, the root included,
         reshards after its forward (no backward runs to free them). The trained policy's root
-        keeps its parameters gathered from forward to backward (FSDP's default for a root)."""
+        keeps its parameters gathered from forward to backward (FSDP's default for a root).
+
+        The model remembers ``root`` (:meth:`root_of`); a model that is already sharded is refused
+        (share its root instead)."""
         from torch.distributed.fsdp import FSDPModule, fully_shard
 
+        if self.root_of(root.model) is not None:
+            raise ValueError(f"{type(root.model).__name__} is already sharded; run it through its root "
+                             "(Sharding.root_of)")
         kw = dict(mesh=self.mesh, mp_policy=self.mp_policy, offload_policy=self.offload_policy)
         for unit in reversed(self.units(root.model)):  # inner units first
             if not isinstance(unit, FSDPModule) and any(True for _ in unit.parameters()):
                 fully_shard(unit, reshard_after_forward=True if frozen else self.reshard_after_forward, **kw)
         fully_shard(root, reshard_after_forward=True if frozen else None, **kw)
+        root.model.__dict__[_ROOT_ATTR] = root
         return root
+
+    @staticmethod
+    def root_of(model: nn.Module) -> ModelCall | None:
+        """The root a model was sharded under (:meth:`shard`), or None (not sharded)."""
+        return model.__dict__.get(_ROOT_ATTR)
+
+    @staticmethod
+    def within(model: nn.Module, fn: Callable[[nn.Module], T]) -> T:
+        """``fn(model)``, with the weights gathered when ``model`` is sharded (:meth:`run` in its root);
+        every process must call it alike (the gathers are collectives)."""
+        root = Sharding.root_of(model)
+        return fn(model) if root is None else Sharding.run(root, fn)
 
     def shard_run(self, policy_root: ModelCall, reference: nn.Module | None,
                   teacher: Any | None) -> tuple[ModelCall | None, str]:
@@ -182,9 +205,9 @@ class Sharding:
         roots: dict[int, ModelCall] = {}
         self.shard(policy_root)
 
-        def root_of(model: nn.Module) -> ModelCall:
+        def root_of(model: nn.Module) -> ModelCall:  # a model sharded before (a chained run's anchor) keeps its root
             if id(model) not in roots:
-                roots[id(model)] = self.shard(ModelCall(model), frozen=True)
+                roots[id(model)] = self.root_of(model) or self.shard(ModelCall(model), frozen=True)
             return roots[id(model)]
 
         reference_root = root_of(reference) if reference is not None else None
@@ -261,11 +284,18 @@ class Sharding:
 
     @staticmethod
     def shard_like(full: Tensor, like: Tensor) -> Tensor:
-        """This process's shard of ``full`` (a whole tensor every process holds) laid out as ``like``."""
+        """This process's shard of ``full`` (a whole tensor every process holds) laid out as ``like``;
+        ``full`` may already be such a shard (a DTensor laid out as ``like``: state carried in memory
+        from one sharded run to the next), which is returned as it is."""
         from torch.distributed.tensor import DTensor, distribute_tensor
 
         if not isinstance(like, DTensor):
             return full
+        if isinstance(full, DTensor):
+            if tuple(full.shape) != tuple(like.shape) or full.placements != like.placements:
+                raise ValueError(f"a sharded tensor of shape {tuple(full.shape)} ({full.placements}) does not fit a "
+                                 f"parameter of shape {tuple(like.shape)} ({like.placements})")
+            return full.to(like.dtype)
         if tuple(full.shape) != tuple(like.shape):
             raise ValueError(f"a saved tensor of shape {tuple(full.shape)} does not fit a parameter of shape "
                              f"{tuple(like.shape)}")
