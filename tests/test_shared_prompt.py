@@ -9,6 +9,7 @@ reference and teacher forwards, micro-batches that split a group, LoRA and gradi
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -172,3 +173,16 @@ def test_every_objective_updates_as_with_the_padded_layout(tmp_path, case):
     assert any(float(g.abs().sum()) > 0 for g in ref["grads"].values())
     for name, g in ref["grads"].items():  # the same sums in another order: equal up to fp32 rounding
         torch.testing.assert_close(new["grads"][name], g, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("DENSER_FSDP_TESTS"), reason="two DDP processes, ~2 min: DENSER_FSDP_TESTS=1")
+def test_ddp_with_the_shared_layout_equals_one_process_with_the_padded_layout(tmp_path):
+    """grpo and sdpo (EMA teacher), micro-batches of 3 splitting groups of 4: two DDP processes on the shared
+    layout end each update where one process on the padded layout does (loss, gradient norm, weights)."""
+    from test_fsdp import OBJECTIVES, PROMPTS, _flags, assert_equal_runs, launch, single
+
+    launch([_flags(flags, tmp_path / name / "ddp", PROMPTS, "--packing", "shared") for name, flags in OBJECTIVES.items()])
+    for name, flags in OBJECTIVES.items():
+        single(_flags(flags, tmp_path / name / "one", 2 * PROMPTS, "--packing", "padded"))
+        assert_equal_runs(tmp_path / name / "one", tmp_path / name / "ddp", what=f"{name} ddp shared vs padded")
