@@ -25,24 +25,28 @@ from denser.trainers.step_metrics import PhaseTimer
 
 
 def _pairs(seed: int):
-    """Random contexts (three distinct, one of them again after another) and completions of varied lengths."""
+    """Random contexts (four distinct, one of them again after another) and completions of varied lengths."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4)]
-    contexts = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2], prompts[0]]
-    completions = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 4, 6, 2)]
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4, 3)]
+    contexts = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2], prompts[0], prompts[3]]
+    completions = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 4, 6, 2, 2)]
     return contexts, completions
 
 
 def test_the_shared_layout_holds_each_context_once():
     contexts, completions = _pairs(0)
-    b = build_shared_batch(contexts, completions, pad_token_id=0, sample_ids=[10 + i for i in range(7)])
+    b = build_shared_batch(contexts, completions, pad_token_id=0, sample_ids=[10 + i for i in range(8)])
     padded = build_packed_batch(contexts, completions, pad_token_id=0)
     for name in ("targets", "seq_ids", "lengths"):
         assert torch.equal(getattr(b, name), getattr(padded, name)), name
-    assert b.sample_ids.tolist() == list(range(10, 17)) and b.layout == "shared" and padded.layout == "padded"
-    # segments: 7 + 5+1+9+2 = 24 (the widest), 11 + 3+4 = 18, 4 + 6 = 10; rows of 24: [24], [18], [10]
+    assert b.sample_ids.tolist() == list(range(10, 18)) and b.layout == "shared" and padded.layout == "padded"
+    # segments: 7 + 5+1+9+2 = 24 (the widest), 11 + 3+4 = 18, 4 + 6 = 10, 3 + 2 = 5; rows of 24, longest first,
+    # each into the first row with room: [24], [18, 5], [10]
     assert b.input_ids.shape == (3, 24) and b.attention_mask.shape == (3, 1, 24, 24)
-    assert int((b.input_ids != 0).sum()) == 7 + 11 + 4 + sum(map(len, completions))  # every token once
+    assert int((b.input_ids != 0).sum()) == 7 + 11 + 4 + 3 + sum(map(len, completions))  # every token once
+    assert b.input_ids[1, 18:23].tolist() == contexts[7] + completions[7] and b.position_ids[1, 18:23].tolist() == [
+        0, 1, 2, 3, 4]
+    assert not b.attention_mask[1, 0, 18:23, :18].any()  # the second segment of a row does not see the first
     flat, pos = b.input_ids.flatten(), b.position_ids.flatten()
     # each token is predicted by the previous token of its own sequence, one position before it
     prev = [c[-1] if j == 0 else y[j - 1] for c, y in zip(contexts, completions) for j in range(len(y))]
