@@ -190,3 +190,37 @@ def test_ddp_with_the_shared_layout_equals_one_process_with_the_padded_layout(tm
     for name, flags in OBJECTIVES.items():
         single(_flags(flags, tmp_path / name / "one", 2 * PROMPTS, "--packing", "padded"))
         assert_equal_runs(tmp_path / name / "one", tmp_path / name / "ddp", what=f"{name} ddp shared vs padded")
+
+
+# ------------------------------------------------------------------ generation: one prefill per prompt
+
+
+def test_shared_prefill_samples_what_separate_prefills_sample():
+    """--hf-share-prefill: each distinct prompt prefilled once (its cache copied to its samples), prompts of
+    different lengths (left padding inside the shared prefill), generate calls that split a group: the same
+    tokens and behaviour log-probs as every sample prefilling its own copy."""
+    from denser.engines import EngineSpec, HFRolloutEngine, SamplingParams
+    from denser.trainers.models import render_prompt
+
+    model, tok = build_tiny_model(seed=2)
+    prompts = [render_prompt(tok, q) for q in ("What is 2 + 3?", "Reverse 'cat'.")] + [[5, 6, 7]]
+    params = SamplingParams(max_new_tokens=10, num_generations=4)
+    rows: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
+    try:
+        for size in (0, 6):
+            rows.clear()
+            plain = HFRolloutEngine(model, tok, max_batch_size=size).generate(prompts, params, seed=4)
+            first_plain = rows[0]
+            rows.clear()
+            shared = HFRolloutEngine(model, tok, max_batch_size=size, share_prefill=True).generate(prompts, params,
+                                                                                                   seed=4)
+            width = max(map(len, prompts))
+            assert first_plain == (size or 12, width) and rows[0] == (3 if not size else 2, width - 1)  # prefill once
+            assert shared.completion_ids == plain.completion_ids
+            for a, b in zip(shared.logps, plain.logps):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    finally:
+        hook.remove()
+    assert len({tuple(c) for c in plain.completion_ids}) > 6  # the samples of a prompt differ: seeded per sample
+    assert EngineSpec.from_args("hf", {"share_prefill": True}).options.share_prefill
