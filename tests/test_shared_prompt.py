@@ -224,3 +224,33 @@ def test_shared_prefill_samples_what_separate_prefills_sample():
         hook.remove()
     assert len({tuple(c) for c in plain.completion_ids}) > 6  # the samples of a prompt differ: seeded per sample
     assert EngineSpec.from_args("hf", {"share_prefill": True}).options.share_prefill
+
+
+def test_the_step_benchmark_of_one_group_is_the_same_step_in_either_layout():
+    """`denser bench step --group`: one prompt for every completion; denser's step on the shared layout
+    (the prompt and the teacher context once) gives the padded layout's loss and gradients."""
+    import copy
+
+    from denser.bench import step_case
+    from denser.trainers.models import load_model
+    from denser.trainers.teacher import TeacherWeights
+
+    policy, tok = load_model("tiny", dtype=torch.float32)
+    runs = []
+    for packing in ("padded", "shared"):
+        spec = step_case.Spec("denser-sdpo", 40, False, model="tiny", completion_len=6, prompt_len=9, teacher_extra=4,
+                              seed=5, group=True, packing=packing)
+        data = step_case._synthetic(spec, policy.get_output_embeddings().weight.shape[0])
+        assert len({tuple(p) for p in data[0]}) == 1 and len({tuple(t) for t in data[1]}) == 1 and len(data[2]) == 7
+        torch.manual_seed(0)
+        p = copy.deepcopy(policy).train()
+        teacher = TeacherWeights(p, "ema", 0.05)
+        with torch.no_grad():  # a teacher unlike the student: the distillation term is not 0
+            for q in teacher.model.parameters():
+                q.add_(0.02 * torch.randn_like(q))
+        loss = step_case._denser_step(spec, p, teacher, data, int(tok.pad_token_id))
+        runs.append((loss, {n: q.grad.clone() for n, q in p.named_parameters() if q.grad is not None}))
+    (loss, grads), (loss_s, grads_s) = runs
+    assert loss != 0 and loss_s == pytest.approx(loss, rel=1e-5)
+    for name, g in grads.items():
+        torch.testing.assert_close(grads_s[name], g, rtol=1e-4, atol=1e-6 * float(g.abs().max()), msg=name)
