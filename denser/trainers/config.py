@@ -65,7 +65,8 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
     max_tokens_per_micro_batch: int = _f(0, "token-budget micro-batches (verl's dynamic batch size): cut each "
                                          "mini-batch, in order, into micro-batches whose policy forward holds at "
-                                         "most this many tokens (rows x padded prompt + completion width), so long "
+                                         "most this many tokens (rows x padded prompt + completion width, counted so "
+                                         "whatever --packing), so long "
                                          "completions do not fix the micro-batch by count; a longer sample gets a "
                                          "micro-batch of its own; the loss is unchanged (its normalisers are the "
                                          "mini-batch's); 0 = off: --micro-batch-size completions per micro-batch")
