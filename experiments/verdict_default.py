@@ -11,6 +11,14 @@ Each run is exactly the README's main job (``denser train --objective sdpo``, or
 ``metrics.jsonl`` and ``config.yaml`` are copied to ``experiments/results/verdict_default/<name>/``
 when it finishes (checkpoints are not kept), and a finished run is not run again. One thread per run
 (``OMP_NUM_THREADS=1``, set here unless given), so a rerun reproduces a run's numbers exactly on CPU.
+
+A variant of the runs (other flags, kept apart from the recorded ones) comes from the environment:
+
+    VERDICT_TAG=bf16 VERDICT_FLAGS="--mixed-precision bf16" VERDICT_OBJECTIVES=sdpo \
+        python experiments/verdict_default.py run          # -> experiments/results/verdict_default-bf16/
+
+``VERDICT_FLAGS`` are added to every run's command, ``VERDICT_TAG`` names its results and run
+directories (``verdict_default-<tag>``), ``VERDICT_OBJECTIVES`` (comma-separated) limits the objectives.
 """
 
 from __future__ import annotations
@@ -27,16 +35,18 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "experiments" / "results" / "verdict_default"
-WORK = ROOT / "runs" / "verdict_default"
+_TAG = os.environ.get("VERDICT_TAG", "")
+RESULTS = ROOT / "experiments" / "results" / ("verdict_default" + (f"-{_TAG}" if _TAG else ""))
+WORK = ROOT / "runs" / ("verdict_default" + (f"-{_TAG}" if _TAG else ""))
 SEEDS = (0, 1, 2)
-OBJECTIVES = ("grpo", "sdpo")
+OBJECTIVES = tuple(os.environ.get("VERDICT_OBJECTIVES", "grpo,sdpo").split(","))
+FLAGS = shlex.split(os.environ.get("VERDICT_FLAGS", ""))
 
 
 def command(objective: str, seed: int) -> list[str]:
     extra = ["--log-teacher-entropy"] if objective == "sdpo" else []
     return [sys.executable, "-m", "denser", "train", "--objective", objective, "--seed", str(seed),
-            "--eval-samples", "4", *extra, "--no-progress", "--overwrite",
+            "--eval-samples", "4", *extra, *FLAGS, "--no-progress", "--overwrite",
             "--output-dir", str(WORK / f"{objective}-s{seed}")]
 
 

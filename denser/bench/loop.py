@@ -13,6 +13,14 @@ tokens per second of generation alone.
 Each objective runs `python -m denser train` in a subprocess (into a temporary run directory), as
 a user runs it; the per-step times come from its metrics.jsonl. The first step is a warm-up and
 is left out of the medians.
+
+Beside the seconds, each phase gets the arithmetic it needs (:func:`step_flops`: matmul FLOPs of the
+model's linear layers and attention, each group's prompt once, no padding, the output layer only
+where a log-prob is needed) and the rate it achieved, and the table ends with this machine's own
+matmul rate, fp32 and bf16, measured in the same run (:func:`matmul_rate`), so every row says how far
+it is from the limit. The signals phase counts the reference's and the pre-update forwards; a
+teacher's contexts are estimated as the prompt plus one demonstration (a completion) plus the
+reprompt's own text (``TEACHER_CONTEXT_EXTRA`` tokens).
 """
 
 from __future__ import annotations
@@ -25,12 +33,80 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
 
 # The run's own evaluations (before and after training) are not part of a step: keep them small.
 TRAIN_DEFAULTS = ["--no-progress", "--eval-size", "1"]
+
+
+#: a teacher context's tokens beyond the prompt and its demonstration (SDPO's reprompt template, chat markup)
+TEACHER_CONTEXT_EXTRA = 40
+
+
+def matmul_rate(dtype, m: int = 2048, k: int = 576, n: int = 1536, seconds: float = 1.0) -> float:
+    """This machine's matmul rate (FLOP/s) in ``dtype`` on the threads torch uses: ``[m, k] @ [k, n]`` (the
+    embedded model's MLP shape at 2048 tokens) repeated for about ``seconds``, the best of three rounds."""
+    import torch
+
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(3):
+        reps, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            reps += 1
+            elapsed = time.perf_counter() - start
+            if elapsed > seconds / 3:
+                break
+        best = min(best, elapsed / reps)
+    return 2.0 * m * k * n / best
+
+
+def model_shape(model: str) -> dict:
+    """The numbers :func:`step_flops` needs of ``model``: linear-layer parameters per token in the blocks,
+    layers, attention width, hidden size, vocabulary; and the mean prompt length of the default task."""
+    from denser.tasks import DEFAULT_TASK, get_task
+    from denser.trainers.models import load_model, render_prompt
+
+    m, tok = load_model(model)
+    c = m.config
+    blocks = sum(p.numel() for name, p in m.get_decoder().named_parameters() if p.dim() == 2 and "embed" not in name)
+    task = get_task(DEFAULT_TASK, seed=0)
+    lengths = [len(render_prompt(tok, task.prompt(task.train[i]))) for i in range(min(64, len(task.train)))]
+    return {"block_params": blocks, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
+            "attn_width": c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),
+            "prompt_tokens": statistics.mean(lengths)}
+
+
+def _forward(shape: dict, context: float, completion: float, samples: int) -> float:
+    """Matmul FLOPs of one forward over one context and ``samples`` completions after it, each query
+    attending to its context and its own earlier tokens (scores and weighted sum: 4 x width per key)."""
+    tokens = context + samples * completion
+    keys = context * (context + 1) / 2 + samples * (completion * context + completion * (completion + 1) / 2)
+    return 2 * shape["block_params"] * tokens + 4 * shape["layers"] * shape["attn_width"] * keys
+
+
+def step_flops(shape: dict, cfg: dict, completion: float, teacher: bool, reference: bool, old_logp: bool) -> dict:
+    """FLOPs each phase of one step needs: ``generate`` (each prompt prefilled once, every sampled token one
+    decoding step and one output-layer row), ``update`` (the policy's forward and backward, 3x its forward,
+    and the loss core's output layer over the completion tokens, 3x too), ``signals`` (the reference's, the
+    pre-update policy's and the teacher's no-grad forwards with their output-layer rows). ``completion``: mean
+    completion tokens."""
+    P, G = cfg["prompts_per_step"], cfg["num_generations"]
+    p, head = shape["prompt_tokens"], 2 * shape["hidden"] * shape["vocab"]
+    per_group = _forward(shape, p, completion, G)
+    tokens = P * G * completion
+    gen = P * per_group + head * tokens
+    update = 3 * (P * per_group + head * tokens)
+    signals = (int(reference) + int(old_logp)) * (P * per_group + head * tokens)
+    if teacher:  # two distinct teacher contexts per group: the demonstrator's and everyone else's
+        t = p + completion + TEACHER_CONTEXT_EXTRA
+        signals += P * (_forward(shape, t, completion, G - 1) + _forward(shape, t, completion, 1)) + head * tokens
+    return {"generate": gen, "signals": signals, "update": update}
 
 
 def run(objective: str, model: str, steps: int, extra: list[str], engine: str | None = None) -> dict:
@@ -53,7 +129,28 @@ def run(objective: str, model: str, steps: int, extra: list[str], engine: str | 
     return {"objective": objective, "model": model, "engine": cfg["engine"], "s_per_step": med("step_time_s"),
             "tokens_per_s": med("tokens_per_s"), "generate_s": med("time_generate_s"),
             "signals_s": med("time_signals_s"), "update_s": med("time_update_s"), "sync_s": med("time_sync_s"),
-            "generate_tokens_per_s": tokens / max(med("time_generate_s"), 1e-9), "completion_tokens": tokens}
+            "generate_tokens_per_s": tokens / max(med("time_generate_s"), 1e-9), "completion_tokens": tokens,
+            "response_length": med("response_length"), "config": cfg}
+
+
+def with_flops(row: dict, shape: dict) -> dict:
+    """``row`` with the FLOPs of each phase (:func:`step_flops`) and the rate achieved (FLOP/s)."""
+    from denser.objectives import Signal, get_objective
+
+    cfg = row["config"]
+    signals = get_objective(cfg["objective"], **(cfg.get("objective_args") or {})).signals()
+    updates = cfg.get("mini_batches", 1) * cfg.get("epochs", 1)
+    old_logp = Signal.OLD_LOGP in signals and (cfg.get("old_logp_source") == "forward" or (
+        cfg.get("old_logp_source", "auto") == "auto" and updates > 1))
+    flops = step_flops(shape, cfg, row["response_length"], teacher=bool(signals & {Signal.TEACHER}),
+                       reference=Signal.REF_LOGP in signals, old_logp=old_logp)
+    flops["update"] *= cfg.get("epochs", 1)
+    out = dict(row)
+    for phase, f in flops.items():
+        out[f"{phase}_gflop"] = f / 1e9
+        seconds = row[f"{phase}_s"]
+        out[f"{phase}_gflops"] = f / 1e9 / seconds if seconds > 0 and f > 0 else None
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"denser bench loop: error: {e}", file=sys.stderr)
         return 2
+    import torch
+
+    shape = model_shape(a.model)
+    rows = [with_flops(r, shape) for r in rows]
+    limits = {"fp32": matmul_rate(torch.float32) / 1e9, "bf16": matmul_rate(torch.bfloat16) / 1e9}
     print(f"loop, model={a.model}, {os.cpu_count()} CPU threads, {platform.machine()}, extra flags: {' '.join(extra) or '-'}\n")
     print("| objective | engine | s/step | tokens/s | generate s | gen tokens/s | sync s | signals s | update s "
           "| completion tokens/step |")
@@ -81,9 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r['objective']} | {r['engine']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['generate_s']:.2f} | {r['generate_tokens_per_s']:.1f} | {r['sync_s']:.2f} | {r['signals_s']:.2f} | "
               f"{r['update_s']:.2f} | {r['completion_tokens']:.0f} |")
+    rate = lambda v: "-" if v is None else f"{v:.3g}"  # noqa: E731
+    print("\nThe arithmetic each phase needs (GFLOP: each prompt once, no padding) and the rate it ran at (GFLOP/s):\n")
+    print("| objective | engine | generate GFLOP | GFLOP/s | signals GFLOP | GFLOP/s | update GFLOP | GFLOP/s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['objective']} | {r['engine']} | {r['generate_gflop']:.3g} | {rate(r['generate_gflops'])} | "
+              f"{r['signals_gflop']:.3g} | {rate(r['signals_gflops'])} | {r['update_gflop']:.3g} | "
+              f"{rate(r['update_gflops'])} |")
+    print(f"\nthis machine's matmul rate in the same run ([2048, 576] x [576, 1536], {torch.get_num_threads()} "
+          f"threads): fp32 {limits['fp32']:.1f} GFLOP/s, bf16 {limits['bf16']:.1f} GFLOP/s")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
+            json.dump({"rows": [{k: v for k, v in r.items() if k != "config"} for r in rows],
+                       "matmul_gflops": limits, "shape": shape}, f, indent=2)
     return 0
 
 

@@ -8,6 +8,12 @@ address-space limit so that a case too big for the machine fails alone and is re
 
     python -m denser.bench.step                          # the full sweep: 4 N x 8 cases x ckpt on/off
     python -m denser.bench.step --n 512 --cases denser-grpo,trl-grpo --checkpointing on
+    python -m denser.bench.step --n 256 --completion-len 32 --prompt-len 92 --teacher-extra 40 --group \
+        --checkpointing off --cases denser-grpo,denser-sdpo,trl-grpo,trl-sdpo   # 1 prompt x 8 completions
+
+``--group`` gives every completion one prompt and one teacher context (a GRPO group), so denser's
+shared layout (``--packing shared``, the loop's default) computes them once; TRL computes them per
+completion, as its trainers do.
 
 Cases (``--cases``, comma-separated, default all):
   denser-grpo       denser fused loss core (backend auto -> chunked on CPU), objective grpo
@@ -109,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="tokens per completion; N is split into N/completion-len sequences (0: one sequence)")
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--teacher-extra", type=int, default=128, help="extra teacher-context tokens (a demonstration)")
+    p.add_argument("--group", action="store_true",
+                   help="every completion answers one prompt and gets one teacher context (a GRPO group: the "
+                        "comparison with TRL at one prompt x 8 completions); default: a prompt per completion")
+    p.add_argument("--packing", default="shared", choices=("shared", "padded"),
+                   help="denser's layout: shared (each distinct context once, no padding) or padded (a row each)")
     p.add_argument("--mem-limit-gb", type=float, default=14.0, help="address-space limit per case (0: none)")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per case before it is recorded as timeout")
     p.add_argument("--threads", type=int, default=0,
@@ -149,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "settings": {"model": a.model, "dtype": "float32", "completion_len": a.completion_len,
                      "prompt_len": a.prompt_len, "teacher_extra": a.teacher_extra, "mem_limit_gb": a.mem_limit_gb,
+                     "group": a.group, "packing": a.packing,
                      "threads": a.threads or "torch default",
                      "optimizer": "AdamW fused (state initialised before the step); denser: malloc_trim before the step", "max_grad_norm": 1.0},
         "cases": {c: CASES[c] for c in cases},
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                     r = Result(case, n, ckpt, status="oom", message="skipped: out of memory at a smaller N")
                 else:
                     spec = Spec(case, n, ckpt, model=a.model, completion_len=a.completion_len, prompt_len=a.prompt_len,
-                                teacher_extra=a.teacher_extra, mem_limit_gb=a.mem_limit_gb, threads=a.threads)
+                                teacher_extra=a.teacher_extra, mem_limit_gb=a.mem_limit_gb, threads=a.threads,
+                                group=a.group, packing=a.packing)
                     r = run_case(spec, a.timeout, {"MALLOC_MMAP_THRESHOLD_": str(a.malloc_mmap_threshold)}
                                  if a.malloc_mmap_threshold > 0 else None)
                 if r.status == "oom":

@@ -52,6 +52,8 @@ class Spec:
     seed: int = 0
     lr: float = 1e-6
     threads: int = 0  # torch intra-op threads (0: torch's default)
+    group: bool = False  # every completion answers one prompt (a group), every teacher context is one
+    packing: str = "shared"  # denser's layout (--packing): shared (each distinct context once) or padded
 
 
 @dataclass
@@ -126,8 +128,10 @@ def _synthetic(spec: Spec, vocab: int):
     def rand(k):  # ids from 3 up: not the special tokens
         return torch.randint(3, vocab, (k,), generator=g).tolist()
 
-    prompts = [rand(spec.prompt_len) for _ in range(b)]
+    prompts = [rand(spec.prompt_len) for _ in range(1 if spec.group else b)]
     teacher_ctx = [p + rand(spec.teacher_extra) for p in prompts]  # prompt + a "demonstration"
+    if spec.group:  # one group: the same prompt and the same teacher context for every completion
+        prompts, teacher_ctx = prompts * b, teacher_ctx * b
     completions = [rand(n) for n in lengths]
     advantages = torch.randn(b, generator=g)
     return prompts, teacher_ctx, completions, advantages
@@ -182,7 +186,8 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
     norm_length = float(max(len(c) for c in completions))
     micro = []
     for g in groups:
-        packed = build_packed_batch([prompts[i] for i in g], [completions[i] for i in g], pad_token_id=pad)
+        packed = build_packed_batch([prompts[i] for i in g], [completions[i] for i in g], pad_token_id=pad,
+                                    layout=spec.packing)
         batch = PolicyBatch(seq_ids=packed.seq_ids, num_seqs=len(g), global_tokens=1.0, global_seqs=1.0,
                             rewards=torch.zeros(len(g)), advantages=advantages[g],
                             teacher_mask=torch.ones(len(g), dtype=torch.bool) if sdpo else None,
@@ -198,7 +203,8 @@ def _denser_step(spec: Spec, policy, teacher, data, pad: int):
             setattr(batch, k, v)
         t_hidden = t_weight = t_bias = None
         if sdpo:
-            tpacked = build_packed_batch([teacher_ctx[i] for i in g], [completions[i] for i in g], pad_token_id=pad)
+            tpacked = build_packed_batch([teacher_ctx[i] for i in g], [completions[i] for i in g], pad_token_id=pad,
+                                         layout=spec.packing)
             with torch.no_grad():
                 t_hidden = completion_hidden_states(teacher.model, tpacked)
             t_weight, t_bias = lm_head_params(teacher.model)

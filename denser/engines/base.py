@@ -209,6 +209,7 @@ class Rollout:
         contexts: Sequence[Sequence[int]] | None = None,
         max_context_len: int | None = None,
         device: torch.device | str | None = None,
+        layout: str = "padded",
     ) -> PackedBatch:
         """Pack samples ``indices`` (default: all, in order) for a forward pass and the loss core.
 
@@ -219,6 +220,8 @@ class Rollout:
                 teacher context); the completion tokens, ``targets`` and ``seq_ids`` are unchanged.
             max_context_len: keep at most this many context tokens, cutting on the left.
             device: where to put the tensors (default CPU).
+            layout: ``"padded"`` (a row per sample) or ``"shared"`` (each distinct context once, its
+                samples' completions after it; :func:`~denser.engines.packing.build_shared_batch`).
         """
         if indices is None:
             indices = list(range(self.num_samples))
@@ -236,6 +239,7 @@ class Rollout:
             old_logp=self.behaviour_logp(indices),
             sample_ids=indices,
             max_context_len=max_context_len,
+            layout=layout,
         )
         return batch.to(device) if device is not None else batch
 

@@ -17,6 +17,19 @@ followed by the completion right-padded to width ``T``; so completion token ``j`
 marks exactly those positions, in row-major order == packed order, so
 ``hidden_all[predict_mask]`` is ``[N, H]`` aligned with ``targets``.
 
+The shared layout (``layout="shared"``, :func:`build_shared_batch`, the loop's default) computes each
+distinct context once: the samples whose contexts are identical (a group's prompt; a group's SDPO
+teacher context) become one *segment*, the context followed by each of their completions, and the
+segments are packed into rows of the longest segment's width, several per row where they fit (first
+fit, longest first), so little is padding. A 4D mask ``attention_mask[R, 1, W, W]`` lets a context
+token see its context, and a completion token its context and its own completion's earlier tokens;
+``position_ids`` restart at 0 for each segment and each completion continues at its context's
+length, exactly the positions of the padded layout. So the forward computes the same hidden states
+(up to summation order), and ``predict_index[N]`` (flat indices into ``[R * W]``) picks them in packed
+order: the last context token predicts the first token of every completion after it, so its state is
+picked once per completion and its gradient adds up over them, as it does over the padded layout's
+copies of the context.
+
 A teacher (and the reference model) runs on *other* contexts with the *same* completion tokens:
 ``rollout.pack(indices, contexts=teacher_contexts)`` or :func:`build_packed_batch` gives a batch
 whose ``targets``/``seq_ids`` are identical to the student's, so their ``[N, H]`` hidden states
@@ -34,7 +47,9 @@ from torch import Tensor
 
 __all__ = [
     "PackedBatch",
+    "LAYOUTS",
     "build_packed_batch",
+    "build_shared_batch",
     "completion_hidden_states",
     "completion_logprobs",
     "lm_head_params",
@@ -42,21 +57,30 @@ __all__ = [
 ]
 
 
+#: ``build_packed_batch(..., layout=...)``: ``padded`` (a row per sample) or ``shared`` (each distinct context once)
+LAYOUTS = ("shared", "padded")
+
+
 @dataclass
 class PackedBatch:
     """``B`` samples ready for a forward pass and for the loss core (see the module docstring).
 
     Attributes:
-        input_ids: ``[B, C + T]`` context left-padded to ``C`` + completion right-padded to ``T``.
-        attention_mask: ``[B, C + T]`` 1 on real tokens.
+        input_ids: ``[B, C + T]`` context left-padded to ``C`` + completion right-padded to ``T``
+            (shared layout: ``[R, W]`` rows of segments).
+        attention_mask: ``[B, C + T]`` 1 on real tokens (shared layout: ``[R, 1, W, W]`` bool, True where
+            the query position, dim 2, may attend to the key position, dim 3).
         position_ids: ``[B, C + T]`` 0-based positions of real tokens (padding gets 0 on the left).
-        predict_mask: ``[B, C + T]`` bool, True where the output predicts a completion token.
+        predict_mask: ``[B, C + T]`` bool, True where the output predicts a completion token (shared
+            layout: ``[R, W]``, True where it predicts at least one; use ``predict_index``).
         targets: ``[N]`` completion token ids, packed sample after sample.
         seq_ids: ``[N]`` row in this batch (``0..B-1``) of each token.
         lengths: ``[B]`` completion lengths.
         sample_ids: ``[B]`` index of each row in the rollout it came from (or ``arange(B)``).
         old_logp: ``[N]`` behaviour log-probs, when known.
-        context_width: ``C``.
+        context_width: ``C`` (shared layout: the longest context).
+        predict_index: ``[N]`` shared layout only: flat index into ``[R * W]`` of the position that
+            predicts each completion token (None: the padded layout, ``predict_mask`` in row-major order).
     """
 
     input_ids: Tensor
@@ -69,6 +93,12 @@ class PackedBatch:
     sample_ids: Tensor
     old_logp: Tensor | None = None
     context_width: int = 0
+    predict_index: Tensor | None = None
+
+    @property
+    def layout(self) -> str:
+        """``"shared"`` or ``"padded"`` (see the module docstring)."""
+        return "padded" if self.predict_index is None else "shared"
 
     @property
     def num_tokens(self) -> int:
@@ -96,8 +126,10 @@ def build_packed_batch(
     old_logp: Tensor | None = None,
     sample_ids: Sequence[int] | None = None,
     max_context_len: int | None = None,
+    layout: str = "padded",
 ) -> PackedBatch:
-    """Lay out (context, completion) pairs as described in the module docstring.
+    """Lay out (context, completion) pairs as described in the module docstring (``layout="shared"``:
+    :func:`build_shared_batch`).
 
     Contexts must be non-empty (the first completion token needs a position that predicts it)
     and completions non-empty. ``max_context_len`` keeps only the last that many tokens of each
@@ -105,21 +137,12 @@ def build_packed_batch(
     ``0..B-1``) is stored so per-sample tensors of the rollout (rewards, advantages) can be
     gathered for the batch: ``advantages[batch.sample_ids]`` is ``[B]``, indexed by ``seq_ids``.
     """
-    if len(contexts) != len(completions):
-        raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
-    if len(contexts) == 0:
-        raise ValueError("build_packed_batch needs at least one (context, completion) pair")
-    ctx = [list(map(int, c)) for c in contexts]
-    if max_context_len is not None:
-        if max_context_len < 1:
-            raise ValueError(f"max_context_len must be >= 1, got {max_context_len}")
-        ctx = [c[-max_context_len:] for c in ctx]
-    comp = [list(map(int, c)) for c in completions]
-    for i, (c, y) in enumerate(zip(ctx, comp)):
-        if not c:
-            raise ValueError(f"sample {i}: empty context (a completion needs at least one context token)")
-        if not y:
-            raise ValueError(f"sample {i}: empty completion")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(map(repr, LAYOUTS))}, got {layout!r}")
+    if layout == "shared":
+        return build_shared_batch(contexts, completions, pad_token_id=pad_token_id, old_logp=old_logp,
+                                  sample_ids=sample_ids, max_context_len=max_context_len)
+    ctx, comp = _checked_pairs(contexts, completions, max_context_len)
     B = len(ctx)
     C = max(len(c) for c in ctx)
     T = max(len(y) for y in comp)
@@ -135,8 +158,7 @@ def build_packed_batch(
     lengths = torch.tensor([len(y) for y in comp], dtype=torch.long)
     targets = torch.tensor([t for y in comp for t in y], dtype=torch.long)
     seq_ids = torch.repeat_interleave(torch.arange(B), lengths)
-    if old_logp is not None and old_logp.numel() != targets.numel():
-        raise ValueError(f"old_logp has {old_logp.numel()} entries for {targets.numel()} completion tokens")
+    _check_old_logp(old_logp, targets)
     return PackedBatch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -149,6 +171,112 @@ def build_packed_batch(
         old_logp=old_logp,
         context_width=C,
     )
+
+
+def build_shared_batch(
+    contexts: Sequence[Sequence[int]],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    old_logp: Tensor | None = None,
+    sample_ids: Sequence[int] | None = None,
+    max_context_len: int | None = None,
+) -> PackedBatch:
+    """The shared layout of (context, completion) pairs (module docstring): one segment per distinct
+    context (after ``max_context_len``), in order of first appearance, holding that context once and
+    then the completions of its samples in sample order; segments packed into rows of the longest
+    segment's width, longest first, each into the first row with room. ``targets``, ``seq_ids``,
+    ``lengths``, ``sample_ids`` and ``old_logp`` are those of :func:`build_packed_batch` (sample order)."""
+    ctx, comp = _checked_pairs(contexts, completions, max_context_len)
+    B = len(ctx)
+    segments: dict[tuple[int, ...], list[int]] = {}
+    for b, c in enumerate(ctx):
+        segments.setdefault(tuple(c), []).append(b)
+    seg_len = {key: len(key) + sum(len(comp[b]) for b in members) for key, members in segments.items()}
+    W = max(seg_len.values())
+    rows: list[list[tuple[int, ...]]] = []
+    free: list[int] = []
+    for key in sorted(segments, key=lambda k: -seg_len[k]):  # stable: ties keep first-appearance order
+        r = next((i for i, room in enumerate(free) if room >= seg_len[key]), None)
+        if r is None:
+            rows.append([])
+            free.append(W)
+            r = len(rows) - 1
+        rows[r].append(key)
+        free[r] -= seg_len[key]
+    R = len(rows)
+    input_ids = torch.full((R, W), int(pad_token_id), dtype=torch.long)
+    position_ids = torch.zeros((R, W), dtype=torch.long)
+    allowed = torch.zeros((R, W, W), dtype=torch.bool)
+    predict_at = [0] * B  # flat index of the position that predicts each sample's first token
+    starts = [0] * B  # flat index of each sample's first completion token
+    for r, keys in enumerate(rows):
+        o = 0
+        for key in keys:
+            P = len(key)
+            input_ids[r, o:o + P] = torch.tensor(key)
+            position_ids[r, o:o + P] = torch.arange(P)
+            allowed[r, o:o + P, o:o + P] = torch.ones(P, P, dtype=torch.bool).tril()
+            s = o + P
+            for b in segments[key]:
+                L = len(comp[b])
+                input_ids[r, s:s + L] = torch.tensor(comp[b])
+                position_ids[r, s:s + L] = torch.arange(P, P + L)
+                allowed[r, s:s + L, o:o + P] = True
+                allowed[r, s:s + L, s:s + L] = torch.ones(L, L, dtype=torch.bool).tril()
+                predict_at[b], starts[b] = r * W + o + P - 1, r * W + s
+                s += L
+            o = s
+        pad = torch.arange(o, W)
+        allowed[r, pad, pad] = True  # padding sees itself: no query row is all masked
+    lengths = torch.tensor([len(y) for y in comp], dtype=torch.long)
+    targets = torch.tensor([t for y in comp for t in y], dtype=torch.long)
+    seq_ids = torch.repeat_interleave(torch.arange(B), lengths)
+    # token j > 0 of sample b is predicted by the state at its token j - 1
+    predict_index = torch.tensor([i for b in range(B) for i in [predict_at[b]] + list(range(starts[b], starts[b] + len(comp[b]) - 1))],
+                                 dtype=torch.long)
+    predict_mask = torch.zeros(R * W, dtype=torch.bool)
+    predict_mask[predict_index] = True
+    _check_old_logp(old_logp, targets)
+    return PackedBatch(
+        input_ids=input_ids,
+        attention_mask=allowed[:, None],
+        position_ids=position_ids,
+        predict_mask=predict_mask.view(R, W),
+        targets=targets,
+        seq_ids=seq_ids,
+        lengths=lengths,
+        sample_ids=torch.tensor(list(sample_ids) if sample_ids is not None else range(B), dtype=torch.long),
+        old_logp=old_logp,
+        context_width=max(len(c) for c in ctx),
+        predict_index=predict_index,
+    )
+
+
+def _checked_pairs(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
+                   max_context_len: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """The pairs as lists of ints, contexts cut to ``max_context_len``; one clear error for bad input."""
+    if len(contexts) != len(completions):
+        raise ValueError(f"{len(contexts)} contexts but {len(completions)} completions")
+    if len(contexts) == 0:
+        raise ValueError("build_packed_batch needs at least one (context, completion) pair")
+    ctx = [list(map(int, c)) for c in contexts]
+    if max_context_len is not None:
+        if max_context_len < 1:
+            raise ValueError(f"max_context_len must be >= 1, got {max_context_len}")
+        ctx = [c[-max_context_len:] for c in ctx]
+    comp = [list(map(int, c)) for c in completions]
+    for i, (c, y) in enumerate(zip(ctx, comp)):
+        if not c:
+            raise ValueError(f"sample {i}: empty context (a completion needs at least one context token)")
+        if not y:
+            raise ValueError(f"sample {i}: empty completion")
+    return ctx, comp
+
+
+def _check_old_logp(old_logp: Tensor | None, targets: Tensor) -> None:
+    if old_logp is not None and old_logp.numel() != targets.numel():
+        raise ValueError(f"old_logp has {old_logp.numel()} entries for {targets.numel()} completion tokens")
 
 
 def completion_hidden_states(model: Any, batch: PackedBatch, *, via: str = "decoder") -> Tensor:
@@ -172,7 +300,7 @@ def completion_hidden_states(model: Any, batch: PackedBatch, *, via: str = "deco
     device = model_device(model)
     if batch.input_ids.device != device:
         batch = batch.to(device)
-    inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+    inputs = dict(input_ids=batch.input_ids, attention_mask=_model_mask(model, batch), position_ids=batch.position_ids,
                   use_cache=False)
     if via == "decoder":
         hidden = model.get_decoder()(**inputs).last_hidden_state
@@ -181,6 +309,8 @@ def completion_hidden_states(model: Any, batch: PackedBatch, *, via: str = "deco
         hidden = out.hidden_states[-1]
     else:
         raise ValueError(f"via must be 'decoder' or 'forward', got {via!r}")
+    if batch.predict_index is not None:
+        return hidden.reshape(-1, hidden.shape[-1])[batch.predict_index]
     return hidden[batch.predict_mask]
 
 
@@ -193,10 +323,36 @@ def completion_logprobs(model: Any, batch: PackedBatch, *, temperature: float = 
     device = model_device(model)
     if batch.input_ids.device != device:
         batch = batch.to(device)
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+    logits = model(input_ids=batch.input_ids, attention_mask=_model_mask(model, batch),
                    position_ids=batch.position_ids, use_cache=False).logits
-    logits = logits[batch.predict_mask].float() / temperature
+    if batch.predict_index is not None:
+        logits = logits.reshape(-1, logits.shape[-1])[batch.predict_index]
+    else:
+        logits = logits[batch.predict_mask]
+    logits = logits.float() / temperature
     return logits.log_softmax(-1).gather(1, batch.targets[:, None]).squeeze(1)
+
+
+#: attention implementations that take the shared layout's 4D mask (bool for sdpa; eager adds it to the scores)
+MASK_4D_ATTENTION = ("sdpa", "eager")
+
+
+def _model_mask(model: Any, batch: PackedBatch) -> Tensor:
+    """The batch's attention mask as the model's attention implementation takes it: the padded layout's
+    ``[B, L]`` as is; the shared layout's ``[R, 1, W, W]`` bool for sdpa, additive (0 or the dtype's
+    minimum) for eager, which adds it to the attention scores."""
+    mask = batch.attention_mask
+    if mask.dim() != 4:
+        return mask
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None) or "sdpa"
+    if impl == "sdpa":
+        return mask
+    if impl == "eager":
+        dtype = next(model.parameters()).dtype
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"the shared packing layout needs a 4D attention mask, which attention implementation {impl!r} "
+                     f"does not take (it works with {' or '.join(MASK_4D_ATTENTION)}); load the model with "
+                     "attn_implementation='sdpa', or use --packing padded")
 
 
 def lm_head_params(model: Any) -> tuple[Tensor, Tensor | None]:

@@ -121,7 +121,7 @@ class UpdateBatches:
         groups = self.groups(rollout, indices)
         out = []
         for i, idx in enumerate(groups):
-            packed = rollout.pack(idx, device=dev)
+            packed = rollout.pack(idx, device=dev, layout=cfg.packing)
             it = torch.tensor(idx)
             token_mask = None
             if cfg.mask_truncated_completions:  # TRL's option: a reply cut by the length limit gets no loss

@@ -65,10 +65,18 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "completions per forward/backward micro-batch (gradient accumulation over an update)")
     max_tokens_per_micro_batch: int = _f(0, "token-budget micro-batches (verl's dynamic batch size): cut each "
                                          "mini-batch, in order, into micro-batches whose policy forward holds at "
-                                         "most this many tokens (rows x padded prompt + completion width), so long "
+                                         "most this many tokens (rows x padded prompt + completion width, counted so "
+                                         "whatever --packing), so long "
                                          "completions do not fix the micro-batch by count; a longer sample gets a "
                                          "micro-batch of its own; the loss is unchanged (its normalisers are the "
                                          "mini-batch's); 0 = off: --micro-batch-size completions per micro-batch")
+    packing: Literal["shared", "padded"] = _f(
+        "shared", "layout of every forward over a micro-batch (the policy's, old_logp's, the reference's, the "
+        "teacher's): 'shared' = each distinct context (a group's prompt, a group's teacher context) once, its "
+        "completions after it in the same row under a 4D attention mask, several groups per row, so neither "
+        "repeated prompts nor padding are computed (needs sdpa or eager attention); 'padded' = a row per "
+        "completion, its context left-padded and itself right-padded; the two give the same loss up to "
+        "summation order")
     mini_batches: int = _f(1, "optimiser updates per pass over a rollout batch: the batch is cut into this many "
                            "mini-batches (verl: train_batch_size / ppo_mini_batch_size; TRL: steps_per_generation)")
     epochs: int = _f(1, "passes over each rollout batch (verl: ppo_epochs; TRL: num_iterations); a step makes "

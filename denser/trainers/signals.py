@@ -134,7 +134,7 @@ class SignalComputer:
         logps: list[Tensor] = []
         try:
             for idx in self.batches.groups(rollout, list(range(S)), same_count=False):
-                packed = rollout.pack(idx, device=self.device)
+                packed = rollout.pack(idx, device=self.device, layout=self.cfg.packing)
                 logp = _run(self.policy_root, model, functools.partial(_logp, packed=packed, cfg=cfg, chunk_size=cfg.chunk_size or None))
                 logps += list(logp.float().cpu().split(packed.lengths.tolist()))
         finally:
@@ -169,7 +169,7 @@ class SignalComputer:
         """The reference's log-probs of every sample's tokens (ROLLOUT_REF_LOGP), in micro-batches."""
         out: list[Tensor] = []
         for idx in self.batches.groups(rollout, list(range(rollout.num_samples))):
-            packed = rollout.pack(idx, device=self.device)
+            packed = rollout.pack(idx, device=self.device, layout=self.cfg.packing)
             logp = _run(self.reference_root, self.reference, functools.partial(_logp, packed=packed, cfg=self.cfg))
             out += list(logp.float().cpu().split(packed.lengths.tolist()))
         return out
@@ -213,7 +213,7 @@ class SignalComputer:
             batch.ref_logp = _run(self.reference_root, self.reference, lambda m: _logp(m, packed, cfg))
         if self.teacher is None:
             return None
-        tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device)
+        tpacked = rollout.pack(mb.indices, contexts=mb.teacher_contexts, device=self.device, layout=cfg.packing)
         teacher = self.teacher.outputs(tpacked)
         if Signal.TEACHER_LOGP in self.declared:
             batch.extras[TEACHER_LOGP] = token_stats(teacher.hidden, teacher.weight, packed.targets, bias=teacher.bias,
