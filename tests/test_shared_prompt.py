@@ -143,7 +143,10 @@ def _update(trainer: Trainer, rollout, batch, packing: str):
                 teachers=None if sample.teacher_mask is None else int(sample.teacher_mask.sum()))
 
 
-CASES = {name: {} for name, _, _ in list_objectives()}
+# the built-in objectives (other test modules register objectives of their own while they run)
+CASES = {name: {} for name, _, _ in list_objectives()
+         if type(get_objective(name, **({"teacher_path": "tiny"} if name == "opd" else {}))).__module__
+         .startswith("denser.objectives.")}
 CASES["opd"] = dict(teacher_path="tiny")
 CASES.update({
     "grpo-kl": dict(kl_coef=0.1),  # the reference model's forward
