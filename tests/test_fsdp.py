@@ -74,6 +74,11 @@ LONG_OBJECTIVES = {
     "hybrid_adv": ["--objective", "hybrid_adv"],
     "grpo-ppo-epochs": ["--objective", "grpo", "--epochs", "2"],  # pre-update log-probs: a policy no-grad forward
     "grpo-checkpointing": ["--objective", "grpo", "--gradient-checkpointing"],
+    "rloo": ["--objective", "rloo"],
+    "reinforce_pp": ["--objective", "reinforce_pp"],  # batch whitening across processes
+    "reinforce_pp_baseline": ["--objective", "reinforce_pp_baseline"],
+    "cispo": ["--objective", "cispo"],
+    "opd": ["--objective", "opd", "--teacher-path", "tiny"],  # a teacher model of another hidden size, sharded
 }
 
 
