@@ -298,6 +298,17 @@ def request_seed(*keys: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
+def checked_prompts(prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
+    """``prompt_ids`` as lists of ints, refused (one line) when there are none or one is empty:
+    what every engine's ``generate`` checks first."""
+    prompts = [list(map(int, p)) for p in prompt_ids]
+    if not prompts:
+        raise ValueError("generate needs at least one prompt")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt: render prompts with render_prompt() first")
+    return prompts
+
+
 def prompt_seeds(num_prompts: int, seeds: Sequence[int] | None = None, seed: int | None = None) -> list[int]:
     """The request seed of each of a ``generate`` call's prompts (see :meth:`RolloutEngine.generate`):
     ``seeds``, else ``request_seed(seed, p)`` for the prompt at position ``p``, else ``request_seed``

@@ -50,6 +50,7 @@ from denser.engines.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    checked_prompts,
     cut_at_stop_strings,
     prompt_seeds,
     register_rollout_engine,
@@ -150,11 +151,7 @@ class HFRolloutEngine(RolloutEngine):
         self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
         seed: int | None = None, stop: Callable[[], bool] | None = None,
     ) -> Rollout:
-        prompts = [list(map(int, p)) for p in prompt_ids]
-        if not prompts:
-            raise ValueError("generate needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: render prompts with render_prompt() first")
+        prompts = checked_prompts(prompt_ids)
         G = params.num_generations
         flat = [p for p in prompts for _ in range(G)]
         # one stream per sample: sample j of prompt p from request_seed(seed of p, j); greedy needs none

@@ -60,6 +60,7 @@ from denser.engines.base import (
     Rollout,
     RolloutEngine,
     SamplingParams,
+    checked_prompts,
     cut_at_stop_strings,
     prompt_seeds,
     register_rollout_engine,
@@ -191,11 +192,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self, prompt_ids: Sequence[Sequence[int]], params: SamplingParams, *, seeds: Sequence[int] | None = None,
         seed: int | None = None, stop: Callable[[], bool] | None = None,
     ) -> Rollout:
-        prompts = [list(map(int, p)) for p in prompt_ids]
-        if not prompts:
-            raise ValueError("generate needs at least one prompt")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("empty prompt: render prompts with render_prompt() first")
+        prompts = checked_prompts(prompt_ids)
         shared = self._shared
         if shared.owner is not self:  # another engine's weights are in the shared LLM
             self.update_weights(self.model)
