@@ -207,6 +207,13 @@ def _per_task(groups: list[RunGroup], boots: dict) -> list[str]:
     return lines
 
 
+def _difference_cells(d, digits: int) -> tuple[str, str]:
+    """A claim row's difference ± se (or why there is none) and its bootstrap interval, as table cells."""
+    diff = "–" if d.diff is None else (pm(Stat(d.diff, d.se, 2), digits, signed=True)
+                                      + ("" if d.se is not None else " (1 seed: no se)"))
+    return diff, (f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–")
+
+
 def _claims_section(groups: list[RunGroup], summaries: dict, boots: dict, files: dict) -> list[str]:
     lines = ["## The claims of \"Denser ≠ Better\"", ""]
     rows = claim_rows(groups, summaries, boots)
@@ -219,10 +226,7 @@ def _claims_section(groups: list[RunGroup], summaries: dict, boots: dict, files:
               "|---|---|---|---|---|---|---|"]
     for row in rows:
         m = MEASURE[row.claim.measure]
-        d = row.diff
-        diff = "–" if d.diff is None else (pm(Stat(d.diff, d.se, 2), m.digits, signed=True)
-                                          + ("" if d.se is not None else " (1 seed: no se)"))
-        ci = f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–"
+        diff, ci = _difference_cells(row.diff, m.digits)
         lines.append(f"| {row.claim.text} | {m.title} ({'higher' if row.claim.sign > 0 else 'lower'} for sdpo) | "
                      f"{row.sdpo.label}: {pm(row.sdpo_stat, m.digits)} (n={row.sdpo.n}) | "
                      f"{row.grpo.label}: {pm(row.grpo_stat, m.digits)} (n={row.grpo.n}) | {diff} | {ci} | "
@@ -307,10 +311,7 @@ def _teacher_section(groups: list[RunGroup], summaries: dict, boots: dict, plots
                   "|---|---|---|---|---|---|---|"]
         for row in rows:
             m = MEASURE[row.claim.measure]
-            d = row.diff
-            diff = "–" if d.diff is None else (pm(Stat(d.diff, d.se, 2), m.digits, signed=True)
-                                              + ("" if d.se is not None else " (1 seed: no se)"))
-            ci = f"[{d.ci[0]:+.3f}, {d.ci[1]:+.3f}]" if d.ci else "–"
+            diff, ci = _difference_cells(row.diff, m.digits)
             lines.append(f"| {row.claim.text} | {m.title} ({'higher' if row.claim.sign > 0 else 'lower'} for A) | "
                          f"{row.a.label}: {pm(row.a_stat, m.digits)} (n={row.a.n}) | "
                          f"{row.b.label}: {pm(row.b_stat, m.digits)} (n={row.b.n}) | {diff} | {ci} | **{row.verdict}** |")
