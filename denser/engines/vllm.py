@@ -296,6 +296,13 @@ class _Shared:
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             if sleep:
                 kwargs["enable_sleep_mode"] = True
+        else:
+            # CPU: a seeded request whose prompt is prefilled in chunks (a call whose prompts exceed one
+            # step's token budget, e.g. a sampled eval of 50 prompts x 4) makes vLLM rewind its generator's
+            # offset, which a CPU generator does not have ("CPU Generator does not use offset"): prompts are
+            # prefilled whole, as many per step as fit
+            kwargs["enable_chunked_prefill"] = False
+            kwargs["max_num_batched_tokens"] = max(int(max_len or config.max_position_embeddings), 8192)
         with _quiet_vllm(), _global_rng_kept():  # vLLM seeds the process's global RNGs when it starts in-process
             self.llm = vllm.LLM(**kwargs)
         self.vllm = vllm
