@@ -273,7 +273,10 @@ def assert_equal_runs(one: Path, many: Path, *, what: str, processes: tuple[int,
     for ra, rb in zip(a, b):
         assert ra["skipped"] == rb["skipped"] == 0
         for k in ("loss", "grad_norm", "reward_mean", "response_length"):
-            assert rb[k] == pytest.approx(ra[k], rel=RTOL, abs=1e-7), (what, ra["step"], k, ra[k], rb[k])
+            # a loss that is zero in exact arithmetic (REINFORCE++'s batch-whitened advantages at ratio 1 sum
+            # to 0) is float32 rounding, +-1e-7 on either side: an absolute floor of 1e-6 for the loss
+            atol = 1e-6 if k == "loss" else 1e-7
+            assert rb[k] == pytest.approx(ra[k], rel=RTOL, abs=atol), (what, ra["step"], k, ra[k], rb[k])
     moved = False
     for step in (1, 2):
         ca, cb = _checkpoint(one, step), _checkpoint(many, step)
