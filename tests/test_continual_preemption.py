@@ -202,4 +202,8 @@ if __name__ == "__main__":
     _install_hooks(dict(a.split("=", 1) for a in argv[:split]))
     from denser.cli import main
 
-    sys.exit(main(["continual", *argv[split + 1:]]))
+    code = main(["continual", *argv[split + 1:]])
+    from denser.cli import _end_process_group  # before the interpreter's teardown, as the entry point does
+
+    _end_process_group()
+    sys.exit(code)

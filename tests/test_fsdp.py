@@ -182,6 +182,11 @@ def _main(argv: list[str]) -> int:
     register_test_parts()
     from denser.cli import main
 
+    if os.environ.get("DENSER_TEST_UNSHARED"):  # as if each process had its own disk (RunDir.shared)
+        from denser.trainers.run_dir import RunDir
+
+        RunDir.shared = lambda self: False
+
     groups, current = [], []
     for a in argv:
         if a == ":::":
@@ -255,10 +260,18 @@ def _checkpoint(run: Path, step: int) -> dict:
     from safetensors.torch import load_file
 
     from denser.trainers import checkpoint as ckpt
+    from denser.trainers import sharded_checkpoint
+    from denser.trainers.models import build_tiny_model
 
     path = ckpt.checkpoint_dir(run, step)
+    if sharded_checkpoint.has_shards(path):  # FSDP: each process's shards, read whole, keyed by parameter name
+        whole = sharded_checkpoint.read_whole(path)
+        opt = {f"{n}.{k}": torch.as_tensor(v) for n, s in whole["optimizer"]["state"].items() for k, v in s.items()}
+        return {"model": whole["model"], "teacher": whole.get("teacher", {}), "opt": opt}
     state, _, teacher = ckpt.load_train_state(path)
-    opt = {f"{i}.{k}": torch.as_tensor(v) for i, s in state["optimizer"]["state"].items() for k, v in s.items()}
+    names = [n for n, _ in build_tiny_model()[0].named_parameters()]  # the optimizer's order
+    opt = {f"{names[int(i)]}.{k}": torch.as_tensor(v) for i, s in state["optimizer"]["state"].items()
+           for k, v in s.items()}
     return {"model": load_file(str(path / "model" / "model.safetensors")), "teacher": teacher or {}, "opt": opt}
 
 
@@ -352,9 +365,40 @@ def test_two_fsdp_processes_equal_one_process(tmp_path, one_process):
         assert_equal_runs(one_process(name), runs[name] / "fsdp", what=f"{name} fsdp")
     rows = steps_of(runs["sdpo-ema"] / "fsdp")
     assert any(r.get("teacher_frac", 0) > 0 for r in rows), "no sample had a teacher"
+    assert_sharded_checkpoints(runs["sdpo-ema"] / "fsdp", processes=2)
+
+
+def assert_sharded_checkpoints(run: Path, processes: int) -> None:
+    """An FSDP run's checkpoints: each process's shard file in the manifest, the weights exported
+    into the final one only, and ``denser export`` of the first equal to its shards."""
+    import torch
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(runs["grpo"] / "fsdp" / "checkpoints" / "step-000002" / "model")
+    from denser.trainers import checkpoint as ckpt
+    from denser.trainers import sharded_checkpoint
+    from denser.trainers.models import ModelNotFoundError, load_model
+
+    first, final = ckpt.checkpoint_dir(run, 1), ckpt.checkpoint_dir(run, 2)
+    for path in (first, final):
+        files = ckpt.read_manifest(path)["files"]
+        assert {f"state/shards/__{r}_0.distcp" for r in range(processes)} <= set(files)
+        assert "state/shards/.metadata" in files
+        ckpt.verify_checkpoint(path)
+    assert not (first / "model" / "model.safetensors").exists()
+    with pytest.raises(ModelNotFoundError, match="denser export"):
+        load_model(str(first / "model"))
+    final_model = AutoModelForCausalLM.from_pretrained(final / "model")
+    whole = sharded_checkpoint.read_whole(final)
+    for k, v in final_model.state_dict().items():
+        assert torch.equal(v, whole["model"][k]), k
+    out = run / "exported"
+    proc = subprocess.run([sys.executable, "-m", "denser", "export", str(first), "--output", str(out)], cwd=ROOT,
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported, first_whole = AutoModelForCausalLM.from_pretrained(out), sharded_checkpoint.read_whole(first)
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, first_whole["model"][k]), k
+    assert any(not torch.equal(first_whole["model"][k], whole["model"][k]) for k in whole["model"])
 
 
 CONTINUAL = ["continual", "--objective", "sdpo", "--teacher", "ema", "--teacher-update-rate", "0.3", "--model", "tiny",
@@ -528,8 +572,7 @@ def test_sharding_settings_denser_does_not_run_fail_with_the_fix():
 
     base = dict(fsdp_version=2, activation_checkpointing=False, cpu_ram_efficient_loading=False)
     for change, words in ((dict(fsdp_version=1), "fsdp_version: 2"),
-                          (dict(activation_checkpointing=True), "fsdp_activation_checkpointing"),
-                          (dict(cpu_ram_efficient_loading=True), "fsdp_cpu_ram_efficient_loading")):
+                          (dict(activation_checkpointing=True), "fsdp_activation_checkpointing")):
         with pytest.raises(ValueError, match=words):
             Sharding(SimpleNamespace(**{**base, **change}), torch.device("cpu"))
 
@@ -665,10 +708,23 @@ def test_continual_and_resume_on_another_count_long_forms(tmp_path, one_process)
     (stopped / "continual.json").write_text(json.dumps(record))
     shutil.rmtree(stage_dir / "checkpoints" / "step-000002")
     (stopped / "responses" / "stage-002.jsonl").unlink()
+    # stopped between stages 1 and 2: stage 2 starts from stage 1's sharded checkpoint (its weights as
+    # exported, its AdamW state and EMA teacher read from the shards)
+    between = tmp_path / "c2-between"
+    shutil.copytree(full, between)
+    record = json.loads((between / "continual.json").read_text())
+    record.update(stages=record["stages"][:2], accuracy_matrix=record["accuracy_matrix"][:2], status="stopped",
+                  metrics=None)
+    (between / "continual.json").write_text(json.dumps(record))
+    shutil.rmtree(next((between / "stages").glob("02-*")))
+    (between / "responses" / "stage-002.jsonl").unlink()
     proc = launch([_continual(stopped, PROMPTS, *two_steps, "--resume"),
+                   _continual(between, PROMPTS, *two_steps, "--resume"),
                    _continual(tmp_path / "c-accelerate", PROMPTS)], accelerate=True)
     assert "resuming" in proc.stdout and "inside stage 2" in proc.stdout, proc.stdout[-2000:]
+    assert "after stage 1\n" in proc.stdout or "after stage 1 " in proc.stdout, proc.stdout[-2000:]
     assert_equal_continual(tmp_path / "c2-one", stopped)
+    assert_equal_continual(tmp_path / "c2-one", between)
     assert_equal_continual(tmp_path / "c-one", tmp_path / "c-accelerate")
 
 
@@ -728,6 +784,42 @@ def _two_process_check(dirs: list[Path]) -> tuple[list, dict[int, list[str]]]:
     return results, hashed
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not LONG, reason="two processes, one launch: DENSER_FSDP_TESTS=1")
+def test_fsdp_processes_without_a_shared_directory_write_gathered_checkpoints(tmp_path, one_process, monkeypatch):
+    """Where the processes do not share the run directory, the main process writes whole tensors (the
+    format of one process), which equal one process's run."""
+    monkeypatch.setenv("DENSER_TEST_UNSHARED", "1")
+    from denser.trainers import sharded_checkpoint
+
+    run = tmp_path / "unshared"
+    launch([_flags(OBJECTIVES["sdpo-ema"], run, PROMPTS, "--fsdp")])
+    assert not sharded_checkpoint.has_shards(run / "checkpoints" / "step-000001")
+    assert (run / "checkpoints" / "step-000001" / "model" / "model.safetensors").is_file()
+    assert_equal_runs(one_process("sdpo-ema"), run, what="sdpo-ema fsdp, gathered checkpoints")
+
+
+def test_fsdp_checkpoints_are_sharded_on_a_shared_filesystem_and_gathered_otherwise(tmp_path, monkeypatch):
+    """RunDir.shared(), which decides how an FSDP run writes its checkpoints: every process writes its
+    shards into the run directory when all of them see it; on machines with their own disks (each
+    process its own directory here) the main process writes whole tensors, as it alone keeps them."""
+    import denser.trainers.run_dir as run_dir_module
+    from denser.trainers.run_dir import RunDir
+
+    def shared(dirs):
+        def check(run):
+            return run.shared(), run.shared()  # asked once: the second call is no collective
+
+        monkeypatch.setattr(RunDir, "check", lambda self, *a, **k: check(self))
+        results, _ = _two_process_check(dirs)
+        return results
+
+    assert shared([tmp_path / "run", tmp_path / "run"]) == [(True, True), (True, True)]
+    assert shared([tmp_path / "a", tmp_path / "b"]) == [(False, False), (False, False)]
+    assert list(tmp_path.glob("*/.denser-probe-*")) == []
+    assert RunDir(tmp_path / "one").shared() and run_dir_module  # one process: nothing to ask
+
+
 def test_a_checkpoint_is_verified_once_on_a_shared_filesystem_and_by_each_machine_otherwise(tmp_path):
     """On resume the main process hashes the checkpoint's files and the other processes that see
     the same directory take its verdict; a process on another disk (here: a copy of the run
@@ -767,4 +859,10 @@ def test_a_checkpoint_is_verified_once_on_a_shared_filesystem_and_by_each_machin
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    code = _main(sys.argv[1:])
+    # as the `denser` entry point does: the process group ends before the interpreter's teardown, where
+    # Gloo's threads can abort a rank that finished ("terminate called without an active exception")
+    from denser.cli import _end_process_group
+
+    _end_process_group()
+    sys.exit(code)

@@ -78,9 +78,18 @@ def assert_same_state(a: Path, b: Path) -> None:
         assert ta.keys() == tb.keys()
         differ = [k for k in ta if not torch.equal(ta[k], tb[k])]
         assert not differ, f"{rel}: {len(differ)} of {len(ta)} tensors differ, e.g. {differ[:3]}"
+    from denser.trainers import sharded_checkpoint
     from denser.trainers.checkpoint import load_train_state
 
     sa, sb = load_train_state(a)[0], load_train_state(b)[0]
+    assert sharded_checkpoint.has_shards(a) == sharded_checkpoint.has_shards(b)
+    if sharded_checkpoint.has_shards(a):  # FSDP: weights, optimizer and EMA teacher in each process's shards
+        wa, wb = sharded_checkpoint.read_whole(a), sharded_checkpoint.read_whole(b)
+        assert wa.keys() == wb.keys()
+        for part in ("model", "teacher"):
+            differ = [k for k in wa.get(part, {}) if not torch.equal(wa[part][k], wb[part][k])]
+            assert not differ, f"shards, {part}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+        sa, sb = {**sa, "optimizer": wa["optimizer"]}, {**sb, "optimizer": wb["optimizer"]}
     oa, ob = sa["optimizer"]["state"], sb["optimizer"]["state"]
     assert oa.keys() == ob.keys()
     for i in oa:
@@ -510,4 +519,8 @@ def _main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    code = _main(sys.argv[1:])
+    from denser.cli import _end_process_group  # before the interpreter's teardown, as the entry point does
+
+    _end_process_group()
+    sys.exit(code)

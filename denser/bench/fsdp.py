@@ -4,6 +4,7 @@
     denser bench fsdp --model default --steps 2         # the embedded SmolLM2-135M-Instruct
     denser bench fsdp --processes 1,2,4 --objectives sdpo --max-new-tokens 8
     denser bench fsdp --teacher-head --model default    # what handing a sharded teacher's lm_head to the core costs
+    denser bench fsdp --load --model default            # each process's load peak: whole vs sharded loading
 
 Every configuration is ``torchrun --standalone --nproc_per_node N -m denser.bench.fsdp_worker train``
 running ``denser train --fsdp`` with the same global batch (``--prompts-per-step`` is divided
@@ -49,6 +50,37 @@ def teacher_head(model: str) -> str:
         f"| {r['forward_ms']:.1f} | {r['copy_inside_ms']:.1f} | {r['full_tensor_after_ms']:.1f} |"])
 
 
+def load_peaks(model: str, counts: list[int], dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> str:
+    """Each process's memory while an FSDP run loads and shards ``model``: loaded whole by every
+    process (then sharded) against sharded loading (built empty, each process reads its rows)."""
+    rows = []
+    for dtype, mode, n in [(d, m, n) for d in dtypes for m in ("whole", "sharded") for n in counts]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp) / "load")
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   "-m", "denser.bench.fsdp_worker", "load", model, mode, dtype, out]
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                raise RuntimeError(f"load {mode} on {n}: {proc.stderr[-3000:]}")
+            reports = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(n)]
+        print(json.dumps({"dtype": dtype, "mode": mode, "processes": n, "reports": reports}), file=sys.stderr,
+              flush=True)
+
+        def cells(key: str, base: str, reports: list[dict] = reports) -> str:
+            return ", ".join(f"{r[key] - r[base]:.0f}" for r in reports)
+
+        shards = ", ".join(f"{r['shard_mib']:.0f}" for r in reports)
+        rows.append(f"| {dtype} | {mode} | {n} | {shards} | "
+                    f"{cells('peak_anon_mib', 'base_anon_mib')} | {cells('hwm_mib', 'base_hwm_mib')} | "
+                    f"{max(r['seconds'] for r in reports):.1f} |")
+    return "\n".join([
+        f"FSDP load peak per process, model={model} (stored in float32), loaded and sharded as a run's policy, "
+        f"{platform.machine()}, {os.cpu_count()} CPUs; memory above each process's baseline after imports (MiB)", "",
+        "| dtype | loading | processes | its shard | peak anonymous memory | peak resident (VmHWM, with mapped file "
+        "pages) | seconds |", "|---|---|---:|---|---|---|---:|", *rows])
+
+
 def run(objective: str, processes: int, model: str, steps: int, prompts: int, max_new_tokens: int, *,
         fsdp: bool = True) -> dict:
     """Peak RSS of each of ``processes`` FSDP processes (``fsdp=False``: unsharded) training
@@ -90,11 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompts", type=int, default=4, help="prompts per step over all processes")
     p.add_argument("--max-new-tokens", type=int, default=16, help="generation budget per completion")
     p.add_argument("--output", default="", help="also write the table (markdown) to this file")
+    p.add_argument("--load", action="store_true", help="measure each process's memory while loading and sharding "
+                   "the model, loaded whole against sharded loading, instead (--processes: the counts, 'plain' ignored)")
     p.add_argument("--teacher-head", action="store_true", help="time the ways a sharded teacher's lm_head reaches "
                    "the loss core instead")
     args = p.parse_args(argv)
-    if args.teacher_head:
-        text = teacher_head(args.model)
+    if args.load or args.teacher_head:
+        text = (load_peaks(args.model, [int(n) for n in args.processes.split(",") if n != "plain"]) if args.load
+                else teacher_head(args.model))
         print(text)
         if args.output:
             Path(args.output).write_text(text + "\n")

@@ -2,6 +2,7 @@
 
     python -m denser.bench.fsdp_worker train OUT SETTINGS_JSON    # a training run, then this process's memory
     python -m denser.bench.fsdp_worker head MODEL OUT             # the teacher lm_head timings
+    python -m denser.bench.fsdp_worker load MODEL whole|sharded DTYPE OUT   # one model's load peak
 """
 
 from __future__ import annotations
@@ -19,6 +20,61 @@ def _hwm_mib() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def load(argv: list[str]) -> int:
+    """``load MODEL whole|sharded DTYPE OUT``: load MODEL in DTYPE as an FSDP run's policy and shard it,
+    ``whole`` (every process loads all of it, then keeps its shard) or ``sharded`` (built empty,
+    each process reads its own rows); write OUT.<rank>.json with this process's peaks over the load
+    and sharding: anonymous memory (RssAnon, sampled every millisecond by a thread) and the
+    resident high-water mark (VmHWM, which also counts the file's memory-mapped pages), both
+    before loading and at the end."""
+    import threading
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    from denser.trainers.models import load_model
+    from denser.trainers.sharding import ModelCall, Sharding, fsdp_plugin
+
+    model_name, mode, dtype, out = argv
+    dist.init_process_group("gloo")
+    sharding = Sharding(fsdp_plugin(), torch.device("cpu"))
+    load_model("tiny")  # transformers' model classes imported and warmed before the baseline
+    dist.barrier()
+    base_anon, base_hwm = _status_kib("RssAnon"), _status_kib("VmHWM")
+    peak = [base_anon]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _status_kib("RssAnon"))
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    t0 = time.perf_counter()
+    model, _ = load_model(model_name, dtype=dtype, empty=mode == "sharded")
+    sharding.shard(ModelCall(model))
+    seconds = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    peak[0] = max(peak[0], _status_kib("RssAnon"))
+    local = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
+    rank = dist.get_rank()
+    Path(f"{out}.{rank}.json").write_text(json.dumps({
+        "rank": rank, "base_anon_mib": base_anon / 1024, "peak_anon_mib": peak[0] / 1024,
+        "base_hwm_mib": base_hwm / 1024, "hwm_mib": _hwm_mib(), "shard_mib": local / 2**20, "seconds": seconds}))
+    dist.destroy_process_group()
+    return 0
 
 
 def train(argv: list[str]) -> int:
@@ -104,7 +160,7 @@ def head(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    kinds = {"train": train, "head": head}
+    kinds = {"train": train, "head": head, "load": load}
     if sys.argv[1:2] and sys.argv[1] in kinds:
         raise SystemExit(kinds[sys.argv[1]](sys.argv[2:]))
     raise SystemExit(f"usage: python -m denser.bench.fsdp_worker {{{'|'.join(kinds)}}} ...")

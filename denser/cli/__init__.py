@@ -1,4 +1,4 @@
-"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench | merge-lora.
+"""``denser``: train | eval | continual | report | compare | objectives | tasks | bench | merge-lora | export.
 
     denser train --objective sdpo                       # the embedded model on the default task
     denser train --objective grpo --model tiny --steps 3
@@ -9,6 +9,7 @@
     denser report RUN ; denser report drift A B ; denser compare RUN RUN
     denser objectives ; denser tasks ; denser bench
     denser train --objective grpo --lora-r 16 ; denser merge-lora runs/grpo-addition
+    denser export runs/sdpo-addition                    # an FSDP run's sharded checkpoint as a model
 """
 
 from __future__ import annotations

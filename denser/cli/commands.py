@@ -391,6 +391,25 @@ def cmd_merge_lora(argv: list[str]) -> int:
     return 0
 
 
+def cmd_export(argv: list[str]) -> int:
+    """``denser export RUN_OR_CHECKPOINT [--output DIR]``: the weights of an FSDP run's sharded
+    checkpoint written as a model directory ``from_pretrained`` loads."""
+    p = TrainArgumentParser(
+        prog="denser export",
+        description="Write the weights of a sharded checkpoint (an FSDP run's: each process wrote its shards) as a "
+                    "model directory AutoModelForCausalLM.from_pretrained loads. The final checkpoint of a run "
+                    "holds them already.")
+    p.add_argument("path", metavar="RUN_OR_CHECKPOINT", help="a run directory (its newest complete checkpoint) or a "
+                   "checkpoint")
+    p.add_argument("--output", default=None, help="where to write the model (default: <run>/export-step-N)")
+    args = p.parse_args(argv)
+    from denser.trainers.sharded_checkpoint import export
+
+    out = export(args.path, args.output)
+    print(f"exported model: {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "objectives": cmd_objectives, "tasks": cmd_tasks, "bench": cmd_bench,
             "continual": cmd_continual, "report": cmd_report, "compare": cmd_compare, "merge-lora": cmd_merge_lora,
-            "score": cmd_score}
+            "score": cmd_score, "export": cmd_export}

@@ -31,7 +31,7 @@ from denser.engines.base import EngineSpec
 from denser.objectives import Objective, get_objective
 from denser.tasks import get_task
 from denser.trainers import checkpoint as ckpt
-from denser.trainers import lora
+from denser.trainers import lora, sharded_checkpoint
 from denser.trainers.config import EVAL_SIZE_CAP, TrainConfig
 from denser.trainers.loop import Trainer, accelerator_for
 from denser.trainers.models import load_model
@@ -227,7 +227,9 @@ class ContinualRunner:
             self.cfg = cfg = dataclasses.replace(cfg, max_new_tokens=budget)
         suite = EvalSuite(self.task_objs, eval_size=cfg.eval_size or EVAL_SIZE_CAP,
                           max_new_tokens=cfg.max_new_tokens, backend=cfg.backend, engine=self.engine)
-        self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed)
+        # FSDP: built empty, each process reads its own rows as it is sharded (trainers/sharded_load.py)
+        self.initial, tokenizer = load_model(cfg.model, dtype=getattr(torch, cfg.dtype), seed=cfg.seed,
+                                             empty=self.sharding is not None and not cfg.lora_r)
         self.initial.eval().requires_grad_(False)
         if self.sharding is not None:  # sharded once: every stage's reference and frozen teacher share its shards
             self.sharding.shard(ModelCall(self.initial), frozen=True)
@@ -259,6 +261,9 @@ class ContinualRunner:
                     model_path = cfg.model if cfg.lora_r else str(last / "model")  # LoRA: the base, never changed
                     state, _, teacher_state = ckpt.load_train_state(last)
                     optimizer_state = state["optimizer"] if ccfg.carry_optimizer else None
+                    if sharded_checkpoint.has_shards(last):  # FSDP's: read by the next stage's processes
+                        optimizer_state = sharded_checkpoint.ShardedState(last) if ccfg.carry_optimizer else None
+                        teacher_state = sharded_checkpoint.ShardedState(last)
                     if ccfg.lora_stages == "merge":  # a fresh adapter: its EMA teacher starts from the stage's start
                         teacher_state = None
                 inside = f", inside stage {done + 1}" if in_stage else ""

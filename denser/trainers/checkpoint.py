@@ -9,6 +9,11 @@ loadable by ``AutoModelForCausalLM.from_pretrained``), the tokenizer, and ``stat
     teacher.safetensors       the EMA teacher's weights (objectives with a teacher)
     trainer_state.json        step, metrics rows written, skip counters
 
+Under FSDP each process writes its own shards instead (``trainers/sharded_checkpoint.py``):
+``state/shards/`` holds the policy's weights, the AdamW moments and the EMA teacher (torch's
+distributed checkpoint, one file per process), ``train_state`` keeps the scheduler and RNG streams,
+and ``model/`` the configuration and tokenizer, with the weights exported into the final checkpoint.
+
 Nothing is pickled: loading a checkpoint reads tensors and JSON and can run no code, so a run
 directory from a shared drive or a download is safe to ``--resume``. Checkpoints of earlier
 versions (``state/train_state.pt``, a pickle) are refused with one line, never unpickled.
@@ -53,7 +58,7 @@ from denser.trainers.state_codec import (  # the errors and the state encoding (
 
 __all__ = ["CheckpointError", "DamagedCheckpointError", "LegacyCheckpointError", "checkpoint_dir", "checkpoint_step",
            "complete_checkpoints", "decode_state", "encode_state", "file_digest", "incomplete_checkpoints",
-           "latest_checkpoint", "load_train_state", "manifest", "prune", "read_manifest", "rng_state",
+           "latest_checkpoint", "load_train_state", "manifest", "new_tmp", "prune", "read_manifest", "rng_state",
            "save_checkpoint", "set_rng_state", "verify_checkpoint"]
 
 COMPLETE = "COMPLETE"
@@ -211,7 +216,7 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
                     teacher_state: dict[str, torch.Tensor] | None, keep_last: int,
                     rng: dict[str, Any] | list[dict[str, Any]] | None = None,
                     model_state: dict[str, torch.Tensor] | None = None, optimizer_state: dict | None = None,
-                    merged=None) -> Path:
+                    merged=None, tmp: Path | None = None, sharded: bool = False) -> Path:
     """Write checkpoint ``step`` atomically and prune old ones; returns its directory.
 
     ``merged``: a model saved as ``merged/`` beside ``model/`` (a LoRA run's adapter merged into its
@@ -219,23 +224,32 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
     ``rng``: the RNG states to store (one per process); default this process's :func:`rng_state`.
     ``model_state``, ``optimizer_state``: whole tensors gathered from sharded ones (FSDP), stored
     instead of ``model``'s and ``optimizer``'s own (the checkpoint is then that of one process).
+    ``sharded`` (FSDP): the processes have written their shards into ``tmp`` (:func:`new_tmp`, the
+    directory they share; ``state/shards/``), which holds the weights, the optimizer and the EMA
+    teacher; ``model/`` gets the configuration and tokenizer, and the weights when ``model_state``
+    (gathered) is given, the export of a final checkpoint.
     On any error (``OSError`` of a full disk included) the temporary directory is removed, the
     previous checkpoints are untouched, and the error is re-raised.
     """
     final = checkpoint_dir(run_dir, step)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=final.parent))
+    tmp = new_tmp(run_dir, step) if tmp is None else Path(tmp)
     aside = None
     try:
         with quiet_transformers():
-            model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
+            if sharded and model_state is None:  # the weights are in state/shards/ only
+                model.config.save_pretrained(tmp / "model")
+                model.generation_config.save_pretrained(tmp / "model")
+            else:
+                model.save_pretrained(tmp / "model", safe_serialization=True, state_dict=model_state)
             tokenizer.save_pretrained(tmp / "model")
             if merged is not None:
                 merged.save_pretrained(tmp / "merged", safe_serialization=True)
                 tokenizer.save_pretrained(tmp / "merged")
         state = tmp / "state"
-        state.mkdir()
-        optimizer_state = optimizer.state_dict() if optimizer_state is None else optimizer_state
+        state.mkdir(exist_ok=True)
+        if not sharded and optimizer_state is None:
+            optimizer_state = optimizer.state_dict()
         tree, tensors = encode_state({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
                                       "rng": rng if rng is not None else [rng_state()]})
         save_file(tensors, str(state / STATE_TENSORS))
@@ -259,6 +273,13 @@ def save_checkpoint(run_dir, step: int, *, model, tokenizer, optimizer, schedule
         shutil.rmtree(aside, ignore_errors=True)
     prune(run_dir, keep_last)
     return final
+
+
+def new_tmp(run_dir, step: int) -> Path:
+    """A fresh temporary directory for checkpoint ``step`` (renamed into place when complete)."""
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:06d}-", dir=final.parent))
 
 
 def _fsync_tree(root: Path) -> None:

@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -50,7 +51,7 @@ from denser.objectives import Objective, Signal
 from denser.plugins import plugin_imports
 from denser.tasks import Task
 from denser.trainers import checkpoint as ckpt
-from denser.trainers import lora
+from denser.trainers import lora, sharded_checkpoint
 from denser.trainers.batches import MicroBatch
 from denser.trainers.config import TEACHER_MODEL_KEY, TrainConfig
 from denser.trainers.evaluation import eval_line, evaluate_policy, format_eval
@@ -275,10 +276,14 @@ class Trainer:
         trust-region reference share the reference's copy)."""
         cfg = self.cfg
         dtype = getattr(torch, cfg.dtype)
+        # FSDP: models stored as safetensors are built empty and each process reads its own rows when they
+        # are sharded (trainers/sharded_load.py); loaded whole when a teacher mixes two models before that
+        mixes = self.teacher_spec is not None and self.teacher_spec.teacher_init_alpha < 1.0
+        empty = self.sharding is not None and not mixes
 
         def load_initial() -> nn.Module:  # cfg.model as it was before any training (tiny: the same seed)
             with ckpt.quiet_transformers():
-                return load_model(cfg.model, dtype=dtype, seed=cfg.seed)[0]
+                return load_model(cfg.model, dtype=dtype, seed=cfg.seed, empty=empty)[0]
 
         # ``initial``: the frozen initial weights (the reference; a frozen teacher's), loaded when first
         # asked; ``start``: the weights this run started from (what --teacher-init-alpha mixes in)
@@ -286,9 +291,12 @@ class Trainer:
             policy, self.tokenizer = lora.load_lora_policy(cfg, resume_from, self.lora_chain)
             initial = start = functools.cache(lambda: lora.AdapterView(policy))  # a fresh adapter adds zero
         else:
+            # a sharded checkpoint's weights are read in _load_state: its model is built from the config
+            from_shards = resume_from is not None and sharded_checkpoint.has_shards(resume_from)
             with ckpt.quiet_transformers():
                 policy, self.tokenizer = load_model(str(resume_from / "model") if resume_from else cfg.model,
-                                                    dtype=dtype, seed=cfg.seed)
+                                                    dtype=dtype, seed=cfg.seed, weights=not from_shards,
+                                                    empty=empty or (from_shards and self.sharding is not None))
             # the anchor a chained run shares, or cfg.model loaded again
             initial = functools.cache(lambda: (self.anchor if self.anchor is not None else load_initial())
                                       .eval().requires_grad_(False))
@@ -299,17 +307,23 @@ class Trainer:
         self.reference = initial() if Signal.REF_LOGP in self.objective.signals() else None
         self.teacher = build_teacher(self.teacher_spec, policy, initial=initial, start=start,
                                      start_from_policy=self.teacher_from_policy, lora=bool(cfg.lora_r),
-                                     tokenizer=self.tokenizer)
+                                     tokenizer=self.tokenizer, empty=empty)
         return policy
 
     def _load_state(self, path: Path) -> None:
         state, trainer_state, teacher_state = ckpt.load_train_state(path)
-        if self.sharding is not None:  # a whole state (any number of processes wrote it): keep our shards
+        sharded = sharded_checkpoint.has_shards(path)
+        if sharded:  # written by FSDP processes: read as this run lays tensors out
+            ema = self.teacher.model if self.teacher is not None and self.teacher.keeps_state else None
+            sharded_checkpoint.load_shards(sharded_checkpoint.shards_dir(path), model=self.policy,
+                                           optimizer=_unwrapped(self.optimizer), teacher=ema)
+            self.engine.update_weights(self.policy)  # the engine started before the weights were read
+        elif self.sharding is not None:  # a whole state (any number of processes wrote it): keep our shards
             self.sharding.load_optimizer_state(self.optimizer, state["optimizer"])
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        if self.teacher is not None:
+        if self.teacher is not None and not sharded:
             if self.teacher.keeps_state and teacher_state is None:
                 self._note(f"warning: {path} holds no EMA teacher; the teacher restarts from the resumed policy")
             self.teacher.load_state_dict(teacher_state)
@@ -493,22 +507,40 @@ class Trainer:
         :class:`~denser.trainers.checkpoint.CheckpointError` on every process."""
         at_boundary = self._rng_boundary is not None and self._rng_boundary[0] == step
         rng = gather_object([self._rng_boundary[1] if at_boundary else ckpt.rng_state()])  # one per process, rank order
-        # FSDP: whole tensors gathered by every process, written by the main one (a single-process checkpoint)
-        model_state, optimizer_state = (None, None) if self.sharding is None else (
-            self.sharding.checkpoint_states(self.policy, self.optimizer, keep=self.is_main))
-        teacher_state = self.teacher.state_dict() if self.teacher else None
-        path, error = None, None
+        path, error, tmp, model_state, optimizer_state, teacher_state = None, None, None, None, None, None
+        sharded = self.sharding is not None and self.run.shared()
+        if sharded:  # FSDP: each process writes its shards into one temporary directory
+            tmp = broadcast_object_list([str(ckpt.new_tmp(self.run_dir, step)) if self.is_main else None],
+                                        from_process=0)[0]
+            ema = self.teacher.model if self.teacher is not None and self.teacher.keeps_state else None
+            try:
+                sharded_checkpoint.save_shards(sharded_checkpoint.shards_dir(tmp), model=self.policy,
+                                               optimizer=self.optimizer, teacher=ema)
+            except Exception as e:  # noqa: BLE001 - DCP reports a failed write of any process as its own error type
+                error = e
+            if finished and error is None:  # the final checkpoint exports the weights for from_pretrained
+                model_state = self.sharding.full_state(self.policy.state_dict(), keep=self.is_main)
+        else:
+            if self.sharding is not None:  # each machine its own disk: whole tensors, gathered
+                model_state, optimizer_state = self.sharding.checkpoint_states(self.policy, self.optimizer,
+                                                                               keep=self.is_main)
+            teacher_state = self.teacher.state_dict() if self.teacher else None
         if self.is_main:
             try:
+                if error is not None:
+                    raise error if isinstance(error, OSError) else OSError(str(error).splitlines()[0])
                 self.run.sync_metrics()  # the rows this checkpoint counts are on disk
                 path = ckpt.save_checkpoint(
                     self.run_dir, step, model=self.policy, tokenizer=self.tokenizer, optimizer=self.optimizer,
                     scheduler=self.scheduler, trainer_state=self._trainer_state(step, finished),
-                    teacher_state=teacher_state, keep_last=self.cfg.keep_last, rng=rng,
-                    model_state=model_state, optimizer_state=optimizer_state,
-                    merged=lora.merged_model(self.policy) if finished and self.cfg.merge_lora else None)
+                    teacher_state=teacher_state, keep_last=self.cfg.keep_last, rng=rng, model_state=model_state,
+                    optimizer_state=optimizer_state,
+                    merged=lora.merged_model(self.policy) if finished and self.cfg.merge_lora else None,
+                    tmp=Path(tmp) if tmp is not None else None, sharded=sharded)
             except OSError as e:
                 error = e
+                if tmp is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
         failed = self._sum_over_processes(torch.tensor([float(error is not None)]))
         if float(failed[0]) > 0:
             previous = ckpt.latest_checkpoint(self.run_dir)
@@ -655,19 +687,42 @@ class Trainer:
         return {"optimizer_state": self.optimizer.state_dict(),
                 "teacher_state": self.teacher.state_dict() if self.teacher is not None else None}
 
-    def _start_from(self, optimizer_state: dict | None, teacher_state: dict | None) -> None:
+    def _start_from(self, optimizer_state: dict | sharded_checkpoint.ShardedState | None,
+                    teacher_state: dict | sharded_checkpoint.ShardedState | None) -> None:
+        if isinstance(optimizer_state, sharded_checkpoint.ShardedState) or isinstance(
+                teacher_state, sharded_checkpoint.ShardedState):  # a sharded checkpoint's (a resumed continual run)
+            shards = (optimizer_state or teacher_state).path
+            ema = self.teacher.model if teacher_state is not None and self.teacher is not None and \
+                self.teacher.keeps_state else None
+            with _keeps_schedule(self.optimizer):
+                sharded_checkpoint.load_shards(sharded_checkpoint.shards_dir(shards), model=self.policy,
+                                               weights=False, teacher=ema,
+                                               optimizer=_unwrapped(self.optimizer) if optimizer_state else None)
+            return
         if optimizer_state is not None:
-            lrs = [(g["lr"], g.get("initial_lr")) for g in self.optimizer.param_groups]
-            if self.sharding is not None:  # whole tensors (a checkpoint's) or shards laid out alike (carry_state)
-                self.sharding.load_optimizer_state(self.optimizer, optimizer_state)
-            else:
-                self.optimizer.load_state_dict(optimizer_state)
-            for g, (lr, initial_lr) in zip(self.optimizer.param_groups, lrs):  # this run's schedule
-                g["lr"] = lr
-                if initial_lr is not None:
-                    g["initial_lr"] = initial_lr
+            with _keeps_schedule(self.optimizer):
+                if self.sharding is not None:  # whole tensors (a checkpoint's) or shards laid out alike (carry_state)
+                    self.sharding.load_optimizer_state(self.optimizer, optimizer_state)
+                else:
+                    self.optimizer.load_state_dict(optimizer_state)
         if teacher_state is not None and self.teacher is not None:
             self.teacher.load_state_dict(teacher_state)  # an EMA teacher's weights; other teachers ignore it
+
+
+@contextlib.contextmanager
+def _keeps_schedule(optimizer: torch.optim.Optimizer):
+    """Load another run's optimizer state inside: its moments are kept, this run's learning rates restored."""
+    lrs = [(g["lr"], g.get("initial_lr")) for g in optimizer.param_groups]
+    yield
+    for g, (lr, initial_lr) in zip(optimizer.param_groups, lrs):
+        g["lr"] = lr
+        if initial_lr is not None:
+            g["initial_lr"] = initial_lr
+
+
+def _unwrapped(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's wrapper (DCP keys its state by the model's parameter names)."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 def _loading_hint(path: Path, cfg: TrainConfig) -> str:

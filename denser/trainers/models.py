@@ -82,6 +82,8 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     device: torch.device | str | None = None,
+    empty: bool = False,
+    weights: bool = True,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer by name.
 
@@ -96,6 +98,12 @@ def load_model(
             ``~/.cache/denser``). Ignored for other models.
         seed: initialisation seed of ``"tiny"`` (same seed -> identical weights). Ignored otherwise.
         device: optional device to move the model to (the loop normally leaves this to accelerate).
+        empty: a model stored as safetensors (the embedded one, a local directory) is built with its
+            parameters on the meta device, to be filled shard by shard when FSDP shards it (sharded
+            loading, :mod:`denser.trainers.sharded_load`); ``tiny`` and other formats load whole.
+        weights: False for a local directory whose weights are read afterwards (a sharded
+            checkpoint's ``model/``): the model is built from its configuration, on the meta device
+            when ``empty`` (to be sharded), else randomly initialised.
 
     Returns:
         ``(model, tokenizer)``: an ``AutoModelForCausalLM`` in eval mode, and a tokenizer with
@@ -105,7 +113,7 @@ def load_model(
     key = str(name).strip()
     if key.lower() in EMBEDDED_NAMES:
         path = ensure_embedded_model(cache_dir)
-        model, tokenizer = _load_local(path, dtype)
+        model, tokenizer = _load_local(path, dtype, empty)
         _ensure_chatml(tokenizer)
     elif key.lower() == TINY_NAME:
         model, tokenizer = build_tiny_model(seed=seed, dtype=dtype)
@@ -120,12 +128,12 @@ def load_model(
                 f"model directory {str(path)!r} has no config.json, so it is not a Hugging Face model directory. "
                 + _known_models_text()
             )
-        model, tokenizer = _load_local(path, dtype)
+        model, tokenizer = _load_local(path, dtype, empty, weights)
     else:
         raise ModelNotFoundError(f"unknown model {name!r}. " + _known_models_text())
     _finish_tokenizer(tokenizer, model)
     model.eval()
-    if device is not None:
+    if device is not None and not any(p.is_meta for p in model.parameters()):
         model.to(device)
     return model, tokenizer
 
@@ -148,10 +156,23 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     return value
 
 
-def _load_local(path: Path, dtype: torch.dtype | str) -> tuple[Any, Any]:
+def _load_local(path: Path, dtype: torch.dtype | str, empty: bool = False,
+                weights: bool = True) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    from denser.trainers import sharded_load
+
+    if not weights:
+        model = sharded_load.from_config(path, dtype, meta=empty)
+    elif sharded_load.weights_file(path) is None and (path.parent / "state" / "shards" / ".metadata").is_file():
+        raise ModelNotFoundError(
+            f"{str(path)!r} is the model directory of a sharded checkpoint (an FSDP run's), whose weights are in "
+            f"{path.parent / 'state' / 'shards'}; the run's final checkpoint holds them as a model, or write them "
+            f"out with `denser export {path.parent} OUT_DIR`")
+    elif empty and sharded_load.can_load_empty(path):
+        model = sharded_load.load_empty(path, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     return model, tokenizer
 

@@ -41,6 +41,7 @@ class RunDir:
         self.is_main, self.log, self.barrier = is_main, log, barrier
         self.world, self.broadcast, self.gather = world, broadcast, gather
         self.metrics_rows = 0  # rows of metrics.jsonl written so far (on every process)
+        self._shared: bool | None = None  # shared(): asked once
 
     @property
     def metrics_path(self) -> Path:
@@ -87,6 +88,30 @@ class RunDir:
         except ckpt.CheckpointError as e:
             return ValueError(f"--resume: {e}")
 
+    def _sees_main_probe(self, run: Path) -> bool:
+        """Whether this process sees a file the main process writes in ``run`` (a collective): true on
+        a filesystem they share, false on a node's own disk (or where ``run`` does not exist yet)."""
+        probe = run / f".denser-probe-{uuid.uuid4().hex}" if self.is_main and run.is_dir() else None
+        if probe is not None:
+            probe.write_text("")
+        name = self.broadcast(probe.name if probe is not None else None)
+        seen = self.is_main or (name is not None and (run / name).exists())
+        self.barrier()  # every process looked for the probe
+        if probe is not None:
+            probe.unlink()
+        return seen
+
+    def shared(self) -> bool:
+        """Whether every process sees the run directory the main process writes (asked once, a
+        collective): FSDP checkpoints are then written by every process into one directory, else
+        gathered and written by the main one."""
+        if self._shared is None:
+            if self.is_main:
+                self.path.mkdir(parents=True, exist_ok=True)
+            self.barrier()
+            self._shared = self.world <= 1 or all(self.gather(self._sees_main_probe(self.path)))
+        return self._shared
+
     def _verified_latest(self, run: Path) -> Path | None:
         """:meth:`_verify`, done once: the main process hashes the checkpoint's files and the others
         take its verdict when they see the same files (a probe file the main process writes in the
@@ -95,14 +120,7 @@ class RunDir:
         if self.world <= 1:
             verdict = self._verify(run)
         else:
-            probe = run / f".denser-probe-{uuid.uuid4().hex}" if self.is_main and run.is_dir() else None
-            if probe is not None:
-                probe.write_text("")
-            name = self.broadcast(probe.name if probe is not None else None)
-            shared = self.is_main or (name is not None and (run / name).exists())
-            self.barrier()  # every process looked for the probe
-            if probe is not None:
-                probe.unlink()
+            shared = self._sees_main_probe(run)
             main = self.broadcast(self._verify(run) if self.is_main else None)
             verdict = main if shared else self._verify(run)
             seen = self.gather(verdict.name if isinstance(verdict, Path) else None)

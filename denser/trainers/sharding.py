@@ -25,9 +25,12 @@ already gathered: no collective beyond the forward's own (``denser bench fsdp --
 the alternatives). An EMA teacher updates shard by shard: its shards and the policy's are the
 same slices of the same parameters, so ``lerp_`` on the local tensors is the whole update.
 
-Checkpoints gather full tensors (every process takes part; the main process keeps them) into the
-format of a single-process run: a checkpoint is loadable by ``from_pretrained`` and resumable
-sharded or not (docs/resuming.md says what another number of processes changes).
+Checkpoints hold each process's shards (``trainers/sharded_checkpoint.py``: torch's distributed
+checkpoint), resumable sharded or not on any number of processes (docs/resuming.md says what another
+number changes); the final one also exports the weights for ``from_pretrained``.
+
+A model stored as safetensors is not loaded whole under FSDP: it is built empty and each process
+reads only its own rows when :meth:`Sharding.shard` shards it (:mod:`denser.trainers.sharded_load`).
 
 A sharded model remembers its root (:meth:`Sharding.root_of`): a model sharded once (the continual
 runner's initial model, the reference and frozen teacher of every stage) is not sharded again, and
@@ -42,6 +45,8 @@ from typing import Any, Callable, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from denser.trainers import sharded_load
 
 T = TypeVar("T")
 
@@ -106,9 +111,8 @@ class Sharding:
         if getattr(plugin, "activation_checkpointing", False):
             raise ValueError("fsdp_activation_checkpointing is not supported by denser's FSDP runs (the loss core "
                              "keeps no [tokens, vocab] activations); set it to false")
-        if getattr(plugin, "cpu_ram_efficient_loading", False):
-            raise ValueError("fsdp_cpu_ram_efficient_loading is not supported by denser's FSDP runs (every process "
-                             "loads the model, then keeps its shard); set it to false")
+        # fsdp_cpu_ram_efficient_loading (process 0 loads, the others receive) is accepted and not needed:
+        # every process reads only its own rows of a safetensors model (trainers/sharded_load.py)
         self.plugin = plugin
         self.reshard_after_forward = bool(plugin.reshard_after_forward)
         self.mp_policy = plugin.mixed_precision_policy or MixedPrecisionPolicy()
@@ -181,6 +185,11 @@ class Sharding:
             if not isinstance(unit, FSDPModule) and any(True for _ in unit.parameters()):
                 fully_shard(unit, reshard_after_forward=True if frozen else self.reshard_after_forward, **kw)
         fully_shard(root, reshard_after_forward=True if frozen else None, **kw)
+        if sharded_load.is_empty(root.model):  # built empty (sharded loading): read this process's rows now
+            from torch.distributed.fsdp import CPUOffloadPolicy
+
+            device = torch.device("cpu") if isinstance(self.offload_policy, CPUOffloadPolicy) else self.device
+            sharded_load.materialize(root, root.model, device)
         root.model.__dict__[_ROOT_ATTR] = root
         return root
 
@@ -203,6 +212,7 @@ class Sharding:
         the reference's), through ``teacher.shard``; nothing is gathered until used. Returns the
         reference's root (None without one) and a line saying what was sharded."""
         roots: dict[int, ModelCall] = {}
+        empty = sharded_load.is_empty(policy_root.model)
         self.shard(policy_root)
 
         def root_of(model: nn.Module) -> ModelCall:  # a model sharded before (a chained run's anchor) keeps its root
@@ -217,7 +227,8 @@ class Sharding:
         models = ", ".join(["the policy"] + (["the reference"] if reference is not None else [])
                            + ([f"the {teacher.mode} teacher"] if teacher is not None else []))
         return reference_root, (f"FSDP2: {models} sharded over {dist.get_world_size()} process(es) "
-                                f"({units} layer units + a root each)")
+                                f"({units} layer units + a root each"
+                                f"{'; the policy loaded shard by shard' if empty else ''})")
 
     @staticmethod
     def run(root: ModelCall, fn: Callable[[nn.Module], T]) -> T:

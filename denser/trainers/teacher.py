@@ -131,6 +131,10 @@ def _same_parameters(teacher: nn.Module, policy: nn.Module) -> str | None:
 @torch.no_grad()
 def interpolate_(teacher: nn.Module, policy: nn.Module, alpha: float) -> None:
     """``teacher <- alpha * teacher + (1 - alpha) * policy``, parameter by parameter, in place."""
+    from denser.trainers import sharded_load
+
+    if sharded_load.is_empty(teacher) or sharded_load.is_empty(policy):  # the loop loads such runs whole
+        raise RuntimeError("--teacher-init-alpha: a model loaded empty for sharded loading has no weights to mix yet")
     problem = _same_parameters(teacher, policy)
     if problem:
         raise ValueError(f"--teacher-init-alpha {alpha} mixes the teacher with the policy parameter by parameter, but "
@@ -329,9 +333,12 @@ class _Once:
 
 def weights_sha256(model: nn.Module) -> str:
     """SHA-256 of a model's weights: every state-dict entry's name, dtype, shape and bytes, in order."""
+    from denser.trainers import sharded_load
+
     h = hashlib.sha256()
+    empty = sharded_load.is_empty(model)  # loaded for sharded loading: each tensor read from the file
     for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
+        t = (sharded_load.full_tensor(model, name) if empty and t.is_meta else t.detach()).cpu().contiguous()
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
@@ -353,7 +360,7 @@ def check_resumed_teacher(recorded: Any, source: dict[str, str] | None) -> None:
                      "resume with the teacher the run started with, or use another --output-dir")
 
 
-def _model_from_path(spec: TeacherSpec, policy: nn.Module, tokenizer: Any = None) -> nn.Module:
+def _model_from_path(spec: TeacherSpec, policy: nn.Module, tokenizer: Any = None, empty: bool = False) -> nn.Module:
     """The model ``spec.teacher_path`` names, checked against the policy (vocabulary size and, given the
     policy's ``tokenizer``, the teacher's own tokenizer token by token; for an EMA teacher, the
     parameters it averages) before anything is computed. A ``frozen`` teacher is a model of its own,
@@ -367,7 +374,7 @@ def _model_from_path(spec: TeacherSpec, policy: nn.Module, tokenizer: Any = None
         weights, teacher_tokenizer = build_tiny_model(**TINY_TEACHER, dtype=torch.float32 if own else dtype)
     else:
         with ckpt.quiet_transformers():
-            weights, teacher_tokenizer = load_model(str(path), dtype=dtype)
+            weights, teacher_tokenizer = load_model(str(path), dtype=dtype, empty=empty)
     if _vocab(weights) != _vocab(policy):
         raise ValueError(f"--teacher-path {spec.teacher_path}: its vocabulary ({_vocab(weights)}) differs from the "
                          f"policy's ({_vocab(policy)}); token-level distillation needs one shared tokenizer")
@@ -384,7 +391,7 @@ def _model_from_path(spec: TeacherSpec, policy: nn.Module, tokenizer: Any = None
 
 def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: ModelSource | None = None,
                   start: ModelSource | None = None, start_from_policy: bool = False,
-                  lora: bool = False, tokenizer: Any = None) -> TeacherWeights | None:
+                  lora: bool = False, tokenizer: Any = None, empty: bool = False) -> TeacherWeights | None:
     """The teacher's weights ``spec`` names (None without a spec: the objective has no teacher).
 
     ``policy``: the model being trained (resumed, when the run resumes). ``initial``: the model the
@@ -398,6 +405,9 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
 
     ``tokenizer``: the policy's; a ``teacher_path`` model's own tokenizer must map every token to the
     same id (checked when given).
+
+    ``empty``: a ``teacher_path`` model stored as safetensors is built empty, to be filled shard by
+    shard when it is sharded (FSDP's sharded loading, :mod:`denser.trainers.sharded_load`).
 
     ``lora``: ``policy`` is a LoRA model (peft; ``trainers/lora.py``): ``frozen`` and ``trust-region``
     are the base model (``initial``, default the policy with its adapter disabled), ``ema`` averages
@@ -416,7 +426,7 @@ def build_teacher(spec: TeacherSpec | None, policy: nn.Module, *, initial: Model
     shared = None
     source = None
     if spec.teacher_path:
-        weights = _model_from_path(spec, policy, tokenizer)
+        weights = _model_from_path(spec, policy, tokenizer, empty=empty and spec.teacher_init_alpha == 1.0)
         source = teacher_source(spec, weights)
     elif mode == "ema":
         weights = copy.deepcopy(policy)
