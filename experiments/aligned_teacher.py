@@ -2,7 +2,7 @@
 initial model on every training task (an "aligned" teacher), against the grid's baselines rerun with
 the same code.
 
-    python experiments/aligned_teacher.py build-teacher     # GRPO on the three tasks mixed -> the aligned teacher
+    python experiments/aligned_teacher.py build-teacher     # SFT on the three tasks' correct replies -> the aligned teacher
     python experiments/aligned_teacher.py verify-teacher    # rebuild it elsewhere and compare the weights' hash
     python experiments/aligned_teacher.py status            # which runs are finished, started, left
     python experiments/aligned_teacher.py run --jobs 2      # every run not yet finished (resumable)
@@ -12,11 +12,16 @@ the same code.
     python experiments/aligned_teacher.py commands          # every command, the teacher's build first
     python experiments/aligned_teacher.py --model tiny ...  # the same pipeline on the tiny model (a smoke test)
 
-**The aligned teacher** (``build-teacher``): ``denser train --objective grpo`` on
+**The aligned teacher** (``build-teacher``): supervised fine-tuning of the embedded model on
 ``mix:larger+subtract+multiply`` (the grid's three training tasks interleaved, each task's eval
-questions at seeds 0, 1 and 2 kept out of its train split) with the grid's GRPO settings (SDPO's
-baseline loss, 4 prompts x 4 completions a step, 4 mini-batch updates, lr 2e-5 constant) for a fixed
-budget of ``TEACHER_STEPS`` steps, seed 0, one thread (deterministic). Its weights are cached outside
+questions at seeds 0, 1 and 2 kept out of its train split) with each question's correct reply in the
+model's own format (``7 * 11 = 77\nAnswer: 77``; ``Answer: 54`` for larger): ``TEACHER_STEPS``
+batches of ``SFT_BATCH`` rows, AdamW at ``SFT_LR``, seed 0, one thread (deterministic; ``sft`` is
+the subcommand it runs). The first recipe, GRPO with the grid's settings on the same mix, made the
+model worse on two of the three tasks by step 48 (``grpo_teacher_command`` says by how much): at
+this scale GRPO does not make a teacher that knows better, so the teacher is taught the answers,
+which is what "a teacher that knows better" means in the paper's setting (a stronger model). Its
+weights are cached outside
 git (``~/.cache/denser/aligned_teacher/<key>/``, ``$DENSER_CACHE`` replaces ``~/.cache/denser``; the
 key is a hash of the build command); ``results/aligned_teacher/teacher.json`` (committed) holds the
 command, the commit that trained it, the SHA-256 of the weights (denser's parameter hash, what runs record as
@@ -53,6 +58,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -77,7 +83,9 @@ def _grid():
 grid = _grid()
 TRAIN_TASKS = grid.TASKS.split(",")  # larger, subtract, multiply
 SEEDS = grid.SEEDS
-TEACHER_STEPS = 96  # the build's budget: 96 x 4 prompts, about 128 prompts of each task
+TEACHER_STEPS = 48  # the build's budget: 48 batches of SFT_BATCH rows, about 256 of each task
+SFT_BATCH = 16
+SFT_LR = 1e-5
 TEACHER_EVAL_EVERY = 24
 EVAL_SIZE = 48  # per task and seed, as the runs measure
 
@@ -126,8 +134,12 @@ def mix_task() -> str:
     return f"mix:{'+'.join(TRAIN_TASKS)}?exclude_eval_of={','.join(map(str, SEEDS))}"
 
 
-def teacher_command(s: Setup, out: Path) -> list[str]:
-    """``denser train``: GRPO with the grid's loss and optimiser settings on the three tasks mixed."""
+def grpo_teacher_command(s: Setup, out: Path) -> list[str]:
+    """The first recipe (session 3 of the round, not used): GRPO with the grid's loss and optimiser
+    settings on the three tasks mixed. Stopped at step 54 of 96: greedy accuracy at step 48 fell on
+    every task but ``larger`` (larger 0.562 -> 0.542, subtract 0.333 -> 0.229, multiply 0.479 -> 0.000;
+    144 eval prompts), the README main job's decline again: GRPO at this scale does not make a teacher
+    that knows better."""
     return [sys.executable, "-m", "denser", "train", "--objective", "grpo", *grid.GRPO, *grid.GRPO_UPDATES,
             "--task", mix_task(), "--model", "tiny" if s.tiny else "default", "--steps", str(s.teacher_steps),
             *s.loop, "--max-new-tokens", str(s.max_new_tokens),
@@ -138,13 +150,93 @@ def teacher_command(s: Setup, out: Path) -> list[str]:
             "--keep-last", "1", "--no-progress", "--output-dir", str(out)]
 
 
+def teacher_command(s: Setup, out: Path) -> list[str]:
+    """The teacher's build: supervised fine-tuning on the three tasks' correct replies (:func:`sft`)."""
+    return [sys.executable, str(Path(__file__).resolve()), *(["--model", "tiny"] if s.tiny else []), "sft",
+            "--steps", str(s.teacher_steps), "--batch", str(SFT_BATCH), "--lr", "1e-3" if s.tiny else str(SFT_LR),
+            "--seed", "0", "--out", str(out)]
+
+
+def correct_reply(row: dict) -> str:
+    """The reply the embedded model writes when it is right: ``a op b = c\nAnswer: c`` for arithmetic,
+    ``Answer: c`` for ``larger`` (its own format, measured on the eval prompts; only ``c`` is the task's)."""
+    m = re.search(r"What is (\d+) ([-*+]) (\d+)\?", row["question"])
+    answer = row["answer"]
+    return f"{m.group(1)} {m.group(2)} {m.group(3)} = {answer}\nAnswer: {answer}" if m else f"Answer: {answer}"
+
+
+def sft(s: Setup, out: Path, steps: int, batch: int, lr: float, seed: int) -> int:
+    """Supervised fine-tuning of the initial model on the mixed task's train rows (each task's eval
+    questions left out) with their correct replies (:func:`correct_reply`, checked by the task), the
+    loss on the reply tokens and the end-of-turn token; AdamW (weight decay 0.01), constant ``lr``,
+    gradient norm clipped at 1, one thread, ``steps`` batches of ``batch`` rows drawn in a seeded
+    order: deterministic. Writes ``out/checkpoints/step-<steps>/model`` (atomically) and
+    ``out/metrics.jsonl`` (the loss of every step)."""
+    import random
+    import shutil
+    import tempfile
+
+    import torch
+
+    from denser.tasks import get_task
+    from denser.trainers.models import load_model, render_prompt
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    task = get_task(mix_task(), seed=0)
+    model, tok = load_model("tiny" if s.tiny else "default", seed=0)
+    rows = list(task.train)
+    bad = [r["question"] for r in rows[:64] if not task.is_success(task.check(correct_reply(r), r))]
+    if bad:
+        raise SystemExit(f"sft: the task does not accept the constructed reply for {bad[0]!r}")
+    order = random.Random(seed).sample(range(len(rows)), len(rows))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.999))
+    model.train()
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = open(out / "metrics.jsonl", "w")
+    t0 = time.time()
+    for step in range(steps):
+        picked = [rows[order[(step * batch + i) % len(rows)]] for i in range(batch)]
+        seqs, labels = [], []
+        for r in picked:
+            prompt = render_prompt(tok, task.prompt(r))
+            reply = tok.encode(correct_reply(r), add_special_tokens=False) + [tok.eos_token_id]
+            seqs.append(prompt + reply)
+            labels.append([-100] * len(prompt) + reply)
+        width = max(map(len, seqs))
+        ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in seqs])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in seqs])
+        lab = torch.tensor([y + [-100] * (width - len(y)) for y in labels])
+        loss = model(input_ids=ids, attention_mask=mask, labels=lab).loss
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        metrics.write(json.dumps({"step": step + 1, "loss": float(loss), "grad_norm": float(norm),
+                                  "time_s": time.time() - t0}) + "\n")
+        metrics.flush()
+        if (step + 1) % 8 == 0 or step + 1 == steps:
+            print(f"sft step {step + 1}/{steps}: loss {float(loss):.4f}", flush=True)
+    metrics.close()
+    final = out / "checkpoints" / f"step-{steps:06d}" / "model"
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=final.parent))
+    model.eval()
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return 0
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("DENSER_CACHE", Path.home() / ".cache" / "denser")) / "aligned_teacher"
 
 
 def teacher_key(s: Setup) -> str:
     """The cache key: a hash of the build command (without its output directory)."""
-    cmd = teacher_command(s, Path("OUT"))[1:]
+    cmd = [_shown(Path(a)) if a.startswith("/") else a for a in teacher_command(s, Path("OUT"))[1:]]
     return ("tiny-" if s.tiny else "") + hashlib.sha256(shlex.join(cmd).encode()).hexdigest()[:12]
 
 
@@ -239,7 +331,7 @@ def teacher_record(s: Setup, before: dict, after: dict, cmd: list[str], model_di
                 evals.append({k: v for k, v in row.items() if k == "step" or k.startswith("eval_accuracy")})
     return {
         "kind": "denser.aligned_teacher",
-        "command": shlex.join(["python", *cmd[1:]]).replace(str(run_dir), "$CACHE/run"),
+        "command": shlex.join(["python", *cmd[1:]]).replace(str(run_dir), "$CACHE/run").replace(str(ROOT) + "/", ""),
         "commit": _built_at(run_dir),
         "measured_at": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
@@ -267,13 +359,12 @@ def build(s: Setup, root: Path, *, force: bool = False) -> tuple[int, dict | Non
     done = (run_dir / "checkpoints" / f"step-{s.teacher_steps:06d}").is_dir()
     if force or not done:
         run_dir.mkdir(parents=True, exist_ok=True)
-        resume = ["--resume"] if (run_dir / "config.yaml").is_file() and not force else ["--overwrite"]
-        print(shlex.join(cmd + resume), flush=True)
+        print(shlex.join(cmd), flush=True)  # minutes: a build that did not finish starts over
         (run_dir.parent / "commit.txt").write_text(_git("rev-parse", "HEAD") + "\n")  # the commit that trains it
         with open(run_dir.parent / "build.log", "a") as log:
-            rc = subprocess.call(cmd + resume, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            rc = subprocess.call(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         if rc:
-            print(f"build-teacher: denser train exited {rc}; see {run_dir.parent / 'build.log'}", file=sys.stderr)
+            print(f"build-teacher: the build exited {rc}; see {run_dir.parent / 'build.log'}", file=sys.stderr)
             return rc, None
     model_dir = final_model(run_dir)
     print(f"measuring the initial model and the teacher on {len(TRAIN_TASKS)} tasks x {len(SEEDS)} seeds x "
@@ -493,6 +584,12 @@ def main(argv=None) -> int:
     sub.add_parser("status", help="finished / started / left")
     sub.add_parser("report", help="denser compare over the finished runs")
     sub.add_parser("commands", help="print the teacher's build command and every run's command")
+    f = sub.add_parser("sft", help="(what build-teacher runs) the supervised fine-tuning that makes the teacher")
+    f.add_argument("--steps", type=int, required=True)
+    f.add_argument("--batch", type=int, required=True)
+    f.add_argument("--lr", type=float, required=True)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", type=Path, required=True)
     rr = sub.add_parser("rerun", help="run a finished run again and compare its record with the committed one")
     rr.add_argument("name", choices=list(RUNS))
     v = sub.add_parser("verify", help="compare a rerun (finished or not) with the committed record")
@@ -503,6 +600,8 @@ def main(argv=None) -> int:
     s = setup(args.model)
     if args.cmd == "build-teacher":
         return build_teacher(s, force=args.force)
+    if args.cmd == "sft":
+        return sft(s, args.out, args.steps, args.batch, args.lr, args.seed)
     if args.cmd == "verify-teacher":
         return verify_teacher(s)
     if args.cmd == "commands":

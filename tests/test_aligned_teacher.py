@@ -65,15 +65,31 @@ def test_six_configurations_three_seeds_and_their_commands(exp, setup):
     assert opd[opd.index("--objective") + 1] == "opd"
 
 
-def test_the_teacher_build_is_grpo_on_the_three_tasks_mixed(exp):
+def test_the_teacher_build_is_sft_on_the_three_tasks_correct_replies(exp):
     s = exp.setup("default")
     cmd = exp.teacher_command(s, Path("/x/run"))
-    assert cmd[cmd.index("--objective") + 1] == "grpo"
-    assert cmd[cmd.index("--task") + 1] == "mix:larger+subtract+multiply?exclude_eval_of=0,1,2"
+    assert cmd[2] == "sft" and cmd[cmd.index("--out") + 1] == "/x/run"
     assert cmd[cmd.index("--steps") + 1] == str(exp.TEACHER_STEPS) and cmd[cmd.index("--seed") + 1] == "0"
-    assert cmd[cmd.index("--eval-size") + 1] == "144"  # 48 prompts of each task
+    assert exp.mix_task() == "mix:larger+subtract+multiply?exclude_eval_of=0,1,2"
     assert exp.teacher_key(s) == exp.teacher_key(exp.setup("default"))  # the cache key is a function of the command
     assert exp.teacher_key(exp.setup("tiny")).startswith("tiny-")
+
+
+def test_the_sft_replies_are_correct_and_in_the_models_format(exp):
+    from denser.tasks import get_task
+
+    task = get_task(exp.mix_task(), seed=0)
+    rows = list(task.train)[:300]
+    assert {r["part"] for r in rows} == set(exp.TRAIN_TASKS)
+    for r in rows:
+        reply = exp.correct_reply(r)
+        assert task.is_success(task.check(reply, r)), (r["question"], reply)
+        wrong = reply.replace(f"Answer: {r['answer']}", f"Answer: {int(r['answer']) + 1}")
+        assert not task.is_success(task.check(wrong, r))
+    by_part = {r["part"]: exp.correct_reply(r) for r in rows}
+    assert by_part["larger"].startswith("Answer: ")
+    a, op, b = by_part["multiply"].split("\n")[0].split(" ")[:3]
+    assert op == "*" and by_part["multiply"].endswith(f"Answer: {int(a) * int(b)}")
 
 
 def test_a_missing_or_changed_teacher_fails_with_one_line(exp, setup):
