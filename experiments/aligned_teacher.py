@@ -262,6 +262,22 @@ def _built_at(run_dir: Path) -> str:
     return f.read_text().strip() if f.is_file() else _git("rev-parse", "HEAD")
 
 
+def cpu_name() -> str:
+    """The CPU the process runs on, as /proc/cpuinfo names it, with AMX when it has it: a build's bits
+    depend on it (matmul kernels round differently on different CPUs), so teacher.json and each run's
+    command.txt say which one it ran on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extra = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(extra)})" if extra else name
+
+
 def file_sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -335,6 +351,7 @@ def teacher_record(s: Setup, before: dict, after: dict, cmd: list[str], model_di
         "commit": _built_at(run_dir),
         "measured_at": _git("rev-parse", "HEAD"),
         "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "cpu": cpu_name(),
         "cache_dir": _shown(run_dir),
         "model_dir": _shown(model_dir),
         "weights_sha256": weights_sha256(model),
@@ -383,10 +400,32 @@ def build_teacher(s: Setup, *, force: bool = False) -> int:
     if rc:
         return rc
     s.teacher_json.parent.mkdir(parents=True, exist_ok=True)
+    if s.teacher_json.is_file():  # an earlier build (another machine, or before the cache was lost)
+        record["earlier_builds"] = earlier_builds(json.loads(s.teacher_json.read_text()), record)
+        for b in record["earlier_builds"][:1]:
+            print(f"build-teacher: the weights {'equal' if b['weights_sha256'] == record['weights_sha256'] else 'differ from'}"
+                  f" the earlier build's ({b['weights_sha256'][:16]}..., {b.get('cpu', 'CPU not recorded')}); "
+                  f"greedy accuracy per task and seed {'identical' if b['same_accuracy'] else 'DIFFERENT'}")
     s.teacher_json.write_text(json.dumps(record, indent=1) + "\n")
     print(teacher_table(record))
     print(f"wrote {_shown(s.teacher_json)}")
     return 0
+
+
+def earlier_builds(old: dict, new: dict) -> list[dict]:
+    """The builds before ``new``, newest first: each one's commit, CPU, hashes and whether its greedy
+    accuracy per task and seed equals ``new``'s. Runs record the hash of the build they used, so a
+    rebuild on another CPU (whose bits differ) leaves the earlier runs' teacher on record."""
+    if old.get("weights_sha256") == new["weights_sha256"]:
+        return old.get("earlier_builds", [])
+
+    def per_seed(r: dict) -> dict:
+        return {t: v["teacher"]["per_seed"] for t, v in r["accuracy"].items()}
+
+    this = {k: old.get(k) for k in ("commit", "cpu", "weights_sha256", "safetensors_sha256", "build_time_s")}
+    this["same_accuracy"] = per_seed(old) == per_seed(new)
+    this["accuracy_per_seed"] = per_seed(old)
+    return [this, *old.get("earlier_builds", [])]
 
 
 def verify_teacher(s: Setup) -> int:
@@ -505,8 +544,11 @@ def _publish(s: Setup, name: str) -> None:
             shutil.copytree(src / item, dst / item, dirs_exist_ok=True)
         elif (src / item).is_file():
             shutil.copy2(src / item, dst / item)
-    (dst / "command.txt").write_text("# made by: python experiments/aligned_teacher.py run (OMP_NUM_THREADS=1)\n"
-                                     + shown_command(s, name) + "\n")
+    cmd = shown_command(s, name)
+    header = ["# made by: python experiments/aligned_teacher.py run (OMP_NUM_THREADS=1)", f"# cpu: {cpu_name()}"]
+    if "--teacher-path" in cmd:  # which build of the teacher (its bits depend on the CPU that built it)
+        header.append(f"# teacher weights sha256: {json.loads(s.teacher_json.read_text())['weights_sha256']}")
+    (dst / "command.txt").write_text("\n".join(header) + "\n" + cmd + "\n")
     shutil.copy2(src / "continual.json", dst / "continual.json.tmp")
     os.replace(dst / "continual.json.tmp", dst / "continual.json")  # last: its presence means finished
     for ckpt in src.glob("**/checkpoints"):

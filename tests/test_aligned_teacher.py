@@ -137,3 +137,21 @@ def test_clearly_above_is_the_paired_two_se_rule(exp, monkeypatch, tmp_path):
     assert rec["accuracy"]["subtract"]["gain"] == pytest.approx(1 / 8) and not rec["accuracy"]["subtract"]["clearly_above"]
     assert rec["accuracy"]["multiply"]["initial"]["per_seed"] == {"0": 0.5, "1": 0.25}
     assert rec["all_clearly_above"] is False
+
+
+def test_a_rebuild_with_other_bits_keeps_the_earlier_build_on_record(exp):
+    def record(sha, commit, seeds):
+        return {"commit": commit, "cpu": "cpu " + commit, "weights_sha256": sha, "safetensors_sha256": sha + "f",
+                "build_time_s": 1.0, "accuracy": {"larger": {"teacher": {"per_seed": seeds}}}}
+
+    first = record("aaa", "c1", {"0": 0.5, "1": 0.75})
+    second = record("bbb", "c2", {"0": 0.5, "1": 0.75})
+    second["earlier_builds"] = exp.earlier_builds(first, second)
+    assert [(b["weights_sha256"], b["commit"], b["cpu"], b["same_accuracy"]) for b in second["earlier_builds"]] \
+        == [("aaa", "c1", "cpu c1", True)]
+    third = record("ccc", "c3", {"0": 0.25, "1": 0.75})  # a third CPU, another greedy answer
+    assert [(b["weights_sha256"], b["same_accuracy"]) for b in exp.earlier_builds(second, third)] \
+        == [("bbb", False), ("aaa", True)]  # newest first; each compared when it was replaced
+    same = record("bbb", "c4", {"0": 0.5, "1": 0.75})  # the same bits again: nothing new to keep
+    assert exp.earlier_builds(second, same) == second["earlier_builds"]
+    assert exp.cpu_name()  # names this machine's CPU
