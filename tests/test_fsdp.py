@@ -395,6 +395,7 @@ def assert_sharded_checkpoints(run: Path, processes: int) -> None:
     proc = subprocess.run([sys.executable, "-m", "denser", "export", str(first), "--output", str(out)], cwd=ROOT,
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.stat().st_mode & 0o777 == 0o755  # readable by others, as a checkpoint's model/ is
     exported, first_whole = AutoModelForCausalLM.from_pretrained(out), sharded_checkpoint.read_whole(first)
     for k, v in exported.state_dict().items():
         assert torch.equal(v, first_whole["model"][k]), k

@@ -354,6 +354,39 @@ def latest_checkpoint(run_dir, *, verify: bool = False, note: Callable[[str], No
     return None
 
 
+def checkpoint_of(path: str | os.PathLike) -> Path | None:
+    """``path`` itself when it is a checkpoint (it has ``model/``), else the newest intact checkpoint of
+    the run directory ``path`` (verified against its manifest); None when it has none. What the commands
+    that read one checkpoint (``merge-lora``, ``export``) accept."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"{path}: no such directory; give a denser run directory or one of its checkpoints")
+    return p if (p / "model").is_dir() else latest_checkpoint(p, verify=True)
+
+
+def write_model_dir(out: Path, model, tokenizer, extra: dict[str, str] | None = None) -> Path:
+    """``model`` and ``tokenizer`` saved as a ``from_pretrained`` directory at ``out`` (safetensors),
+    atomically: written into a temporary sibling, made readable by all as a checkpoint is, renamed
+    into place and the rename made durable. ``extra``: more files, name -> text. Refuses an existing
+    ``out``."""
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"{out} exists; remove it or give another --output")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for name, text in (extra or {}).items():
+            (tmp / name).write_text(text)
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def prune(run_dir, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete checkpoints; remove leftovers of interrupted writes."""
     root = Path(run_dir) / "checkpoints"

@@ -44,8 +44,6 @@ import copy
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -58,7 +56,6 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from denser.trainers import checkpoint as ckpt
-from denser.trainers.io import fsync_dir
 from denser.trainers.models import load_model
 from denser.trainers.sharding import fsdp_requested
 
@@ -351,10 +348,7 @@ def merge_lora(path: str | os.PathLike, output: str | os.PathLike | None = None,
 
     The base model is the run's ``--model`` (with its ``--seed`` and ``--dtype``, from the run's
     ``config.yaml``) unless ``model`` names another. Returns ``output``."""
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"{path}: no such directory; give a denser run directory or one of its checkpoints")
-    found = p if (p / "model").is_dir() else ckpt.latest_checkpoint(p, verify=True)
+    found = ckpt.checkpoint_of(path)
     if found is None or not is_adapter_dir(found / "model"):
         raise ValueError(f"{path}: no LoRA checkpoint there (a checkpoint's model/ with {ADAPTER_CONFIG}); "
                          "only runs trained with --lora-r have an adapter to merge")
@@ -375,15 +369,5 @@ def merge_lora(path: str | os.PathLike, output: str | os.PathLike | None = None,
         if stages:
             _add_frozen_adapters(policy, stages)
         merged = policy.merge_and_unload()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        try:
-            os.chmod(tmp, 0o755)  # mkdtemp makes it private
-            merged.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "denser_merged_from.json").write_text(json.dumps({"checkpoint": str(found), "base": name}))
-            os.replace(tmp, out)
-            fsync_dir(out.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+        return ckpt.write_model_dir(out, merged, tokenizer, {
+            "denser_merged_from.json": json.dumps({"checkpoint": str(found), "base": name})})

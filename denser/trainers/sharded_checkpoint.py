@@ -121,16 +121,10 @@ def export(path: str | Path, out: str | Path | None = None) -> Path:
     checkpoint) as a model directory ``from_pretrained`` loads (default ``<checkpoint>/../export-step-N``),
     in one process: each tensor is read whole from the shards of every process. Atomic (a temporary
     directory renamed into place); the checkpoint itself is not changed."""
-    import shutil
-    import tempfile
-
     from denser.trainers import checkpoint as ckpt
     from denser.trainers.models import load_model
 
-    p = Path(path)
-    if not p.is_dir():
-        raise ValueError(f"{path}: no such directory; give a denser run directory or one of its checkpoints")
-    found = p if (p / "model").is_dir() else ckpt.latest_checkpoint(p, verify=True)
+    found = ckpt.checkpoint_of(path)
     if found is None or not has_shards(found):
         raise ValueError(f"{path}: no sharded checkpoint there (an FSDP run's, with state/{SHARDS}/); a checkpoint "
                          "of one process or DDP holds its model in model/ already")
@@ -140,15 +134,4 @@ def export(path: str | Path, out: str | Path | None = None) -> Path:
         raise ValueError(f"{out} exists; remove it or give another --output")
     model, tokenizer = load_model(str(found / "model"), weights=False)
     load_shards(shards_dir(found), model=model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        import os
-
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return ckpt.write_model_dir(out, model, tokenizer)
