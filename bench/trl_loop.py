@@ -1,0 +1,196 @@
+"""The whole training step against TRL: seconds per step of `denser train` and of TRL's own
+``GRPOTrainer`` / ``SDPOTrainer`` on the same model, prompts, reward and completion budget, generation
+included (the step benchmark, ``denser.bench.step``, times the update alone).
+
+    PYTHONPATH=. python -m bench.trl_loop                                   # grpo and sdpo, both sides, 6 steps
+    PYTHONPATH=. python -m bench.trl_loop --objectives grpo --steps 3 --sides denser,trl
+
+Workload (issue 26's comparison shape): the embedded SmolLM2-135M-Instruct in fp32 on the CPU, the
+default task (``addition``, seed 0), one prompt x 8 completions a step, at most 32 new tokens, sampled at
+temperature 1, one optimiser step per rollout, AdamW (fused on both sides), no gradient checkpointing.
+SDPO on both sides: full-vocabulary JSD (alpha 0.5) from an EMA teacher, the teacher shown a successful
+completion of the group.
+
+Each (side, objective) runs in its own process. A step's seconds are each side's own step boundaries:
+denser's ``step_time_s`` (generation, signals, update), TRL's time from ``on_step_begin`` to
+``on_step_end`` (generation, reward, loss, backward, optimiser step). The first step is a warm-up and
+left out of the median. Both sides generate with transformers' ``generate`` on the prompt repeated 8
+times (denser's ``hf`` engine, its default). Seconds compare only on a quiet machine, within one run.
+
+The two sides draw their prompts in their own orders (denser's seeded schedule, TRL's shuffled
+sampler), so a step's work differs with its prompt: an SDPO step with no successful completion
+distils nothing on TRL's side (no teacher forward) and on denser's. Each row keeps, per step, what it
+computed (``logged``: reward, the fraction of samples with a teacher or of groups with a success,
+completion length) beside its seconds, so a reader can see whether both sides did the same work.
+
+Results: ``<out-dir>/trl-loop-<tag>-<date>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MARK = "TRL_LOOP_RESULT "
+PROMPTS, GROUP, MAX_NEW = 1, 8, 32
+TASK = "addition"
+
+
+def denser_child(objective: str, steps: int, out_dir: str) -> dict:
+    """`denser train` as a user runs it; the per-step seconds from its metrics.jsonl."""
+    cmd = [sys.executable, "-m", "denser", "train", "--objective", objective, "--model", "default", "--task", TASK,
+           "--prompts-per-step", str(PROMPTS), "--num-generations", str(GROUP), "--max-new-tokens", str(MAX_NEW),
+           "--steps", str(steps), "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps_ = [r for r in rows if "step_time_s" in r]
+    # what each step computed besides its seconds (the reward, how many samples had a teacher)
+    logged = [{k: v for k, v in r.items() if k in ("reward_mean", "teacher_frac", "response_length")} for r in steps_]
+    return {"step_seconds": [r["step_time_s"] for r in steps_], "logged": logged, "command": " ".join(cmd[1:])}
+
+
+def trl_child(objective: str, steps: int, out_dir: str) -> dict:
+    """TRL's trainer at the same workload: the embedded model's safetensors directory, denser's tokenizer
+    (chat template, pad token), the task's train prompts and its reward."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    from denser.tasks import get_task
+    from denser.trainers.models import ensure_embedded_model, load_model
+
+    _, tokenizer = load_model("default")
+    task = get_task(TASK, seed=0)
+    rows = [task.train[i] for i in range(64)]
+    ds = Dataset.from_list([{"prompt": task.prompt(r), "idx": i} for i, r in enumerate(rows)])
+
+    def reward(completions, idx, **kw):
+        return [task.score(c[-1]["content"] if isinstance(c, list) else c, rows[i]).score
+                for c, i in zip(completions, idx)]
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.t0)
+
+    common = dict(output_dir=out_dir, report_to=[], use_cpu=True, bf16=False, max_steps=steps,
+                  per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
+                  max_completion_length=MAX_NEW, logging_steps=1, save_strategy="no", disable_tqdm=True,
+                  gradient_checkpointing=False, optim="adamw_torch_fused", temperature=1.0, top_p=1.0)
+    if objective == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+
+        extra = {}
+    elif objective == "sdpo":
+        from trl.experimental.sdpo import SDPOConfig as Config
+        from trl.experimental.sdpo import SDPOTrainer as Trainer
+
+        extra = dict(distillation_mode="full_logits", distillation_alpha=0.5, teacher_model_kind="ema")
+    else:
+        raise ValueError(f"TRL side: objective {objective!r}: grpo or sdpo")
+    args = Config(**common, **extra)
+    model = AutoModelForCausalLM.from_pretrained(str(ensure_embedded_model()), dtype=torch.float32)
+    trainer = Trainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer,
+                      callbacks=[StepTimer()])
+    trainer.train()
+    import trl
+
+    logged = [{k: v for k, v in r.items() if any(w in k for w in ("reward", "distill", "teacher", "success", "step_time", "completions/mean_length"))}
+              for r in trainer.state.log_history if "loss" in r]
+    return {"step_seconds": times, "logged": logged, "command": f"trl {trl.__version__} {Trainer.__name__}"}
+
+
+def median_after_first(xs: list[float]) -> float | None:
+    rest = xs[1:] or xs
+    return statistics.median(rest) if rest else None
+
+
+def table(rows: list[dict]) -> str:
+    """One line per objective: each side's median seconds per step after the first, their ratio, and
+    every step's seconds (or why a side did not run)."""
+    def cell(r: dict | None) -> tuple[float | None, str]:
+        if r is None:
+            return None, "not run"
+        if "step_seconds" not in r:
+            return None, f"failed: {r['error']}"
+        return median_after_first(r["step_seconds"]), " ".join(f"{v:.2f}" for v in r["step_seconds"])
+
+    by = {(r["side"], r["objective"]): r for r in rows}
+    lines = ["| objective | denser s/step | TRL s/step | TRL / denser | denser's steps | TRL's steps |",
+             "|---|---:|---:|---:|---|---|"]
+    for obj in dict.fromkeys(r["objective"] for r in rows):
+        (d, d_steps), (t, t_steps) = cell(by.get(("denser", obj))), cell(by.get(("trl", obj)))
+        fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        ratio = f"{t / d:.2f}x" if d and t else "-"
+        lines.append(f"| {obj} | {fmt(d)} | {fmt(t)} | {ratio} | {d_steps} | {t_steps} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--child"]:
+        side, objective, steps, out_dir = argv[1], argv[2], int(argv[3]), argv[4]
+        fn = denser_child if side == "denser" else trl_child
+        print(MARK + json.dumps(fn(objective, steps, out_dir)), flush=True)
+        return 0
+    p = argparse.ArgumentParser(prog="python -m bench.trl_loop", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--objectives", default="grpo,sdpo")
+    p.add_argument("--sides", default="denser,trl")
+    p.add_argument("--steps", type=int, default=6, help="steps per run (the first is a warm-up)")
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--tag", default=f"cpu-{os.cpu_count()}core")
+    a = p.parse_args(argv)
+    if a.steps < 2:
+        p.error("--steps must be >= 2 (the first step is a warm-up)")
+    sides = [s for s in a.sides.split(",") if s]
+    if set(sides) - {"denser", "trl"}:
+        p.error(f"--sides: denser and/or trl, got {a.sides!r}")
+    objectives = [o for o in a.objectives.split(",") if o]
+    if set(objectives) - {"grpo", "sdpo"}:
+        p.error(f"--objectives: grpo and/or sdpo, got {a.objectives!r}")
+    rows = []
+    for obj in objectives:
+        for side in sides:
+            with tempfile.TemporaryDirectory() as tmp:
+                proc = subprocess.run([sys.executable, "-m", "bench.trl_loop", "--child", side, obj, str(a.steps), tmp],
+                                      capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+            out = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
+            row = {"side": side, "objective": obj, **(json.loads(out[-1]) if out else
+                                                      {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]})}
+            rows.append(row)
+            print(f"{obj:5s} {side:7s} " + (" ".join(f"{s:.2f}" for s in row["step_seconds"]) if "step_seconds" in row
+                                            else f"failed: {row['error']}"), flush=True)
+    date = _dt.date.today().isoformat()
+    stem = Path(a.out_dir) / f"trl-loop-{a.tag}-{date}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    cmd = "PYTHONPATH=. python -m bench.trl_loop " + " ".join(argv)
+    meta = {"date": date, "command": cmd.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "load_average": os.getloadavg(), "rows": rows}
+    stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    md = [f"# The whole step against TRL ({date})", "", f"    {cmd.strip()}", "",
+          f"Machine: {meta['machine']}; load average at the end {tuple(round(x, 1) for x in meta['load_average'])} "
+          "(seconds compare only on a quiet machine). Median seconds per step after the first; each step's "
+          "seconds in the last column.", "", table(rows), ""]
+    stem.with_suffix(".md").write_text("\n".join(md))
+    print(table(rows))
+    print(f"wrote {stem}.json and .md")
+    return 0 if all("step_seconds" in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""bench/trl_loop.py's summary (the runs themselves need the embedded model and TRL: a benchmark, not a test)."""
+
+import random
+
+from bench.trl_loop import median_after_first, table
+
+
+def test_the_table_is_the_median_after_the_warm_up_and_their_ratio():
+    rng = random.Random()
+    d = [rng.uniform(20, 30)] + [rng.uniform(2, 4) for _ in range(4)]  # a slow first step is left out
+    t = [rng.uniform(20, 30)] + [rng.uniform(8, 12) for _ in range(5)]
+    rows = [{"side": "denser", "objective": "grpo", "step_seconds": d},
+            {"side": "trl", "objective": "grpo", "step_seconds": t},
+            {"side": "denser", "objective": "sdpo", "step_seconds": d},
+            {"side": "trl", "objective": "sdpo", "error": "ImportError: no trl"}]
+    md, mt = sorted(d[1:])[1:3], sorted(t[1:])[2]  # 4 steps after the first: the mean of the middle two
+    assert median_after_first(d) == sum(md) / 2 and median_after_first(t) == mt
+    lines = table(rows).splitlines()
+    grpo = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert grpo[:4] == ["grpo", f"{sum(md) / 2:.2f}", f"{mt:.2f}", f"{mt / (sum(md) / 2):.2f}x"]
+    sdpo = [c.strip() for c in lines[3].split("|")[1:-1]]
+    assert sdpo[2:4] == ["-", "-"] and sdpo[5] == "failed: ImportError: no trl"
