@@ -404,7 +404,7 @@ def build_teacher(s: Setup, *, force: bool = False) -> int:
         record["earlier_builds"] = earlier_builds(json.loads(s.teacher_json.read_text()), record)
         for b in record["earlier_builds"][:1]:
             print(f"build-teacher: the weights {'equal' if b['weights_sha256'] == record['weights_sha256'] else 'differ from'}"
-                  f" the earlier build's ({b['weights_sha256'][:16]}..., {b.get('cpu', 'CPU not recorded')}); "
+                  f" the earlier build's ({b['weights_sha256'][:16]}..., {b['cpu'] or 'CPU not recorded'}); "
                   f"greedy accuracy per task and seed {'identical' if b['same_accuracy'] else 'DIFFERENT'}")
     s.teacher_json.write_text(json.dumps(record, indent=1) + "\n")
     print(teacher_table(record))
