@@ -121,32 +121,21 @@ def trl_child(objective: str, variant: str, out_dir: str, workload: str) -> dict
     fix-ups (chat template, pad), the default task's first 64 train prompts and its reward."""
     if objective != "grpo":
         raise ValueError("the TRL variants run grpo only (TRL's SDPOTrainer needs its own dataset of teacher contexts)")
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
     from trl import GRPOConfig, GRPOTrainer
 
-    from denser.tasks import get_task
-    from denser.trainers.models import ensure_embedded_model, load_model
+    from bench.trl_workload import trl_workload
 
     flags = dict(zip(WORKLOADS[workload][::2], WORKLOADS[workload][1::2]))
     prompts, group = int(flags["--prompts-per-step"]), int(flags["--num-generations"])
     steps, max_new = int(flags["--steps"]), int(flags.get("--max-new-tokens", 32))
-    _, tokenizer = load_model("default")
-    task = get_task("addition", seed=0)
-    rows = [task.train[i] for i in range(64)]
-    ds = Dataset.from_list([{"prompt": task.prompt(r), "idx": i} for i, r in enumerate(rows)])
-
-    def reward(completions, idx, **kw):
-        return [task.score(c[-1]["content"] if isinstance(c, list) else c, rows[i]).score
-                for c, i in zip(completions, idx)]
+    work = trl_workload("addition")
 
     args = GRPOConfig(output_dir=out_dir, report_to=[], use_cpu=True, bf16=False, max_steps=steps,
                       per_device_train_batch_size=prompts * group, num_generations=group,
                       max_completion_length=max_new, logging_steps=1, save_strategy="no", disable_tqdm=True,
                       gradient_checkpointing="ckpt" in VARIANTS[variant])
-    model = AutoModelForCausalLM.from_pretrained(str(ensure_embedded_model()), dtype=torch.float32)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer)
+    trainer = GRPOTrainer(model=work.model(), reward_funcs=work.reward, args=args, train_dataset=work.dataset,
+                          processing_class=work.tokenizer)
     t0 = time.perf_counter()
     trainer.train()
     return {"objective": objective, "variant": variant, "workload": workload, "peak_rss_mb": _maxrss_mb(),

@@ -61,21 +61,11 @@ def denser_child(objective: str, steps: int, out_dir: str) -> dict:
 def trl_child(objective: str, steps: int, out_dir: str) -> dict:
     """TRL's trainer at the same workload: the embedded model's safetensors directory, denser's tokenizer
     (chat template, pad token), the task's train prompts and its reward."""
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import TrainerCallback
 
-    from denser.tasks import get_task
-    from denser.trainers.models import ensure_embedded_model, load_model
+    from bench.trl_workload import trl_workload
 
-    _, tokenizer = load_model("default")
-    task = get_task(TASK, seed=0)
-    rows = [task.train[i] for i in range(64)]
-    ds = Dataset.from_list([{"prompt": task.prompt(r), "idx": i} for i, r in enumerate(rows)])
-
-    def reward(completions, idx, **kw):
-        return [task.score(c[-1]["content"] if isinstance(c, list) else c, rows[i]).score
-                for c, i in zip(completions, idx)]
+    work = trl_workload(TASK)
 
     times: list[float] = []
 
@@ -103,9 +93,8 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
     else:
         raise ValueError(f"TRL side: objective {objective!r}: grpo or sdpo")
     args = Config(**common, **extra)
-    model = AutoModelForCausalLM.from_pretrained(str(ensure_embedded_model()), dtype=torch.float32)
-    trainer = Trainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tokenizer,
-                      callbacks=[StepTimer()])
+    trainer = Trainer(model=work.model(), reward_funcs=work.reward, args=args, train_dataset=work.dataset,
+                      processing_class=work.tokenizer, callbacks=[StepTimer()])
     trainer.train()
     import trl
 

@@ -1,0 +1,46 @@
+"""TRL's side of a comparison with `denser train` on the embedded model: the same weights (the embedded
+model's safetensors directory), denser's tokenizer (its chat template and pad token fix-ups), the task's
+first ``n_prompts`` train prompts as a ``datasets.Dataset`` and the task's own reward, in the signature
+TRL's trainers call (``reward(completions, idx=...)``). Used by ``bench.trl_loop`` and
+``bench.memory_fixes``, so both compare against TRL on one workload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass
+class TrlWorkload:
+    tokenizer: Any
+    dataset: Any  # datasets.Dataset with "prompt" (chat messages) and "idx" (the row it came from)
+    reward: Callable[..., list[float]]
+
+    @staticmethod
+    def model():
+        """A fresh fp32 copy of the embedded model, loaded the way TRL users load one."""
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from denser.trainers.models import ensure_embedded_model
+
+        return AutoModelForCausalLM.from_pretrained(str(ensure_embedded_model()), dtype=torch.float32)
+
+
+def trl_workload(task_name: str = "addition", seed: int = 0, n_prompts: int = 64) -> TrlWorkload:
+    from datasets import Dataset
+
+    from denser.tasks import get_task
+    from denser.trainers.models import load_model
+
+    _, tokenizer = load_model("default")
+    task = get_task(task_name, seed=seed)
+    rows = [task.train[i] for i in range(n_prompts)]
+    dataset = Dataset.from_list([{"prompt": task.prompt(r), "idx": i} for i, r in enumerate(rows)])
+
+    def reward(completions, idx, **kw):
+        # TRL passes conversational completions as message lists, plain ones as strings
+        return [task.score(c[-1]["content"] if isinstance(c, list) else c, rows[i]).score
+                for c, i in zip(completions, idx)]
+
+    return TrlWorkload(tokenizer, dataset, reward)
