@@ -9,7 +9,8 @@ Workload (issue 26's comparison shape): the embedded SmolLM2-135M-Instruct in fp
 default task (``addition``, seed 0), one prompt x 8 completions a step, at most 32 new tokens, sampled at
 temperature 1, one optimiser step per rollout, AdamW (fused on both sides), no gradient checkpointing.
 SDPO on both sides: full-vocabulary JSD (alpha 0.5) from an EMA teacher, the teacher shown a successful
-completion of the group.
+completion of the group and no feedback (TRL's defaults; denser's side passes ``DENSER_SDPO``, since its
+own defaults are the top-100 tokens + tail and the task's feedback in the teacher context).
 
 Each (side, objective) runs in its own process. A step's seconds are each side's own step boundaries:
 denser's ``step_time_s`` (generation, signals, update), TRL's time from ``on_step_begin`` to
@@ -45,11 +46,23 @@ PROMPTS, GROUP, MAX_NEW = 1, 8, 32
 TASK = "addition"
 
 
+# SDPO's settings on both sides: TRL's SDPOConfig fields and the denser flags that mean the same (full
+# vocabulary, alpha 0.5, EMA teacher, the teacher shown a correct sibling only: TRL's default leaves the
+# task's feedback out of the teacher context, denser's puts it in, so denser's side turns it off)
+TRL_SDPO = dict(distillation_mode="full_logits", distillation_alpha=0.5, teacher_model_kind="ema")
+DENSER_SDPO = ["--distill-mode", "full", "--alpha", "0.5", "--teacher", "ema", "--no-include-feedback"]
+
+
+def denser_command(objective: str, steps: int, out_dir: str) -> list[str]:
+    return ["--objective", objective, "--model", "default", "--task", TASK, "--prompts-per-step", str(PROMPTS),
+            "--num-generations", str(GROUP), "--max-new-tokens", str(MAX_NEW), "--steps", str(steps),
+            "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite",
+            *(DENSER_SDPO if objective == "sdpo" else [])]
+
+
 def denser_child(objective: str, steps: int, out_dir: str) -> dict:
     """`denser train` as a user runs it; the per-step seconds from its metrics.jsonl."""
-    cmd = [sys.executable, "-m", "denser", "train", "--objective", objective, "--model", "default", "--task", TASK,
-           "--prompts-per-step", str(PROMPTS), "--num-generations", str(GROUP), "--max-new-tokens", str(MAX_NEW),
-           "--steps", str(steps), "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite"]
+    cmd = [sys.executable, "-m", "denser", "train", *denser_command(objective, steps, out_dir)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in rows if "step_time_s" in r]
@@ -89,7 +102,7 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
         from trl.experimental.sdpo import SDPOConfig as Config
         from trl.experimental.sdpo import SDPOTrainer as Trainer
 
-        extra = dict(distillation_mode="full_logits", distillation_alpha=0.5, teacher_model_kind="ema")
+        extra = TRL_SDPO
     else:
         raise ValueError(f"TRL side: objective {objective!r}: grpo or sdpo")
     args = Config(**common, **extra)

@@ -20,3 +20,19 @@ def test_the_table_is_the_median_after_the_warm_up_and_their_ratio():
     assert grpo[:4] == ["grpo", f"{sum(md) / 2:.2f}", f"{mt:.2f}", f"{mt / (sum(md) / 2):.2f}x"]
     sdpo = [c.strip() for c in lines[3].split("|")[1:-1]]
     assert sdpo[2:4] == ["-", "-"] and sdpo[5] == "failed: ImportError: no trl"
+
+
+def test_denser_side_runs_the_sdpo_that_trl_side_runs():
+    """The two sides' SDPO settings, read back from denser's resolved run: a flag dropped from
+    DENSER_SDPO leaves denser's defaults (top-k + tail, feedback in the teacher context) and fails here."""
+    from bench.trl_loop import TRL_SDPO, denser_command
+    from denser.cli.flags import parse_train_args
+
+    cfg, obj = parse_train_args(denser_command("sdpo", 3, "/tmp/unused"))
+    trl_mode = {"full_logits": "full"}[TRL_SDPO["distillation_mode"]]
+    assert (obj.distill_mode, obj.alpha, obj.teacher) == (trl_mode, TRL_SDPO["distillation_alpha"],
+                                                          TRL_SDPO["teacher_model_kind"])
+    assert obj.include_feedback is False  # TRL's include_environment_feedback defaults to False
+    assert (cfg.prompts_per_step, cfg.num_generations, cfg.max_new_tokens) == (1, 8, 32)
+    _, grpo = parse_train_args(denser_command("grpo", 3, "/tmp/unused"))
+    assert type(grpo).__name__ != type(obj).__name__
