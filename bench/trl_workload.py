@@ -33,7 +33,7 @@ def trl_workload(task_name: str = "addition", seed: int = 0, n_prompts: int = 64
     from denser.tasks import get_task
     from denser.trainers.models import load_model
 
-    _, tokenizer = load_model("default")
+    _, tokenizer = load_model("default", empty=True)  # denser's tokenizer; the weights stay unread (meta)
     task = get_task(task_name, seed=seed)
     rows = [task.train[i] for i in range(n_prompts)]
     dataset = Dataset.from_list([{"prompt": task.prompt(r), "idx": i} for i, r in enumerate(rows)])
