@@ -24,10 +24,12 @@ from denser.trainers.models import build_tiny_model
 from denser.trainers.step_metrics import PhaseTimer
 
 
-def _pairs(seed: int):
-    """Random contexts (four distinct, one of them again after another) and completions of varied lengths."""
+def _pairs(seed: int, prefix: int = 0):
+    """Random contexts (four distinct, one of them again after another) and completions of varied lengths;
+    with ``prefix``, every context begins with the same that many tokens (a chat template's system prompt)."""
     g = torch.Generator().manual_seed(seed)
-    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4, 3)]
+    common = torch.randint(3, 200, (prefix,), generator=g).tolist()
+    prompts = [common + torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4, 3)]
     contexts = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2], prompts[0], prompts[3]]
     completions = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 4, 6, 2, 2)]
     return contexts, completions
@@ -65,13 +67,18 @@ def test_the_shared_layout_holds_each_context_once():
         build_packed_batch(contexts, completions, pad_token_id=0, layout="rows")
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
-def test_hidden_states_logprobs_and_gradients_equal_the_padded_layout(impl):
+@pytest.mark.parametrize("impl,prefix", [("sdpa", 0), ("eager", 0), ("sdpa", 6), ("eager", 6)])
+def test_hidden_states_logprobs_and_gradients_equal_the_padded_layout(impl, prefix):
+    """With ``prefix``, the contexts' common prefix is held once per row and every segment's own context
+    after it: one row here, where without it each segment starts a row of its own context."""
     model, _ = build_tiny_model(seed=1)
     model.config._attn_implementation = impl
-    contexts, completions = _pairs(3)
+    contexts, completions = _pairs(3, prefix)
     padded = build_packed_batch(contexts, completions, pad_token_id=0)
     shared = build_shared_batch(contexts, completions, pad_token_id=0)
+    if prefix:  # the prefix once, then each distinct context's rest and its completions
+        assert shared.input_ids.shape[0] == 1
+        assert shared.input_ids.shape[1] == prefix + sum(len(c) - prefix for c in map(list, dict.fromkeys(map(tuple, contexts)))) + sum(map(len, completions))
     with torch.no_grad():
         h_pad, h_sh = completion_hidden_states(model, padded), completion_hidden_states(model, shared)
         torch.testing.assert_close(h_sh, h_pad, rtol=1e-5, atol=1e-5)
@@ -219,7 +226,11 @@ def test_shared_prefill_samples_what_separate_prefills_sample():
             shared = HFRolloutEngine(model, tok, max_batch_size=size, share_prefill=True).generate(prompts, params,
                                                                                                    seed=4)
             width = max(map(len, prompts))
-            assert first_plain == (size or 12, width) and rows[0] == (3 if not size else 2, width - 1)  # prefill once
+            assert first_plain == (size or 12, width)
+            if size:  # the first call's two prompts share 6 leading tokens: those once, then the rest of each once
+                assert rows[:2] == [(1, 6), (2, width - 1 - 6)]
+            else:  # no common prefix ([5, 6, 7]): each distinct prompt once
+                assert rows[0] == (3, width - 1)
             assert shared.completion_ids == plain.completion_ids
             for a, b in zip(shared.logps, plain.logps):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -227,6 +238,54 @@ def test_shared_prefill_samples_what_separate_prefills_sample():
         hook.remove()
     assert len({tuple(c) for c in plain.completion_ids}) > 6  # the samples of a prompt differ: seeded per sample
     assert EngineSpec.from_args("hf", {"share_prefill": True}).options.share_prefill
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_prefix_common_to_every_prompt_is_prefilled_once(sampled):
+    """Prompts that begin alike (a chat template's system prompt, a one-shot example) and are otherwise
+    distinct, as in an evaluation: with --hf-share-prefill the common prefix runs once, each prompt's rest
+    once on a copy of its cache, padding between the two; greedy (an eval) and sampled with a repetition
+    penalty (which must not count that padding), the same tokens and log-probs as plain left-padded calls."""
+    from denser.engines import HFRolloutEngine, SamplingParams
+
+    model, tok = build_tiny_model(seed=3)
+    g = torch.Generator().manual_seed(11)
+    prefix = torch.randint(3, 200, (9,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 1, 8, 3, 8)]
+    params = (SamplingParams(max_new_tokens=8, num_generations=2, repetition_penalty=1.3) if sampled
+              else SamplingParams(max_new_tokens=8, num_generations=1, do_sample=False))
+    rows: list[tuple[int, ...]] = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
+    try:
+        plain = HFRolloutEngine(model, tok).generate(prompts, params, seed=5)
+        rows.clear()
+        shared = HFRolloutEngine(model, tok, share_prefill=True).generate(prompts, params, seed=5)
+    finally:
+        hook.remove()
+    assert rows[:2] == [(1, 9), (5, 8 - 1)]  # the prefix once; the rest of each prompt but its last token once
+    assert shared.completion_ids == plain.completion_ids
+    for a, b in zip(shared.logps, plain.logps):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len({tuple(c) for c in plain.completion_ids}) > 2
+
+
+def test_the_repetition_penalty_counts_prompt_tokens_not_the_padding_between():
+    """The penalty reads the prompt mask, so padding inside a prompt row (after a shared prefix) is not a
+    token the prompt holds: CTRL's rule on exactly the prompt's and the completion's tokens."""
+    from denser.engines.hf import _prompt_layout, _RepetitionPenalty
+
+    pad = 0
+    ids, mask = _prompt_layout([[4, 5, 6, 7], [4, 5, 9]], pad, common=2)
+    assert ids.tolist() == [[4, 5, 6, 7], [4, 5, pad, 9]] and mask.tolist() == [[1, 1, 1, 1], [1, 1, 0, 1]]
+    seq = torch.cat([ids, torch.tensor([[3], [8]])], dim=1)  # one generated token each
+    scores = torch.randn(2, 12).abs() + 0.5  # all positive: a penalised logit is divided
+    scores[:, 9] = -1.0  # negative: multiplied
+    out = _RepetitionPenalty(2.0, mask.bool())(seq, scores.clone())
+    expect = scores.clone()
+    for b, toks in enumerate([{4, 5, 6, 7, 3}, {4, 5, 9, 8}]):
+        for t in toks:
+            expect[b, t] = scores[b, t] / 2.0 if scores[b, t] > 0 else scores[b, t] * 2.0
+    torch.testing.assert_close(out, expect)  # row 1's padding (token 0) is not penalised
 
 
 def test_the_step_benchmark_of_one_group_is_the_same_step_in_either_layout():

@@ -57,7 +57,7 @@ from denser.engines.base import (
     request_seed,
     truncate_at_stop,
 )
-from denser.engines.packing import model_device
+from denser.engines.packing import common_prefix_len, model_device
 
 __all__ = ["ForwardAbandoned", "HFOptions", "HFRolloutEngine", "abandon_forward_on_stop", "default_stop_token_ids"]
 
@@ -194,18 +194,15 @@ class HFRolloutEngine(RolloutEngine):
             TopPLogitsWarper,
         )
 
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros_like(input_ids)
-        for b, p in enumerate(prompts):
-            input_ids[b, width - len(p) :] = torch.tensor(p)
-            attention_mask[b, width - len(p) :] = 1
+        common = common_prefix_len(prompts) if self.share_prefill else 0
+        input_ids, attention_mask = _prompt_layout(prompts, self.pad_token_id, common)
+        width = input_ids.shape[1]
         recorder = _BehaviourLogpRecorder(params.temperature)
         processors: list[Any] = [recorder]
         if params.do_sample:
             # vLLM's order: penalty, temperature, min-p, top-k, top-p (min-p and top-k commute)
             if params.repetition_penalty != 1.0:
-                processors.append(_RepetitionPenalty(params.repetition_penalty, [width - len(p) for p in prompts]))
+                processors.append(_RepetitionPenalty(params.repetition_penalty, attention_mask.bool()))
             if params.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(params.temperature))
             if params.min_p > 0:
@@ -229,7 +226,8 @@ class HFRolloutEngine(RolloutEngine):
             with _neutral_generation_config(self.model, config), abandon_forward_on_stop(self.model, stop), \
                     warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-                cache = self._shared_prefill(prompts, input_ids, attention_mask, device) if self.share_prefill else None
+                cache = (self._shared_prefill(prompts, input_ids, attention_mask, common, device)
+                         if self.share_prefill else None)
                 sequences = self.model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=attention_mask.to(device),
@@ -252,31 +250,55 @@ class HFRolloutEngine(RolloutEngine):
             truncated.append(tr)
         return completions, logps, truncated
 
-    def _shared_prefill(self, prompts: list[list[int]], input_ids: Tensor, attention_mask: Tensor,
+    def _shared_prefill(self, prompts: list[list[int]], input_ids: Tensor, attention_mask: Tensor, common: int,
                         device: torch.device) -> Any:
-        """The key/value cache of every row's prompt but its last token, each distinct prompt computed once
-        and its cache rows copied to the rows that repeat it (None when no prompt repeats or all are one
-        token long). ``generate`` then runs each row's last prompt token and samples on from there."""
+        """The key/value cache of every row's prompt but its last token (the layout of :func:`_prompt_layout`),
+        each token computed once: the ``common`` prefix of all prompts once, each distinct prompt's rest once
+        on a copy of it, and the rows that repeat a prompt given its cache. ``generate`` then runs each row's
+        last prompt token and samples on from there. None when nothing is shared (every prompt distinct, no
+        common prefix)."""
         from transformers import DynamicCache
 
         distinct: dict[tuple[int, ...], int] = {}
         rows = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts])
         width = input_ids.shape[1]
-        if len(distinct) == len(prompts) or width < 2:
+        if (len(distinct) == len(prompts) and common == 0) or width < 2:
             return None
         first = torch.tensor([rows.tolist().index(u) for u in range(len(distinct))])
         ids, mask = input_ids[first, :-1].to(device), attention_mask[first, :-1].to(device)
-        position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as generate places left-padded prompts
+        position_ids = (mask.cumsum(-1) - 1).masked_fill_(mask == 0, 1)  # as generate places the prompts
         try:
             cache = DynamicCache(config=self.model.config)
         except TypeError:  # transformers before 4.56
             cache = DynamicCache()
         with warnings.catch_warnings():  # transformers 5.x renames it `cache`; 4.x knows only `past_key_values`
             warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
-            self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1)
+            if common:  # the prefix of every prompt, once, then a copy per distinct prompt
+                self.model(input_ids=ids[:1, :common], attention_mask=mask[:1, :common],
+                           position_ids=position_ids[:1, :common], past_key_values=cache, use_cache=True,
+                           logits_to_keep=1)
+                cache.batch_repeat_interleave(len(distinct))
+            if width - 1 > common:
+                self.model(input_ids=ids[:, common:], attention_mask=mask, position_ids=position_ids[:, common:],
+                           past_key_values=cache, use_cache=True, logits_to_keep=1)
         cache.batch_select_indices(rows.to(device))
         return cache
+
+
+def _prompt_layout(prompts: Sequence[Sequence[int]], pad_token_id: int, common: int = 0) -> tuple[Tensor, Tensor]:
+    """``input_ids`` and ``attention_mask`` ``[B, W]`` of a ``generate`` call: the ``common`` leading tokens of
+    every prompt in columns ``0..common-1``, then the rest of each prompt right-aligned, padding between
+    (``common = 0``: left padding). Every row ends with its last prompt token; ``generate`` places each token
+    at its prompt position (the attention mask's running count), so the padding's place changes nothing."""
+    rest = max(len(p) for p in prompts) - common
+    input_ids = torch.full((len(prompts), common + rest), int(pad_token_id), dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for b, p in enumerate(prompts):
+        input_ids[b, :common] = torch.tensor(p[:common], dtype=torch.long)
+        input_ids[b, common + rest - (len(p) - common):] = torch.tensor(p[common:], dtype=torch.long)
+        attention_mask[b, :common] = 1
+        attention_mask[b, common + rest - (len(p) - common):] = 1
+    return input_ids, attention_mask
 
 
 def default_stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -296,14 +318,16 @@ class _RepetitionPenalty:
     completion so far, left padding excluded (vLLM never sees it): a positive logit of such a token
     is divided by ``penalty``, a negative one multiplied."""
 
-    def __init__(self, penalty: float, pad_lengths: list[int]):
+    def __init__(self, penalty: float, prompt_mask: Tensor):
         self.penalty = float(penalty)
-        self.pad_lengths = pad_lengths
+        self.prompt_mask = prompt_mask  # [B, W] True on the prompts' tokens (not their padding)
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         seen = torch.zeros_like(scores, dtype=torch.bool)
-        for b, start in enumerate(self.pad_lengths):
-            seen[b, input_ids[b, start:]] = True
+        width = self.prompt_mask.shape[1]
+        for b in range(input_ids.shape[0]):
+            seen[b, input_ids[b, :width][self.prompt_mask[b].to(input_ids.device)]] = True
+            seen[b, input_ids[b, width:]] = True
         penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
         return torch.where(seen, penalised, scores)
 

@@ -24,7 +24,11 @@ segments are packed into rows of the longest segment's width, several per row wh
 fit, longest first), so little is padding. A 4D mask ``attention_mask[R, 1, W, W]`` lets a context
 token see its context, and a completion token its context and its own completion's earlier tokens;
 ``position_ids`` restart at 0 for each segment and each completion continues at its context's
-length, exactly the positions of the padded layout. So the forward computes the same hidden states
+length, exactly the positions of the padded layout. Where the distinct contexts all begin with the same
+tokens (a chat template's system prompt, a one-shot example), that prefix is held once at the start of
+each row and every segment holds only its context's rest, which sees the prefix (its positions continue
+after it); such rows are up to ``SHARED_ROW_TOKENS`` wide, so one row shares the prefix among as many
+segments as fit. So the forward computes the same hidden states
 (up to summation order), and ``predict_index[N]`` (flat indices into ``[R * W]``) picks them in packed
 order: the last context token predicts the first token of every completion after it, so its state is
 picked once per completion and its gradient adds up over them, as it does over the padded layout's
@@ -50,12 +54,17 @@ __all__ = [
     "LAYOUTS",
     "build_packed_batch",
     "build_shared_batch",
+    "common_prefix_len",
     "completion_hidden_states",
     "completion_logprobs",
     "lm_head_params",
     "model_device",
 ]
 
+
+#: the shared layout's row width when the contexts share a prefix: rows up to this wide hold it once for as
+#: many segments as fit (a wider row costs attention over the whole row: the mask is dense)
+SHARED_ROW_TOKENS = 512
 
 #: ``build_packed_batch(..., layout=...)``: ``padded`` (a row per sample) or ``shared`` (each distinct context once)
 LAYOUTS = ("shared", "padded")
@@ -192,15 +201,19 @@ def build_shared_batch(
     segments: dict[tuple[int, ...], list[int]] = {}
     for b, c in enumerate(ctx):
         segments.setdefault(tuple(c), []).append(b)
-    seg_len = {key: len(key) + sum(len(comp[b]) for b in members) for key, members in segments.items()}
-    W = max(seg_len.values())
+    # the tokens every distinct context begins with (a chat template's system prompt, a one-shot example)
+    K = common_prefix_len(list(segments)) if len(segments) > 1 else 0
+    seg_len = {key: len(key) - K + sum(len(comp[b]) for b in members) for key, members in segments.items()}
+    W = K + max(seg_len.values())
+    if K:  # each row holds the common prefix once: wider rows share it among more segments
+        W = max(W, min(K + sum(seg_len.values()), SHARED_ROW_TOKENS))
     rows: list[list[tuple[int, ...]]] = []
     free: list[int] = []
     for key in sorted(segments, key=lambda k: -seg_len[k]):  # stable: ties keep first-appearance order
         r = next((i for i, room in enumerate(free) if room >= seg_len[key]), None)
         if r is None:
             rows.append([])
-            free.append(W)
+            free.append(W - K)
             r = len(rows) - 1
         rows[r].append(key)
         free[r] -= seg_len[key]
@@ -211,17 +224,23 @@ def build_shared_batch(
     predict_at = [0] * B  # flat index of the position that predicts each sample's first token
     starts = [0] * B  # flat index of each sample's first completion token
     for r, keys in enumerate(rows):
-        o = 0
+        if K:
+            input_ids[r, :K] = torch.tensor(keys[0][:K])
+            position_ids[r, :K] = torch.arange(K)
+            allowed[r, :K, :K] = torch.ones(K, K, dtype=torch.bool).tril()
+        o = K
         for key in keys:
-            P = len(key)
-            input_ids[r, o:o + P] = torch.tensor(key)
-            position_ids[r, o:o + P] = torch.arange(P)
+            P = len(key) - K  # the context's own tokens, after the common prefix
+            input_ids[r, o:o + P] = torch.tensor(key[K:])
+            position_ids[r, o:o + P] = torch.arange(K, K + P)
+            allowed[r, o:o + P, :K] = True
             allowed[r, o:o + P, o:o + P] = torch.ones(P, P, dtype=torch.bool).tril()
             s = o + P
             for b in segments[key]:
                 L = len(comp[b])
                 input_ids[r, s:s + L] = torch.tensor(comp[b])
-                position_ids[r, s:s + L] = torch.arange(P, P + L)
+                position_ids[r, s:s + L] = torch.arange(K + P, K + P + L)
+                allowed[r, s:s + L, :K] = True
                 allowed[r, s:s + L, o:o + P] = True
                 allowed[r, s:s + L, s:s + L] = torch.ones(L, L, dtype=torch.bool).tril()
                 predict_at[b], starts[b] = r * W + o + P - 1, r * W + s
@@ -251,6 +270,15 @@ def build_shared_batch(
         context_width=max(len(c) for c in ctx),
         predict_index=predict_index,
     )
+
+
+def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens every sequence shares, leaving each at least one token of its own."""
+    first, limit = sequences[0], min(len(q) for q in sequences) - 1
+    n = 0
+    while n < limit and all(q[n] == first[n] for q in sequences):
+        n += 1
+    return n
 
 
 def _checked_pairs(contexts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
