@@ -55,7 +55,7 @@ def test_the_spec_builds_the_registered_engine_with_its_options():
     model, tok = build_tiny_model(seed=0)
     assert EngineSpec() == EngineSpec("hf", HFOptions())
     spec = EngineSpec.from_args("hf", {"max_batch_size": 3})
-    assert spec.options == HFOptions(max_batch_size=3) and spec.args() == {"max_batch_size": 3, "share_prefill": False}
+    assert spec.options == HFOptions(max_batch_size=3) and spec.args() == {"max_batch_size": 3, "share_prefill": True}
     assert EngineSpec.from_args("hf", spec.args()) == spec  # config.yaml's engine_args read back
     engine = spec.build(model, tok)
     assert type(engine) is HFRolloutEngine and engine.max_batch_size == 3

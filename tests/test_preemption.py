@@ -62,12 +62,14 @@ def test_stop_control_raises_at_check_points_and_the_save_clock_ticks():
     assert exit_code(signal.SIGTERM) == 143
 
 
-def test_generation_ends_at_the_next_token_or_layer_once_a_stop_is_requested():
+@pytest.mark.parametrize("share_prefill", [True, False])
+def test_generation_ends_at_the_next_token_or_layer_once_a_stop_is_requested(share_prefill):
     from denser.engines import HFRolloutEngine, SamplingParams
     from denser.trainers.models import build_tiny_model
 
     model, tok = build_tiny_model(seed=0)
-    engine = HFRolloutEngine(model, tok)
+    engine = HFRolloutEngine(model, tok, share_prefill=share_prefill)
+    prefills = 1 if share_prefill else 0  # the shared prefill's forward (the two prompts share no prefix) comes first
     params = SamplingParams(max_new_tokens=12, num_generations=2)
     prompts = [[5, 6, 7], [8, 9]]
     plain = engine.generate(prompts, params, seed=1)
@@ -76,7 +78,7 @@ def test_generation_ends_at_the_next_token_or_layer_once_a_stop_is_requested():
     forwards = []
     counting = model.register_forward_hook(lambda m, a, o: forwards.append(1))
     try:  # asked to stop once the third token's forward is done: the third token is the last
-        cut = engine.generate(prompts, params, seed=1, stop=lambda: len(forwards) >= 3)
+        cut = engine.generate(prompts, params, seed=1, stop=lambda: len(forwards) >= 3 + prefills)
     finally:
         counting.remove()
     assert max(len(c) for c in cut.completion_ids) == 3

@@ -30,6 +30,8 @@ def _pairs(seed: int, prefix: int = 0):
     g = torch.Generator().manual_seed(seed)
     common = torch.randint(3, 200, (prefix,), generator=g).tolist()
     prompts = [common + torch.randint(3, 200, (n,), generator=g).tolist() for n in (7, 11, 4, 3)]
+    if prefix:  # and two of them alike further on (an SDPO group's teacher contexts: the prompt, then each its own feedback)
+        prompts[1][:prefix + 5] = prompts[0][:prefix + 5]
     contexts = [prompts[0]] * 3 + [prompts[1]] * 2 + [prompts[2], prompts[0], prompts[3]]
     completions = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 1, 9, 3, 4, 6, 2, 2)]
     return contexts, completions
@@ -76,9 +78,10 @@ def test_hidden_states_logprobs_and_gradients_equal_the_padded_layout(impl, pref
     contexts, completions = _pairs(3, prefix)
     padded = build_packed_batch(contexts, completions, pad_token_id=0)
     shared = build_shared_batch(contexts, completions, pad_token_id=0)
-    if prefix:  # the prefix once, then each distinct context's rest and its completions
-        assert shared.input_ids.shape[0] == 1
-        assert shared.input_ids.shape[1] == prefix + sum(len(c) - prefix for c in map(list, dict.fromkeys(map(tuple, contexts)))) + sum(map(len, completions))
+    if prefix:  # one row: the prefix once, the 5 tokens two contexts share next once, each context's rest once
+        distinct = list(dict.fromkeys(map(tuple, contexts)))
+        assert shared.input_ids.shape == (1, prefix + 5 + sum(len(c) - prefix for c in distinct) - 2 * 5
+                                          + sum(map(len, completions)))
     with torch.no_grad():
         h_pad, h_sh = completion_hidden_states(model, padded), completion_hidden_states(model, shared)
         torch.testing.assert_close(h_sh, h_pad, rtol=1e-5, atol=1e-5)
@@ -220,7 +223,8 @@ def test_shared_prefill_samples_what_separate_prefills_sample():
     try:
         for size in (0, 6):
             rows.clear()
-            plain = HFRolloutEngine(model, tok, max_batch_size=size).generate(prompts, params, seed=4)
+            plain = HFRolloutEngine(model, tok, max_batch_size=size, share_prefill=False).generate(prompts, params,
+                                                                                                  seed=4)
             first_plain = rows[0]
             rows.clear()
             shared = HFRolloutEngine(model, tok, max_batch_size=size, share_prefill=True).generate(prompts, params,
@@ -257,7 +261,7 @@ def test_a_prefix_common_to_every_prompt_is_prefilled_once(sampled):
     rows: list[tuple[int, ...]] = []
     hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
     try:
-        plain = HFRolloutEngine(model, tok).generate(prompts, params, seed=5)
+        plain = HFRolloutEngine(model, tok, share_prefill=False).generate(prompts, params, seed=5)
         rows.clear()
         shared = HFRolloutEngine(model, tok, share_prefill=True).generate(prompts, params, seed=5)
     finally:

@@ -25,13 +25,16 @@ on its prompt, its seed and the model alone: not on the other prompts of the cal
 
 Shared prefill
 --------------
-With ``--hf-share-prefill`` each distinct prompt of a ``generate`` call is prefilled once (all but its
-last token) and its key/value cache copied to the rows of its samples; ``generate`` then runs from
-each row's last prompt token on. The arithmetic per row is the same; only the prefill's matrix shapes
-change (one row per prompt instead of per sample), so a sample can differ only where rounding moves
-a logit across a draw's boundary. On this project's CPU the main job's shape (4 prompts x 4 samples x
-32 tokens, the embedded model) gave the same tokens and the same log-probs to the bit either way,
-but that is a property of the matmul kernels, not a guarantee, hence the option (off by default).
+By default (``--hf-share-prefill``) a ``generate`` call prefills the tokens every prompt begins with
+once (a chat template's system prompt, a task's one-shot example: ~70 of the main job's ~92), then
+each distinct prompt's rest but its last token once, on a copy of that cache, and gives the result to
+the rows of the prompt's samples; ``generate`` then runs from each row's last prompt token on. A row
+holds the common prefix, padding, then the prompt's rest; ``generate`` places each token at its prompt
+position (the attention mask's running count), so the padding's place changes nothing. The arithmetic
+per row is the same; only the prefill's matrix shapes change, so a sample can differ only where
+rounding moves a logit across a draw's boundary: runs are not bit-identical to ``--no-hf-share-prefill``
+(every sample prefilling its own copy, the code before 2026-12-06), and the main job's three seeds with
+each are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -100,11 +103,12 @@ class HFOptions:
         "hf engine: at most this many sequences (prompts x completions each) per generate call, the rest in "
         "further calls; bounds the KV cache's memory and leaves the samples unchanged (0 = all of a call at once)")})
 
-    share_prefill: bool = field(default=False, metadata={"help": (
-        "hf engine: prefill each distinct prompt once and give its key/value cache to its num_generations "
-        "samples (instead of prefilling every sample's copy of the prompt); the same computation up to "
-        "summation order (the prefill's matrix shapes change), so a sampled token can differ where two tokens' "
-        "cumulative probabilities straddle a draw within rounding: off by default, so runs stay bit-for-bit")})
+    share_prefill: bool = field(default=True, metadata={"help": (
+        "hf engine: prefill the prefix every prompt of a call begins with once, then each distinct prompt's "
+        "rest once, and give that key/value cache to its num_generations samples (instead of prefilling every "
+        "sample's copy of the prompt); the same computation up to summation order (the prefill's matrix shapes "
+        "change), so a sampled token can differ where two tokens' cumulative probabilities straddle a draw "
+        "within rounding; --no-hf-share-prefill prefills every sample's copy (the code before 2026-12-06)")})
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
@@ -133,7 +137,7 @@ class HFRolloutEngine(RolloutEngine):
         *,
         max_batch_size: int | None = None,
         stop_token_ids: Sequence[int] | None = None,
-        share_prefill: bool = False,
+        share_prefill: bool = True,
     ):
         self.model = model
         self.tokenizer = tokenizer

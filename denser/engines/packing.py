@@ -24,10 +24,11 @@ segments are packed into rows of the longest segment's width, several per row wh
 fit, longest first), so little is padding. A 4D mask ``attention_mask[R, 1, W, W]`` lets a context
 token see its context, and a completion token its context and its own completion's earlier tokens;
 ``position_ids`` restart at 0 for each segment and each completion continues at its context's
-length, exactly the positions of the padded layout. Where the distinct contexts all begin with the same
-tokens (a chat template's system prompt, a one-shot example), that prefix is held once at the start of
-each row and every segment holds only its context's rest, which sees the prefix (its positions continue
-after it); such rows are up to ``SHARED_ROW_TOKENS`` wide, so one row shares the prefix among as many
+length, exactly the positions of the padded layout. Contexts that begin alike share those tokens too: a
+row holds its contexts as a token trie, so the prefix every prompt begins with (a chat template's system
+prompt, a task's one-shot example) is there once, and an SDPO group's teacher contexts (the prompt, then
+each sample's own feedback) hold the prompt once; a token sees the tokens on its own context's path.
+Where contexts share, rows are up to ``SHARED_ROW_TOKENS`` wide, so a shared prefix serves as many
 segments as fit. So the forward computes the same hidden states
 (up to summation order), and ``predict_index[N]`` (flat indices into ``[R * W]``) picks them in packed
 order: the last context token predicts the first token of every completion after it, so its state is
@@ -192,62 +193,50 @@ def build_shared_batch(
     max_context_len: int | None = None,
 ) -> PackedBatch:
     """The shared layout of (context, completion) pairs (module docstring): one segment per distinct
-    context (after ``max_context_len``), in order of first appearance, holding that context once and
-    then the completions of its samples in sample order; segments packed into rows of the longest
-    segment's width, longest first, each into the first row with room. ``targets``, ``seq_ids``,
-    ``lengths``, ``sample_ids`` and ``old_logp`` are those of :func:`build_packed_batch` (sample order)."""
+    context (after ``max_context_len``), holding the completions of its samples in sample order after
+    it; segments placed longest first, each into the first row with room for the tokens it adds, where a
+    row holds its contexts as a token trie (a token that begins several contexts the same way is there
+    once). Rows are as wide as the longest segment, or up to ``SHARED_ROW_TOKENS`` when contexts share a
+    prefix. ``targets``, ``seq_ids``, ``lengths``, ``sample_ids`` and ``old_logp`` are those of
+    :func:`build_packed_batch` (sample order)."""
     ctx, comp = _checked_pairs(contexts, completions, max_context_len)
     B = len(ctx)
     segments: dict[tuple[int, ...], list[int]] = {}
     for b, c in enumerate(ctx):
         segments.setdefault(tuple(c), []).append(b)
-    # the tokens every distinct context begins with (a chat template's system prompt, a one-shot example)
-    K = common_prefix_len(list(segments)) if len(segments) > 1 else 0
-    seg_len = {key: len(key) - K + sum(len(comp[b]) for b in members) for key, members in segments.items()}
-    W = K + max(seg_len.values())
-    if K:  # each row holds the common prefix once: wider rows share it among more segments
-        W = max(W, min(K + sum(seg_len.values()), SHARED_ROW_TOKENS))
-    rows: list[list[tuple[int, ...]]] = []
-    free: list[int] = []
-    for key in sorted(segments, key=lambda k: -seg_len[k]):  # stable: ties keep first-appearance order
-        r = next((i for i, room in enumerate(free) if room >= seg_len[key]), None)
-        if r is None:
-            rows.append([])
-            free.append(W - K)
-            r = len(rows) - 1
-        rows[r].append(key)
-        free[r] -= seg_len[key]
+    done = {key: sum(len(comp[b]) for b in members) for key, members in segments.items()}  # completion tokens
+    W = max(len(key) + done[key] for key in segments)
+    shared = _Row().add_all(segments)  # every context in one trie: what sharing can save at most
+    if shared < sum(map(len, segments)):
+        W = max(W, min(shared + sum(done.values()), SHARED_ROW_TOKENS))
+    rows: list[_Row] = []
+    for key in sorted(segments, key=lambda k: -(len(k) + done[k])):  # stable: ties keep first-appearance order
+        row = next((r for r in rows if r.fill + r.new_tokens(key) + done[key] <= W), None)
+        if row is None:
+            rows.append(row := _Row())
+        row.place(key, [comp[b] for b in segments[key]], segments[key])
     R = len(rows)
     input_ids = torch.full((R, W), int(pad_token_id), dtype=torch.long)
     position_ids = torch.zeros((R, W), dtype=torch.long)
     allowed = torch.zeros((R, W, W), dtype=torch.bool)
     predict_at = [0] * B  # flat index of the position that predicts each sample's first token
     starts = [0] * B  # flat index of each sample's first completion token
-    for r, keys in enumerate(rows):
-        if K:
-            input_ids[r, :K] = torch.tensor(keys[0][:K])
-            position_ids[r, :K] = torch.arange(K)
-            allowed[r, :K, :K] = torch.ones(K, K, dtype=torch.bool).tril()
-        o = K
-        for key in keys:
-            P = len(key) - K  # the context's own tokens, after the common prefix
-            input_ids[r, o:o + P] = torch.tensor(key[K:])
-            position_ids[r, o:o + P] = torch.arange(K, K + P)
-            allowed[r, o:o + P, :K] = True
-            allowed[r, o:o + P, o:o + P] = torch.ones(P, P, dtype=torch.bool).tril()
-            s = o + P
-            for b in segments[key]:
+    for r, row in enumerate(rows):
+        ids, seen = torch.tensor(row.tokens, dtype=torch.long), allowed[r]
+        input_ids[r, :row.fill] = ids
+        for _key, path, placed in row.segments:
+            P = torch.tensor(path, dtype=torch.long)
+            position_ids[r, P] = torch.arange(len(path))
+            seen[P[:, None], P[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
+            for b, start in placed:
                 L = len(comp[b])
-                input_ids[r, s:s + L] = torch.tensor(comp[b])
-                position_ids[r, s:s + L] = torch.arange(K + P, K + P + L)
-                allowed[r, s:s + L, :K] = True
-                allowed[r, s:s + L, o:o + P] = True
-                allowed[r, s:s + L, s:s + L] = torch.ones(L, L, dtype=torch.bool).tril()
-                predict_at[b], starts[b] = r * W + o + P - 1, r * W + s
-                s += L
-            o = s
-        pad = torch.arange(o, W)
-        allowed[r, pad, pad] = True  # padding sees itself: no query row is all masked
+                span = torch.arange(start, start + L)
+                position_ids[r, span] = torch.arange(len(path), len(path) + L)
+                seen[start:start + L, P] = True
+                seen[start:start + L, start:start + L] = torch.ones(L, L, dtype=torch.bool).tril()
+                predict_at[b], starts[b] = r * W + path[-1], r * W + start
+        pad = torch.arange(row.fill, W)
+        seen[pad, pad] = True  # padding sees itself: no query row is all masked
     lengths = torch.tensor([len(y) for y in comp], dtype=torch.long)
     targets = torch.tensor([t for y in comp for t in y], dtype=torch.long)
     seq_ids = torch.repeat_interleave(torch.arange(B), lengths)
@@ -270,6 +259,55 @@ def build_shared_batch(
         context_width=max(len(c) for c in ctx),
         predict_index=predict_index,
     )
+
+
+class _Row:
+    """One row of the shared layout being filled: its contexts as a token trie (``(parent position,
+    token) -> position``, so a token that begins several contexts alike is held once), each context's
+    completions after the context's tokens."""
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.trie: dict[tuple[int, int], int] = {}
+        self.segments: list[tuple[tuple[int, ...], list[int], list[tuple[int, int]]]] = []
+
+    @property
+    def fill(self) -> int:
+        return len(self.tokens)
+
+    def new_tokens(self, key: Sequence[int]) -> int:
+        """How many of ``key``'s tokens the row does not hold yet."""
+        parent = -1
+        for n, t in enumerate(key):
+            if (parent := self.trie.get((parent, t), -2)) == -2:
+                return len(key) - n
+        return 0
+
+    def _insert(self, key: Sequence[int]) -> list[int]:
+        path, parent = [], -1
+        for t in key:
+            pos = self.trie.get((parent, t))
+            if pos is None:
+                pos = self.trie[(parent, t)] = len(self.tokens)
+                self.tokens.append(t)
+            path.append(pos)
+            parent = pos
+        return path
+
+    def place(self, key: tuple[int, ...], completions: list[list[int]], samples: list[int]) -> None:
+        """``key``'s tokens (those not held yet), then its samples' completions; their positions noted."""
+        path = self._insert(key)
+        placed = []
+        for b, y in zip(samples, completions):
+            placed.append((b, len(self.tokens)))
+            self.tokens += y
+        self.segments.append((key, path, placed))
+
+    def add_all(self, keys: Sequence[Sequence[int]]) -> int:
+        """Insert ``keys`` (contexts only); the number of positions they take."""
+        for key in keys:
+            self._insert(key)
+        return self.fill
 
 
 def common_prefix_len(sequences: Sequence[Sequence[int]]) -> int:
