@@ -15,14 +15,18 @@ own defaults are the top-100 tokens + tail and the task's feedback in the teache
 Each (side, objective) runs in its own process. A step's seconds are each side's own step boundaries:
 denser's ``step_time_s`` (generation, signals, update), TRL's time from ``on_step_begin`` to
 ``on_step_end`` (generation, reward, loss, backward, optimiser step). The first step is a warm-up and
-left out of the median. Both sides generate with transformers' ``generate`` on the prompt repeated 8
-times (denser's ``hf`` engine, its default). Seconds compare only on a quiet machine, within one run.
+left out of the median. Both sides sample with transformers' ``generate``: TRL's on the prompt repeated 8
+times, denser's ``hf`` engine with its default shared prefill (the prompt prefilled once). Seconds compare
+only on a quiet machine, within one run.
 
-The two sides draw their prompts in their own orders (denser's seeded schedule, TRL's shuffled
-sampler), so a step's work differs with its prompt: an SDPO step with no successful completion
-distils nothing on TRL's side (no teacher forward) and on denser's. Each row keeps, per step, what it
-computed (``logged``: reward, the fraction of samples with a teacher or of groups with a success,
-completion length) beside its seconds, so a reader can see whether both sides did the same work.
+Both sides train on the same prompts, step by step: TRL's dataset holds the prompts of denser's seeded
+schedule for those steps, in its order, and TRL's shuffling is off. (Before 2026-12-06 each side drew
+its own order, and the prompts differed in difficulty: the embedded model answers "What is 11 + 2?"
+with 33 under either engine, so TRL's side had fewer successes and distilled less.) The samples still
+differ (each side its own random stream), so an SDPO step with no successful completion distils
+nothing on one side and may on the other. Each row keeps, per step, what it computed (``logged``:
+reward, the fraction of samples with a teacher or of groups with a success, completion length) beside
+its seconds, so a reader can see whether both sides did the same work.
 
 Results: ``<out-dir>/trl-loop-<tag>-<date>.{json,md}``.
 """
@@ -78,7 +82,7 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
 
     from bench.trl_workload import trl_workload
 
-    work = trl_workload(TASK)
+    work = trl_workload(TASK, n_prompts=steps * PROMPTS, prompts_per_step=PROMPTS)  # denser's prompts, in its order
 
     times: list[float] = []
 
@@ -92,7 +96,8 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
     common = dict(output_dir=out_dir, report_to=[], use_cpu=True, bf16=False, max_steps=steps,
                   per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                   max_completion_length=MAX_NEW, logging_steps=1, save_strategy="no", disable_tqdm=True,
-                  gradient_checkpointing=False, optim="adamw_torch_fused", temperature=1.0, top_p=1.0)
+                  gradient_checkpointing=False, optim="adamw_torch_fused", temperature=1.0, top_p=1.0,
+                  shuffle_dataset=False)
     if objective == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer

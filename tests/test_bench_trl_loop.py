@@ -36,3 +36,28 @@ def test_denser_side_runs_the_sdpo_that_trl_side_runs():
     assert (cfg.prompts_per_step, cfg.num_generations, cfg.max_new_tokens) == (1, 8, 32)
     _, grpo = parse_train_args(denser_command("grpo", 3, "/tmp/unused"))
     assert type(grpo).__name__ != type(obj).__name__
+
+
+def test_trl_side_trains_on_the_prompts_denser_trains_on_in_its_order(tmp_path, monkeypatch):
+    """TRL's dataset (read unshuffled) holds the prompts `denser train` asks its engine for at each step,
+    in that order: recorded from a real run of the loop (its eval's prompts come two at a time, apart)."""
+    from bench.trl_workload import trl_workload
+    from denser.cli import main
+    from denser.trainers.prompts import PromptSchedule
+
+    asked: list[list[dict]] = []
+    real = PromptSchedule.prompt_ids
+
+    def spy(self, rows):
+        asked.append([self.task.prompt(r) for r in rows])
+        return real(self, rows)
+
+    monkeypatch.setattr(PromptSchedule, "prompt_ids", spy)
+    assert main(["train", "--objective", "grpo", "--model", "tiny", "--task", "addition", "--prompts-per-step", "1",
+                 "--num-generations", "2", "--max-new-tokens", "4", "--steps", "3", "--eval-size", "2",
+                 "--no-progress", "--output-dir", str(tmp_path / "run")]) == 0
+    trained = [msgs for call in asked if len(call) == 1 for msgs in call]
+    assert len(trained) == 3
+    work = trl_workload("addition", n_prompts=3, prompts_per_step=1)
+    assert list(work.dataset["prompt"]) == trained
+    assert list(trl_workload("addition", n_prompts=3).dataset["prompt"]) != trained  # the task's own first rows differ
