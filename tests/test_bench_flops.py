@@ -60,3 +60,32 @@ def test_step_flops_per_phase():
 def test_matmul_rate_is_a_rate():
     fp32 = loop.matmul_rate(torch.float32, m=64, k=32, n=48, seconds=0.05)
     assert 1e6 < fp32 < 1e15
+
+
+def test_a_prefix_every_prompt_shares_is_counted_once_as_the_shared_layout_computes_it():
+    """Two groups whose prompts begin with the same K tokens: the shared layout's forward runs the linear
+    layers on K + 2 (p - K) + 2 G c positions (torch's counter), which is what step_flops counts per
+    forward with ``common_prefix_tokens`` K: (P - 1) K positions fewer than each prompt whole."""
+    from denser.engines.packing import build_shared_batch
+
+    model, _ = build_tiny_model(seed=0)
+    model.config._attn_implementation = "eager"
+    g = torch.Generator().manual_seed(1)
+    K, p, c, G, P = 7, 12, 5, 3, 2
+    prefix = torch.randint(3, 200, (K,), generator=g).tolist()
+    prompts = [prefix + torch.randint(3, 200, (p - K,), generator=g).tolist() for _ in range(P)]
+    completions = [torch.randint(3, 200, (c,), generator=g).tolist() for _ in range(P * G)]
+    batch = build_shared_batch([q for q in prompts for _ in range(G)], completions, pad_token_id=0)
+    assert batch.input_ids.shape == (1, K + P * (p - K) + P * G * c)  # one row, no padding
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        completion_hidden_states(model, batch)
+    linear = sum(v for k, v in counter.get_flop_counts()["Global"].items() if "mm" in str(k) and "bmm" not in str(k))
+    shape = _shape(model, p)
+    assert linear == 2 * shape["block_params"] * (K + P * (p - K) + P * G * c)
+    cfg = {"prompts_per_step": P, "num_generations": G}
+    whole = loop.step_flops(shape, cfg, float(c), teacher=False, reference=True, old_logp=False)
+    shared = loop.step_flops({**shape, "common_prefix_tokens": K}, cfg, float(c), teacher=False, reference=True,
+                             old_logp=False)
+    saved = 2 * shape["block_params"] * (P - 1) * K
+    assert whole["update"] - shared["update"] == 3 * saved and whole["signals"] - shared["signals"] == saved
+    assert whole["generate"] - shared["generate"] == saved

@@ -15,7 +15,8 @@ a user runs it; the per-step times come from its metrics.jsonl. The first step i
 is left out of the medians.
 
 Beside the seconds, each phase gets the arithmetic it needs (:func:`step_flops`: matmul FLOPs of the
-model's linear layers and attention, each group's prompt once, no padding, the output layer only
+model's linear layers and attention, each group's prompt once and the prefix all prompts share once, no
+padding, the output layer only
 where a log-prob is needed) and the rate it achieved, and the table ends with this machine's own
 matmul rate, fp32 and bf16, measured in the same run (:func:`matmul_rate`), so every row says how far
 it is from the limit. The signals phase counts the reference's and the pre-update forwards; a
@@ -69,6 +70,7 @@ def matmul_rate(dtype, m: int = 2048, k: int = 576, n: int = 1536, seconds: floa
 def model_shape(model: str) -> dict:
     """The numbers :func:`step_flops` needs of ``model``: linear-layer parameters per token in the blocks,
     layers, attention width, hidden size, vocabulary; and the mean prompt length of the default task."""
+    from denser.engines.packing import common_prefix_len
     from denser.tasks import DEFAULT_TASK, get_task
     from denser.trainers.models import load_model, render_prompt
 
@@ -76,10 +78,10 @@ def model_shape(model: str) -> dict:
     c = m.config
     blocks = sum(p.numel() for name, p in m.get_decoder().named_parameters() if p.dim() == 2 and "embed" not in name)
     task = get_task(DEFAULT_TASK, seed=0)
-    lengths = [len(render_prompt(tok, task.prompt(task.train[i]))) for i in range(min(64, len(task.train)))]
+    prompts = [render_prompt(tok, task.prompt(task.train[i])) for i in range(min(64, len(task.train)))]
     return {"block_params": blocks, "layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
             "attn_width": c.num_attention_heads * getattr(c, "head_dim", c.hidden_size // c.num_attention_heads),
-            "prompt_tokens": statistics.mean(lengths)}
+            "prompt_tokens": statistics.mean(map(len, prompts)), "common_prefix_tokens": common_prefix_len(prompts)}
 
 
 def _forward(shape: dict, context: float, completion: float, samples: int) -> float:
@@ -95,17 +97,20 @@ def step_flops(shape: dict, cfg: dict, completion: float, teacher: bool, referen
     decoding step and one output-layer row), ``update`` (the policy's forward and backward, 3x its forward,
     and the loss core's output layer over the completion tokens, 3x too), ``signals`` (the reference's, the
     pre-update policy's and the teacher's no-grad forwards with their output-layer rows). ``completion``: mean
-    completion tokens."""
+    completion tokens. The prefix every prompt begins with (``shape["common_prefix_tokens"]``) is needed
+    once per step in each forward, not once per group (every token still attends to it)."""
     P, G = cfg["prompts_per_step"], cfg["num_generations"]
     p, head = shape["prompt_tokens"], 2 * shape["hidden"] * shape["vocab"]
+    shared = 2 * shape["block_params"] * shape.get("common_prefix_tokens", 0)  # a prefix's linear layers, once
     per_group = _forward(shape, p, completion, G)
     tokens = P * G * completion
-    gen = P * per_group + head * tokens
-    update = 3 * (P * per_group + head * tokens)
-    signals = (int(reference) + int(old_logp)) * (P * per_group + head * tokens)
+    gen = P * per_group - (P - 1) * shared + head * tokens
+    update = 3 * (P * per_group - (P - 1) * shared + head * tokens)
+    signals = (int(reference) + int(old_logp)) * (P * per_group - (P - 1) * shared + head * tokens)
     if teacher:  # two distinct teacher contexts per group: the demonstrator's and everyone else's
         t = p + completion + TEACHER_CONTEXT_EXTRA
-        signals += P * (_forward(shape, t, completion, G - 1) + _forward(shape, t, completion, 1)) + head * tokens
+        signals += (P * (_forward(shape, t, completion, G - 1) + _forward(shape, t, completion, 1))
+                    - (2 * P - 1) * shared + head * tokens)
     return {"generate": gen, "signals": signals, "update": update}
 
 
