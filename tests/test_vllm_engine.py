@@ -159,7 +159,8 @@ def test_repetition_penalty_matches_ctrl_formula():
     torch.manual_seed(0)
     scores = torch.randn(2, 10)
     ids = torch.tensor([[9, 9, 3, 4], [0, 5, 5, 1]])  # row 0: two pads (id 9) left of the prompt
-    out = _RepetitionPenalty(2.0, [2, 0])(ids, scores.clone())
+    prompt_mask = torch.tensor([[False, False, True, True], [True, True, True, True]])
+    out = _RepetitionPenalty(2.0, prompt_mask)(ids, scores.clone())
     want = scores.clone()
     for b, seen in enumerate([{3, 4}, {0, 5, 1}]):
         for t in seen:
