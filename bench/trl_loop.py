@@ -7,7 +7,9 @@ included (the step benchmark, ``denser.bench.step``, times the update alone).
 
 Workload (issue 26's comparison shape): the embedded SmolLM2-135M-Instruct in fp32 on the CPU, the
 default task (``addition``, seed 0), one prompt x 8 completions a step, at most 32 new tokens, sampled at
-temperature 1, one optimiser step per rollout, AdamW (fused on both sides), no gradient checkpointing.
+temperature 1, one optimiser step per rollout, AdamW (fused on both sides) at learning rate 2e-5 on both
+sides (TRL's own defaults differ per trainer: its SDPO at 5e-5 stopped finding correct answers after its
+first update, so it distilled nothing after step 1), no gradient checkpointing.
 SDPO on both sides: full-vocabulary JSD (alpha 0.5) from an EMA teacher, the teacher shown a successful
 completion of the group and no feedback (TRL's defaults; denser's side passes ``DENSER_SDPO``, since its
 own defaults are the top-100 tokens + tail and the task's feedback in the teacher context).
@@ -47,6 +49,7 @@ from pathlib import Path
 
 MARK = "TRL_LOOP_RESULT "
 PROMPTS, GROUP, MAX_NEW = 1, 8, 32
+LR = 2e-5  # both sides (denser's default; TRL's SDPOConfig would take TrainingArguments' 5e-5, GRPOConfig 1e-6)
 TASK = "addition"
 
 
@@ -60,7 +63,7 @@ DENSER_SDPO = ["--distill-mode", "full", "--alpha", "0.5", "--teacher", "ema", "
 def denser_command(objective: str, steps: int, out_dir: str) -> list[str]:
     return ["--objective", objective, "--model", "default", "--task", TASK, "--prompts-per-step", str(PROMPTS),
             "--num-generations", str(GROUP), "--max-new-tokens", str(MAX_NEW), "--steps", str(steps),
-            "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite",
+            "--lr", str(LR), "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite",
             *(DENSER_SDPO if objective == "sdpo" else [])]
 
 
@@ -97,7 +100,7 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
                   per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                   max_completion_length=MAX_NEW, logging_steps=1, save_strategy="no", disable_tqdm=True,
                   gradient_checkpointing=False, optim="adamw_torch_fused", temperature=1.0, top_p=1.0,
-                  shuffle_dataset=False)
+                  shuffle_dataset=False, learning_rate=LR)
     if objective == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer

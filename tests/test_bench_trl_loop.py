@@ -34,6 +34,8 @@ def test_denser_side_runs_the_sdpo_that_trl_side_runs():
                                                           TRL_SDPO["teacher_model_kind"])
     assert obj.include_feedback is False  # TRL's include_environment_feedback defaults to False
     assert (cfg.prompts_per_step, cfg.num_generations, cfg.max_new_tokens) == (1, 8, 32)
+    from bench.trl_loop import LR
+    assert cfg.lr == LR  # TRL's side gets learning_rate=LR
     _, grpo = parse_train_args(denser_command("grpo", 3, "/tmp/unused"))
     assert type(grpo).__name__ != type(obj).__name__
 

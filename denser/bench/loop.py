@@ -107,9 +107,10 @@ def step_flops(shape: dict, cfg: dict, completion: float, teacher: bool, referen
     gen = P * per_group - (P - 1) * shared + head * tokens
     update = 3 * (P * per_group - (P - 1) * shared + head * tokens)
     signals = (int(reference) + int(old_logp)) * (P * per_group - (P - 1) * shared + head * tokens)
-    if teacher:  # two distinct teacher contexts per group: the demonstrator's and everyone else's
+    if teacher:  # two distinct teacher contexts per group (the demonstrator's, everyone else's), the prompt once
         t = p + completion + TEACHER_CONTEXT_EXTRA
-        signals += (P * (_forward(shape, t, completion, G - 1) + _forward(shape, t, completion, 1))
+        own = 2 * shape["block_params"] * (p - shape.get("common_prefix_tokens", 0))  # a prompt's rest, once more
+        signals += (P * (_forward(shape, t, completion, G - 1) + _forward(shape, t, completion, 1) - own)
                     - (2 * P - 1) * shared + head * tokens)
     return {"generate": gen, "signals": signals, "update": update}
 
