@@ -1,8 +1,9 @@
 """TRL's side of a comparison with `denser train` on the embedded model: the same weights (the embedded
 model's safetensors directory), denser's tokenizer (its chat template and pad token fix-ups), the task's
-train prompts (``denser train``'s first steps', in its order, or the first ``n_prompts``) as a ``datasets.Dataset`` and the task's own reward, in the signature
-TRL's trainers call (``reward(completions, idx=...)``). Used by ``bench.trl_loop`` and
-``bench.memory_fixes``, so both compare against TRL on one workload."""
+train prompts (those of ``denser train``'s first steps in its order, or the first ``n_prompts``) as a
+``datasets.Dataset`` and the task's own reward, in the signature TRL's trainers call
+(``reward(completions, idx=...)``). Used by ``bench.trl_loop`` and ``bench.memory_fixes``, so both compare
+against TRL on one workload."""
 
 from __future__ import annotations
 

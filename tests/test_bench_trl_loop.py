@@ -25,7 +25,7 @@ def test_the_table_is_the_median_after_the_warm_up_and_their_ratio():
 def test_denser_side_runs_the_sdpo_that_trl_side_runs():
     """The two sides' SDPO settings, read back from denser's resolved run: a flag dropped from
     DENSER_SDPO leaves denser's defaults (top-k + tail, feedback in the teacher context) and fails here."""
-    from bench.trl_loop import TRL_SDPO, denser_command
+    from bench.trl_loop import LR, TRL_SDPO, denser_command
     from denser.cli.flags import parse_train_args
 
     cfg, obj = parse_train_args(denser_command("sdpo", 3, "/tmp/unused"))
@@ -34,7 +34,6 @@ def test_denser_side_runs_the_sdpo_that_trl_side_runs():
                                                           TRL_SDPO["teacher_model_kind"])
     assert obj.include_feedback is False  # TRL's include_environment_feedback defaults to False
     assert (cfg.prompts_per_step, cfg.num_generations, cfg.max_new_tokens) == (1, 8, 32)
-    from bench.trl_loop import LR
     assert cfg.lr == LR  # TRL's side gets learning_rate=LR
     _, grpo = parse_train_args(denser_command("grpo", 3, "/tmp/unused"))
     assert type(grpo).__name__ != type(obj).__name__

@@ -19,9 +19,11 @@ request seed is ``s`` (:func:`~denser.engines.base.prompt_seeds`) draws uniforms
 device), one per new token, and takes the token by inverse CDF of the warped distribution (after
 temperature, top-k, top-p), which is a draw from exactly that distribution. The last logits
 processor (:class:`_SeededSampler`) makes the draw and leaves only that token possible, so
-``generate`` runs greedy and never touches the global RNG. A completion's tokens therefore depend
-on its prompt, its seed and the model alone: not on the other prompts of the call, on
-``max_batch_size``, or on the process.
+``generate`` runs greedy and never touches the global RNG. A completion's random stream therefore
+depends on its prompt and its seed alone: not on the other prompts of the call, on ``max_batch_size``,
+or on the process. The logits it draws from are the same up to rounding, which the batch's shapes can
+move (the shared prefill below computes a call's common prefix once), so a token can differ only where
+rounding moves a logit across its draw's boundary.
 
 Shared prefill
 --------------
@@ -319,7 +321,7 @@ def default_stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 class _RepetitionPenalty:
     """CTRL's repetition penalty (as transformers' and vLLM's) on the tokens of each row's prompt and
-    completion so far, left padding excluded (vLLM never sees it): a positive logit of such a token
+    completion so far, padding excluded (vLLM never sees it): a positive logit of such a token
     is divided by ``penalty``, a negative one multiplied."""
 
     def __init__(self, penalty: float, prompt_mask: Tensor):
@@ -329,8 +331,9 @@ class _RepetitionPenalty:
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         seen = torch.zeros_like(scores, dtype=torch.bool)
         width = self.prompt_mask.shape[1]
+        prompt_mask = self.prompt_mask.to(input_ids.device)
         for b in range(input_ids.shape[0]):
-            seen[b, input_ids[b, :width][self.prompt_mask[b].to(input_ids.device)]] = True
+            seen[b, input_ids[b, :width][prompt_mask[b]]] = True
             seen[b, input_ids[b, width:]] = True
         penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
         return torch.where(seen, penalised, scores)

@@ -222,9 +222,9 @@ def build_shared_batch(
     predict_at = [0] * B  # flat index of the position that predicts each sample's first token
     starts = [0] * B  # flat index of each sample's first completion token
     for r, row in enumerate(rows):
-        ids, seen = torch.tensor(row.tokens, dtype=torch.long), allowed[r]
-        input_ids[r, :row.fill] = ids
-        for _key, path, placed in row.segments:
+        seen = allowed[r]
+        input_ids[r, :row.fill] = torch.tensor(row.tokens, dtype=torch.long)
+        for path, placed in row.segments:
             P = torch.tensor(path, dtype=torch.long)
             position_ids[r, P] = torch.arange(len(path))
             seen[P[:, None], P[None, :]] |= torch.ones(len(path), len(path), dtype=torch.bool).tril()
@@ -269,7 +269,7 @@ class _Row:
     def __init__(self) -> None:
         self.tokens: list[int] = []
         self.trie: dict[tuple[int, int], int] = {}
-        self.segments: list[tuple[tuple[int, ...], list[int], list[tuple[int, int]]]] = []
+        self.segments: list[tuple[list[int], list[tuple[int, int]]]] = []  # (context's path, (sample, start))
 
     @property
     def fill(self) -> int:
@@ -294,14 +294,14 @@ class _Row:
             parent = pos
         return path
 
-    def place(self, key: tuple[int, ...], completions: list[list[int]], samples: list[int]) -> None:
+    def place(self, key: Sequence[int], completions: list[list[int]], samples: list[int]) -> None:
         """``key``'s tokens (those not held yet), then its samples' completions; their positions noted."""
         path = self._insert(key)
         placed = []
         for b, y in zip(samples, completions):
             placed.append((b, len(self.tokens)))
             self.tokens += y
-        self.segments.append((key, path, placed))
+        self.segments.append((path, placed))
 
     def add_all(self, keys: Sequence[Sequence[int]]) -> int:
         """Insert ``keys`` (contexts only); the number of positions they take."""
