@@ -52,10 +52,12 @@ def run() -> None:
     After a graceful stop (exit code 130 / 143: the checkpoint is written and fsynced, the trackers
     are closed, the last line is printed) the process ends at once, without the interpreter's
     teardown: freeing torch's and transformers' module graph takes seconds on a busy machine, and a
-    launcher's grace period (30 s before SIGKILL) is better spent on the checkpoint."""
+    launcher's grace period (30 s before SIGKILL) is better spent on the checkpoint. A process of a
+    multi-process run ends the same way, whatever its code, once its process group is destroyed: in the
+    teardown Gloo's threads can still abort a rank whose run finished (:func:`_end_process_group`)."""
     code = main()
-    _end_process_group()
-    if code in STOP_EXIT_CODES:
+    ended_group = _end_process_group()
+    if code in STOP_EXIT_CODES or ended_group:
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -63,13 +65,16 @@ def run() -> None:
     sys.exit(code)
 
 
-def _end_process_group() -> None:
+def _end_process_group() -> bool:
     """Destroy the torch.distributed process group of a multi-process run (accelerate launch) before
-    the interpreter's teardown. Left to that teardown, Gloo's worker threads can still hold work
-    whose tensors need the GIL while the interpreter is being finalised, and a rank ends in SIGABRT
-    ("terminate called without an active exception") after a run that finished: seen once in CI on
-    the two-process LoRA run. Only when torch.distributed is already imported (no torch import for a
-    command that did not use it)."""
+    the interpreter's teardown; True if there was one. Left to that teardown, Gloo's worker threads can
+    still hold work whose tensors need the GIL while the interpreter is being finalised, and a rank ends
+    in SIGABRT ("terminate called without an active exception") after a run that finished: seen once in
+    CI on the two-process LoRA run, and twice on 2026-12-06 on the two-process grpo run with the group
+    destroyed first, so :func:`run` then skips the teardown altogether. Only when torch.distributed is
+    already imported (no torch import for a command that did not use it)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        return True
+    return False
