@@ -159,6 +159,12 @@ def test_bad_python_arguments_fail_with_one_clear_error():
         resolve_run(objective="nosuchobjective")
     with pytest.raises(ValueError, match="denser.train: .*TrainConfig fields"):
         denser.train(TrainConfig(), objective="grpo", learning_rate=0.1)
+    # a minimum above the budget, given or the task's suggestion (addition: 32), names both flags
+    with pytest.raises(ValueError, match=r"--min-new-tokens 40 exceeds .*task's suggested budget, 32.*--max-new-tokens"):
+        resolve_run(objective="grpo", task="addition", min_new_tokens=40)
+    with pytest.raises(ValueError, match=r"--min-new-tokens 9 exceeds the generation budget \(--max-new-tokens, 8\)"):
+        resolve_run(objective="grpo", task="addition", min_new_tokens=9, max_new_tokens=8)
+    assert resolve_run(objective="grpo", task="addition", min_new_tokens=32).config.min_new_tokens == 32
 
 
 def test_denser_continual_from_python_resolves_as_the_cli(monkeypatch):

@@ -119,6 +119,53 @@ def test_stop_strings_cut_at_the_completing_token():
     assert tok.decode(cut) == "ab\n\n" and tr is False
     assert cut_at_stop_strings(ids, True, ["zz"], tok) == (ids, True)
     assert cut_at_stop_strings(ids, False, [], tok) == (ids, False)
+    # with a minimum, a string counts only when the min_tokens-th token or a later one completes it
+    k_nl = next(k for k in range(1, len(ids) + 1) if "\n\n" in tok.decode(ids[:k]))
+    k_hash = next(k for k in range(1, len(ids) + 1) if "##" in tok.decode(ids[:k]))
+    assert k_nl < k_hash
+    assert cut_at_stop_strings(ids, True, ["\n\n", "##"], tok, min_tokens=k_nl) == (ids[:k_nl], False)
+    assert cut_at_stop_strings(ids, True, ["\n\n", "##"], tok, min_tokens=k_nl + 1) == (ids[:k_hash], False)
+    assert cut_at_stop_strings(ids, True, ["\n\n"], tok, min_tokens=k_nl + 1) == (ids, True)
+    assert cut_at_stop_strings(ids, True, ["##"], tok, min_tokens=len(ids) + 1) == (ids, True)
+
+
+def test_min_new_tokens_keeps_the_stop_tokens_out_of_the_first_tokens():
+    """hf engine: greedy tokens as transformers' own ``min_new_tokens`` gives them, samples with no stop
+    token among their first tokens, and the recorded log-probs the model's own (unmasked)."""
+    from denser.engines import get_rollout_engine
+    from denser.trainers.models import load_model
+
+    model, tok = load_model("tiny", seed=0)
+    prompts = prompts_of(tok, "1+2=", "hello there")
+    greedy = get_rollout_engine("hf", model, tok).generate(
+        prompts, SamplingParams(max_new_tokens=8, num_generations=1, do_sample=False))
+    # stop tokens the model picks early: every prompt's first and second greedy tokens
+    stop = sorted({c[i] for c in greedy.completion_ids for i in (0, 1) if i < len(c)})
+    from denser.engines.hf import HFRolloutEngine
+
+    engine = HFRolloutEngine(model, tok, stop_token_ids=stop)
+    short = engine.generate(prompts, SamplingParams(max_new_tokens=8, num_generations=1, do_sample=False))
+    assert all(len(c) <= 2 for c in short.completion_ids)
+    m = 5
+    got = engine.generate(prompts, SamplingParams(max_new_tokens=8, num_generations=1, do_sample=False,
+                                                  min_new_tokens=m))
+    for p, comp, tr in zip(prompts, got.completion_ids, got.truncated.tolist()):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=8, min_new_tokens=m, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=tok.pad_token_id)[0, len(p):].tolist()
+        k = next((i + 1 for i, t in enumerate(ref) if t in stop), len(ref))
+        assert comp == ref[:k] and tr == (k == 8 and ref[-1] not in stop)
+        assert len(comp) > m and not set(comp[:m]) & set(stop)
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(got.logps, reference_logps(model, got, 1.0))) < 1e-4
+    sampled = engine.generate(prompts, SamplingParams(max_new_tokens=8, num_generations=6, temperature=1.5,
+                                                      min_new_tokens=m), seed=2)
+    assert all(len(c) >= m and not set(c[:m]) & set(stop) for c in sampled.completion_ids)
+    assert any(c[-1] in stop for c in sampled.completion_ids)  # the stop tokens are free after the minimum
+    again = reference_logps(model, sampled, 1.5)
+    assert max(float((a.double() - b).abs().max()) for a, b in zip(sampled.logps, again)) < 1e-4
+    with pytest.raises(ValueError, match="min_new_tokens must be in \\[0, max_new_tokens=8\\]"):
+        SamplingParams(max_new_tokens=8, min_new_tokens=9)
 
 
 def test_sampling_options_leave_hf_unchanged_when_off_and_act_when_on():
@@ -253,6 +300,12 @@ def test_truncated_flag_eos_and_greedy(engine_and_model):
                           seed=4)
     k = next(k for k in range(1, 7) if first in tok.decode(g.completion_ids[0][:k]))
     assert cut.completion_ids[0] == g.completion_ids[0][:k] and not bool(cut.truncated[0])
+    # with a minimum past where the string is completed, it no longer cuts there
+    late = engine.generate(prompts[:1], SamplingParams(max_new_tokens=6, num_generations=1, top_k=1, stop=(first,),
+                                                       min_new_tokens=k + 1), seed=4)
+    assert late.completion_ids[0] == cut_at_stop_strings(g.completion_ids[0], bool(g.truncated[0]), (first,), tok,
+                                                         min_tokens=k + 1)[0]
+    assert len(late.completion_ids[0]) > k
 
 
 @needs_vllm
@@ -262,6 +315,7 @@ def test_sampling_options_reach_vllm_one_to_one(engine_and_model):
                                       min_p=0.05, repetition_penalty=1.1), 123)
     assert (p.n, p.max_tokens, p.temperature, p.top_p, p.top_k, p.min_p, p.repetition_penalty, p.seed, p.logprobs) \
         == (5, 9, 0.7, 0.9, 20, 0.05, 1.1, 123, 0)
+    assert p.min_tokens == 0 and engine._params(SamplingParams(min_new_tokens=7), 1).min_tokens == 7
     assert engine._params(SamplingParams(do_sample=False, num_generations=1), None).temperature == 0.0
 
 

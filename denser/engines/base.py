@@ -93,6 +93,10 @@ class SamplingParams:
             (the token is kept; the completion is not ``truncated``); empty = none.
         do_sample: ``False`` for greedy decoding (evaluation); the sampling knobs are then ignored
             but ``old_logp`` is still recorded at ``temperature``.
+        min_new_tokens: a completion's first ``min_new_tokens`` tokens are never a stop token, and a stop
+            string counts once the completion holds that many tokens (vLLM's ``min_tokens``, transformers'
+            ``min_new_tokens``; 0 = off). The stop tokens are masked out of the sampled distribution only:
+            the recorded ``old_logp`` stay the model's (as with ``top_p``), so the loss core and the engine agree.
     """
 
     max_new_tokens: int = 48
@@ -104,10 +108,14 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     do_sample: bool = True
+    min_new_tokens: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}] (0 = off), "
+                             f"got {self.min_new_tokens}")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {self.num_generations}")
         if not self.temperature > 0:
@@ -261,19 +269,23 @@ def truncate_at_stop(tokens: Sequence[int], stop_token_ids: Sequence[int] | set[
 
 
 def cut_at_stop_strings(tokens: Sequence[int], truncated: bool, stop: Sequence[str],
-                        tokenizer: Any) -> tuple[list[int], bool]:
+                        tokenizer: Any, min_tokens: int = 0) -> tuple[list[int], bool]:
     """``tokens`` cut after the first token whose decoded prefix contains one of the ``stop`` strings
-    (the token kept). Returns ``(tokens, truncated)``: ``truncated`` is False when a stop string
-    ended the completion, else as given. Every engine applies it to its token ids, so they agree."""
+    (the token kept). With ``min_tokens`` (``SamplingParams.min_new_tokens``), only a stop string
+    that the ``min_tokens``-th token or a later one completes counts, as vLLM's ``min_tokens``. Returns
+    ``(tokens, truncated)``: ``truncated`` is False when a stop string ended the completion, else as
+    given. Every engine applies it to its token ids, so they agree."""
     tokens = [int(t) for t in tokens]
+    # an occurrence counts when it ends past the text of the first min_tokens - 1 tokens
+    floor = len(tokenizer.decode(tokens[:min_tokens - 1], skip_special_tokens=False)) if min_tokens > 1 else 0
 
     def hit(k: int) -> bool:
         text = tokenizer.decode(tokens[:k], skip_special_tokens=False)
-        return any(s in text for s in stop)
+        return any(text.find(s, max(0, floor - len(s) + 1)) >= 0 for s in stop)
 
     if not stop or not tokens or not hit(len(tokens)):
         return tokens, truncated
-    lo, hi = 1, len(tokens)  # the shortest prefix that holds a stop string (a longer prefix holds it too)
+    lo, hi = max(1, min_tokens), len(tokens)  # the shortest prefix that holds one (a longer prefix holds it too)
     while lo < hi:
         mid = (lo + hi) // 2
         if hit(mid):

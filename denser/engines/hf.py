@@ -42,6 +42,7 @@ each are in docs/benchmarks.md.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -205,6 +206,8 @@ class HFRolloutEngine(RolloutEngine):
         width = input_ids.shape[1]
         recorder = _BehaviourLogpRecorder(params.temperature)
         processors: list[Any] = [recorder]
+        if params.min_new_tokens > 0:  # after the recorder: old_logp stay the model's, as vLLM's
+            processors.append(_MinNewTokens(self.stop_token_ids, params.min_new_tokens, width))
         if params.do_sample:
             # vLLM's order: penalty, temperature, min-p, top-k, top-p (min-p and top-k commute)
             if params.repetition_penalty != 1.0:
@@ -250,7 +253,7 @@ class HFRolloutEngine(RolloutEngine):
         for b in range(new.shape[0]):
             tokens, tr = truncate_at_stop(new[b].tolist(), self.stop_token_ids)
             if params.stop:  # stop strings: cut afterwards (generation runs on to EOS or the budget)
-                tokens, tr = cut_at_stop_strings(tokens, tr, params.stop, self.tokenizer)
+                tokens, tr = cut_at_stop_strings(tokens, tr, params.stop, self.tokenizer, params.min_new_tokens)
             completions.append(tokens)
             logps.append(logp_steps[b, : len(tokens)].clone())
             truncated.append(tr)
@@ -337,6 +340,22 @@ class _RepetitionPenalty:
             seen[b, input_ids[b, width:]] = True
         penalised = torch.where(scores > 0, scores / self.penalty, scores * self.penalty)
         return torch.where(seen, penalised, scores)
+
+
+class _MinNewTokens:
+    """A completion's first ``min_new_tokens`` tokens are no stop token (transformers' and vLLM's rule): the
+    stop tokens' scores are -inf while fewer than ``min_new_tokens`` tokens follow the prompt's ``width``."""
+
+    def __init__(self, stop_token_ids: Sequence[int], min_new_tokens: int, width: int):
+        self.stop = torch.tensor(list(stop_token_ids), dtype=torch.long)
+        self.min_new_tokens, self.width = int(min_new_tokens), int(width)
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if input_ids.shape[1] - self.width >= self.min_new_tokens:
+            return scores
+        scores = scores.clone()
+        scores[:, self.stop.to(scores.device)] = -math.inf
+        return scores
 
 
 class _SeededSampler:

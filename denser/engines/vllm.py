@@ -214,7 +214,7 @@ class VLLMRolloutEngine(RolloutEngine):
                 lp = [float(d[t].logprob) for d, t in zip(o.logprobs or [], ids)]
                 tokens, tr = truncate_at_stop(ids, self.stop_token_ids)
                 if params.stop:
-                    tokens, tr = cut_at_stop_strings(tokens, tr, params.stop, self.tokenizer)
+                    tokens, tr = cut_at_stop_strings(tokens, tr, params.stop, self.tokenizer, params.min_new_tokens)
                 if not tokens:  # vLLM may stop before any token only on a stop token it was told: never here
                     raise RuntimeError("vllm returned an empty completion")
                 completions.append(tokens)
@@ -229,7 +229,8 @@ class VLLMRolloutEngine(RolloutEngine):
                        pad_token_id=self.pad_token_id)
 
     def _params(self, params: SamplingParams, seed: int | None) -> Any:
-        common = dict(n=params.num_generations, max_tokens=params.max_new_tokens, stop_token_ids=self.stop_token_ids,
+        common = dict(n=params.num_generations, max_tokens=params.max_new_tokens, min_tokens=params.min_new_tokens,
+                      stop_token_ids=self.stop_token_ids,
                       logprobs=0, detokenize=False, skip_special_tokens=False)
         if not params.do_sample:
             return self._shared.vllm.SamplingParams(temperature=0.0, **common)

@@ -52,6 +52,9 @@ class TrainConfig:
     prompts_per_step: int = _f(4, "prompts per step on each process")
     max_new_tokens: int = _f(0, "generation budget per completion (0 = the task's suggested_max_new_tokens, "
                              "32 for the default task)")
+    min_new_tokens: int = _f(0, "a completion's first this many tokens are never a stop token, and a stop string counts "
+                             "from then on (vLLM's min_tokens, TRL's generation_kwargs min_new_tokens; training rollouts "
+                             "only, evaluations stop freely; 0 = off)")
     temperature: float = _f(1.0, "sampling temperature; the loss core uses the same temperature for log-probs")
     top_p: float = _f(1.0, "nucleus sampling mass (1.0 = off)")
     top_k: int = _f(0, "sample among the k most likely tokens (0 = off); as --top-p, part of the sampler: the "
@@ -184,7 +187,7 @@ class TrainConfig:
                      "max_generation_rounds"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
+        for name in ("max_new_tokens", "min_new_tokens", "eval_size", "eval_samples", "eval_every", "save_every", "warmup_steps",
                      "chunk_size", "overlong_buffer", "max_tokens_per_micro_batch", "reward_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")

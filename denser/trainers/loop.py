@@ -416,7 +416,8 @@ class Trainer:
         cfg = self.cfg
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, num_generations=cfg.num_generations,
                                 temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k, min_p=cfg.min_p,
-                                repetition_penalty=cfg.repetition_penalty, stop=tuple(cfg.stop))
+                                repetition_penalty=cfg.repetition_penalty, stop=tuple(cfg.stop),
+                                min_new_tokens=cfg.min_new_tokens)
         self.policy.eval()
         rollout = self._generate(self.prompts.prompt_ids(rows), params, seeds=seeds, stop=self.stop.during_generation)
         self.policy.train()

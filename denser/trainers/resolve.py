@@ -124,6 +124,11 @@ def resolve_run(config: TrainConfig | Mapping[str, Any] | None = None, objective
         changes["rollout_correction"] = ("token-truncate" if own_logps and Signal.ADVANTAGES in run_objective.signals()
                                          else "off")
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        budget = "the task's suggested budget" if "max_new_tokens" in changes else "--max-new-tokens"
+        raise ValueError(f"--min-new-tokens {cfg.min_new_tokens} exceeds the generation budget ({budget}, "
+                         f"{cfg.max_new_tokens}): give --min-new-tokens at most {cfg.max_new_tokens} or a larger "
+                         "--max-new-tokens")
     teacher = run_objective.teacher_spec() if run_objective.signals() & TEACHER_SIGNALS else None
     return ResolvedRun(config=cfg, objective=run_objective, task=task_obj,
                        engine=_engine(cfg, recorded_engine_args, engine, engine_args), teacher=teacher)
