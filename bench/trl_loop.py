@@ -30,6 +30,14 @@ nothing on one side and may on the other. Each row keeps, per step, what it comp
 reward, the fraction of samples with a teacher or of groups with a success, completion length) beside
 its seconds, so a reader can see whether both sides did the same work.
 
+``--equal-work`` takes the sampling out of the comparison: both sides hold every completion to the full
+budget (denser's ``--min-new-tokens 32``, TRL's ``generation_kwargs={"min_new_tokens": 32}``: no EOS before
+it) and score every completion 1.0 (``bench/equal_work.py``'s ``addition-all-pass`` task on denser's side, the
+same constant reward on TRL's), so every step computes the same on both: 8 completions of 32 tokens, and
+under SDPO every sample distilled from a teacher shown a sibling's completion (TRL's teacher forward runs
+on every sample either way; denser's only on samples that have a teacher, which is then all of them). The
+GRPO advantages are then all 0; both sides still run the whole forward and backward.
+
 Results: ``<out-dir>/trl-loop-<tag>-<date>.{json,md}``.
 """
 
@@ -51,6 +59,8 @@ MARK = "TRL_LOOP_RESULT "
 PROMPTS, GROUP, MAX_NEW = 1, 8, 32
 LR = 2e-5  # both sides (denser's default; TRL's SDPOConfig would take TrainingArguments' 5e-5, GRPOConfig 1e-6)
 TASK = "addition"
+EQUAL_WORK_PLUGIN = Path(__file__).resolve().parent / "equal_work.py"
+EQUAL_WORK_TASK = "addition-all-pass"  # addition's prompts, every completion 1.0
 
 
 # SDPO's settings on both sides: TRL's SDPOConfig fields and the denser flags that mean the same (full
@@ -60,16 +70,18 @@ TRL_SDPO = dict(distillation_mode="full_logits", distillation_alpha=0.5, teacher
 DENSER_SDPO = ["--distill-mode", "full", "--alpha", "0.5", "--teacher", "ema", "--no-include-feedback"]
 
 
-def denser_command(objective: str, steps: int, out_dir: str) -> list[str]:
-    return ["--objective", objective, "--model", "default", "--task", TASK, "--prompts-per-step", str(PROMPTS),
+def denser_command(objective: str, steps: int, out_dir: str, equal_work: bool = False) -> list[str]:
+    task = ["--import", str(EQUAL_WORK_PLUGIN), "--task", EQUAL_WORK_TASK, "--min-new-tokens", str(MAX_NEW)] \
+        if equal_work else ["--task", TASK]
+    return ["--objective", objective, "--model", "default", *task, "--prompts-per-step", str(PROMPTS),
             "--num-generations", str(GROUP), "--max-new-tokens", str(MAX_NEW), "--steps", str(steps),
             "--lr", str(LR), "--eval-size", "4", "--no-progress", "--output-dir", out_dir, "--overwrite",
             *(DENSER_SDPO if objective == "sdpo" else [])]
 
 
-def denser_child(objective: str, steps: int, out_dir: str) -> dict:
+def denser_child(objective: str, steps: int, out_dir: str, equal_work: bool = False) -> dict:
     """`denser train` as a user runs it; the per-step seconds from its metrics.jsonl."""
-    cmd = [sys.executable, "-m", "denser", "train", *denser_command(objective, steps, out_dir)]
+    cmd = [sys.executable, "-m", "denser", "train", *denser_command(objective, steps, out_dir, equal_work)]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     steps_ = [r for r in rows if "step_time_s" in r]
@@ -78,7 +90,7 @@ def denser_child(objective: str, steps: int, out_dir: str) -> dict:
     return {"step_seconds": [r["step_time_s"] for r in steps_], "logged": logged, "command": " ".join(cmd[1:])}
 
 
-def trl_child(objective: str, steps: int, out_dir: str) -> dict:
+def trl_child(objective: str, steps: int, out_dir: str, equal_work: bool = False) -> dict:
     """TRL's trainer at the same workload: the embedded model's safetensors directory, denser's tokenizer
     (chat template, pad token), the task's train prompts and its reward."""
     from transformers import TrainerCallback
@@ -86,6 +98,10 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
     from bench.trl_workload import trl_workload
 
     work = trl_workload(TASK, n_prompts=steps * PROMPTS, prompts_per_step=PROMPTS)  # denser's prompts, in its order
+    reward = work.reward
+    if equal_work:  # every completion a success, every completion the full budget (as denser's side)
+        def reward(completions, **kw):
+            return [1.0] * len(completions)
 
     times: list[float] = []
 
@@ -100,7 +116,8 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
                   per_device_train_batch_size=PROMPTS * GROUP, num_generations=GROUP,
                   max_completion_length=MAX_NEW, logging_steps=1, save_strategy="no", disable_tqdm=True,
                   gradient_checkpointing=False, optim="adamw_torch_fused", temperature=1.0, top_p=1.0,
-                  shuffle_dataset=False, learning_rate=LR)
+                  shuffle_dataset=False, learning_rate=LR,
+                  **({"generation_kwargs": {"min_new_tokens": MAX_NEW}} if equal_work else {}))
     if objective == "grpo":
         from trl import GRPOConfig as Config
         from trl import GRPOTrainer as Trainer
@@ -114,7 +131,7 @@ def trl_child(objective: str, steps: int, out_dir: str) -> dict:
     else:
         raise ValueError(f"TRL side: objective {objective!r}: grpo or sdpo")
     args = Config(**common, **extra)
-    trainer = Trainer(model=work.model(), reward_funcs=work.reward, args=args, train_dataset=work.dataset,
+    trainer = Trainer(model=work.model(), reward_funcs=reward, args=args, train_dataset=work.dataset,
                       processing_class=work.tokenizer, callbacks=[StepTimer()])
     trainer.train()
     import trl
@@ -153,9 +170,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
-        side, objective, steps, out_dir = argv[1], argv[2], int(argv[3]), argv[4]
+        side, objective, steps, out_dir, equal_work = argv[1], argv[2], int(argv[3]), argv[4], argv[5:] == ["equal"]
         fn = denser_child if side == "denser" else trl_child
-        print(MARK + json.dumps(fn(objective, steps, out_dir)), flush=True)
+        print(MARK + json.dumps(fn(objective, steps, out_dir, equal_work)), flush=True)
         return 0
     p = argparse.ArgumentParser(prog="python -m bench.trl_loop", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -164,6 +181,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="steps per run (the first is a warm-up)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--tag", default=f"cpu-{os.cpu_count()}core")
+    p.add_argument("--equal-work", action="store_true",
+                   help="every completion the full budget and a success on both sides (the docstring above)")
     a = p.parse_args(argv)
     if a.steps < 2:
         p.error("--steps must be >= 2 (the first step is a warm-up)")
@@ -177,7 +196,8 @@ def main(argv=None) -> int:
     for obj in objectives:
         for side in sides:
             with tempfile.TemporaryDirectory() as tmp:
-                proc = subprocess.run([sys.executable, "-m", "bench.trl_loop", "--child", side, obj, str(a.steps), tmp],
+                proc = subprocess.run([sys.executable, "-m", "bench.trl_loop", "--child", side, obj, str(a.steps), tmp,
+                                       *(["equal"] if a.equal_work else [])],
                                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
             out = [line[len(MARK):] for line in proc.stdout.splitlines() if line.startswith(MARK)]
             row = {"side": side, "objective": obj, **(json.loads(out[-1]) if out else
@@ -189,7 +209,8 @@ def main(argv=None) -> int:
     stem = Path(a.out_dir) / f"trl-loop-{a.tag}-{date}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     cmd = "PYTHONPATH=. python -m bench.trl_loop " + " ".join(argv)
-    meta = {"date": date, "command": cmd.strip(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+    meta = {"date": date, "command": cmd.strip(), "equal_work": a.equal_work,
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "load_average": os.getloadavg(), "rows": rows}
     stem.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     md = [f"# The whole step against TRL ({date})", "", f"    {cmd.strip()}", "",

@@ -62,3 +62,25 @@ def test_trl_side_trains_on_the_prompts_denser_trains_on_in_its_order(tmp_path, 
     work = trl_workload("addition", n_prompts=3, prompts_per_step=1)
     assert list(work.dataset["prompt"]) == trained
     assert list(trl_workload("addition", n_prompts=3).dataset["prompt"]) != trained  # the task's own first rows differ
+
+
+def test_equal_work_makes_every_completion_full_length_and_every_sdpo_sample_distilled(tmp_path):
+    """--equal-work's denser side, run on the tiny model: the addition task's prompts, every completion the
+    whole budget (no EOS before it), every sample with a teacher; its flags are those of the real run."""
+    import json
+
+    from bench.trl_loop import EQUAL_WORK_PLUGIN, EQUAL_WORK_TASK, MAX_NEW, denser_command
+    from denser.cli import main
+    from denser.tasks import get_task
+
+    flags = denser_command("sdpo", 2, str(tmp_path / "run"), equal_work=True)
+    assert flags[flags.index("--min-new-tokens") + 1] == str(MAX_NEW) and EQUAL_WORK_TASK in flags
+    tiny = [*flags, "--model", "tiny", "--max-new-tokens", "6", "--min-new-tokens", "6", "--eval-size", "2"]
+    assert main(["train", *tiny]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "step_time_s" in r]
+    assert len(steps) == 2
+    assert all(r["response_length"] == 6 and r["teacher_frac"] == 1.0 and r["reward_mean"] == 1.0 for r in steps)
+    task, addition = get_task(EQUAL_WORK_TASK, seed=0), get_task("addition", seed=0)
+    assert list(task.train["question"][:20]) == list(addition.train["question"][:20])
+    assert EQUAL_WORK_PLUGIN.is_file()
