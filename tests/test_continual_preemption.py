@@ -203,7 +203,6 @@ if __name__ == "__main__":
     from denser.cli import main
 
     code = main(["continual", *argv[split + 1:]])
-    from denser.cli import _end_process_group  # before the interpreter's teardown, as the entry point does
+    from denser.cli import exit_process  # as the entry point ends: the group destroyed, no teardown
 
-    _end_process_group()
-    sys.exit(code)
+    exit_process(code)

@@ -861,9 +861,6 @@ def test_a_checkpoint_is_verified_once_on_a_shared_filesystem_and_by_each_machin
 
 if __name__ == "__main__":
     code = _main(sys.argv[1:])
-    # as the `denser` entry point does: the process group ends before the interpreter's teardown, where
-    # Gloo's threads can abort a rank that finished ("terminate called without an active exception")
-    from denser.cli import _end_process_group
+    from denser.cli import exit_process  # as the entry point ends: the group destroyed, no teardown
 
-    _end_process_group()
-    sys.exit(code)
+    exit_process(code)

@@ -135,7 +135,6 @@ def test_a_directory_without_safetensors_loads_whole(tmp_path):
 
 if __name__ == "__main__":
     code = _main(sys.argv[1], sys.argv[2])
-    from denser.cli import _end_process_group  # before the interpreter's teardown, as the entry point does
+    from denser.cli import exit_process  # as the entry point ends: the group destroyed, no teardown
 
-    _end_process_group()
-    raise SystemExit(code)
+    exit_process(code)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 from denser.cli.commands import COMMANDS
 from denser.cli.flags import CLIError, build_train_parser, load_config_file, one_line, parse_run_args, parse_train_args
@@ -55,7 +56,14 @@ def run() -> None:
     launcher's grace period (30 s before SIGKILL) is better spent on the checkpoint. A process of a
     multi-process run ends the same way, whatever its code, once its process group is destroyed: in the
     teardown Gloo's threads can still abort a rank whose run finished (:func:`_end_process_group`)."""
-    code = main()
+    exit_process(main())
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with ``code`` as :func:`run` does (its docstring): the process group of a
+    multi-process run destroyed first, then, after a graceful stop or in such a run, ``os._exit`` once
+    the logs and streams are flushed; else ``sys.exit``. Scripts that drive :func:`main` under
+    ``torchrun`` (the opt-in multi-process tests) end through it too."""
     ended_group = _end_process_group()
     if code in STOP_EXIT_CODES or ended_group:
         logging.shutdown()
