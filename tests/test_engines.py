@@ -55,7 +55,7 @@ def test_the_spec_builds_the_registered_engine_with_its_options():
     model, tok = build_tiny_model(seed=0)
     assert EngineSpec() == EngineSpec("hf", HFOptions())
     spec = EngineSpec.from_args("hf", {"max_batch_size": 3})
-    assert spec.options == HFOptions(max_batch_size=3) and spec.args() == {"max_batch_size": 3, "share_prefill": True}
+    assert spec.options == HFOptions(max_batch_size=3) and spec.args() == {"max_batch_size": 3, "share_prefill": True, "cpu_decode_matmul": True}
     assert EngineSpec.from_args("hf", spec.args()) == spec  # config.yaml's engine_args read back
     engine = spec.build(model, tok)
     assert type(engine) is HFRolloutEngine and engine.max_batch_size == 3
@@ -64,7 +64,8 @@ def test_the_spec_builds_the_registered_engine_with_its_options():
 
 
 @pytest.mark.parametrize("name, args, message", [
-    ("hf", {"max_batch": 2}, "engine 'hf' has no option 'max_batch'; its options: max_batch_size"),
+    ("hf", {"max_batch": 2}, "engine 'hf' has no option 'max_batch'; its options: cpu_decode_matmul, max_batch_size, "
+                                  "share_prefill"),
     ("hf", {"max_batch_size": "two"}, "hf option 'max_batch_size' must be an int"),
     ("hf", {"max_batch_size": -1}, "--hf-max-batch-size must be >= 0"),
     ("nope", {}, "unknown rollout engine 'nope'; known: hf"),
