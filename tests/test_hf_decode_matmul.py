@@ -15,12 +15,12 @@ from denser.trainers.models import load_model
 
 
 def test_the_rule_takes_few_rows_and_leaves_the_down_projection_of_decoding():
-    assert use_weight_major(8, 1536, 576) and use_weight_major(16, 576, 1536) and use_weight_major(64, 49152, 576)
+    assert use_weight_major(8, 1536, 576) and use_weight_major(16, 576, 1536) and use_weight_major(16, 49152, 576)
     assert not use_weight_major(8, 576, 1536)  # fewer outputs than inputs at <= 8 rows: slower measured
-    assert not use_weight_major(1, 1536, 576) and not use_weight_major(65, 1536, 576)
+    assert not use_weight_major(1, 1536, 576) and not use_weight_major(17, 1536, 576)
 
 
-@pytest.mark.parametrize("rows", [3, 8, 40, 100])
+@pytest.mark.parametrize("rows", [3, 8, 16, 40])
 def test_a_linear_layer_gives_torchs_values_and_gradients(rows):
     torch.manual_seed(rows)
     layer = nn.Linear(48, 80, bias=True)

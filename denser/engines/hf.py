@@ -115,9 +115,9 @@ class HFOptions:
 
     cpu_decode_matmul: bool = field(default=True, metadata={"help": (
         "hf engine, on a CPU with more than one torch thread: the fp32 linear layers of a generate call compute "
-        "a product of few rows (decoding: one row per sequence) as W x^T, which MKL spreads over the threads, "
-        "instead of x W^T, which it runs on fewer (decoding 1.3x faster on the project's 2-core machine, "
-        "docs/engines.md); the same values up to summation order, so, as --hf-share-prefill, a sampled token "
+        "a product of at most 16 rows (decoding: one row per sequence) as W x^T, which MKL spreads over the "
+        "threads, instead of x W^T, which it runs on fewer (generate calls of 8-16 sequences 1.13-1.23x faster on "
+        "the project's 2-core machine, docs/engines.md); the same values up to summation order, so, as --hf-share-prefill, a sampled token "
         "can differ within rounding; --no-hf-cpu-decode-matmul: torch's own linear (the code before 2026-12-06)")})
 
     def __post_init__(self) -> None:
@@ -355,16 +355,17 @@ class _RepetitionPenalty:
 
 
 #: at most this many rows (sequences x new positions) for a linear layer's product to run as W x^T
-WEIGHT_MAJOR_MAX_ROWS = 64
+WEIGHT_MAJOR_MAX_ROWS = 16
 
 
 def use_weight_major(rows: int, out_features: int, in_features: int) -> bool:
     """Whether :func:`weight_major_linears` computes a linear layer of ``rows`` input rows as ``W x^T``.
-    Measured on the project's 2-core AMD EPYC (MKL sgemm, two threads, the embedded model's shapes):
-    ``x W^T`` of 8-64 rows ran 1.3-2.2x slower than ``W x^T`` (MKL splits the first over its few rows,
-    the second over the weight's many), except a weight with fewer outputs than inputs at 8 rows or
-    fewer (the MLP's down projection: 0.84x), and no faster from ~256 rows up; on one thread ``x W^T``
-    was as fast or faster (so the engine turns it off there)."""
+    Measured on the project's 2-core AMD EPYC (MKL sgemm, two threads, the embedded model's shapes,
+    ``python -m bench.decode_matmul``): at 8 rows ``W x^T`` ran 1.07-1.5x faster than ``x W^T`` (MKL splits
+    the second over its few rows, the first over the weight's many), except for a weight with fewer
+    outputs than inputs (the MLP's down projection: 0.8x); at 16 rows 1.05-1.15x; from 32 rows on it was
+    no faster (0.86-1.19x by shape). On one thread ``x W^T`` was as fast or faster (so the engine turns
+    this off there)."""
     if rows > WEIGHT_MAJOR_MAX_ROWS or rows < 2:
         return False
     return not (rows <= 8 and out_features < in_features)
