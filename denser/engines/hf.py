@@ -116,9 +116,10 @@ class HFOptions:
     cpu_decode_matmul: bool = field(default=True, metadata={"help": (
         "hf engine, on a CPU with more than one torch thread: the fp32 linear layers of a generate call compute "
         "a product of at most 16 rows (decoding: one row per sequence) as W x^T, which MKL spreads over the "
-        "threads, instead of x W^T, which it runs on fewer (generate calls of 8-16 sequences 1.13-1.23x faster on "
-        "the project's 2-core machine, docs/engines.md); the same values up to summation order, so, as --hf-share-prefill, a sampled token "
-        "can differ within rounding; --no-hf-cpu-decode-matmul: torch's own linear (the code before 2026-12-06)")})
+        "threads, instead of x W^T, which it runs on fewer (generate calls of 8-16 sequences 1.13-1.23x "
+        "faster on the project's 2-core machine, docs/engines.md); the same values up to summation order, so, "
+        "as with --hf-share-prefill, a sampled token can differ within rounding; --no-hf-cpu-decode-matmul: "
+        "torch's own linear (the code before 2026-12-06)")})
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 0:
