@@ -42,7 +42,6 @@ each are in docs/benchmarks.md.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -208,6 +207,7 @@ class HFRolloutEngine(RolloutEngine):
         # lazy: importing transformers takes seconds, and `denser train --help` imports this module
         from transformers import GenerationConfig, LogitsProcessorList
         from transformers.generation.logits_process import (
+            MinNewTokensLengthLogitsProcessor,
             MinPLogitsWarper,
             TemperatureLogitsWarper,
             TopKLogitsWarper,
@@ -220,7 +220,8 @@ class HFRolloutEngine(RolloutEngine):
         recorder = _BehaviourLogpRecorder(params.temperature)
         processors: list[Any] = [recorder]
         if params.min_new_tokens > 0:  # after the recorder: old_logp stay the model's, as vLLM's
-            processors.append(_MinNewTokens(self.stop_token_ids, params.min_new_tokens, width))
+            processors.append(MinNewTokensLengthLogitsProcessor(width, params.min_new_tokens, self.stop_token_ids,
+                                                                device=str(device)))
         if params.do_sample:
             # vLLM's order: penalty, temperature, min-p, top-k, top-p (min-p and top-k commute)
             if params.repetition_penalty != 1.0:
@@ -395,22 +396,6 @@ def weight_major_linears(model: nn.Module, enabled: bool = True) -> Iterator[Non
     finally:
         for m in linears:
             m.__dict__.pop("forward", None)
-
-
-class _MinNewTokens:
-    """A completion's first ``min_new_tokens`` tokens are no stop token (transformers' and vLLM's rule): the
-    stop tokens' scores are -inf while fewer than ``min_new_tokens`` tokens follow the prompt's ``width``."""
-
-    def __init__(self, stop_token_ids: Sequence[int], min_new_tokens: int, width: int):
-        self.stop = torch.tensor(list(stop_token_ids), dtype=torch.long)
-        self.min_new_tokens, self.width = int(min_new_tokens), int(width)
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        if input_ids.shape[1] - self.width >= self.min_new_tokens:
-            return scores
-        scores = scores.clone()
-        scores[:, self.stop.to(scores.device)] = -math.inf
-        return scores
 
 
 class _SeededSampler:
