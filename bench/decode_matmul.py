@@ -63,13 +63,11 @@ def generate_rows() -> list[dict]:
     from denser.engines import SamplingParams
     from denser.engines.hf import HFRolloutEngine
     from denser.tasks import get_task
-    from denser.trainers.models import load_model
+    from denser.trainers.models import load_model, render_prompt
 
     model, tok = load_model("default")
     task = get_task("addition", seed=0)
-    prompt_ids = [tok.apply_chat_template(task.prompt(task.train[i]), add_generation_prompt=True, tokenize=True)
-                  for i in range(50)]
-    prompt_ids = [p["input_ids"] if hasattr(p, "keys") else list(p) for p in prompt_ids]
+    prompt_ids = [render_prompt(tok, task.prompt(task.train[i])) for i in range(50)]
     engines = {"off": HFRolloutEngine(model, tok, cpu_decode_matmul=False), "on": HFRolloutEngine(model, tok)}
     out = []
     for label, n_prompts, group, sampled in CALLS:
