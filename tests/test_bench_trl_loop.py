@@ -64,7 +64,7 @@ def test_trl_side_trains_on_the_prompts_denser_trains_on_in_its_order(tmp_path, 
     assert list(trl_workload("addition", n_prompts=3).dataset["prompt"]) != trained  # the task's own first rows differ
 
 
-def test_equal_work_makes_every_completion_full_length_and_every_sdpo_sample_distilled(tmp_path):
+def test_equal_work_makes_every_completion_full_length_and_every_sdpo_sample_distilled(tmp_path, monkeypatch):
     """--equal-work's denser side, run on the tiny model: the addition task's prompts, every completion the
     whole budget (no EOS before it), every sample with a teacher; its flags are those of the real run."""
     import json
@@ -76,7 +76,19 @@ def test_equal_work_makes_every_completion_full_length_and_every_sdpo_sample_dis
     flags = denser_command("sdpo", 2, str(tmp_path / "run"), equal_work=True)
     assert flags[flags.index("--min-new-tokens") + 1] == str(MAX_NEW) and EQUAL_WORK_TASK in flags
     tiny = [*flags, "--model", "tiny", "--max-new-tokens", "6", "--min-new-tokens", "6", "--eval-size", "2"]
+    from denser.engines.hf import HFRolloutEngine
+
+    asked: list[tuple[bool, int]] = []  # (sampled, min_new_tokens) of every generate call
+    real = HFRolloutEngine.generate
+
+    def spy(self, prompt_ids, params, **kw):
+        asked.append((params.do_sample and params.num_generations > 1, params.min_new_tokens))
+        return real(self, prompt_ids, params, **kw)
+
+    monkeypatch.setattr(HFRolloutEngine, "generate", spy)
     assert main(["train", *tiny]) == 0
+    # the training rollouts carry the minimum to the engine; the evaluations stop freely
+    assert sorted(set(asked)) == [(False, 0), (True, 6)]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "step_time_s" in r]
     assert len(steps) == 2
